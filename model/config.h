@@ -1,0 +1,66 @@
+// Model configuration: every architectural size of the DeepSeekMoE model is a
+// field here. Named presets, a key=value file format and --print-config all
+// derive from the one field table in config.c.
+#ifndef MOE_CONFIG_H
+#define MOE_CONFIG_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+enum { GATE_SIGMOID = 0, GATE_SOFTMAX = 1 };
+
+typedef struct {
+    int vocab_size;     // V
+    int d_model;        // d
+    int n_layers;       // L (dense + MoE)
+    int n_heads;        // H, head_dim = d / H
+    int seq_len;        // T, the longest sequence (RoPE table size)
+    int n_dense;        // the first n_dense layers have a dense SwiGLU FFN
+    int d_ff;           // hidden size of the dense FFN
+    int n_shared;       // shared experts per MoE layer (always applied)
+    int n_routed;       // routed experts per MoE layer (E)
+    int d_expert;       // hidden size of every shared and routed expert
+    int top_k;          // routed experts per token (K)
+    int gate;           // GATE_SIGMOID or GATE_SOFTMAX: affinity s = gate(router logits)
+    int norm_topk;      // 1: selected gate values are normalised to sum 1
+    float route_scale;  // constant factor on the gate values
+    float rms_eps;      // RMSNorm epsilon
+    float rope_theta;   // RoPE base
+    float init_std;     // std of the normal init of every matrix
+    int tie_embeddings; // 1: the LM head reuses the token embedding
+} MoeConfig;
+
+// Fills *c with the named preset ("tiny", "small", "1b", "3b"). Returns 0, or -1
+// for an unknown name.
+int config_preset(MoeConfig *c, const char *name);
+// Sets one field from its text value ("d_model", "256"). Returns 0, -1 for an
+// unknown key, -2 for a value that does not parse.
+int config_set(MoeConfig *c, const char *key, const char *value);
+// True when key names a model field.
+int config_has_key(const char *key);
+// Reads a key=value file ('#' comments, blank lines allowed) on top of *c.
+// On error writes a message naming the file and line into err and returns -1.
+int config_load_file(MoeConfig *c, const char *path, char *err, size_t errlen);
+// Checks that the sizes can work together. On error writes a message naming
+// the offending fields into err and returns -1.
+int config_validate(const MoeConfig *c, char *err, size_t errlen);
+// Writes every field as key=value lines (the file format config_load_file reads).
+void config_write(const MoeConfig *c, FILE *f);
+// The names of the presets, NULL-terminated.
+extern const char *const config_preset_names[];
+
+static inline int config_head_dim(const MoeConfig *c) { return c->d_model / c->n_heads; }
+static inline int config_n_moe(const MoeConfig *c) { return c->n_layers - c->n_dense; }
+static inline int config_is_moe(const MoeConfig *c, int layer) { return layer >= c->n_dense; }
+
+// Parameter counts. "active" counts what one token touches: every parameter
+// except the routed experts it does not use (top_k of n_routed) and the
+// embedding rows of other tokens (the embedding lookup costs no FLOPs, so it is
+// left out of active, as in the DeepSeekMoE papers' activated-parameter figures).
+int64_t config_total_params(const MoeConfig *c);
+int64_t config_active_params(const MoeConfig *c);
+// Training FLOPs per token (forward + backward = 3x forward), matmuls plus the
+// causal attention score/value products at full sequence length T.
+double config_train_flops_per_token(const MoeConfig *c, int T);
+
+#endif

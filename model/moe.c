@@ -1,0 +1,340 @@
+// The DeepSeekMoE layer on the CPU (see moe.h and docs/model.md).
+#include "moe.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "matmul.h"
+#include "ops.h"
+#include "route.h"
+
+static void *moe_xmalloc(size_t bytes) {
+    void *p = malloc(bytes ? bytes : 1);
+    if (!p) {
+        fprintf(stderr, "out of memory allocating %zu bytes in the MoE layer\n", bytes);
+        exit(1);
+    }
+    return p;
+}
+
+int moe_acts_alloc(MoeActs *a, const MoeConfig *c, int N) {
+    size_t E = c->n_routed, K = c->top_k, de = c->d_expert, d = c->d_model;
+    size_t sh = (size_t)c->n_shared * de, NK = (size_t)N * K;
+    memset(a, 0, sizeof *a);
+    a->s = malloc(sizeof(real) * N * E);
+    a->sel = malloc(sizeof(int) * NK);
+    a->gates = malloc(sizeof(real) * NK);
+    a->offsets = malloc(sizeof(int) * (E + 1));
+    a->slot_of = malloc(sizeof(int) * NK);
+    a->row_of = malloc(sizeof(int) * NK);
+    a->e13 = malloc(sizeof(real) * NK * 2 * de);
+    a->eact = malloc(sizeof(real) * NK * de);
+    a->eout = malloc(sizeof(real) * NK * d);
+    a->s13 = malloc(sizeof(real) * (N * 2 * sh + 1));
+    a->sact = malloc(sizeof(real) * (N * sh + 1));
+    if (!a->s || !a->sel || !a->gates || !a->offsets || !a->slot_of || !a->row_of || !a->e13 ||
+        !a->eact || !a->eout || !a->s13 || !a->sact) {
+        moe_acts_free(a);
+        return -1;
+    }
+    return 0;
+}
+
+void moe_acts_free(MoeActs *a) {
+    free(a->s); free(a->sel); free(a->gates); free(a->offsets); free(a->slot_of); free(a->row_of);
+    free(a->e13); free(a->eact); free(a->eout); free(a->s13); free(a->sact);
+    memset(a, 0, sizeof *a);
+}
+
+// ----------------------------------------------------------------------------
+// Router: affinities, selection, gate values
+
+// s (N, E): logits in, affinities out.
+static void moe_gate_forward(real *s, int N, int E, int gate) {
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < N; t++) {
+        real *row = s + (size_t)t * E;
+        if (gate == GATE_SIGMOID) {
+            for (int e = 0; e < E; e++) row[e] = 1 / (1 + r_exp(-row[e]));
+        } else {
+            real mx = row[0], sum = 0;
+            for (int e = 1; e < E; e++) mx = row[e] > mx ? row[e] : mx;
+            for (int e = 0; e < E; e++) sum += (row[e] = r_exp(row[e] - mx));
+            for (int e = 0; e < E; e++) row[e] /= sum;
+        }
+    }
+}
+
+static void moe_select(const MoeConfig *c, const RouteOptions *ro, const float *bias, MoeActs *a, int N) {
+    int E = c->n_routed, K = c->top_k;
+#pragma omp parallel
+    {
+        double *score = moe_xmalloc(sizeof(double) * E); // (E) selection scores of one token
+#pragma omp for schedule(static)
+        for (int t = 0; t < N; t++) {
+            const real *s = a->s + (size_t)t * E;
+            int *sel = a->sel + (size_t)t * K;
+            real *g = a->gates + (size_t)t * K;
+            // The score is formed in the model's precision, then widened exactly.
+            for (int e = 0; e < E; e++) score[e] = (double)(real)ROUTE_SCORE(s[e], (real)bias[e], ro->bias_mult);
+            route_topk(score, E, K, sel);
+            // Gate values use the unbiased affinities: the bias steers selection only.
+            real z = 0;
+            for (int j = 0; j < K; j++) z += s[sel[j]];
+            for (int j = 0; j < K; j++) g[j] = (c->norm_topk ? s[sel[j]] / z : s[sel[j]]) * c->route_scale;
+        }
+        free(score);
+    }
+}
+
+// Orders the N*K slots by expert (stable in token order) and counts tokens.
+static void moe_permute(MoeActs *a, int N, int E, int K, int64_t *counts) {
+    int *fill = moe_xmalloc(sizeof(int) * E); // (E) next free row of each expert
+    memset(a->offsets, 0, sizeof(int) * (E + 1));
+    for (int i = 0; i < N * K; i++) a->offsets[a->sel[i] + 1]++;
+    for (int e = 0; e < E; e++) {
+        counts[e] = a->offsets[e + 1];
+        a->offsets[e + 1] += a->offsets[e];
+        fill[e] = a->offsets[e];
+    }
+    for (int i = 0; i < N * K; i++) {
+        int r = fill[a->sel[i]]++;
+        a->slot_of[r] = i;
+        a->row_of[i] = r;
+    }
+    free(fill);
+}
+
+// ----------------------------------------------------------------------------
+// Auxiliary losses (docs/model.md). Forward returns the loss; backward adds
+// its gradient with respect to the affinities into ds (N, E).
+
+static double moe_aux_forward(const MoeConfig *c, const RouteOptions *ro, const MoeActs *a, int B, int T) {
+    int E = c->n_routed, K = c->top_k, N = B * T;
+    if (ro->aux_kind == AUX_NONE) return 0;
+    int nseq = ro->aux_kind == AUX_EXPERT ? 1 : B; // expert-level: the batch is one group
+    int len = N / nseq;                            // tokens per group
+    double *f = moe_xmalloc(sizeof(double) * E), *P = moe_xmalloc(sizeof(double) * E);
+    double total = 0;
+    for (int q = 0; q < nseq; q++) {
+        memset(f, 0, sizeof(double) * E);
+        memset(P, 0, sizeof(double) * E);
+        for (int t = q * len; t < (q + 1) * len; t++) {
+            const real *s = a->s + (size_t)t * E;
+            double z = 1;
+            if (ro->aux_kind == AUX_SEQ) {
+                z = 0;
+                for (int e = 0; e < E; e++) z += s[e];
+            }
+            for (int e = 0; e < E; e++) P[e] += s[e] / z;
+            for (int j = 0; j < K; j++) f[a->sel[(size_t)t * K + j]] += 1;
+        }
+        double lq = 0;
+        for (int e = 0; e < E; e++) lq += ((double)E / ((double)K * len) * f[e]) * (P[e] / len);
+        total += lq;
+    }
+    free(f);
+    free(P);
+    return ro->aux_alpha * total / nseq;
+}
+
+static void moe_aux_backward(const MoeConfig *c, const RouteOptions *ro, const MoeActs *a, int B, int T,
+                             real *ds, real grad_scale) {
+    int E = c->n_routed, K = c->top_k, N = B * T;
+    if (ro->aux_kind == AUX_NONE) return;
+    int nseq = ro->aux_kind == AUX_EXPERT ? 1 : B, len = N / nseq;
+    double *f = moe_xmalloc(sizeof(double) * E);
+    for (int q = 0; q < nseq; q++) {
+        memset(f, 0, sizeof(double) * E);
+        for (int t = q * len; t < (q + 1) * len; t++)
+            for (int j = 0; j < K; j++) f[a->sel[(size_t)t * K + j]] += 1;
+        // dL/dP_e = alpha/nseq * f_e, and P_e = (1/len) sum_t s'_te.
+        double coef = grad_scale * ro->aux_alpha / nseq / len;
+        for (int e = 0; e < E; e++) f[e] = coef * (double)E / ((double)K * len) * f[e];
+        for (int t = q * len; t < (q + 1) * len; t++) {
+            const real *s = a->s + (size_t)t * E;
+            real *d = ds + (size_t)t * E;
+            if (ro->aux_kind == AUX_EXPERT) {
+                for (int e = 0; e < E; e++) d[e] += (real)f[e];
+            } else {
+                // s' = s / z: ds_e = (g_e - sum_i g_i s'_i) / z.
+                double z = 0, gs = 0;
+                for (int e = 0; e < E; e++) z += s[e];
+                for (int e = 0; e < E; e++) gs += f[e] * s[e] / z;
+                for (int e = 0; e < E; e++) d[e] += (real)((f[e] - gs) / z);
+            }
+        }
+    }
+    free(f);
+}
+
+// ----------------------------------------------------------------------------
+// Forward
+
+void moe_forward(const MoeConfig *c, const RouteOptions *ro, const MoeWeights *w, const float *bias,
+                 const real *h, int B, int T, MoeActs *a, real *out, int64_t *counts) {
+    int N = B * T, E = c->n_routed, K = c->top_k, d = c->d_model, de = c->d_expert;
+    int sh = c->n_shared * de;
+
+    matmul_forward(a->s, h, w->router, N, d, E, 0);
+    moe_gate_forward(a->s, N, E, c->gate);
+    moe_select(c, ro, bias, a, N);
+    moe_permute(a, N, E, K, counts);
+
+    // Routed experts: each one runs on its gathered rows (expert-level
+    // parallelism; the matmuls inside run on the calling thread).
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int e = 0; e < E; e++) {
+        int r0 = a->offsets[e], n = a->offsets[e + 1] - r0;
+        if (n == 0) continue; // an expert with no tokens does nothing
+        real *x = moe_xmalloc(sizeof(real) * (size_t)n * d); // (n, d) gathered inputs
+        for (int r = 0; r < n; r++)
+            memcpy(x + (size_t)r * d, h + (size_t)(a->slot_of[r0 + r] / K) * d, sizeof(real) * d);
+        real *e13 = a->e13 + (size_t)r0 * 2 * de, *eact = a->eact + (size_t)r0 * de;
+        matmul_forward(e13, x, w->ex13 + (size_t)e * 2 * de * d, n, d, 2 * de, 0);
+        swiglu_forward(eact, e13, n, de);
+        matmul_forward(a->eout + (size_t)r0 * d, eact, w->ex2 + (size_t)e * d * de, n, de, d, 0);
+        free(x);
+    }
+
+    // Shared experts: always on, one SwiGLU of hidden S*de.
+    if (sh > 0) {
+        matmul_forward(a->s13, h, w->sh13, N, d, 2 * sh, 0);
+        swiglu_forward(a->sact, a->s13, N, sh);
+        matmul_forward(out, a->sact, w->sh2, N, sh, d, 0);
+    } else {
+        memset(out, 0, sizeof(real) * (size_t)N * d);
+    }
+
+    // Gated combine, slots in selection order so the sum order is fixed.
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < N; t++) {
+        real *o = out + (size_t)t * d;
+        for (int j = 0; j < K; j++) {
+            real g = a->gates[(size_t)t * K + j];
+            const real *y = a->eout + (size_t)a->row_of[(size_t)t * K + j] * d;
+            for (int i = 0; i < d; i++) o[i] += g * y[i];
+        }
+    }
+    a->aux = moe_aux_forward(c, ro, a, B, T);
+}
+
+// ----------------------------------------------------------------------------
+// Backward
+
+void moe_backward(const MoeConfig *c, const RouteOptions *ro, const MoeWeights *w, const real *h,
+                  const real *dout, int B, int T, const MoeActs *a, real *dh, MoeGrads *g,
+                  real grad_scale) {
+    int N = B * T, E = c->n_routed, K = c->top_k, d = c->d_model, de = c->d_expert;
+    int sh = c->n_shared * de;
+    size_t NK = (size_t)N * K;
+    real *dgates = moe_xmalloc(sizeof(real) * NK);     // (N, K)
+    real *deout = moe_xmalloc(sizeof(real) * NK * d);  // (N K, d) by row
+    real *dx = moe_xmalloc(sizeof(real) * NK * d);     // (N K, d) input gradient by row
+    real *ds = moe_xmalloc(sizeof(real) * (size_t)N * E); // (N, E) affinity gradient
+
+    // Combine backward: the gate gets dout . y, the expert output gets g * dout.
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < N; t++) {
+        const real *go = dout + (size_t)t * d;
+        for (int j = 0; j < K; j++) {
+            size_t slot = (size_t)t * K + j, row = a->row_of[slot];
+            const real *y = a->eout + row * d;
+            real gv = a->gates[slot], dot = 0;
+            real *dy = deout + row * d;
+            for (int i = 0; i < d; i++) {
+                dot += go[i] * y[i];
+                dy[i] = gv * go[i];
+            }
+            dgates[slot] = dot;
+        }
+    }
+
+    // Routed experts, one per task as in the forward.
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int e = 0; e < E; e++) {
+        int r0 = a->offsets[e], n = a->offsets[e + 1] - r0;
+        if (n == 0) continue;
+        real *x = moe_xmalloc(sizeof(real) * (size_t)n * d);           // (n, d) gathered inputs
+        real *dact = moe_xmalloc(sizeof(real) * (size_t)n * de);       // (n, de)
+        real *d13 = moe_xmalloc(sizeof(real) * (size_t)n * 2 * de);    // (n, 2 de)
+        for (int r = 0; r < n; r++)
+            memcpy(x + (size_t)r * d, h + (size_t)(a->slot_of[r0 + r] / K) * d, sizeof(real) * d);
+        const real *w13 = w->ex13 + (size_t)e * 2 * de * d, *w2 = w->ex2 + (size_t)e * d * de;
+        const real *e13 = a->e13 + (size_t)r0 * 2 * de, *eact = a->eact + (size_t)r0 * de;
+        const real *dy = deout + (size_t)r0 * d;
+        matmul_backward_weight(g->ex2 + (size_t)e * d * de, dy, eact, n, de, d);
+        matmul_backward_input(dact, dy, w2, n, de, d, 0);
+        swiglu_backward(d13, dact, e13, n, de);
+        matmul_backward_weight(g->ex13 + (size_t)e * 2 * de * d, d13, x, n, d, 2 * de);
+        matmul_backward_input(dx + (size_t)r0 * d, d13, w13, n, d, 2 * de, 0);
+        free(x);
+        free(dact);
+        free(d13);
+    }
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < N; t++) {
+        real *o = dh + (size_t)t * d;
+        for (int j = 0; j < K; j++) {
+            const real *src = dx + (size_t)a->row_of[(size_t)t * K + j] * d;
+            for (int i = 0; i < d; i++) o[i] += src[i];
+        }
+    }
+
+    // Shared experts.
+    if (sh > 0) {
+        real *dact = moe_xmalloc(sizeof(real) * (size_t)N * sh);      // (N, S de)
+        real *d13 = moe_xmalloc(sizeof(real) * (size_t)N * 2 * sh);   // (N, 2 S de)
+        matmul_backward_weight(g->sh2, dout, a->sact, N, sh, d);
+        matmul_backward_input(dact, dout, w->sh2, N, sh, d, 0);
+        swiglu_backward(d13, dact, a->s13, N, sh);
+        matmul_backward_weight(g->sh13, d13, h, N, d, 2 * sh);
+        matmul_backward_input(dh, d13, w->sh13, N, d, 2 * sh, 1);
+        free(dact);
+        free(d13);
+    }
+
+    // Gate values -> affinities. With norm_topk, g_j = r s_j / z, z = sum_i s_i:
+    // ds_j = r (dg_j / z - sum_i dg_i s_i / z^2).
+    memset(ds, 0, sizeof(real) * (size_t)N * E);
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < N; t++) {
+        const real *s = a->s + (size_t)t * E;
+        const int *sel = a->sel + (size_t)t * K;
+        const real *dg = dgates + (size_t)t * K;
+        real *d_s = ds + (size_t)t * E, rs = c->route_scale;
+        if (c->norm_topk) {
+            real z = 0, dot = 0;
+            for (int j = 0; j < K; j++) {
+                z += s[sel[j]];
+                dot += dg[j] * s[sel[j]];
+            }
+            for (int j = 0; j < K; j++) d_s[sel[j]] += rs * (dg[j] / z - dot / (z * z));
+        } else {
+            for (int j = 0; j < K; j++) d_s[sel[j]] += rs * dg[j];
+        }
+    }
+    moe_aux_backward(c, ro, a, B, T, ds, grad_scale);
+
+    // Affinities -> router logits.
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < N; t++) {
+        const real *s = a->s + (size_t)t * E;
+        real *d_s = ds + (size_t)t * E;
+        if (c->gate == GATE_SIGMOID) {
+            for (int e = 0; e < E; e++) d_s[e] *= s[e] * (1 - s[e]);
+        } else {
+            real dot = 0;
+            for (int e = 0; e < E; e++) dot += d_s[e] * s[e];
+            for (int e = 0; e < E; e++) d_s[e] = s[e] * (d_s[e] - dot);
+        }
+    }
+    matmul_backward_weight(g->router, ds, h, N, d, E);
+    matmul_backward_input(dh, ds, w->router, N, d, E, 1);
+
+    free(dgates);
+    free(deout);
+    free(dx);
+    free(ds);
+}
