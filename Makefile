@@ -10,20 +10,23 @@ LDLIBS = -lm
 PYTHON ?= python3
 
 BUILD = build
-MODEL_SRC = model/config.c model/layout.c
+MODEL_SRC = model/config.c model/layout.c model/balance.c
 # Compute code: compiled once in fp32 (the trainer) and once in fp64 (gradient check).
 COMPUTE_SRC = model/matmul.c model/ops.c model/moe.c model/model.c
 DATA_SRC = data/shard.c data/loader.c
+TOK_SRC = tokenizer/bpe.c tokenizer/bpe_file.c tokenizer/bpe_train.c tokenizer/hf_import.c \
+          tokenizer/pretok.c tokenizer/tok_json.c tokenizer/tok_util.c
+TRAIN_SRC = train/options.c train/optim.c train/lr.c train/ckpt.c train/trainer.c
 
-OBJ32 = $(patsubst %.c,$(BUILD)/f32/%.o,$(MODEL_SRC) $(COMPUTE_SRC) $(DATA_SRC))
-OBJ64 = $(patsubst %.c,$(BUILD)/f64/%.o,$(MODEL_SRC) $(COMPUTE_SRC))
+OBJ32 = $(patsubst %.c,$(BUILD)/f32/%.o,$(MODEL_SRC) $(COMPUTE_SRC) $(DATA_SRC) $(TOK_SRC) $(TRAIN_SRC))
+OBJ64 = $(patsubst %.c,$(BUILD)/f64/%.o,$(MODEL_SRC) $(COMPUTE_SRC) train/optim.c)
 
-TESTS = $(BUILD)/test_model $(BUILD)/test_gradcheck $(BUILD)/test_data
+TESTS = $(BUILD)/test_model $(BUILD)/test_gradcheck $(BUILD)/test_reference $(BUILD)/test_reference64 $(BUILD)/test_data $(BUILD)/test_train_infra $(BUILD)/test_balance
 
 .PHONY: all test clean
 all: train_moe
 
-$(BUILD)/f32/%.o: %.c $(wildcard model/*.h data/*.h)
+$(BUILD)/f32/%.o: %.c $(wildcard model/*.h data/*.h tokenizer/*.h train/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 
@@ -40,13 +43,29 @@ $(BUILD)/test_model: tests/test_model.c $(OBJ32)
 $(BUILD)/test_gradcheck: tests/test_gradcheck.c $(OBJ64)
 	$(CC) $(CFLAGS) -DMOE_FP64 $^ -o $@ $(LDLIBS)
 
+$(BUILD)/test_reference: tests/test_reference.c tests/fixture.c $(OBJ32)
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
+$(BUILD)/test_reference64: tests/test_reference.c tests/fixture.c $(OBJ64)
+	$(CC) $(CFLAGS) -DMOE_FP64 $^ -o $@ $(LDLIBS)
+
 $(BUILD)/test_data: tests/test_data.c $(BUILD)/f32/data/shard.o $(BUILD)/f32/data/loader.o
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
+$(BUILD)/test_train_infra: tests/test_train_infra.c $(BUILD)/f32/train/optim.o $(BUILD)/f32/train/lr.o $(BUILD)/f32/train/ckpt.o $(BUILD)/f32/model/layout.o $(BUILD)/f32/model/config.o
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
+$(BUILD)/test_balance: tests/test_balance.c $(BUILD)/f32/model/balance.o
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
 test: train_moe $(TESTS)
 	$(BUILD)/test_model
 	$(BUILD)/test_gradcheck
+	$(BUILD)/test_reference
+	$(BUILD)/test_reference64
 	$(BUILD)/test_data
+	$(BUILD)/test_train_infra
+	$(BUILD)/test_balance
 	./train_moe --config 1b --print-config | grep total
 
 clean:

@@ -1,0 +1,51 @@
+// What a trainer's compute backend provides to the shared training loop
+// (train/trainer.c): the CPU model (train_moe.c) and the GPU model
+// (train_moe.cu) each fill one of these. The loop owns everything that is not
+// compute: data, schedules, the balancing policy, logs, evaluation,
+// checkpoints, sampling; so both trainers behave identically by construction.
+#ifndef MOE_BACKEND_H
+#define MOE_BACKEND_H
+
+#include <stdint.h>
+
+#include "../model/config.h"
+#include "../model/moe.h"
+#include "optim.h"
+
+typedef struct Backend Backend;
+
+struct Backend {
+    const char *name;   // "cpu-fp32", "gpu-bf16", ...
+    void *ctx;          // the backend's own state
+    int64_t n_params;   // elements of the flat fp32 parameter buffer (the layout total)
+
+    // Allocates the model for micro-batches of up to B x T tokens, with the
+    // given routing behaviour. Returns 0, or -1 with a message printed.
+    int (*create)(Backend *be, const MoeConfig *c, const RouteOptions *ro, int B, int T);
+    void (*destroy)(Backend *be);
+
+    // Parameters and AdamW moments as flat fp32 buffers in layout order (n_params).
+    void (*set_params)(Backend *be, const float *params);
+    void (*get_params)(Backend *be, float *params);
+    void (*set_opt_state)(Backend *be, const float *m, const float *v);
+    void (*get_opt_state)(Backend *be, float *m, float *v);
+    // The balancing biases (n_moe, E), fp32, used by every later forward.
+    void (*set_bias)(Backend *be, const float *bias);
+
+    void (*zero_grad)(Backend *be);
+    // One micro-batch of tokens/targets (B, T). train = 1 also accumulates the
+    // gradient of grad_scale * (loss + aux_loss). counts (n_moe, E) receives the
+    // tokens routed to each expert. *loss gets the mean cross-entropy, *aux the
+    // auxiliary loss.
+    void (*micro_batch)(Backend *be, const int *tokens, const int *targets, int B, int T, int train,
+                        float grad_scale, int64_t *counts, double *loss, double *aux);
+    // The global L2 norm of the accumulated gradient.
+    float (*grad_norm)(Backend *be);
+    // Scales the gradient by grad_mult (clipping), then one AdamW update with
+    // learning rate lr; t is the 1-based update count.
+    void (*update)(Backend *be, const AdamWConfig *opt, double lr, int64_t t, float grad_mult);
+    // Logits (V) of the last position of tokens (n), n <= T (for sampling).
+    void (*last_logits)(Backend *be, const int *tokens, int n, float *logits);
+};
+
+#endif

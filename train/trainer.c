@@ -1,0 +1,704 @@
+// The training loop shared by both trainers (see trainer.h). Read top to
+// bottom: setup, one optimizer step, evaluation, checkpoints, sampling, main.
+#include "trainer.h"
+
+#include <errno.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "../data/loader.h"
+#include "../model/balance.h"
+#include "../model/layout.h"
+#include "../tokenizer/bpe.h"
+#include "ckpt.h"
+#include "lr.h"
+
+// ----------------------------------------------------------------------------
+// Small helpers
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+static void *xcalloc(size_t n, size_t size, const char *what) {
+    void *p = calloc(n ? n : 1, size);
+    if (!p) {
+        fprintf(stderr, "error: out of memory allocating %s (%zu x %zu bytes)\n", what, n, size);
+        exit(1);
+    }
+    return p;
+}
+
+static volatile sig_atomic_t stop_requested;
+static void on_signal(int sig) { stop_requested = sig; }
+
+// The routing behaviour the balancing policy asks of the model.
+static RouteOptions trainer_route_options(const BalanceConfig *b) {
+    RouteOptions ro = { 0 };
+    ro.bias_mult = balance_bias_is_multiplicative(b);
+    ro.aux_kind = balance_aux_kind(b); // BALANCE_AUX_* equal AUX_* by design
+    ro.aux_alpha = (float)balance_aux_alpha(b);
+    return ro;
+}
+
+static void fmt_duration(char *buf, size_t n, double s) {
+    if (s < 0 || !isfinite(s)) snprintf(buf, n, "?");
+    else if (s < 60) snprintf(buf, n, "%.0fs", s);
+    else if (s < 3600) snprintf(buf, n, "%dm%02ds", (int)s / 60, (int)s % 60);
+    else snprintf(buf, n, "%dh%02dm", (int)s / 3600, ((int)s % 3600) / 60);
+}
+
+// ----------------------------------------------------------------------------
+// Run state: everything a checkpoint holds besides the backend's tensors.
+
+typedef struct {
+    const TrainOptions *o;
+    Backend *be;
+    MoeConfig cfg;
+    int n_moe, E;           // MoE layers, routed experts
+    int64_t accum;          // micro-batches per step
+    int64_t step;           // optimizer steps completed
+    float *bias;            // (n_moe, E) the authoritative fp32 biases
+    int64_t *counts;        // (n_moe, E) counts of the current step
+    int64_t *micro_counts;  // (n_moe, E) counts of one micro-batch
+    int *tokens, *targets;  // (B, T)
+    Loader *train, *val;
+    BalanceAccum eval_acc;  // counts over an evaluation pass
+    FILE *log;              // JSON lines, or NULL
+    uint64_t rng;           // sampling RNG state
+} Run;
+
+// ----------------------------------------------------------------------------
+// Checkpoints
+
+static int trainer_save(Run *r) {
+    const TrainOptions *o = r->o;
+    char path[OPT_PATH + 64], err[1024];
+    if (mkdir(o->ckpt_dir, 0777) != 0 && errno != EEXIST) {
+        fprintf(stderr, "error: cannot create checkpoint directory %s: %s\n", o->ckpt_dir, strerror(errno));
+        return -1;
+    }
+    if (ckpt_path(path, sizeof path, o->ckpt_dir, r->step) != 0) {
+        fprintf(stderr, "error: checkpoint path too long in %s\n", o->ckpt_dir);
+        return -1;
+    }
+    int64_t n = r->be->n_params;
+    float *buf = xcalloc((size_t)n, sizeof(float), "checkpoint buffer");
+    float *buf2 = xcalloc((size_t)n, sizeof(float), "checkpoint buffer");
+    char *cfg_text = NULL, *opt_text = NULL;
+    size_t cfg_len = 0, opt_len = 0;
+    FILE *m1 = open_memstream(&cfg_text, &cfg_len), *m2 = open_memstream(&opt_text, &opt_len);
+    if (!m1 || !m2) {
+        fprintf(stderr, "error: out of memory writing a checkpoint\n");
+        exit(1);
+    }
+    config_write(&r->cfg, m1);
+    options_write(o, m2);
+    fclose(m1);
+    fclose(m2);
+    LoaderState ls = loader_get_state(r->train);
+    uint64_t loader_state[3] = { ls.epoch, ls.batch, ls.fingerprint };
+    CkptWriter *w = ckpt_writer_open(path, err, sizeof err);
+    int rc = w ? 0 : -1;
+    if (w) {
+        size_t nb = (size_t)r->n_moe * r->E;
+        r->be->get_params(r->be, buf);
+        rc |= ckpt_write_section(w, "model_config", CKPT_TEXT, cfg_text, cfg_len);
+        rc |= ckpt_write_section(w, "options", CKPT_TEXT, opt_text, opt_len);
+        rc |= ckpt_write_section(w, "step", CKPT_I64, &r->step, sizeof r->step);
+        rc |= ckpt_write_section(w, "loader", CKPT_U64, loader_state, sizeof loader_state);
+        rc |= ckpt_write_section(w, "rng", CKPT_U64, &r->rng, sizeof r->rng);
+        rc |= ckpt_write_section(w, "bias", CKPT_F32, r->bias, nb * sizeof(float));
+        rc |= ckpt_write_section(w, "params", CKPT_F32, buf, (uint64_t)n * sizeof(float));
+        r->be->get_opt_state(r->be, buf, buf2);
+        rc |= ckpt_write_section(w, "adam_m", CKPT_F32, buf, (uint64_t)n * sizeof(float));
+        rc |= ckpt_write_section(w, "adam_v", CKPT_F32, buf2, (uint64_t)n * sizeof(float));
+        if (rc != 0) {
+            fprintf(stderr, "error: %s\n", ckpt_writer_error(w));
+            ckpt_writer_abort(w);
+        } else {
+            rc = ckpt_writer_commit(w, err, sizeof err);
+        }
+    }
+    if (rc != 0 && !w) fprintf(stderr, "error: %s\n", err);
+    else if (rc != 0) fprintf(stderr, "error: checkpoint not written: %s\n", err);
+    free(buf);
+    free(buf2);
+    free(cfg_text);
+    free(opt_text);
+    if (rc != 0) return -1;
+    printf("checkpoint: wrote %s\n", path);
+    if (o->keep_last > 0 && ckpt_prune(o->ckpt_dir, o->keep_last, r->step, err, sizeof err) < 0)
+        fprintf(stderr, "warning: pruning old checkpoints: %s\n", err);
+    return 0;
+}
+
+// Reads the model config of a checkpoint and checks it equals `want` (when
+// not NULL). Returns 0 or -1 with a message.
+static int trainer_ckpt_config(Ckpt *ck, const char *path, MoeConfig *out, const MoeConfig *want) {
+    char err[1024];
+    uint64_t len;
+    char *text = ckpt_read_alloc(ck, "model_config", CKPT_TEXT, &len, err, sizeof err);
+    if (!text) {
+        fprintf(stderr, "error: %s\n", err);
+        return -1;
+    }
+    // Parse the key=value text through a temporary file-free path: line by line.
+    config_preset(out, "tiny");
+    for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
+        char *eq = strchr(line, '=');
+        if (!eq || (*eq = '\0', config_set(out, line, eq + 1) != 0)) {
+            fprintf(stderr, "error: %s: bad model_config line '%s'\n", path, line);
+            free(text);
+            return -1;
+        }
+    }
+    free(text);
+    if (want && memcmp(out, want, sizeof *out) != 0) {
+        fprintf(stderr, "error: %s holds a different model than the options ask for; its model is:\n", path);
+        config_write(out, stderr);
+        return -1;
+    }
+    return 0;
+}
+
+// Loads parameters and biases (and, when full, the optimizer state, step,
+// loader and RNG state) from a checkpoint file.
+static int trainer_load(Run *r, const char *path, int full) {
+    char err[1024];
+    Ckpt *ck = ckpt_open(path, err, sizeof err);
+    if (!ck) {
+        fprintf(stderr, "error: %s\n", err);
+        return -1;
+    }
+    MoeConfig saved;
+    int64_t n = r->be->n_params;
+    size_t nb = (size_t)r->n_moe * r->E;
+    float *buf = xcalloc((size_t)n, sizeof(float), "checkpoint buffer");
+    float *buf2 = full ? xcalloc((size_t)n, sizeof(float), "checkpoint buffer") : NULL;
+    int rc = trainer_ckpt_config(ck, path, &saved, &r->cfg);
+    if (rc == 0) rc = ckpt_read(ck, "params", CKPT_F32, buf, (uint64_t)n * sizeof(float), err, sizeof err);
+    if (rc == 0) rc = ckpt_read(ck, "bias", CKPT_F32, r->bias, nb * sizeof(float), err, sizeof err);
+    if (rc == 0) r->be->set_params(r->be, buf);
+    if (rc == 0 && full) {
+        uint64_t ls[3];
+        rc = ckpt_read(ck, "adam_m", CKPT_F32, buf, (uint64_t)n * sizeof(float), err, sizeof err);
+        if (rc == 0) rc = ckpt_read(ck, "adam_v", CKPT_F32, buf2, (uint64_t)n * sizeof(float), err, sizeof err);
+        if (rc == 0) rc = ckpt_read(ck, "step", CKPT_I64, &r->step, sizeof r->step, err, sizeof err);
+        if (rc == 0) rc = ckpt_read(ck, "loader", CKPT_U64, ls, sizeof ls, err, sizeof err);
+        if (rc == 0) rc = ckpt_read(ck, "rng", CKPT_U64, &r->rng, sizeof r->rng, err, sizeof err);
+        if (rc == 0) r->be->set_opt_state(r->be, buf, buf2);
+        if (rc == 0) {
+            LoaderState st = { ls[0], ls[1], ls[2] };
+            if (loader_set_state(r->train, &st) != 0) {
+                snprintf(err, sizeof err, "%s: the data loader cannot resume: %s (were the data, -b, -t or "
+                         "--seed changed?)", path, loader_error(r->train));
+                rc = -1;
+            }
+        }
+    }
+    if (rc != 0 && err[0]) fprintf(stderr, "error: %s\n", err);
+    r->be->set_bias(r->be, r->bias);
+    free(buf);
+    free(buf2);
+    ckpt_close(ck);
+    return rc;
+}
+
+// ----------------------------------------------------------------------------
+// Evaluation: validation loss and MaxVio_global over the evaluation set.
+
+static int trainer_eval(Run *r, double *val_loss) {
+    const TrainOptions *o = r->o;
+    int B = o->micro_batch, T = r->cfg.seq_len;
+    uint64_t nb = loader_num_batches(r->val);
+    if (o->eval_batches > 0 && (uint64_t)o->eval_batches < nb) nb = (uint64_t)o->eval_batches;
+    loader_reset(r->val);
+    balance_accum_reset(&r->eval_acc);
+    double sum = 0;
+    for (uint64_t i = 0; i < nb; i++) {
+        if (loader_next(r->val, r->tokens, r->targets) != 0) {
+            fprintf(stderr, "error: %s\n", loader_error(r->val));
+            return -1;
+        }
+        double loss, aux;
+        // An evaluation forward: no gradient, and its counts never reach the bias.
+        r->be->micro_batch(r->be, r->tokens, r->targets, B, T, 0, 0.0f, r->micro_counts, &loss, &aux);
+        balance_accum_add(&r->eval_acc, r->micro_counts, (int64_t)B * T);
+        sum += loss;
+    }
+    *val_loss = sum / (double)nb;
+    return 0;
+}
+
+static void trainer_log_eval(Run *r, double val_loss) {
+    double mv = balance_accum_maxvio(&r->eval_acc, NULL);
+    printf("eval step %lld | val_loss %.4f | val_ppl %.2f | maxvio_global %.4f\n", (long long)r->step, val_loss,
+           exp(val_loss), mv);
+    if (r->log) {
+        char frag[16384];
+        balance_accum_json(&r->eval_acc, frag, sizeof frag);
+        fprintf(r->log, "{\"type\":\"eval\",\"step\":%lld,\"val_loss\":%.6f,\"val_ppl\":%.4f,%s}\n",
+                (long long)r->step, val_loss, exp(val_loss), frag);
+        fflush(r->log);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Sampling
+
+static uint64_t sample_rand(uint64_t *s) {
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+// Picks a token from logits (V) with temperature and top-k.
+static int sample_token(float *logits, int V, float temperature, int top_k, uint64_t *rng) {
+    if (top_k > 0 && top_k < V) {
+        // The k-th largest logit is the cut: partial selection by repeated max
+        // would be O(kV); a copy + nth-element is overkill for V ~ 32k once per token.
+        float *tmp = malloc(sizeof(float) * V);
+        if (!tmp) abort();
+        memcpy(tmp, logits, sizeof(float) * V);
+        float cut = INFINITY;
+        for (int k = 0; k < top_k; k++) {
+            int best = -1;
+            for (int v = 0; v < V; v++)
+                if (tmp[v] < cut && (best < 0 || tmp[v] > tmp[best])) best = v;
+            if (best < 0) break;
+            cut = tmp[best];
+        }
+        free(tmp);
+        for (int v = 0; v < V; v++)
+            if (logits[v] < cut) logits[v] = -INFINITY;
+    }
+    float mx = -INFINITY;
+    for (int v = 0; v < V; v++) mx = logits[v] > mx ? logits[v] : mx;
+    double sum = 0;
+    for (int v = 0; v < V; v++) sum += exp((double)(logits[v] - mx) / temperature);
+    double u = (double)(sample_rand(rng) >> 11) * (1.0 / 9007199254740992.0) * sum, acc = 0;
+    for (int v = 0; v < V; v++) {
+        acc += exp((double)(logits[v] - mx) / temperature);
+        if (acc > u) return v;
+    }
+    return V - 1;
+}
+
+static void trainer_sample(const TrainOptions *o, Backend *be, const MoeConfig *c, uint64_t *rng) {
+    if (o->sample_tokens <= 0) return;
+    Tokenizer *tok = NULL;
+    char err[1024];
+    if (o->tokenizer[0]) {
+        tok = tok_load(o->tokenizer, err, sizeof err);
+        if (!tok) fprintf(stderr, "warning: cannot load tokenizer for sampling: %s\n", err);
+        else if (tok_vocab_size(tok) > c->vocab_size) {
+            fprintf(stderr, "warning: tokenizer %s has %d tokens, the model %d: sampling prints ids\n",
+                    o->tokenizer, tok_vocab_size(tok), c->vocab_size);
+            tok_free(tok);
+            tok = NULL;
+        }
+    }
+    int T = c->seq_len, n = 0, cap = o->sample_tokens + T + 1;
+    int *ctx = xcalloc((size_t)cap, sizeof(int), "sample context");
+    if (tok && o->prompt[0]) {
+        uint32_t *ids = NULL;
+        size_t k = tok_encode(tok, o->prompt, strlen(o->prompt), &ids);
+        for (size_t i = k > (size_t)T ? k - T : 0; i < k; i++) ctx[n++] = (int)ids[i];
+        free(ids);
+    }
+    if (n == 0) ctx[n++] = tok && tok_eot_id(tok) >= 0 ? tok_eot_id(tok) : 0;
+    int start = n;
+    float *logits = xcalloc((size_t)c->vocab_size, sizeof(float), "logits");
+    printf("sample (%d tokens, temperature %.2f, top-k %d):\n---\n%s", o->sample_tokens, o->temperature,
+           o->sample_top_k, tok ? o->prompt : "");
+    for (int i = 0; i < o->sample_tokens; i++) {
+        int len = n < T ? n : T; // the model sees at most the last T tokens
+        be->last_logits(be, ctx + n - len, len, logits);
+        int next = sample_token(logits, c->vocab_size, o->temperature, o->sample_top_k, rng);
+        ctx[n++] = next;
+        if (tok) {
+            size_t blen;
+            const char *bytes = tok_token_bytes(tok, (uint32_t)next, &blen);
+            if (tok_is_special(tok, (uint32_t)next)) printf("\n<|special %d|>\n", next);
+            else fwrite(bytes, 1, blen, stdout);
+        } else {
+            printf("%d ", next);
+        }
+        fflush(stdout);
+    }
+    printf("\n---\n");
+    (void)start;
+    free(ctx);
+    free(logits);
+    if (tok) tok_free(tok);
+}
+
+// ----------------------------------------------------------------------------
+// One optimizer step: accumulate gradients over the micro-batches, clip,
+// update, then the balancing update from the step's exact counts.
+
+typedef struct {
+    double loss, aux;
+    float grad_norm;
+    double lr, gamma;
+    BalanceMetrics bm;
+} StepResult;
+
+static int trainer_step(Run *r, StepResult *res) {
+    const TrainOptions *o = r->o;
+    int B = o->micro_batch, T = r->cfg.seq_len;
+    size_t nb = (size_t)r->n_moe * r->E;
+    memset(r->counts, 0, nb * sizeof(int64_t));
+    r->be->zero_grad(r->be);
+    res->loss = res->aux = 0;
+    for (int64_t a = 0; a < r->accum; a++) {
+        if (loader_next(r->train, r->tokens, r->targets) != 0) {
+            fprintf(stderr, "error: %s\n", loader_error(r->train));
+            return -1;
+        }
+        double loss, aux;
+        r->be->micro_batch(r->be, r->tokens, r->targets, B, T, 1, 1.0f / (float)r->accum, r->micro_counts,
+                           &loss, &aux);
+        for (size_t i = 0; i < nb; i++) r->counts[i] += r->micro_counts[i];
+        res->loss += loss / (double)r->accum;
+        res->aux += aux / (double)r->accum;
+    }
+    res->grad_norm = r->be->grad_norm(r->be);
+    if (!isfinite(res->loss) || !isfinite(res->grad_norm)) {
+        fprintf(stderr, "error: step %lld: loss %g, gradient norm %g are not finite; stopping without "
+                "updating (the last checkpoint is intact)\n", (long long)r->step + 1, res->loss, res->grad_norm);
+        return -1;
+    }
+    res->lr = lr_at(&o->lr, r->step, o->steps);
+    float mult = grad_clip_scale(res->grad_norm, (float)o->adamw.grad_clip);
+    r->be->update(r->be, &o->adamw, res->lr, r->step + 1, mult);
+
+    // Balance: metrics of the bias that routed this step, then the update,
+    // once per global batch from the counts of all its micro-batches.
+    int64_t tokens = r->accum * (int64_t)B * T;
+    if (r->n_moe > 0) {
+        balance_metrics(r->counts, r->n_moe, r->E, r->cfg.top_k, tokens, r->bias, &res->bm);
+        res->gamma = balance_uses_bias(&o->balance) ? balance_gamma_at(&o->balance, r->step, o->steps) : 0;
+        if (balance_update(&o->balance, r->step, o->steps, r->counts, r->n_moe, r->E, r->cfg.top_k, tokens,
+                           r->bias) != 0) {
+            fprintf(stderr, "error: step %lld: token counts do not sum to top_k x tokens (a counting bug)\n",
+                    (long long)r->step + 1);
+            return -1;
+        }
+        r->be->set_bias(r->be, r->bias);
+    } else {
+        memset(&res->bm, 0, sizeof res->bm);
+        res->gamma = 0;
+    }
+    r->step++;
+    return 0;
+}
+
+static void trainer_log_step(Run *r, const StepResult *s, double dt, double elapsed, int64_t steps_done) {
+    const TrainOptions *o = r->o;
+    int64_t tokens = r->accum * (int64_t)o->micro_batch * r->cfg.seq_len;
+    double tps = tokens / dt;
+    double eta = elapsed / (double)steps_done * (double)(o->steps - r->step);
+    if (r->step % o->print_every == 0 || r->step == o->steps) {
+        char eta_s[32];
+        fmt_duration(eta_s, sizeof eta_s, eta);
+        printf("step %5lld/%lld | loss %.4f", (long long)r->step, (long long)o->steps, s->loss);
+        if (s->aux != 0) printf(" (aux %.5f)", s->aux);
+        printf(" | lr %.2e | gamma %.2e | gnorm %.3f | maxvio %.3f | %.0f tok/s | eta %s\n", s->lr, s->gamma,
+               s->grad_norm, s->bm.maxvio_batch, tps, eta_s);
+        fflush(stdout);
+    }
+    if (!r->log) return;
+    fprintf(r->log,
+            "{\"type\":\"step\",\"step\":%lld,\"loss\":%.6f,\"aux_loss\":%.6g,\"lr\":%.6g,\"gamma\":%.6g,"
+            "\"grad_norm\":%.6g,\"tokens_per_s\":%.1f,\"step_time_s\":%.4f",
+            (long long)r->step, s->loss, s->aux, s->lr, s->gamma, s->grad_norm, tps, dt);
+    if (r->n_moe > 0) {
+        fputc(',', r->log);
+        balance_metrics_json_file(&s->bm, r->log);
+        if (o->log_loads_every > 0 && r->step % o->log_loads_every == 0) {
+            // Per-layer expert counts of this step: "loads":[[c_0,...,c_E-1],...]
+            fprintf(r->log, ",\"loads\":[");
+            for (int l = 0; l < r->n_moe; l++) {
+                fputc(l ? ',' : '[', r->log);
+                for (int e = 0; e < r->E; e++)
+                    fprintf(r->log, "%s%lld", e ? "," : "", (long long)r->counts[(size_t)l * r->E + e]);
+                fputc(']', r->log);
+            }
+            // The biases after this step's update.
+            fprintf(r->log, "],\"bias\":[");
+            for (int l = 0; l < r->n_moe; l++) {
+                fputc(l ? ',' : '[', r->log);
+                for (int e = 0; e < r->E; e++)
+                    fprintf(r->log, "%s%.6g", e ? "," : "", r->bias[(size_t)l * r->E + e]);
+                fputc(']', r->log);
+            }
+            fputc(']', r->log);
+        }
+    }
+    fprintf(r->log, "}\n");
+    fflush(r->log);
+}
+
+// ----------------------------------------------------------------------------
+// The run
+
+static void trainer_log_header(Run *r) {
+    if (!r->log) return;
+    fprintf(r->log, "{\"type\":\"config\",\"backend\":\"%s\",\"resumed_at\":%lld,\"params\":%lld,\"options\":{",
+            r->be->name, (long long)r->step, (long long)r->be->n_params);
+    char *text = NULL;
+    size_t len = 0;
+    FILE *m = open_memstream(&text, &len);
+    if (!m) return;
+    options_write(r->o, m);
+    fclose(m);
+    int first = 1;
+    for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
+        char *eq = strstr(line, " = ");
+        if (!eq) eq = strchr(line, '=');
+        if (!eq) continue;
+        char *v = eq + (eq[0] == ' ' ? 3 : 1);
+        *eq = '\0';
+        fprintf(r->log, "%s\"%s\":\"", first ? "" : ",", line);
+        for (const char *p = v; *p; p++) {
+            if (*p == '"' || *p == '\\') fputc('\\', r->log);
+            if ((unsigned char)*p >= 0x20) fputc(*p, r->log);
+        }
+        fputc('"', r->log);
+        first = 0;
+    }
+    free(text);
+    fprintf(r->log, "}}\n");
+    fflush(r->log);
+}
+
+int trainer_run(const TrainOptions *o, Backend *be) {
+    char err[1024];
+    if (options_validate(o, 1, err, sizeof err) != 0) {
+        fprintf(stderr, "error: %s\n", err);
+        return 1;
+    }
+#ifdef _OPENMP
+    if (o->threads > 0) omp_set_num_threads(o->threads);
+#endif
+    Run run = { 0 }, *r = &run;
+    r->o = o;
+    r->be = be;
+    r->cfg = o->model;
+    r->n_moe = config_n_moe(&r->cfg);
+    r->E = r->cfg.n_routed;
+    int B = o->micro_batch, T = r->cfg.seq_len;
+    r->accum = o->batch_tokens > 0 ? options_accum_steps(o, 1) : 1;
+    r->rng = o->seed ^ 0x5DEECE66DULL;
+
+    options_print_table(o, stdout);
+    printf("model: %lld parameters (%lld active per token), %.3g training FLOPs per token\n",
+           (long long)config_total_params(&r->cfg), (long long)config_active_params(&r->cfg),
+           config_train_flops_per_token(&r->cfg, T));
+    printf("batch: %lld micro-batches of %d x %d = %lld tokens per step\n", (long long)r->accum, B, T,
+           (long long)(r->accum * B * T));
+
+    // Data.
+    r->train = loader_open(o->train_data, B, T, 0, 1, o->seed, 1, err, sizeof err);
+    if (!r->train) {
+        fprintf(stderr, "error: --train-data: %s\n", err);
+        return 1;
+    }
+    if (loader_vocab_size(r->train) > (uint32_t)r->cfg.vocab_size) {
+        fprintf(stderr, "error: the training shards use a vocabulary of %u tokens but the model has vocab_size %d\n",
+                loader_vocab_size(r->train), r->cfg.vocab_size);
+        return 1;
+    }
+    if (o->val_data[0]) {
+        r->val = loader_open(o->val_data, B, T, 0, 1, o->seed, 0, err, sizeof err);
+        if (!r->val) {
+            fprintf(stderr, "error: --val-data: %s\n", err);
+            return 1;
+        }
+        if (loader_vocab_size(r->val) > (uint32_t)r->cfg.vocab_size) {
+            fprintf(stderr, "error: the validation shards use a vocabulary of %u tokens but the model has %d\n",
+                    loader_vocab_size(r->val), r->cfg.vocab_size);
+            return 1;
+        }
+    }
+
+    // Model, biases and optimizer.
+    RouteOptions ro = trainer_route_options(&o->balance);
+    if (be->create(be, &r->cfg, &ro, B, T) != 0) return 1;
+    size_t nb = (size_t)r->n_moe * r->E;
+    r->bias = xcalloc(nb, sizeof(float), "biases");
+    r->counts = xcalloc(nb, sizeof(int64_t), "counts");
+    r->micro_counts = xcalloc(nb, sizeof(int64_t), "counts");
+    r->tokens = xcalloc((size_t)B * T, sizeof(int), "tokens");
+    r->targets = xcalloc((size_t)B * T, sizeof(int), "targets");
+    if (r->n_moe > 0 && balance_accum_init(&r->eval_acc, r->n_moe, r->E, r->cfg.top_k) != 0) {
+        fprintf(stderr, "error: out of memory\n");
+        return 1;
+    }
+    if (o->resume) {
+        char path[OPT_PATH + 64];
+        int64_t at;
+        int found = ckpt_latest(o->ckpt_dir, 0, path, sizeof path, &at, err, sizeof err);
+        if (found < 0) {
+            fprintf(stderr, "error: --resume: %s\n", err);
+            return 1;
+        }
+        if (found == 1) {
+            fprintf(stderr, "error: --resume: no checkpoint in %s\n", o->ckpt_dir);
+            return 1;
+        }
+        if (trainer_load(r, path, 1) != 0) return 1;
+        printf("resumed from %s at step %lld\n", path, (long long)r->step);
+    } else {
+        float *p = xcalloc((size_t)be->n_params, sizeof(float), "parameters");
+        ParamLayout lay;
+        if (layout_build(&lay, &r->cfg) != 0) {
+            fprintf(stderr, "error: out of memory\n");
+            return 1;
+        }
+        layout_init_params(&lay, &r->cfg, o->seed, p);
+        layout_free(&lay);
+        be->set_params(be, p);
+        free(p);
+        if (r->n_moe > 0) balance_bias_init(&o->balance, r->bias, r->n_moe, r->E);
+        be->set_bias(be, r->bias);
+        if (o->init_from[0]) {
+            if (trainer_load(r, o->init_from, 0) != 0) return 1;
+            printf("initialised from %s\n", o->init_from);
+        }
+    }
+    if (o->log[0]) {
+        r->log = fopen(o->log, "a");
+        if (!r->log) {
+            fprintf(stderr, "error: cannot open log file %s: %s\n", o->log, strerror(errno));
+            return 1;
+        }
+    }
+    trainer_log_header(r);
+    signal(SIGINT, on_signal);
+    signal(SIGTERM, on_signal);
+
+    int rc = 0;
+    double t_start = now_seconds();
+    int64_t first = r->step;
+    while (r->step < o->steps) {
+        double t0 = now_seconds();
+        StepResult s;
+        if (trainer_step(r, &s) != 0) {
+            rc = 1;
+            break;
+        }
+        double t1 = now_seconds();
+        trainer_log_step(r, &s, t1 - t0, t1 - t_start, r->step - first);
+        int last = r->step == o->steps;
+        if (r->val && ((o->eval_every > 0 && r->step % o->eval_every == 0) || last)) {
+            double vl;
+            if (trainer_eval(r, &vl) != 0) {
+                rc = 1;
+                break;
+            }
+            trainer_log_eval(r, vl);
+        }
+        int want_ckpt = o->ckpt_dir[0] && ((o->ckpt_every > 0 && r->step % o->ckpt_every == 0) || last);
+        if (stop_requested) {
+            printf("received signal %d: finishing at step %lld\n", (int)stop_requested, (long long)r->step);
+            if (o->ckpt_dir[0] && !want_ckpt && trainer_save(r) != 0) rc = 1;
+        }
+        if (want_ckpt && trainer_save(r) != 0) {
+            rc = 1;
+            break;
+        }
+        if (stop_requested) break;
+    }
+    if (rc == 0 && !stop_requested) trainer_sample(o, be, &r->cfg, &r->rng);
+
+    if (r->log) fclose(r->log);
+    loader_close(r->train);
+    loader_close(r->val);
+    if (r->n_moe > 0) balance_accum_free(&r->eval_acc);
+    free(r->bias);
+    free(r->counts);
+    free(r->micro_counts);
+    free(r->tokens);
+    free(r->targets);
+    be->destroy(be);
+    return rc;
+}
+
+int trainer_sample_from_checkpoint(const TrainOptions *o, Backend *be, const char *ckpt_path) {
+    char err[1024];
+    Ckpt *ck = ckpt_open(ckpt_path, err, sizeof err);
+    if (!ck) {
+        fprintf(stderr, "error: %s\n", err);
+        return 1;
+    }
+    Run run = { 0 }, *r = &run;
+    r->o = o;
+    r->be = be;
+    int rc = trainer_ckpt_config(ck, ckpt_path, &r->cfg, NULL);
+    ckpt_close(ck);
+    if (rc != 0) return 1;
+    r->n_moe = config_n_moe(&r->cfg);
+    r->E = r->cfg.n_routed;
+    // The routing must be the one the model was trained with (mult or additive bias).
+    RouteOptions ro = trainer_route_options(&o->balance);
+    if (be->create(be, &r->cfg, &ro, 1, r->cfg.seq_len) != 0) return 1;
+    r->bias = xcalloc((size_t)r->n_moe * r->E + 1, sizeof(float), "biases");
+    if (trainer_load(r, ckpt_path, 0) != 0) return 1;
+    uint64_t rng = o->seed;
+    trainer_sample(o, be, &r->cfg, &rng);
+    free(r->bias);
+    be->destroy(be);
+    return 0;
+}
+
+int trainer_main(int argc, char **argv, const char *prog, Backend *be) {
+    TrainOptions o;
+    options_default(&o);
+    if (argc >= 2 && strcmp(argv[1], "sample") == 0) {
+        // PROG sample CKPT [options]: generate from a checkpoint.
+        if (argc < 3 || argv[2][0] == '-') {
+            fprintf(stderr, "usage: %s sample CHECKPOINT [--tokenizer FILE] [--prompt TEXT] [--sample-tokens N] "
+                    "[--temperature T] [--sample-top-k K] [--seed S] [--gamma-rule mult if trained with it]\n", prog);
+            return 1;
+        }
+        o.sample_tokens = 256;
+        int rc = options_parse(&o, argc - 2, argv + 2, prog);
+        if (rc != 0) return rc > 0 ? 0 : 1;
+        if (o.sample_tokens <= 0 || o.temperature <= 0) {
+            fprintf(stderr, "error: --sample-tokens and --temperature must be > 0\n");
+            return 1;
+        }
+        return trainer_sample_from_checkpoint(&o, be, argv[2]);
+    }
+    int rc = options_parse(&o, argc, argv, prog);
+    if (rc != 0) return rc > 0 ? 0 : 1;
+    if (o.print_config) {
+        char err[512];
+        if (config_validate(&o.model, err, sizeof err) != 0) {
+            fprintf(stderr, "error: invalid model: %s\n", err);
+            return 1;
+        }
+        config_write(&o.model, stdout);
+        printf("total parameters: %lld\n", (long long)config_total_params(&o.model));
+        printf("active parameters per token: %lld\n", (long long)config_active_params(&o.model));
+        printf("training FLOPs per token (T=%d): %.4g\n", o.model.seq_len,
+               config_train_flops_per_token(&o.model, o.model.seq_len));
+        return 0;
+    }
+    return trainer_run(&o, be);
+}
