@@ -24,7 +24,7 @@ OBJ64 = $(patsubst %.c,$(BUILD)/f64/%.o,$(MODEL_SRC) $(COMPUTE_SRC) train/optim.
 TESTS = $(BUILD)/test_model $(BUILD)/test_gradcheck $(BUILD)/test_reference $(BUILD)/test_reference64 $(BUILD)/test_data $(BUILD)/test_train_infra $(BUILD)/test_balance
 
 .PHONY: all test clean
-all: train_moe
+all: train_moe moe_ckpt
 
 $(BUILD)/f32/%.o: %.c $(wildcard model/*.h data/*.h tokenizer/*.h train/*.h)
 	@mkdir -p $(dir $@)
@@ -35,6 +35,12 @@ $(BUILD)/f64/%.o: %.c $(wildcard model/*.h)
 	$(CC) $(CFLAGS) -DMOE_FP64 -c $< -o $@
 
 train_moe: train_moe.c $(OBJ32)
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
+moe_ckpt: train/ckpt_main.c $(BUILD)/f32/train/ckpt.o
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
+$(BUILD)/gen_shards: tests/gen_shards.c $(BUILD)/f32/data/shard.o
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
 $(BUILD)/test_model: tests/test_model.c $(OBJ32)
@@ -58,7 +64,7 @@ $(BUILD)/test_train_infra: tests/test_train_infra.c $(BUILD)/f32/train/optim.o $
 $(BUILD)/test_balance: tests/test_balance.c $(BUILD)/f32/model/balance.o
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
-test: train_moe $(TESTS)
+test: train_moe moe_ckpt $(BUILD)/gen_shards $(TESTS)
 	$(BUILD)/test_model
 	$(BUILD)/test_gradcheck
 	$(BUILD)/test_reference
@@ -66,7 +72,8 @@ test: train_moe $(TESTS)
 	$(BUILD)/test_data
 	$(BUILD)/test_train_infra
 	$(BUILD)/test_balance
+	bash tests/test_trainer.sh
 	./train_moe --config 1b --print-config | grep total
 
 clean:
-	rm -rf $(BUILD) train_moe
+	rm -rf $(BUILD) train_moe moe_ckpt

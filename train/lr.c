@@ -16,7 +16,7 @@ void lr_schedule_default(LrSchedule *s) {
     s->kind = LR_COSINE;
     s->lr = 1e-3;
     s->lr_min = 1e-4;
-    s->warmup_steps = 1000;
+    s->warmup_steps = 100;
     s->wsd_decay_frac = 0.2;
     s->wsd_shape = WSD_LINEAR;
 }

@@ -43,7 +43,8 @@ typedef struct {
     WsdShape wsd_shape;
 } LrSchedule;
 
-// Defaults: cosine, lr 1e-3 -> lr-min 1e-4, warmup 1000 (Wang et al. 1B);
+// Defaults: cosine, lr 1e-3 -> lr-min 1e-4 (Wang et al. 1B), warmup 100 (the 1B
+// run used 1000; a default that long would reject every short run);
 // wsd-decay-frac 0.2, wsd-decay linear.
 void lr_schedule_default(LrSchedule *s);
 // Keys: lr, lr-min, lr-schedule (const|cosine|multistep|wsd), warmup-steps,

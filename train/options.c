@@ -31,7 +31,8 @@ static const TrainOption train_options[] = {
     OPT("tokenizer", NULL, O_STR, tokenizer, "", "tokenizer file, to decode samples (empty: print token ids)"),
     OPT("micro-batch", "b", O_INT, micro_batch, "4", "sequences per micro-batch"),
     OPT("batch-tokens", NULL, O_I64, batch_tokens, "0", "tokens per optimizer step, all micro-batches and ranks (0: one micro-batch)"),
-    OPT("steps", NULL, O_I64, steps, "100", "optimizer steps"),
+    OPT("steps", NULL, O_I64, steps, "1000", "optimizer steps"),
+    OPT("run-steps", NULL, O_I64, run_steps, "0", "stop this invocation after this many steps, with a checkpoint (0: run to --steps)"),
     OPT("seed", NULL, O_U64, seed, "1337", "seed of the initialisation and the data order"),
     OPT("threads", NULL, O_INT, threads, "0", "OpenMP threads (0: the runtime default)"),
     OPT("eval-every", NULL, O_INT, eval_every, "0", "steps between evaluations (0: only at the end)"),
@@ -252,6 +253,7 @@ int options_validate(const TrainOptions *o, int world, char *err, size_t errlen)
     CHECK(o->batch_tokens == 0 || (o->batch_tokens >= per_micro && o->batch_tokens % per_micro == 0),
           "--batch-tokens %lld must be a multiple of micro-batch x seq-len x ranks = %d x %d x %d = %lld",
           (long long)o->batch_tokens, o->micro_batch, o->model.seq_len, world, (long long)per_micro);
+    CHECK(o->run_steps >= 0, "--run-steps must be >= 0");
     CHECK(o->eval_every >= 0 && o->eval_batches >= 0, "--eval-every and --eval-batches must be >= 0");
     CHECK(o->ckpt_every >= 0 && o->keep_last >= 0, "--ckpt-every and --keep-last must be >= 0");
     CHECK(!o->resume || o->ckpt_dir[0], "--resume needs --ckpt-dir");
@@ -338,8 +340,9 @@ void options_print_help(FILE *f, const char *prog) {
     for (int i = 0; i < N_OPTIONS; i++) {
         const TrainOption *t = &train_options[i];
         char name[64];
-        snprintf(name, sizeof name, "%s%s%s", t->alias ? "-" : "", t->alias ? t->alias : "", t->alias ? ", " : "");
-        fprintf(f, "  %s--%-18s %s (default: %s)\n", name, t->name, t->help, t->def[0] ? t->def : "\"\"");
+        if (t->alias) snprintf(name, sizeof name, "-%s, --%s", t->alias, t->name);
+        else snprintf(name, sizeof name, "--%s", t->name);
+        fprintf(f, "  %-22s %s (default: %s)\n", name, t->help, t->def[0] ? t->def : "\"\"");
     }
     fprintf(f, "\nModel fields (override the --config preset; e.g. --n-routed 32):\n ");
     MoeConfig c;

@@ -29,6 +29,7 @@ typedef struct {
     int micro_batch;            // -b: sequences per micro-batch
     int64_t batch_tokens;       // tokens per optimizer step over all micro-batches and ranks
     int64_t steps;              // optimizer steps of the run
+    int64_t run_steps;          // steps of this invocation before stopping (0: until steps)
     uint64_t seed;              // initialisation and data order
     int threads;                // OpenMP threads (0: the runtime's default)
     // evaluation

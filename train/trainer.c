@@ -605,6 +605,11 @@ int trainer_run(const TrainOptions *o, Backend *be) {
         double t1 = now_seconds();
         trainer_log_step(r, &s, t1 - t0, t1 - t_start, r->step - first);
         int last = r->step == o->steps;
+        // --run-steps ends this invocation early, as a signal does, with a checkpoint.
+        if (o->run_steps > 0 && r->step - first >= o->run_steps && !last && !stop_requested) {
+            printf("--run-steps %lld reached: stopping at step %lld\n", (long long)o->run_steps, (long long)r->step);
+            stop_requested = -1;
+        }
         if (r->val && ((o->eval_every > 0 && r->step % o->eval_every == 0) || last)) {
             double vl;
             if (trainer_eval(r, &vl) != 0) {
@@ -615,7 +620,8 @@ int trainer_run(const TrainOptions *o, Backend *be) {
         }
         int want_ckpt = o->ckpt_dir[0] && ((o->ckpt_every > 0 && r->step % o->ckpt_every == 0) || last);
         if (stop_requested) {
-            printf("received signal %d: finishing at step %lld\n", (int)stop_requested, (long long)r->step);
+            if (stop_requested > 0)
+                printf("received signal %d: finishing at step %lld\n", (int)stop_requested, (long long)r->step);
             if (o->ckpt_dir[0] && !want_ckpt && trainer_save(r) != 0) rc = 1;
         }
         if (want_ckpt && trainer_save(r) != 0) {

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# End-to-end tests of train_moe on a synthetic corpus (tests/gen_shards.c):
+#  1. a tiny run learns: validation loss falls far below log(V);
+#  2. exact resume: 20 steps + --resume 10 steps == 30 uninterrupted steps,
+#     bit for bit (parameters, biases, AdamW moments, losses);
+#  3. SIGTERM: the run finishes its step, writes a checkpoint, exits 0;
+#  4. a corrupt checkpoint is rejected by --resume, naming the file, and
+#     nothing in the directory changes;
+#  5. bad options and impossible configs are rejected with a message.
+set -u
+cd "$(dirname "$0")/.."
+BIN=./train_moe
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+fails=0
+ok() { echo "ok   $*"; }
+bad() { echo "FAIL $*"; fails=$((fails + 1)); }
+
+./build/gen_shards "$TMP" 64 200000 20000 1 || { echo "FAIL gen_shards"; exit 1; }
+COMMON=(--config tiny --train-data "$TMP/train_*.bin" --val-data "$TMP/val_*.bin" -b 8 --lr 1e-2
+        --warmup-steps 5 --lr-min 1e-3 --threads 2 --print-every 1000)
+
+# 1. learning. A perfect model of the chain has loss log 4 = 1.39; a fresh one log 64 = 4.16.
+$BIN "${COMMON[@]}" --steps 80 --eval-every 40 --log "$TMP/learn.jsonl" > "$TMP/learn.out" 2>&1 \
+    || { bad "training run failed:"; cat "$TMP/learn.out"; }
+first=$(grep '"type":"eval"' "$TMP/learn.jsonl" | head -1 | sed 's/.*"val_loss":\([0-9.]*\).*/\1/')
+last=$(grep '"type":"eval"' "$TMP/learn.jsonl" | tail -1 | sed 's/.*"val_loss":\([0-9.]*\).*/\1/')
+loss0=$(grep '"type":"step"' "$TMP/learn.jsonl" | head -1 | sed 's/.*"loss":\([0-9.]*\).*/\1/')
+if awk -v a="$loss0" -v b="$first" -v c="$last" 'BEGIN { exit !(a > 4.0 && c < b && c < 2.5) }'; then
+    ok "loss falls: first step $loss0, val_loss at step 40 $first, at step 80 $last (< 2.5; log 64 = 4.16)"
+else
+    bad "loss does not fall enough: first step $loss0, val $first -> $last"
+fi
+
+# 2. exact resume.
+run() { $BIN "${COMMON[@]}" --steps 30 --ckpt-every 10 --keep-last 0 "$@" > "$TMP/run.out" 2>&1 \
+        || { bad "run $* failed:"; cat "$TMP/run.out"; }; }
+run --ckpt-dir "$TMP/a" --log "$TMP/a.jsonl"
+run --ckpt-dir "$TMP/b" --log "$TMP/b.jsonl" --run-steps 20
+[ -f "$TMP/b/ckpt_00000020.bin" ] && [ ! -f "$TMP/b/ckpt_00000030.bin" ] \
+    && ok "--run-steps 20 stopped at step 20 with a checkpoint" || bad "--run-steps did not stop at 20"
+run --ckpt-dir "$TMP/b" --log "$TMP/b.jsonl" --resume
+sections() { ./moe_ckpt info "$1" | grep -E '^  (params|bias|adam_m|adam_v|step|loader) '; }
+if [ -f "$TMP/b/ckpt_00000030.bin" ] && diff <(sections "$TMP/a/ckpt_00000030.bin") \
+        <(sections "$TMP/b/ckpt_00000030.bin") > /dev/null; then
+    ok "resumed run's step-30 checkpoint equals the uninterrupted one (params, bias, adam_m, adam_v, step, loader hashes)"
+else
+    bad "resumed run differs from the uninterrupted run"
+fi
+losses() { grep '"type":"step"' "$1" | sed 's/.*"step":\([0-9]*\),"loss":\([0-9.]*\).*/\1 \2/' | sort -n -u; }
+if diff <(losses "$TMP/a.jsonl") <(losses "$TMP/b.jsonl") > /dev/null \
+        && [ "$(losses "$TMP/b.jsonl" | wc -l)" = 30 ]; then
+    ok "losses of all 30 steps identical (printed to 6 decimals) between resumed and uninterrupted runs"
+else
+    bad "losses differ between resumed and uninterrupted runs"
+fi
+
+# 3. SIGTERM finishes the step and checkpoints.
+$BIN "${COMMON[@]}" --steps 100000 --ckpt-dir "$TMP/s" --log "$TMP/s.jsonl" > "$TMP/s.out" 2>&1 &
+pid=$!
+for _ in $(seq 100); do grep -q '"type":"step"' "$TMP/s.jsonl" 2>/dev/null && break; sleep 0.1; done
+kill -TERM $pid
+wait $pid
+rc=$?
+laststep=$(grep '"type":"step"' "$TMP/s.jsonl" | tail -1 | sed 's/.*"step":\([0-9]*\).*/\1/')
+if [ $rc = 0 ] && [ -f "$(printf '%s/s/ckpt_%08d.bin' "$TMP" "$laststep")" ] && ./moe_ckpt info "$TMP"/s/ckpt_*.bin > /dev/null; then
+    ok "SIGTERM: exit 0 with an intact checkpoint of the last step ($laststep)"
+else
+    bad "SIGTERM: exit $rc, last step $laststep, checkpoints: $(ls "$TMP/s")"
+fi
+
+# 4. a corrupt checkpoint is rejected and nothing changes.
+cp -r "$TMP/a" "$TMP/c"
+f="$TMP/c/ckpt_00000030.bin"
+printf '\x55' | dd of="$f" bs=1 seek=5000 conv=notrunc status=none
+before=$(md5sum "$TMP"/c/* | md5sum)
+if $BIN "${COMMON[@]}" --steps 40 --ckpt-dir "$TMP/c" --resume > "$TMP/c.out" 2>&1; then
+    bad "resume from a corrupt checkpoint succeeded"
+elif grep -q "ckpt_00000030.bin" "$TMP/c.out" && [ "$before" = "$(md5sum "$TMP"/c/* | md5sum)" ]; then
+    ok "corrupt checkpoint rejected: $(grep -m1 error "$TMP/c.out" | cut -c1-160)"
+else
+    bad "corrupt checkpoint: message does not name the file, or the directory changed"; cat "$TMP/c.out"
+fi
+head -c 100000 "$TMP/a/ckpt_00000020.bin" > "$TMP/trunc.bin"
+if $BIN "${COMMON[@]}" --steps 40 --init-from "$TMP/trunc.bin" > "$TMP/t.out" 2>&1; then
+    bad "a truncated checkpoint was accepted"
+else
+    ok "truncated checkpoint rejected: $(grep -m1 error "$TMP/t.out" | cut -c1-160)"
+fi
+
+# 5. bad input.
+expect_fail() {
+    local what="$1"; shift
+    if out=$("$@" 2>&1); then bad "$what: accepted"; else ok "$what rejected: $(echo "$out" | grep -m1 error | cut -c1-150)"; fi
+}
+expect_fail "unknown option" $BIN --no-such-option 1
+expect_fail "top_k > n_routed" $BIN "${COMMON[@]}" --top-k 9
+expect_fail "heads not dividing d" $BIN "${COMMON[@]}" --n-heads 3
+expect_fail "missing config file" $BIN "${COMMON[@]}" --config "$TMP/none.cfg"
+expect_fail "bad balance rule" $BIN "${COMMON[@]}" --gamma-rule nope
+expect_fail "missing shards" $BIN --train-data "$TMP/nothing_*.bin" --steps 200
+expect_fail "vocabulary larger than the model" $BIN "${COMMON[@]}" --vocab-size 32
+expect_fail "batch-tokens not a multiple" $BIN "${COMMON[@]}" --batch-tokens 1000
+
+echo "test_trainer: $([ $fails = 0 ] && echo PASS || echo "FAIL ($fails)")"
+[ $fails = 0 ]
