@@ -23,7 +23,7 @@ OBJ64 = $(patsubst %.c,$(BUILD)/f64/%.o,$(MODEL_SRC) $(COMPUTE_SRC) train/optim.
 
 TESTS = $(BUILD)/test_model $(BUILD)/test_gradcheck $(BUILD)/test_reference $(BUILD)/test_reference64 $(BUILD)/test_data $(BUILD)/test_train_infra $(BUILD)/test_balance
 
-.PHONY: all test clean
+.PHONY: all test bench clean
 all: train_moe moe_ckpt
 
 $(BUILD)/f32/%.o: %.c $(wildcard model/*.h data/*.h tokenizer/*.h train/*.h)
@@ -74,6 +74,13 @@ test: train_moe moe_ckpt $(BUILD)/gen_shards $(TESTS)
 	$(BUILD)/test_balance
 	bash tests/test_trainer.sh
 	./train_moe --config 1b --print-config | grep total
+
+$(BUILD)/bench_cpu: bench/bench_cpu.c $(OBJ32)
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
+# CPU throughput of the small preset (forward + backward), see README "Performance".
+bench: $(BUILD)/bench_cpu
+	$(BUILD)/bench_cpu small 8 256 5
 
 clean:
 	rm -rf $(BUILD) train_moe moe_ckpt

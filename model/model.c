@@ -189,7 +189,7 @@ void model_forward(Model *m, const int *tokens, const int *targets, int B, int T
         } else {
             int k = l - c->n_dense; // index among the MoE layers
             MoeWeights w = model_moe_weights(m, l);
-            moe_forward(c, &m->route, &w, m->bias + (size_t)k * E, la->h2, B, T, &la->moe, xout,
+            moe_forward(c, &m->route, m->ep, &w, m->bias + (size_t)k * E, la->h2, B, T, &la->moe, xout,
                         m->counts + (size_t)k * E);
             for (size_t i = 0; i < Nd; i++) xout[i] += la->xmid[i];
             m->aux_loss += la->moe.aux;
@@ -246,7 +246,7 @@ void model_backward(Model *m, real grad_scale) {
             MoeWeights w = model_moe_weights(m, l);
             MoeGrads g = model_moe_grads(m, l);
             memset(dh, 0, sizeof(real) * Nd);
-            moe_backward(c, &m->route, &w, la->h2, dx, B, T, &la->moe, dh, &g, grad_scale);
+            moe_backward(c, &m->route, m->ep, &w, la->h2, dx, B, T, &la->moe, dh, &g, grad_scale);
         }
         rmsnorm_backward(dx, model_grad(m, l, P_FFN_NORM), dh, la->xmid, model_param(m, l, P_FFN_NORM),
                          la->rstd2, N, d);

@@ -30,6 +30,7 @@ typedef struct {
     MoeConfig cfg;
     ParamLayout lay;
     RouteOptions route;
+    const MoeExchange *ep; // expert-parallel group, NULL: every expert local
     real *params;      // (lay.total) the flat parameter buffer
     real *grads;       // (lay.total) gradients, accumulated by model_backward
     float *bias;       // (n_moe, E) balancing biases: fp32, not parameters

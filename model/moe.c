@@ -19,8 +19,8 @@ static void *moe_xmalloc(size_t bytes) {
 }
 
 int moe_acts_alloc(MoeActs *a, const MoeConfig *c, int N) {
-    size_t E = c->n_routed, K = c->top_k, de = c->d_expert, d = c->d_model;
-    size_t sh = (size_t)c->n_shared * de, NK = (size_t)N * K;
+    size_t E = c->n_routed, K = c->top_k, d = c->d_model;
+    size_t sh = (size_t)c->n_shared * c->d_expert, NK = (size_t)N * K;
     memset(a, 0, sizeof *a);
     a->s = malloc(sizeof(real) * N * E);
     a->sel = malloc(sizeof(int) * NK);
@@ -28,13 +28,16 @@ int moe_acts_alloc(MoeActs *a, const MoeConfig *c, int N) {
     a->offsets = malloc(sizeof(int) * (E + 1));
     a->slot_of = malloc(sizeof(int) * NK);
     a->row_of = malloc(sizeof(int) * NK);
-    a->e13 = malloc(sizeof(real) * NK * 2 * de);
-    a->eact = malloc(sizeof(real) * NK * de);
     a->eout = malloc(sizeof(real) * NK * d);
     a->s13 = malloc(sizeof(real) * (N * 2 * sh + 1));
     a->sact = malloc(sizeof(real) * (N * sh + 1));
-    if (!a->s || !a->sel || !a->gates || !a->offsets || !a->slot_of || !a->row_of || !a->e13 ||
-        !a->eact || !a->eout || !a->s13 || !a->sact) {
+    // Sized for any expert-parallel group (P <= E ranks).
+    a->send_rows = malloc(sizeof(int) * E);
+    a->recv_rows = malloc(sizeof(int) * E);
+    a->recv_cnt = malloc(sizeof(int) * E);
+    a->exp_offsets = malloc(sizeof(int) * (E + 1));
+    if (!a->s || !a->sel || !a->gates || !a->offsets || !a->slot_of || !a->row_of || !a->eout || !a->s13 ||
+        !a->sact || !a->send_rows || !a->recv_rows || !a->recv_cnt || !a->exp_offsets) {
         moe_acts_free(a);
         return -1;
     }
@@ -43,8 +46,26 @@ int moe_acts_alloc(MoeActs *a, const MoeConfig *c, int N) {
 
 void moe_acts_free(MoeActs *a) {
     free(a->s); free(a->sel); free(a->gates); free(a->offsets); free(a->slot_of); free(a->row_of);
-    free(a->e13); free(a->eact); free(a->eout); free(a->s13); free(a->sact);
+    free(a->eout); free(a->s13); free(a->sact);
+    free(a->send_rows); free(a->recv_rows); free(a->recv_cnt); free(a->exp_offsets); free(a->exp_src);
+    free(a->xe); free(a->e13); free(a->eact);
     memset(a, 0, sizeof *a);
+}
+
+// Grows the expert-side buffers to hold R rows (their size is only known after
+// the counts exchange; under expert parallelism it varies from step to step).
+static void moe_reserve_rows(MoeActs *a, const MoeConfig *c, int R) {
+    if (R <= a->R_cap) return;
+    size_t n = (size_t)R, d = c->d_model, de = c->d_expert;
+    a->exp_src = realloc(a->exp_src, sizeof(int) * n);
+    a->xe = realloc(a->xe, sizeof(real) * n * d);
+    a->e13 = realloc(a->e13, sizeof(real) * n * 2 * de);
+    a->eact = realloc(a->eact, sizeof(real) * n * de);
+    if (!a->exp_src || !a->xe || !a->e13 || !a->eact) {
+        fprintf(stderr, "out of memory for %d expert rows in the MoE layer\n", R);
+        exit(1);
+    }
+    a->R_cap = R;
 }
 
 // ----------------------------------------------------------------------------
@@ -170,33 +191,109 @@ static void moe_aux_backward(const MoeConfig *c, const RouteOptions *ro, const M
 }
 
 // ----------------------------------------------------------------------------
+// Expert parallelism: moving rows between the token side (this rank's slots in
+// expert order) and the expert side (rows for the local experts, expert-major).
+// With one rank the exchange is skipped and the reorder is the identity.
+
+static const MoeExchange moe_local = { .size = 1, .rank = 0 };
+
+// After routing: exchanges the counts, then sends the rows xs (N K, d) to the
+// ranks of their experts and fills a->xe (R, d) expert-major.
+static void moe_dispatch(const MoeConfig *c, const MoeExchange *ex, MoeActs *a, const real *xs, int NK) {
+    int P = ex->size, El = c->n_routed / P, d = c->d_model;
+    // send counts = this rank's rows per expert, already grouped by destination.
+    int *send_cnt = moe_xmalloc(sizeof(int) * c->n_routed); // (P, El)
+    for (int e = 0; e < c->n_routed; e++) send_cnt[e] = a->offsets[e + 1] - a->offsets[e];
+    if (P > 1) ex->alltoall_int(ex->ctx, send_cnt, a->recv_cnt, El);
+    else memcpy(a->recv_cnt, send_cnt, sizeof(int) * c->n_routed);
+    a->R = 0;
+    for (int p = 0; p < P; p++) {
+        a->send_rows[p] = a->offsets[(p + 1) * El] - a->offsets[p * El];
+        a->recv_rows[p] = 0;
+        for (int j = 0; j < El; j++) a->recv_rows[p] += a->recv_cnt[p * El + j];
+        a->R += a->recv_rows[p];
+    }
+    moe_reserve_rows(a, c, a->R);
+    real *xr = P > 1 ? moe_xmalloc(sizeof(real) * (size_t)a->R * d) : (real *)xs; // (R, d) as received
+    if (P > 1) ex->alltoallv(ex->ctx, xs, a->send_rows, xr, a->recv_rows, d);
+    (void)NK;
+    // Received order is [source rank][local expert][token]; the experts want
+    // [local expert][source rank][token]. exp_src maps one to the other.
+    int row = 0;
+    for (int j = 0; j < El; j++) {
+        a->exp_offsets[j] = row;
+        for (int q = 0, base = 0; q < P; base += a->recv_rows[q], q++) {
+            int start = base;
+            for (int jj = 0; jj < j; jj++) start += a->recv_cnt[q * El + jj];
+            for (int r = 0; r < a->recv_cnt[q * El + j]; r++) a->exp_src[row++] = start + r;
+        }
+    }
+    a->exp_offsets[El] = row;
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < a->R; r++)
+        memcpy(a->xe + (size_t)r * d, xr + (size_t)a->exp_src[r] * d, sizeof(real) * d);
+    if (P > 1) free(xr);
+    free(send_cnt);
+}
+
+// The reverse trip: ye (R, d) expert-major -> ys (N K, d) on the token side.
+static void moe_return(const MoeExchange *ex, const MoeActs *a, const real *ye, real *ys, int d) {
+    int P = ex->size;
+    real *yr = P > 1 ? moe_xmalloc(sizeof(real) * (size_t)a->R * d) : ys; // (R, d) in received order
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < a->R; r++) memcpy(yr + (size_t)a->exp_src[r] * d, ye + (size_t)r * d, sizeof(real) * d);
+    if (P > 1) {
+        ex->alltoallv(ex->ctx, yr, a->recv_rows, ys, a->send_rows, d);
+        free(yr);
+    }
+}
+
+// Token side -> expert side for a gradient: ys (N K, d) -> ye (R, d).
+static void moe_send(const MoeExchange *ex, const MoeActs *a, const real *ys, real *ye, int d) {
+    int P = ex->size;
+    real *yr = P > 1 ? moe_xmalloc(sizeof(real) * (size_t)a->R * d) : (real *)ys;
+    if (P > 1) ex->alltoallv(ex->ctx, ys, a->send_rows, yr, a->recv_rows, d);
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < a->R; r++) memcpy(ye + (size_t)r * d, yr + (size_t)a->exp_src[r] * d, sizeof(real) * d);
+    if (P > 1) free(yr);
+}
+
+// ----------------------------------------------------------------------------
 // Forward
 
-void moe_forward(const MoeConfig *c, const RouteOptions *ro, const MoeWeights *w, const float *bias,
-                 const real *h, int B, int T, MoeActs *a, real *out, int64_t *counts) {
+void moe_forward(const MoeConfig *c, const RouteOptions *ro, const MoeExchange *ex, const MoeWeights *w,
+                 const float *bias, const real *h, int B, int T, MoeActs *a, real *out, int64_t *counts) {
     int N = B * T, E = c->n_routed, K = c->top_k, d = c->d_model, de = c->d_expert;
     int sh = c->n_shared * de;
+    if (!ex) ex = &moe_local;
+    int El = E / ex->size, e0 = ex->rank * El; // the local experts are e0 .. e0 + El - 1
 
     matmul_forward(a->s, h, w->router, N, d, E, 0);
     moe_gate_forward(a->s, N, E, c->gate);
     moe_select(c, ro, bias, a, N);
     moe_permute(a, N, E, K, counts);
 
-    // Routed experts: each one runs on its gathered rows (expert-level
-    // parallelism; the matmuls inside run on the calling thread).
+    // Gather each slot's token into expert order, and send it to its expert.
+    real *xs = moe_xmalloc(sizeof(real) * (size_t)N * K * d); // (N K, d)
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < N * K; r++) memcpy(xs + (size_t)r * d, h + (size_t)(a->slot_of[r] / K) * d, sizeof(real) * d);
+    moe_dispatch(c, ex, a, xs, N * K);
+
+    // Routed experts: each one runs on its rows (expert-level parallelism;
+    // the matmuls inside run on the calling thread).
+    real *ye = moe_xmalloc(sizeof(real) * ((size_t)a->R * d + 1)); // (R, d) expert outputs
 #pragma omp parallel for schedule(dynamic, 1)
-    for (int e = 0; e < E; e++) {
-        int r0 = a->offsets[e], n = a->offsets[e + 1] - r0;
+    for (int j = 0; j < El; j++) {
+        int r0 = a->exp_offsets[j], n = a->exp_offsets[j + 1] - r0, e = e0 + j;
         if (n == 0) continue; // an expert with no tokens does nothing
-        real *x = moe_xmalloc(sizeof(real) * (size_t)n * d); // (n, d) gathered inputs
-        for (int r = 0; r < n; r++)
-            memcpy(x + (size_t)r * d, h + (size_t)(a->slot_of[r0 + r] / K) * d, sizeof(real) * d);
         real *e13 = a->e13 + (size_t)r0 * 2 * de, *eact = a->eact + (size_t)r0 * de;
-        matmul_forward(e13, x, w->ex13 + (size_t)e * 2 * de * d, n, d, 2 * de, 0);
+        matmul_forward(e13, a->xe + (size_t)r0 * d, w->ex13 + (size_t)e * 2 * de * d, n, d, 2 * de, 0);
         swiglu_forward(eact, e13, n, de);
-        matmul_forward(a->eout + (size_t)r0 * d, eact, w->ex2 + (size_t)e * d * de, n, de, d, 0);
-        free(x);
+        matmul_forward(ye + (size_t)r0 * d, eact, w->ex2 + (size_t)e * d * de, n, de, d, 0);
     }
+    moe_return(ex, a, ye, a->eout, d);
+    free(ye);
+    free(xs);
 
     // Shared experts: always on, one SwiGLU of hidden S*de.
     if (sh > 0) {
@@ -223,15 +320,16 @@ void moe_forward(const MoeConfig *c, const RouteOptions *ro, const MoeWeights *w
 // ----------------------------------------------------------------------------
 // Backward
 
-void moe_backward(const MoeConfig *c, const RouteOptions *ro, const MoeWeights *w, const real *h,
-                  const real *dout, int B, int T, const MoeActs *a, real *dh, MoeGrads *g,
+void moe_backward(const MoeConfig *c, const RouteOptions *ro, const MoeExchange *ex, const MoeWeights *w,
+                  const real *h, const real *dout, int B, int T, MoeActs *a, real *dh, MoeGrads *g,
                   real grad_scale) {
     int N = B * T, E = c->n_routed, K = c->top_k, d = c->d_model, de = c->d_expert;
     int sh = c->n_shared * de;
+    if (!ex) ex = &moe_local;
+    int El = E / ex->size, e0 = ex->rank * El;
     size_t NK = (size_t)N * K;
-    real *dgates = moe_xmalloc(sizeof(real) * NK);     // (N, K)
-    real *deout = moe_xmalloc(sizeof(real) * NK * d);  // (N K, d) by row
-    real *dx = moe_xmalloc(sizeof(real) * NK * d);     // (N K, d) input gradient by row
+    real *dgates = moe_xmalloc(sizeof(real) * NK);        // (N, K)
+    real *dys = moe_xmalloc(sizeof(real) * NK * d);       // (N K, d) expert output gradient, token side
     real *ds = moe_xmalloc(sizeof(real) * (size_t)N * E); // (N, E) affinity gradient
 
     // Combine backward: the gate gets dout . y, the expert output gets g * dout.
@@ -242,7 +340,7 @@ void moe_backward(const MoeConfig *c, const RouteOptions *ro, const MoeWeights *
             size_t slot = (size_t)t * K + j, row = a->row_of[slot];
             const real *y = a->eout + row * d;
             real gv = a->gates[slot], dot = 0;
-            real *dy = deout + row * d;
+            real *dy = dys + row * d;
             for (int i = 0; i < d; i++) {
                 dot += go[i] * y[i];
                 dy[i] = gv * go[i];
@@ -251,33 +349,35 @@ void moe_backward(const MoeConfig *c, const RouteOptions *ro, const MoeWeights *
         }
     }
 
-    // Routed experts, one per task as in the forward.
+    // Routed experts, on the expert side, one per task as in the forward.
+    real *dye = moe_xmalloc(sizeof(real) * ((size_t)a->R * d + 1)); // (R, d)
+    real *dxe = moe_xmalloc(sizeof(real) * ((size_t)a->R * d + 1)); // (R, d) input gradient
+    moe_send(ex, a, dys, dye, d);
 #pragma omp parallel for schedule(dynamic, 1)
-    for (int e = 0; e < E; e++) {
-        int r0 = a->offsets[e], n = a->offsets[e + 1] - r0;
+    for (int j = 0; j < El; j++) {
+        int r0 = a->exp_offsets[j], n = a->exp_offsets[j + 1] - r0, e = e0 + j;
         if (n == 0) continue;
-        real *x = moe_xmalloc(sizeof(real) * (size_t)n * d);           // (n, d) gathered inputs
-        real *dact = moe_xmalloc(sizeof(real) * (size_t)n * de);       // (n, de)
-        real *d13 = moe_xmalloc(sizeof(real) * (size_t)n * 2 * de);    // (n, 2 de)
-        for (int r = 0; r < n; r++)
-            memcpy(x + (size_t)r * d, h + (size_t)(a->slot_of[r0 + r] / K) * d, sizeof(real) * d);
+        real *dact = moe_xmalloc(sizeof(real) * (size_t)n * de);    // (n, de)
+        real *d13 = moe_xmalloc(sizeof(real) * (size_t)n * 2 * de); // (n, 2 de)
         const real *w13 = w->ex13 + (size_t)e * 2 * de * d, *w2 = w->ex2 + (size_t)e * d * de;
         const real *e13 = a->e13 + (size_t)r0 * 2 * de, *eact = a->eact + (size_t)r0 * de;
-        const real *dy = deout + (size_t)r0 * d;
+        const real *dy = dye + (size_t)r0 * d, *x = a->xe + (size_t)r0 * d;
         matmul_backward_weight(g->ex2 + (size_t)e * d * de, dy, eact, n, de, d);
         matmul_backward_input(dact, dy, w2, n, de, d, 0);
         swiglu_backward(d13, dact, e13, n, de);
         matmul_backward_weight(g->ex13 + (size_t)e * 2 * de * d, d13, x, n, d, 2 * de);
-        matmul_backward_input(dx + (size_t)r0 * d, d13, w13, n, d, 2 * de, 0);
-        free(x);
+        matmul_backward_input(dxe + (size_t)r0 * d, d13, w13, n, d, 2 * de, 0);
         free(dact);
         free(d13);
     }
+    moe_return(ex, a, dxe, dys, d); // dys now holds the input gradient of each slot
+    free(dye);
+    free(dxe);
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++) {
         real *o = dh + (size_t)t * d;
         for (int j = 0; j < K; j++) {
-            const real *src = dx + (size_t)a->row_of[(size_t)t * K + j] * d;
+            const real *src = dys + (size_t)a->row_of[(size_t)t * K + j] * d;
             for (int i = 0; i < d; i++) o[i] += src[i];
         }
     }
@@ -334,7 +434,6 @@ void moe_backward(const MoeConfig *c, const RouteOptions *ro, const MoeWeights *
     matmul_backward_input(dh, ds, w->router, N, d, E, 1);
 
     free(dgates);
-    free(deout);
-    free(dx);
+    free(dys);
     free(ds);
 }
