@@ -1,5 +1,6 @@
-# Build and test the MoE trainer. `make` builds the CPU trainer (and the GPU
-# trainer where nvcc exists); `make test` runs every CPU test; see README.md.
+# Build and test the MoE trainer. `make` builds the CPU trainer and tools;
+# `make test` runs every CPU test (CI); `make bench` measures CPU throughput.
+# See README.md.
 
 CC ?= gcc
 # The CPU build runs where it is compiled, so it may use every instruction of this machine.
@@ -7,64 +8,96 @@ CPU_ARCH ?= native
 CFLAGS ?= -O3
 CFLAGS += -std=c11 -march=$(CPU_ARCH) -fopenmp -ffp-contract=fast -Wall -Wextra -D_GNU_SOURCE
 LDLIBS = -lm
-PYTHON ?= python3
+
+# MPI (several CPU processes) when mpicc exists; USE_MPI=0 builds a single-process trainer.
+MPICC ?= $(shell command -v mpicc 2>/dev/null)
+USE_MPI ?= $(if $(MPICC),1,0)
+ifeq ($(USE_MPI),1)
+  LINK_CC = $(MPICC)
+  MPI_DEF = -DUSE_MPI
+else
+  LINK_CC = $(CC)
+endif
 
 BUILD = build
+# Host code shared by every trainer.
 MODEL_SRC = model/config.c model/layout.c model/balance.c
-# Compute code: compiled once in fp32 (the trainer) and once in fp64 (gradient check).
+# The CPU model's compute: built in fp32 (the trainer) and in fp64 (the gradient check).
 COMPUTE_SRC = model/matmul.c model/ops.c model/moe.c model/model.c
 DATA_SRC = data/shard.c data/loader.c
-TOK_SRC = tokenizer/bpe.c tokenizer/bpe_file.c tokenizer/bpe_train.c tokenizer/hf_import.c \
-          tokenizer/pretok.c tokenizer/tok_json.c tokenizer/tok_util.c
+TOK_SRC = $(filter-out tokenizer/tok_main.c,$(wildcard tokenizer/*.c))
 TRAIN_SRC = train/options.c train/optim.c train/lr.c train/ckpt.c train/trainer.c
 
-OBJ32 = $(patsubst %.c,$(BUILD)/f32/%.o,$(MODEL_SRC) $(COMPUTE_SRC) $(DATA_SRC) $(TOK_SRC) $(TRAIN_SRC))
-OBJ64 = $(patsubst %.c,$(BUILD)/f64/%.o,$(MODEL_SRC) $(COMPUTE_SRC) train/optim.c)
+f32 = $(patsubst %.c,$(BUILD)/f32/%.o,$(1))
+f64 = $(patsubst %.c,$(BUILD)/f64/%.o,$(1))
+# The model with its optimizer, for tests and benchmarks.
+CORE32 = $(call f32,$(MODEL_SRC) $(COMPUTE_SRC) train/optim.c)
+CORE64 = $(call f64,$(MODEL_SRC) $(COMPUTE_SRC) train/optim.c)
+# Everything a trainer links besides its backend and the communicator.
+TRAINER32 = $(CORE32) $(call f32,$(DATA_SRC) $(TOK_SRC) $(filter-out train/optim.c,$(TRAIN_SRC)))
+# The communicator, with or without MPI (the object's name records which).
+DIST_OBJ = $(BUILD)/dist/comm_mpi$(USE_MPI).o
 
-TESTS = $(BUILD)/test_model $(BUILD)/test_gradcheck $(BUILD)/test_reference $(BUILD)/test_reference64 $(BUILD)/test_data $(BUILD)/test_train_infra $(BUILD)/test_balance
+TESTS = $(BUILD)/test_model $(BUILD)/test_gradcheck $(BUILD)/test_reference $(BUILD)/test_reference64 \
+        $(BUILD)/test_data $(BUILD)/test_train_infra $(BUILD)/test_balance $(BUILD)/test_tokenizer
 
 .PHONY: all test bench clean
-all: train_moe moe_ckpt
+all: train_moe moe_ckpt moe_tok
 
-$(BUILD)/f32/%.o: %.c $(wildcard model/*.h data/*.h tokenizer/*.h train/*.h)
+HEADERS = $(wildcard model/*.h data/*.h tokenizer/*.h train/*.h dist/*.h)
+$(BUILD)/f32/%.o: %.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 
-$(BUILD)/f64/%.o: %.c $(wildcard model/*.h)
+$(BUILD)/f64/%.o: %.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -DMOE_FP64 -c $< -o $@
 
-train_moe: train_moe.c $(OBJ32)
+$(DIST_OBJ): dist/comm.c dist/comm.h
+	@mkdir -p $(dir $@)
+	$(LINK_CC) $(CFLAGS) $(MPI_DEF) -c $< -o $@
+
+# ---------------------------------------------------------------- programs
+
+train_moe: train_moe.c $(TRAINER32) $(DIST_OBJ)
+	$(LINK_CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
+moe_tok: tokenizer/tok_main.c $(call f32,$(TOK_SRC))
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
-moe_ckpt: train/ckpt_main.c $(BUILD)/f32/train/ckpt.o
+moe_ckpt: train/ckpt_main.c $(call f32,train/ckpt.c)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
-$(BUILD)/gen_shards: tests/gen_shards.c $(BUILD)/f32/data/shard.o
+# ---------------------------------------------------------------- tests
+
+$(BUILD)/gen_shards: tests/gen_shards.c $(call f32,data/shard.c)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
-$(BUILD)/test_model: tests/test_model.c $(OBJ32)
+$(BUILD)/test_model: tests/test_model.c $(CORE32)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
-$(BUILD)/test_gradcheck: tests/test_gradcheck.c $(OBJ64)
+$(BUILD)/test_gradcheck: tests/test_gradcheck.c $(CORE64)
 	$(CC) $(CFLAGS) -DMOE_FP64 $^ -o $@ $(LDLIBS)
 
-$(BUILD)/test_reference: tests/test_reference.c tests/fixture.c $(OBJ32)
+$(BUILD)/test_reference: tests/test_reference.c tests/fixture.c $(CORE32)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
-$(BUILD)/test_reference64: tests/test_reference.c tests/fixture.c $(OBJ64)
+$(BUILD)/test_reference64: tests/test_reference.c tests/fixture.c $(CORE64)
 	$(CC) $(CFLAGS) -DMOE_FP64 $^ -o $@ $(LDLIBS)
 
-$(BUILD)/test_data: tests/test_data.c $(BUILD)/f32/data/shard.o $(BUILD)/f32/data/loader.o
+$(BUILD)/test_data: tests/test_data.c $(call f32,$(DATA_SRC))
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
-$(BUILD)/test_train_infra: tests/test_train_infra.c $(BUILD)/f32/train/optim.o $(BUILD)/f32/train/lr.o $(BUILD)/f32/train/ckpt.o $(BUILD)/f32/model/layout.o $(BUILD)/f32/model/config.o
+$(BUILD)/test_train_infra: tests/test_train_infra.c $(call f32,train/optim.c train/lr.c train/ckpt.c model/layout.c model/config.c)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
-$(BUILD)/test_balance: tests/test_balance.c $(BUILD)/f32/model/balance.o
+$(BUILD)/test_tokenizer: tests/test_tokenizer.c $(call f32,$(TOK_SRC))
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
-test: train_moe moe_ckpt $(BUILD)/gen_shards $(TESTS)
+$(BUILD)/test_balance: tests/test_balance.c $(call f32,model/balance.c)
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
+test: train_moe moe_ckpt moe_tok $(BUILD)/gen_shards $(TESTS)
 	$(BUILD)/test_model
 	$(BUILD)/test_gradcheck
 	$(BUILD)/test_reference
@@ -72,10 +105,14 @@ test: train_moe moe_ckpt $(BUILD)/gen_shards $(TESTS)
 	$(BUILD)/test_data
 	$(BUILD)/test_train_infra
 	$(BUILD)/test_balance
+	$(BUILD)/test_tokenizer
 	bash tests/test_trainer.sh
+	bash tests/test_dist.sh
 	./train_moe --config 1b --print-config | grep total
 
-$(BUILD)/bench_cpu: bench/bench_cpu.c $(OBJ32)
+# ---------------------------------------------------------------- benchmarks
+
+$(BUILD)/bench_cpu: bench/bench_cpu.c $(CORE32)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
 # CPU throughput of the small preset (forward + backward), see README "Performance".
@@ -83,4 +120,4 @@ bench: $(BUILD)/bench_cpu
 	$(BUILD)/bench_cpu small 8 256 5
 
 clean:
-	rm -rf $(BUILD) train_moe moe_ckpt
+	rm -rf $(BUILD) train_moe moe_ckpt moe_tok

@@ -1,26 +1,77 @@
-// train_moe: the CPU trainer (fp32, OpenMP). This file is the CPU backend of
-// the shared training loop (train/trainer.c): it owns the model's parameters,
-// gradients and AdamW moments, and runs the reference model of model/.
+// train_moe: the CPU trainer (fp32, OpenMP, MPI for several processes). This
+// file is the CPU backend of the shared training loop (train/trainer.c): it
+// owns the model's parameters, gradients and AdamW moments, runs the reference
+// model of model/, and spreads work over ranks: data parallelism for every
+// parameter, expert parallelism (--ep) for the routed experts.
 //
 //   ./train_moe --config small --train-data 'data/kjv/train_*.bin' ...
+//   mpirun -np 4 ./train_moe --ep 2 ...
 //   ./train_moe --help
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "dist/comm.h"
 #include "model/model.h"
 #include "train/backend.h"
 #include "train/optim.h"
 #include "train/trainer.h"
 
+// A contiguous run of the parameter buffer that this rank owns and updates:
+// a whole tensor, or the slice of an expert tensor holding the local experts.
+typedef struct {
+    int64_t offset, len;
+    int decay;   // weight decay applies (matrices)
+    int expert;  // 1: routed-expert weights, shared by the EDP group only
+} Slice;
+
 typedef struct {
     Model model;
     float *adam_m, *adam_v; // (n_params) AdamW moments
-    DecayRanges decay;      // which parameters get weight decay
-    int64_t *scratch_counts;
+    Slice *slices;          // (n_slices) what this rank owns, in buffer order
+    int n_slices;
+    MoeExchange exchange;   // the EP group, for the MoE layers
 } CpuState;
 
 static CpuState *cpu(Backend *be) { return (CpuState *)be->ctx; }
+
+// ----------------------------------------------------------------------------
+// Expert parallelism: the model's exchange hooks, over the EP group.
+
+static void cpu_alltoall_int(void *ctx, const int *send, int *recv, int n) {
+    comm_alltoall_int((const Comm *)ctx, COMM_EP, send, recv, n);
+}
+
+static void cpu_alltoallv(void *ctx, const float *send, const int *send_rows, float *recv, const int *recv_rows,
+                          int width) {
+    comm_alltoallv_rows((const Comm *)ctx, COMM_EP, send, send_rows, recv, recv_rows, width);
+}
+
+// The owned slices: every tensor, except that expert tensors keep only the
+// local experts' rows [ep_rank E/ep, (ep_rank+1) E/ep).
+static int cpu_build_slices(CpuState *s, const Comm *comm) {
+    const ParamLayout *lay = &s->model.lay;
+    s->slices = calloc((size_t)lay->n, sizeof(Slice));
+    if (!s->slices) return -1;
+    int El = s->model.cfg.n_routed / comm->ep;
+    for (int i = 0; i < lay->n; i++) {
+        const ParamTensor *t = &lay->t[i];
+        Slice *sl = &s->slices[s->n_slices++];
+        sl->offset = t->offset;
+        sl->len = t->numel;
+        sl->decay = t->is_matrix;
+        sl->expert = t->kind == P_EXPERTS_W13 || t->kind == P_EXPERTS_W2;
+        if (sl->expert) {
+            int64_t per_expert = t->numel / t->shape[0];
+            sl->offset += (int64_t)comm->ep_rank * El * per_expert;
+            sl->len = (int64_t)El * per_expert;
+        }
+    }
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
+// The backend
 
 static int cpu_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, int B, int T) {
     CpuState *s = calloc(1, sizeof *s);
@@ -29,10 +80,15 @@ static int cpu_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, i
         return -1;
     }
     s->model.route = *ro;
+    if (be->comm->ep > 1) {
+        s->exchange = (MoeExchange){ .size = be->comm->ep, .rank = be->comm->ep_rank, .ctx = (void *)be->comm,
+                                     .alltoall_int = cpu_alltoall_int, .alltoallv = cpu_alltoallv };
+        s->model.ep = &s->exchange;
+    }
     int64_t n = s->model.lay.total;
     s->adam_m = calloc((size_t)n, sizeof(float));
     s->adam_v = calloc((size_t)n, sizeof(float));
-    if (!s->adam_m || !s->adam_v || decay_ranges_from_layout(&s->decay, &s->model.lay) != 0) {
+    if (!s->adam_m || !s->adam_v || cpu_build_slices(s, be->comm) != 0) {
         fprintf(stderr, "error: out of memory allocating the optimizer state (%lld parameters)\n", (long long)n);
         return -1;
     }
@@ -47,13 +103,31 @@ static void cpu_destroy(Backend *be) {
     model_free(&s->model);
     free(s->adam_m);
     free(s->adam_v);
-    decay_ranges_free(&s->decay);
+    free(s->slices);
     free(s);
     be->ctx = NULL;
 }
 
+// dst = src with every expert row this rank does not own gathered from the
+// rank that does: zero them, then sum over the EP group (x + 0 is exact).
+static void cpu_gather(Backend *be, const float *src, float *dst) {
+    memcpy(dst, src, sizeof(float) * (size_t)be->n_params);
+    const Comm *comm = be->comm;
+    if (comm->ep == 1) return;
+    CpuState *s = cpu(be);
+    for (int i = 0; i < s->model.lay.n; i++) {
+        const ParamTensor *t = &s->model.lay.t[i];
+        if (!s->slices[i].expert) continue;
+        float *p = dst + t->offset;
+        int64_t own0 = s->slices[i].offset - t->offset, own1 = own0 + s->slices[i].len;
+        memset(p, 0, sizeof(float) * own0);
+        memset(p + own1, 0, sizeof(float) * (t->numel - own1));
+        comm_allreduce_f32(comm, COMM_EP, p, (size_t)t->numel);
+    }
+}
+
 static void cpu_set_params(Backend *be, const float *p) { model_set_params(&cpu(be)->model, p); }
-static void cpu_get_params(Backend *be, float *p) { model_get_params(&cpu(be)->model, p); }
+static void cpu_get_params(Backend *be, float *p) { cpu_gather(be, cpu(be)->model.params, p); }
 
 static void cpu_set_opt_state(Backend *be, const float *m, const float *v) {
     size_t n = (size_t)be->n_params * sizeof(float);
@@ -62,9 +136,8 @@ static void cpu_set_opt_state(Backend *be, const float *m, const float *v) {
 }
 
 static void cpu_get_opt_state(Backend *be, float *m, float *v) {
-    size_t n = (size_t)be->n_params * sizeof(float);
-    memcpy(m, cpu(be)->adam_m, n);
-    memcpy(v, cpu(be)->adam_v, n);
+    cpu_gather(be, cpu(be)->adam_m, m);
+    cpu_gather(be, cpu(be)->adam_v, v);
 }
 
 static void cpu_set_bias(Backend *be, const float *bias) {
@@ -84,12 +157,44 @@ static void cpu_micro_batch(Backend *be, const int *tokens, const int *targets, 
     *aux = m->aux_loss;
 }
 
-static float cpu_grad_norm(Backend *be) { return grad_norm(cpu(be)->model.grads, be->n_params); }
+// Each rank's loss is the mean over its own tokens, so the run's gradient is
+// the mean over ranks: sum replicated tensors over all ranks and expert slices
+// over their EDP group (the EP group already summed the tokens of its ranks
+// into each expert), then divide by the number of ranks.
+static void cpu_sync_grads(Backend *be) {
+    const Comm *comm = be->comm;
+    if (comm->world == 1) return;
+    CpuState *s = cpu(be);
+    float inv = 1.0f / (float)comm->world;
+    for (int i = 0; i < s->n_slices; i++) {
+        float *g = s->model.grads + s->slices[i].offset;
+        size_t n = (size_t)s->slices[i].len;
+        comm_allreduce_f32(comm, s->slices[i].expert ? COMM_EDP : COMM_WORLD, g, n);
+        for (size_t j = 0; j < n; j++) g[j] *= inv;
+    }
+}
+
+static float cpu_grad_norm(Backend *be) {
+    CpuState *s = cpu(be);
+    // sum[0]: replicated tensors (equal on every rank); sum[1]: this rank's
+    // experts, summed over the EP group so that each expert counts once.
+    double sum[2] = { 0, 0 };
+    for (int i = 0; i < s->n_slices; i++)
+        sum[s->slices[i].expert] += grad_sumsq(s->model.grads + s->slices[i].offset, s->slices[i].len);
+    comm_allreduce_f64(be->comm, COMM_EP, &sum[1], 1);
+    return (float)sqrt(sum[0] + sum[1]);
+}
 
 static void cpu_update(Backend *be, const AdamWConfig *opt, double lr, int64_t t, float grad_mult) {
     CpuState *s = cpu(be);
-    grad_scale(s->model.grads, be->n_params, grad_mult);
-    adamw_step(s->model.params, s->model.grads, s->adam_m, s->adam_v, be->n_params, &s->decay, opt, lr, t);
+    AdamWConfig no_decay = *opt;
+    no_decay.weight_decay = 0;
+    for (int i = 0; i < s->n_slices; i++) {
+        const Slice *sl = &s->slices[i];
+        grad_scale(s->model.grads + sl->offset, sl->len, grad_mult);
+        adamw_step(s->model.params + sl->offset, s->model.grads + sl->offset, s->adam_m + sl->offset,
+                   s->adam_v + sl->offset, sl->len, NULL, sl->decay ? opt : &no_decay, lr, t);
+    }
 }
 
 static void cpu_last_logits(Backend *be, const int *tokens, int n, float *logits) {
@@ -110,6 +215,7 @@ int main(int argc, char **argv) {
         .set_bias = cpu_set_bias,
         .zero_grad = cpu_zero_grad,
         .micro_batch = cpu_micro_batch,
+        .sync_grads = cpu_sync_grads,
         .grad_norm = cpu_grad_norm,
         .update = cpu_update,
         .last_logits = cpu_last_logits,

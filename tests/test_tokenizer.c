@@ -18,9 +18,9 @@
 #include <omp.h>
 #endif
 
-#include "bpe.h"
-#include "bpe_internal.h"  // tok_crc32, tok_read_file: checked against oracles below
-#include "tok_json.h"
+#include "../tokenizer/bpe.h"
+#include "../tokenizer/bpe_internal.h"  // tok_crc32, tok_read_file: checked against oracles below
+#include "../tokenizer/tok_json.h"
 
 static int g_failures, g_checks;
 static char g_tmpdir[256];  // scratch directory for files written by the tests
@@ -203,7 +203,7 @@ static void test_train_small(void) {
 // Words of several scripts, digits, punctuation, odd whitespace, and now and
 // then raw random bytes (NUL and invalid UTF-8 included).
 static char *synthetic_text(size_t len) {
-    static const char *words[] = {"the", "of", "and", "tokenizer", "merge", "Gr\xc3\xbc\xc3\x9f" "e",
+    static const char *words[] = {"the", "of", "and", "tokenizer", "merge", "Gr\xc3\xbc\xc3\x9f\x65",
                                   "\xe4\xb8\x96\xe7\x95\x8c", "\xd0\xbc\xd0\xb8\xd1\x80", "\xf0\x9f\x99\x82",
                                   "don't", "it's", "2024", "3.14", "x", "--", "!!", "(a)", "caf\xc3\xa9",
                                   "hello", "world", "HELLO", "Wor1d"};
@@ -588,6 +588,29 @@ static void import_json_text(const char *json, const char *label, const char *ne
     remove(path);
 }
 
+// DeepSeek writes its special tokens into model.vocab verbatim in UTF-8 (outside
+// the byte-level alphabet) and lists them in added_tokens too.
+static void test_hf_deepseek_style(void) {
+    const char *eos = "<\xef\xbd\x9c" "end\xe2\x96\x81" "of\xe2\x96\x81" "sentence\xef\xbd\x9c>";
+    char vocab[256], top[512], path[512], err[512] = "";
+    snprintf(vocab, sizeof vocab, "\"ab\": 256, \"abc\": 257, \"%s\": 258", eos);
+    snprintf(top, sizeof top, "\"added_tokens\": [{\"id\": 258, \"content\": \"%s\", \"special\": true}],", eos);
+    char *j = make_json("BPE", vocab, "[\"a b\", \"ab c\"]", top, -1);
+    tmp_path(path, sizeof path, "deepseek.json");
+    write_bytes(path, j, strlen(j));
+    free(j);
+    Tokenizer *t = tok_import_hf(path, NULL, NULL, err, sizeof err);
+    size_t len = 0;
+    const char *s = t ? tok_token_bytes(t, 258, &len) : NULL;
+    check(t && tok_eot_id(t) == 258 && tok_is_special(t, 258) && s && len == strlen(eos) && memcmp(s, eos, len) == 0,
+          "DeepSeek-style special in model.vocab: imported, end-of-text id %d (expected 258) %s", t ? tok_eot_id(t) : -1,
+          t ? "" : err);
+    if (t) check_ids(t, "DeepSeek-style: \"abc<eos>\" with specials", "abc" "<\xef\xbd\x9c" "end\xe2\x96\x81" "of\xe2\x96\x81" "sentence\xef\xbd\x9c>",
+                     3 + strlen(eos), 1, (uint32_t[]){257, 258}, 2);
+    tok_free(t);
+    remove(path);
+}
+
 static void test_hf_variants(void) {
     const char *vocab = "\"ab\": 256, \"abc\": 257";
     char *j;
@@ -650,6 +673,26 @@ static void test_parallel(const Tokenizer *t) {
         free(back);
         free(ref);
     }
+    // The reusable encoder, fed documents of random sizes one after another
+    // (its cache carries over), gives each document the same ids as tok_encode_ex.
+    TokEncoder *enc = tok_encoder_new(t);
+    size_t docs = 0, differ = 0, total = 0;
+    for (size_t p = 0; enc && p < len; docs++) {
+        size_t l = 1 + rnd() % 20000;
+        if (l > len - p) l = len - p;
+        int special = (int)(docs % 2);
+        TokEncodeOptions o = {special, 0, 0};
+        uint32_t *a, *b;
+        size_t na = tok_encoder_encode(enc, text + p, l, special, &a);
+        size_t nb = tok_encode_ex(t, text + p, l, &o, &b);
+        if (na != nb || memcmp(a, b, na * sizeof *a) != 0) differ++;
+        total += na;
+        free(a);
+        free(b);
+        p += l;
+    }
+    check(enc && differ == 0, "reusable encoder on %zu documents (%zu ids) equals tok_encode_ex; %zu differ", docs, total, differ);
+    tok_encoder_free(enc);
     free(text);
 }
 
@@ -681,6 +724,7 @@ int main(int argc, char **argv) {
     test_json();
     test_hf_fixture(fixture);
     test_hf_variants();
+    test_hf_deepseek_style();
     rmdir(g_tmpdir);
     printf("%d checks, %d failures\n", g_checks, g_failures);
     return g_failures ? 1 : 0;

@@ -72,6 +72,13 @@ typedef struct {
 size_t tok_encode(const Tokenizer *t, const char *text, size_t len, uint32_t **ids_out);
 size_t tok_encode_ex(const Tokenizer *t, const char *text, size_t len,
                      const TokEncodeOptions *opt, uint32_t **ids_out);
+// A reusable single-threaded encoder that keeps its cache of encoded chunks
+// between calls: for encoding many small documents (one encoder per thread;
+// the Tokenizer itself is read-only and shared). Same ids as tok_encode_ex.
+typedef struct TokEncoder TokEncoder;
+TokEncoder *tok_encoder_new(const Tokenizer *t);
+size_t tok_encoder_encode(TokEncoder *e, const char *text, size_t len, int allow_special, uint32_t **ids_out);
+void tok_encoder_free(TokEncoder *e);
 // The pre-tokenisation rule: the end of the chunk that starts at pos (< len).
 // Chunks partition the text; BPE merges never cross them.
 size_t tok_chunk_end(const char *text, size_t len, size_t pos);

@@ -32,7 +32,6 @@ typedef struct {
 
 int tok_bytemap_init(TokByteMap *m, size_t expected);  // 0 or -1
 void tok_bytemap_free(TokByteMap *m);
-void tok_bytemap_clear(TokByteMap *m);                 // keeps the memory
 uint64_t tok_hash_bytes(const void *data, size_t len);
 // Pointer to the value of key, or NULL when absent.
 uint64_t *tok_bytemap_find(const TokByteMap *m, const void *key, size_t len, uint64_t hash);

@@ -353,7 +353,7 @@ Tokenizer *tok_trainer_finish(TokTrainer *src, int vocab_size, int verbose, char
     for (uint32_t b = 0; b < 256; b++) {
         int is_new;
         unsigned char c = (unsigned char)b;
-        // Seed the byte tokens through the same path as merged ones.
+        // Ids 0..255 are the bytes; indexing them lets vocab_join recognise every token.
         if (grow((void **)&v.bytes, &v.cap_bytes, v.n_bytes + 1, 1) != 0) goto oom;
         v.bytes[v.n_bytes] = c;
         uint64_t *id = tok_bytemap_insert(&v.index, &c, 1, tok_hash_bytes(&c, 1), &is_new);

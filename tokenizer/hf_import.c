@@ -159,6 +159,7 @@ typedef struct {
     uint32_t *len;        // [V]
     uint8_t *special;     // [V]
     uint8_t *from_vocab;  // [V] 1: defined by model.vocab
+    const TokJson **added_at;  // [V] the added_tokens entry with that id, or NULL
     unsigned char *bytes; // all token bytes
     size_t n_bytes, cap_bytes;
 } Table;
@@ -203,6 +204,29 @@ static int table_put(Table *t, uint32_t id, const unsigned char *s, size_t n) {
     return 0;
 }
 
+// Indexes added_tokens by id and checks each has an id and a content string.
+static int index_added(Table *t, const TokJson *added, const char *path, char *err, size_t errlen) {
+    for (size_t i = 0; added && i < added->len; i++) {
+        const TokJson *a = &added->items[i];
+        const TokJson *content = tok_json_get(a, "content");
+        uint32_t id = 0;
+        if (json_id(tok_json_get(a, "id"), &id) != 0) return tok_fail(err, errlen, "%s: added_tokens[%zu]: bad id", path, i);
+        if (!content || content->type != TOK_JSON_STRING || content->len == 0)
+            return tok_fail(err, errlen, "%s: added_tokens[%zu] has no content string", path, i);
+        if (t->added_at[id]) return tok_fail(err, errlen, "%s: added_tokens uses id %u twice", path, id);
+        t->added_at[id] = a;
+    }
+    return 0;
+}
+
+// True when vocab string key is, verbatim, the content of the added token
+// with the same id (DeepSeek lists its specials, such as <｜end▁of▁sentence｜>,
+// in model.vocab in plain UTF-8 rather than in the byte-level alphabet).
+static int is_added_verbatim(const Table *t, uint32_t id, const char *key, size_t klen) {
+    const TokJson *content = t->added_at[id] ? tok_json_get(t->added_at[id], "content") : NULL;
+    return content && content->len == klen && memcmp(content->str, key, klen) == 0;
+}
+
 // Fills the table from model.vocab; names maps each vocab string (as written
 // in the file) to its id, for resolving the merges.
 static int read_vocab(Table *t, const TokJson *vocab, TokByteMap *names, const char *path, char *err, size_t errlen) {
@@ -219,7 +243,11 @@ static int read_vocab(Table *t, const TokJson *vocab, TokByteMap *names, const c
         if (!raw) return tok_fail(err, errlen, "%s: out of memory", path);
         long n = byte_level_decode(cp_to_byte, key, klen, raw);
         int rc = 0;
-        if (n < 0)
+        if (n < 0 && is_added_verbatim(t, id, key, klen)) {
+            rc = table_put(t, id, (const unsigned char *)key, klen);
+            if (rc != 0) rc = tok_fail(err, errlen, "%s: out of memory", path);
+            t->special[id] = 1;
+        } else if (n < 0)
             rc = tok_fail(err, errlen, "%s: unsupported tokenizer: token \"%s\" (id %u) has a character outside "
                           "the byte-level alphabet (not a byte-level BPE)", path, key, id);
         else if (table_put(t, id, raw, (size_t)n) != 0)
@@ -245,9 +273,7 @@ static int read_added(Table *t, const TokJson *added, const char *path, char *er
         const TokJson *content = tok_json_get(a, "content");
         const TokJson *special = tok_json_get(a, "special");
         uint32_t id = 0;
-        if (json_id(tok_json_get(a, "id"), &id) != 0) return tok_fail(err, errlen, "%s: added_tokens[%zu]: bad id", path, i);
-        if (!content || content->type != TOK_JSON_STRING || content->len == 0)
-            return tok_fail(err, errlen, "%s: added_tokens[%zu] has no content string", path, i);
+        json_id(tok_json_get(a, "id"), &id);  // checked by index_added
         if (t->from_vocab[id]) {
             if (t->len[id] != content->len || memcmp(t->bytes + t->off[id], content->str, content->len) != 0)
                 return tok_fail(err, errlen, "%s: added token \"%s\" has id %u, which model.vocab gives to another string",
@@ -255,7 +281,6 @@ static int read_added(Table *t, const TokJson *added, const char *path, char *er
             if (special && special->type == TOK_JSON_TRUE) t->special[id] = 1;
             continue;
         }
-        if (t->special[id]) return tok_fail(err, errlen, "%s: added_tokens uses id %u twice", path, id);
         if (table_put(t, id, (const unsigned char *)content->str, content->len) != 0)
             return tok_fail(err, errlen, "%s: out of memory", path);
         t->special[id] = 1;
@@ -348,11 +373,14 @@ static Tokenizer *import_tree(const TokJson *root, const char *path, const char 
     t.len = calloc(t.V, sizeof *t.len);
     t.special = calloc(t.V, 1);
     t.from_vocab = calloc(t.V, 1);
+    t.added_at = calloc(t.V, sizeof *t.added_at);
     pairs = malloc((merges->len ? 2 * merges->len : 1) * sizeof *pairs);
-    if (!t.off || !t.len || !t.special || !t.from_vocab || !pairs || tok_bytemap_init(&names, vocab->len) != 0) {
+    if (!t.off || !t.len || !t.special || !t.from_vocab || !t.added_at || !pairs ||
+        tok_bytemap_init(&names, vocab->len) != 0) {
         tok_fail(err, errlen, "%s: out of memory", path);
         goto done;
     }
+    if (index_added(&t, added, path, err, errlen) != 0) goto done;
     if (read_vocab(&t, vocab, &names, path, err, errlen) != 0) goto done;
     if (read_added(&t, added, path, err, errlen) != 0) goto done;
     for (size_t r = 0; r < merges->len; r++)
@@ -367,6 +395,7 @@ done:
     free(t.len);
     free(t.special);
     free(t.from_vocab);
+    free(t.added_at);
     free(t.bytes);
     free(pairs);
     tok_bytemap_free(&names);

@@ -268,7 +268,8 @@ static const char *decode_help =
     "  --tokenizer TOK   tokenizer file\n"
     "  --input FILE      ids (default: stdin)\n"
     "  --output FILE     where the bytes go (default: stdout)\n"
-    "  --binary          read uint32 little-endian ids instead of text\n";
+    "  --binary          read uint32 little-endian ids instead of text\n"
+    "  --stats           print token count, size and speed on stderr\n";
 
 // Parses ids from text or binary input, rejecting malformed input and ids
 // outside the vocabulary with the line (or index) where they occur.
@@ -318,7 +319,7 @@ static uint32_t *parse_ids(const char *name, const char *s, size_t len, int bina
 
 static int cmd_decode(int argc, char **argv) {
     const char *tok_path = NULL, *in = NULL, *out = NULL;
-    int binary = 0;
+    int binary = 0, stats = 0;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
@@ -332,6 +333,8 @@ static int cmd_decode(int argc, char **argv) {
             if (!(out = option_value(argc, argv, &i, "decode"))) return EXIT_USAGE;
         } else if (!strcmp(a, "--binary")) {
             binary = 1;
+        } else if (!strcmp(a, "--stats")) {
+            stats = 1;
         } else {
             return usage_error("decode", "unknown option '%s'", a);
         }
@@ -344,9 +347,14 @@ static int cmd_decode(int argc, char **argv) {
     uint32_t *ids = raw ? parse_ids(in ? in : "stdin", raw, len, binary, (uint32_t)tok_vocab_size(t), &n) : NULL;
     int rc = 1;
     if (ids) {
+        double t0 = now_s();
         size_t tl = tok_decode(t, ids, n, &text);
+        double t1 = now_s();
         if (tl == TOK_ERROR) fprintf(stderr, "moe_tok: out of memory decoding %zu ids\n", n);
         else rc = write_output(out, text, tl) == 0 ? 0 : 1;
+        if (rc == 0 && stats)
+            fprintf(stderr, "decoded %zu tokens into %zu bytes in %.3f s: %.1f MB/s\n", n, tl, t1 - t0,
+                    (double)tl / 1e6 / (t1 - t0));
     }
     free(text);
     free(ids);

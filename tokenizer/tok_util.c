@@ -66,12 +66,6 @@ void tok_bytemap_free(TokByteMap *m) {
     memset(m, 0, sizeof *m);
 }
 
-void tok_bytemap_clear(TokByteMap *m) {
-    memset(m->slots, 0, m->cap * sizeof *m->slots);
-    m->n = 0;
-    m->keys_len = 0;
-}
-
 uint64_t *tok_bytemap_find(const TokByteMap *m, const void *key, size_t len, uint64_t hash) {
     for (size_t i = hash & (m->cap - 1);; i = (i + 1) & (m->cap - 1)) {
         const TokByteSlot *s = &m->slots[i];

@@ -8,6 +8,7 @@
 
 #include <stdint.h>
 
+#include "../dist/comm.h"
 #include "../model/config.h"
 #include "../model/moe.h"
 #include "optim.h"
@@ -18,13 +19,16 @@ struct Backend {
     const char *name;   // "cpu-fp32", "gpu-bf16", ...
     void *ctx;          // the backend's own state
     int64_t n_params;   // elements of the flat fp32 parameter buffer (the layout total)
+    const Comm *comm;   // the ranks of this run (set by the loop before create)
 
     // Allocates the model for micro-batches of up to B x T tokens, with the
     // given routing behaviour. Returns 0, or -1 with a message printed.
     int (*create)(Backend *be, const MoeConfig *c, const RouteOptions *ro, int B, int T);
     void (*destroy)(Backend *be);
 
-    // Parameters and AdamW moments as flat fp32 buffers in layout order (n_params).
+    // Parameters and AdamW moments as flat fp32 buffers in layout order
+    // (n_params), whole on every rank. Under expert parallelism a rank holds
+    // only its experts: get_* are collective and gather the others.
     void (*set_params)(Backend *be, const float *params);
     void (*get_params)(Backend *be, float *params);
     void (*set_opt_state)(Backend *be, const float *m, const float *v);
@@ -39,7 +43,10 @@ struct Backend {
     // auxiliary loss.
     void (*micro_batch)(Backend *be, const int *tokens, const int *targets, int B, int T, int train,
                         float grad_scale, int64_t *counts, double *loss, double *aux);
-    // The global L2 norm of the accumulated gradient.
+    // Averages the accumulated gradient over the ranks that share each
+    // parameter (all ranks, or the EDP group for experts), once per step.
+    void (*sync_grads)(Backend *be);
+    // The global L2 norm of the (synchronised) gradient, the same on every rank.
     float (*grad_norm)(Backend *be);
     // Scales the gradient by grad_mult (clipping), then one AdamW update with
     // learning rate lr; t is the 1-based update count.

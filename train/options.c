@@ -35,6 +35,7 @@ static const TrainOption train_options[] = {
     OPT("run-steps", NULL, O_I64, run_steps, "0", "stop this invocation after this many steps, with a checkpoint (0: run to --steps)"),
     OPT("seed", NULL, O_U64, seed, "1337", "seed of the initialisation and the data order"),
     OPT("threads", NULL, O_INT, threads, "0", "OpenMP threads (0: the runtime default)"),
+    OPT("ep", NULL, O_INT, ep, "1", "expert parallelism: ranks that share out the routed experts (divides ranks and n-routed)"),
     OPT("eval-every", NULL, O_INT, eval_every, "0", "steps between evaluations (0: only at the end)"),
     OPT("eval-batches", NULL, O_INT, eval_batches, "0", "micro-batches per evaluation (0: the whole validation set)"),
     OPT("ckpt-dir", NULL, O_STR, ckpt_dir, "", "checkpoint directory (empty: no checkpoints)"),
@@ -265,6 +266,7 @@ int options_validate(const TrainOptions *o, int world, char *err, size_t errlen)
     CHECK(o->temperature > 0, "--temperature must be > 0 (got %g)", o->temperature);
     CHECK(o->sample_top_k >= 0, "--sample-top-k must be >= 0");
     CHECK(o->threads >= 0, "--threads must be >= 0");
+    CHECK(o->ep >= 1 && world % o->ep == 0, "--ep %d must divide the number of ranks (%d)", o->ep, world);
 #undef CHECK
     return 0;
 }

@@ -32,6 +32,7 @@ typedef struct {
     int64_t run_steps;          // steps of this invocation before stopping (0: until steps)
     uint64_t seed;              // initialisation and data order
     int threads;                // OpenMP threads (0: the runtime's default)
+    int ep;                     // expert-parallel group size (ranks sharing out the experts)
     // evaluation
     int eval_every;             // steps between evaluations (0: only at the end)
     int eval_batches;           // micro-batches per evaluation (0: the whole set)

@@ -65,6 +65,8 @@ static void fmt_duration(char *buf, size_t n, double s) {
 typedef struct {
     const TrainOptions *o;
     Backend *be;
+    const Comm *comm;
+    int main;               // 1 on rank 0: the rank that prints, logs and writes
     MoeConfig cfg;
     int n_moe, E;           // MoE layers, routed experts
     int64_t accum;          // micro-batches per step
@@ -82,7 +84,27 @@ typedef struct {
 // ----------------------------------------------------------------------------
 // Checkpoints
 
+// Every rank calls this (gathering expert shards is collective); rank 0
+// writes the one file, which holds the whole model whatever the EP size.
+static int trainer_save_main(Run *r, const float *params, const float *m, const float *v);
+
 static int trainer_save(Run *r) {
+    int64_t n = r->be->n_params;
+    float *p = xcalloc((size_t)n, sizeof(float), "checkpoint buffer");
+    float *m = xcalloc((size_t)n, sizeof(float), "checkpoint buffer");
+    float *v = xcalloc((size_t)n, sizeof(float), "checkpoint buffer");
+    r->be->get_params(r->be, p);
+    r->be->get_opt_state(r->be, m, v);
+    int64_t rc = r->main ? trainer_save_main(r, p, m, v) : 0;
+    free(p);
+    free(m);
+    free(v);
+    // Every rank learns whether the write succeeded, so all stop together.
+    comm_allreduce_max_i64(r->comm, COMM_WORLD, &rc, 1);
+    return rc ? -1 : 0;
+}
+
+static int trainer_save_main(Run *r, const float *params, const float *adam_m, const float *adam_v) {
     const TrainOptions *o = r->o;
     char path[OPT_PATH + 64], err[1024];
     if (mkdir(o->ckpt_dir, 0777) != 0 && errno != EEXIST) {
@@ -94,8 +116,6 @@ static int trainer_save(Run *r) {
         return -1;
     }
     int64_t n = r->be->n_params;
-    float *buf = xcalloc((size_t)n, sizeof(float), "checkpoint buffer");
-    float *buf2 = xcalloc((size_t)n, sizeof(float), "checkpoint buffer");
     char *cfg_text = NULL, *opt_text = NULL;
     size_t cfg_len = 0, opt_len = 0;
     FILE *m1 = open_memstream(&cfg_text, &cfg_len), *m2 = open_memstream(&opt_text, &opt_len);
@@ -113,17 +133,15 @@ static int trainer_save(Run *r) {
     int rc = w ? 0 : -1;
     if (w) {
         size_t nb = (size_t)r->n_moe * r->E;
-        r->be->get_params(r->be, buf);
         rc |= ckpt_write_section(w, "model_config", CKPT_TEXT, cfg_text, cfg_len);
         rc |= ckpt_write_section(w, "options", CKPT_TEXT, opt_text, opt_len);
         rc |= ckpt_write_section(w, "step", CKPT_I64, &r->step, sizeof r->step);
         rc |= ckpt_write_section(w, "loader", CKPT_U64, loader_state, sizeof loader_state);
         rc |= ckpt_write_section(w, "rng", CKPT_U64, &r->rng, sizeof r->rng);
         rc |= ckpt_write_section(w, "bias", CKPT_F32, r->bias, nb * sizeof(float));
-        rc |= ckpt_write_section(w, "params", CKPT_F32, buf, (uint64_t)n * sizeof(float));
-        r->be->get_opt_state(r->be, buf, buf2);
-        rc |= ckpt_write_section(w, "adam_m", CKPT_F32, buf, (uint64_t)n * sizeof(float));
-        rc |= ckpt_write_section(w, "adam_v", CKPT_F32, buf2, (uint64_t)n * sizeof(float));
+        rc |= ckpt_write_section(w, "params", CKPT_F32, params, (uint64_t)n * sizeof(float));
+        rc |= ckpt_write_section(w, "adam_m", CKPT_F32, adam_m, (uint64_t)n * sizeof(float));
+        rc |= ckpt_write_section(w, "adam_v", CKPT_F32, adam_v, (uint64_t)n * sizeof(float));
         if (rc != 0) {
             fprintf(stderr, "error: %s\n", ckpt_writer_error(w));
             ckpt_writer_abort(w);
@@ -133,8 +151,6 @@ static int trainer_save(Run *r) {
     }
     if (rc != 0 && !w) fprintf(stderr, "error: %s\n", err);
     else if (rc != 0) fprintf(stderr, "error: checkpoint not written: %s\n", err);
-    free(buf);
-    free(buf2);
     free(cfg_text);
     free(opt_text);
     if (rc != 0) return -1;
@@ -222,10 +238,13 @@ static int trainer_load(Run *r, const char *path, int full) {
 static int trainer_eval(Run *r, double *val_loss) {
     const TrainOptions *o = r->o;
     int B = o->micro_batch, T = r->cfg.seq_len;
+    // Each rank evaluates its own part of the set (--eval-batches per rank).
     uint64_t nb = loader_num_batches(r->val);
     if (o->eval_batches > 0 && (uint64_t)o->eval_batches < nb) nb = (uint64_t)o->eval_batches;
     loader_reset(r->val);
-    balance_accum_reset(&r->eval_acc);
+    if (r->n_moe > 0) balance_accum_reset(&r->eval_acc);
+    size_t ncounts = (size_t)r->n_moe * r->E;
+    int64_t *sum_counts = xcalloc(ncounts + 1, sizeof(int64_t), "counts");
     double sum = 0;
     for (uint64_t i = 0; i < nb; i++) {
         if (loader_next(r->val, r->tokens, r->targets) != 0) {
@@ -235,20 +254,26 @@ static int trainer_eval(Run *r, double *val_loss) {
         double loss, aux;
         // An evaluation forward: no gradient, and its counts never reach the bias.
         r->be->micro_batch(r->be, r->tokens, r->targets, B, T, 0, 0.0f, r->micro_counts, &loss, &aux);
-        balance_accum_add(&r->eval_acc, r->micro_counts, (int64_t)B * T);
+        for (size_t i = 0; i < ncounts; i++) sum_counts[i] += r->micro_counts[i];
         sum += loss;
     }
-    *val_loss = sum / (double)nb;
+    // Sum over ranks: exact integer counts, and the mean of the per-batch losses.
+    comm_allreduce_i64(r->comm, COMM_WORLD, sum_counts, ncounts);
+    comm_allreduce_f64(r->comm, COMM_WORLD, &sum, 1);
+    if (r->n_moe > 0) balance_accum_add(&r->eval_acc, sum_counts, (int64_t)nb * B * T * r->comm->world);
+    free(sum_counts);
+    *val_loss = sum / ((double)nb * r->comm->world);
     return 0;
 }
 
 static void trainer_log_eval(Run *r, double val_loss) {
-    double mv = balance_accum_maxvio(&r->eval_acc, NULL);
+    if (!r->main) return;
+    double mv = r->n_moe > 0 ? balance_accum_maxvio(&r->eval_acc, NULL) : 0;
     printf("eval step %lld | val_loss %.4f | val_ppl %.2f | maxvio_global %.4f\n", (long long)r->step, val_loss,
            exp(val_loss), mv);
     if (r->log) {
-        char frag[16384];
-        balance_accum_json(&r->eval_acc, frag, sizeof frag);
+        char frag[16384] = "\"maxvio_global\":0";
+        if (r->n_moe > 0) balance_accum_json(&r->eval_acc, frag, sizeof frag);
         fprintf(r->log, "{\"type\":\"eval\",\"step\":%lld,\"val_loss\":%.6f,\"val_ppl\":%.4f,%s}\n",
                 (long long)r->step, val_loss, exp(val_loss), frag);
         fflush(r->log);
@@ -297,8 +322,11 @@ static int sample_token(float *logits, int V, float temperature, int top_k, uint
     return V - 1;
 }
 
+// Every rank runs the forwards (expert parallelism needs them all) with the
+// same RNG, so all draw the same tokens; rank 0 prints.
 static void trainer_sample(const TrainOptions *o, Backend *be, const MoeConfig *c, uint64_t *rng) {
     if (o->sample_tokens <= 0) return;
+    int main_rank = be->comm->rank == 0;
     Tokenizer *tok = NULL;
     char err[1024];
     if (o->tokenizer[0]) {
@@ -322,13 +350,15 @@ static void trainer_sample(const TrainOptions *o, Backend *be, const MoeConfig *
     if (n == 0) ctx[n++] = tok && tok_eot_id(tok) >= 0 ? tok_eot_id(tok) : 0;
     int start = n;
     float *logits = xcalloc((size_t)c->vocab_size, sizeof(float), "logits");
-    printf("sample (%d tokens, temperature %.2f, top-k %d):\n---\n%s", o->sample_tokens, o->temperature,
-           o->sample_top_k, tok ? o->prompt : "");
+    if (main_rank)
+        printf("sample (%d tokens, temperature %.2f, top-k %d):\n---\n%s", o->sample_tokens, o->temperature,
+               o->sample_top_k, tok ? o->prompt : "");
     for (int i = 0; i < o->sample_tokens; i++) {
         int len = n < T ? n : T; // the model sees at most the last T tokens
         be->last_logits(be, ctx + n - len, len, logits);
         int next = sample_token(logits, c->vocab_size, o->temperature, o->sample_top_k, rng);
         ctx[n++] = next;
+        if (!main_rank) continue;
         if (tok) {
             size_t blen;
             const char *bytes = tok_token_bytes(tok, (uint32_t)next, &blen);
@@ -339,7 +369,7 @@ static void trainer_sample(const TrainOptions *o, Backend *be, const MoeConfig *
         }
         fflush(stdout);
     }
-    printf("\n---\n");
+    if (main_rank) printf("\n---\n");
     (void)start;
     free(ctx);
     free(logits);
@@ -376,6 +406,15 @@ static int trainer_step(Run *r, StepResult *res) {
         res->loss += loss / (double)r->accum;
         res->aux += aux / (double)r->accum;
     }
+    // One synchronisation per step: gradients averaged over the ranks, counts
+    // summed as exact integers (every rank then applies the same bias update),
+    // losses averaged for the log.
+    double losses[2] = { res->loss, res->aux };
+    comm_allreduce_f64(r->comm, COMM_WORLD, losses, 2);
+    res->loss = losses[0] / r->comm->world;
+    res->aux = losses[1] / r->comm->world;
+    comm_allreduce_i64(r->comm, COMM_WORLD, r->counts, nb);
+    if (r->be->sync_grads) r->be->sync_grads(r->be);
     res->grad_norm = r->be->grad_norm(r->be);
     if (!isfinite(res->loss) || !isfinite(res->grad_norm)) {
         fprintf(stderr, "error: step %lld: loss %g, gradient norm %g are not finite; stopping without "
@@ -388,7 +427,7 @@ static int trainer_step(Run *r, StepResult *res) {
 
     // Balance: metrics of the bias that routed this step, then the update,
     // once per global batch from the counts of all its micro-batches.
-    int64_t tokens = r->accum * (int64_t)B * T;
+    int64_t tokens = r->accum * (int64_t)B * T * r->comm->world;
     if (r->n_moe > 0) {
         balance_metrics(r->counts, r->n_moe, r->E, r->cfg.top_k, tokens, r->bias, &res->bm);
         res->gamma = balance_uses_bias(&o->balance) ? balance_gamma_at(&o->balance, r->step, o->steps) : 0;
@@ -399,6 +438,18 @@ static int trainer_step(Run *r, StepResult *res) {
             return -1;
         }
         r->be->set_bias(r->be, r->bias);
+        // A cheap guard against ranks that route differently: all must hold
+        // the same biases bit for bit (max and -min of a checksum agree).
+        if (r->comm->world > 1) {
+            int64_t h[2] = { (int64_t)(ckpt_hash(r->bias, nb * sizeof(float)) >> 1), 0 };
+            h[1] = -h[0];
+            comm_allreduce_max_i64(r->comm, COMM_WORLD, h, 2);
+            if (h[0] != -h[1]) {
+                fprintf(stderr, "error: rank %d: the balancing biases differ between ranks after step %lld\n",
+                        r->comm->rank, (long long)r->step + 1);
+                return -1;
+            }
+        }
     } else {
         memset(&res->bm, 0, sizeof res->bm);
         res->gamma = 0;
@@ -409,7 +460,8 @@ static int trainer_step(Run *r, StepResult *res) {
 
 static void trainer_log_step(Run *r, const StepResult *s, double dt, double elapsed, int64_t steps_done) {
     const TrainOptions *o = r->o;
-    int64_t tokens = r->accum * (int64_t)o->micro_batch * r->cfg.seq_len;
+    if (!r->main) return;
+    int64_t tokens = r->accum * (int64_t)o->micro_batch * r->cfg.seq_len * r->comm->world;
     double tps = tokens / dt;
     double eta = elapsed / (double)steps_done * (double)(o->steps - r->step);
     if (r->step % o->print_every == 0 || r->step == o->steps) {
@@ -458,8 +510,9 @@ static void trainer_log_step(Run *r, const StepResult *s, double dt, double elap
 
 static void trainer_log_header(Run *r) {
     if (!r->log) return;
-    fprintf(r->log, "{\"type\":\"config\",\"backend\":\"%s\",\"resumed_at\":%lld,\"params\":%lld,\"options\":{",
-            r->be->name, (long long)r->step, (long long)r->be->n_params);
+    fprintf(r->log, "{\"type\":\"config\",\"backend\":\"%s\",\"ranks\":%d,\"ep\":%d,\"resumed_at\":%lld,"
+            "\"params\":%lld,\"options\":{", r->be->name, r->comm->world, r->comm->ep, (long long)r->step,
+            (long long)r->be->n_params);
     char *text = NULL;
     size_t len = 0;
     FILE *m = open_memstream(&text, &len);
@@ -488,8 +541,9 @@ static void trainer_log_header(Run *r) {
 
 int trainer_run(const TrainOptions *o, Backend *be) {
     char err[1024];
-    if (options_validate(o, 1, err, sizeof err) != 0) {
-        fprintf(stderr, "error: %s\n", err);
+    const Comm *comm = be->comm;
+    if (options_validate(o, comm->world, err, sizeof err) != 0) {
+        if (comm->rank == 0) fprintf(stderr, "error: %s\n", err);
         return 1;
     }
 #ifdef _OPENMP
@@ -498,22 +552,27 @@ int trainer_run(const TrainOptions *o, Backend *be) {
     Run run = { 0 }, *r = &run;
     r->o = o;
     r->be = be;
+    r->comm = comm;
+    r->main = comm->rank == 0;
     r->cfg = o->model;
     r->n_moe = config_n_moe(&r->cfg);
     r->E = r->cfg.n_routed;
     int B = o->micro_batch, T = r->cfg.seq_len;
-    r->accum = o->batch_tokens > 0 ? options_accum_steps(o, 1) : 1;
+    r->accum = o->batch_tokens > 0 ? options_accum_steps(o, comm->world) : 1;
     r->rng = o->seed ^ 0x5DEECE66DULL;
 
-    options_print_table(o, stdout);
-    printf("model: %lld parameters (%lld active per token), %.3g training FLOPs per token\n",
-           (long long)config_total_params(&r->cfg), (long long)config_active_params(&r->cfg),
-           config_train_flops_per_token(&r->cfg, T));
-    printf("batch: %lld micro-batches of %d x %d = %lld tokens per step\n", (long long)r->accum, B, T,
-           (long long)(r->accum * B * T));
+    if (r->main) {
+        options_print_table(o, stdout);
+        printf("model: %lld parameters (%lld active per token), %.3g training FLOPs per token\n",
+               (long long)config_total_params(&r->cfg), (long long)config_active_params(&r->cfg),
+               config_train_flops_per_token(&r->cfg, T));
+        printf("batch: %d rank(s) (expert parallel groups of %d) x %lld micro-batches of %d x %d = %lld tokens "
+               "per step\n", comm->world, comm->ep, (long long)r->accum, B, T,
+               (long long)(r->accum * B * T * comm->world));
+    }
 
-    // Data.
-    r->train = loader_open(o->train_data, B, T, 0, 1, o->seed, 1, err, sizeof err);
+    // Data: each rank reads its own share of every epoch.
+    r->train = loader_open(o->train_data, B, T, comm->rank, comm->world, o->seed, 1, err, sizeof err);
     if (!r->train) {
         fprintf(stderr, "error: --train-data: %s\n", err);
         return 1;
@@ -524,7 +583,7 @@ int trainer_run(const TrainOptions *o, Backend *be) {
         return 1;
     }
     if (o->val_data[0]) {
-        r->val = loader_open(o->val_data, B, T, 0, 1, o->seed, 0, err, sizeof err);
+        r->val = loader_open(o->val_data, B, T, comm->rank, comm->world, o->seed, 0, err, sizeof err);
         if (!r->val) {
             fprintf(stderr, "error: --val-data: %s\n", err);
             return 1;
@@ -562,7 +621,7 @@ int trainer_run(const TrainOptions *o, Backend *be) {
             return 1;
         }
         if (trainer_load(r, path, 1) != 0) return 1;
-        printf("resumed from %s at step %lld\n", path, (long long)r->step);
+        if (r->main) printf("resumed from %s at step %lld\n", path, (long long)r->step);
     } else {
         float *p = xcalloc((size_t)be->n_params, sizeof(float), "parameters");
         ParamLayout lay;
@@ -578,10 +637,10 @@ int trainer_run(const TrainOptions *o, Backend *be) {
         be->set_bias(be, r->bias);
         if (o->init_from[0]) {
             if (trainer_load(r, o->init_from, 0) != 0) return 1;
-            printf("initialised from %s\n", o->init_from);
+            if (r->main) printf("initialised from %s\n", o->init_from);
         }
     }
-    if (o->log[0]) {
+    if (o->log[0] && r->main) {
         r->log = fopen(o->log, "a");
         if (!r->log) {
             fprintf(stderr, "error: cannot open log file %s: %s\n", o->log, strerror(errno));
@@ -607,9 +666,15 @@ int trainer_run(const TrainOptions *o, Backend *be) {
         int last = r->step == o->steps;
         // --run-steps ends this invocation early, as a signal does, with a checkpoint.
         if (o->run_steps > 0 && r->step - first >= o->run_steps && !last && !stop_requested) {
-            printf("--run-steps %lld reached: stopping at step %lld\n", (long long)o->run_steps, (long long)r->step);
+            if (r->main)
+                printf("--run-steps %lld reached: stopping at step %lld\n", (long long)o->run_steps,
+                       (long long)r->step);
             stop_requested = -1;
         }
+        // A signal may reach some ranks only: stop when any rank was asked to.
+        int64_t stop = stop_requested;
+        comm_allreduce_max_i64(comm, COMM_WORLD, &stop, 1);
+        if (stop && !stop_requested) stop_requested = (sig_atomic_t)stop;
         if (r->val && ((o->eval_every > 0 && r->step % o->eval_every == 0) || last)) {
             double vl;
             if (trainer_eval(r, &vl) != 0) {
@@ -620,7 +685,7 @@ int trainer_run(const TrainOptions *o, Backend *be) {
         }
         int want_ckpt = o->ckpt_dir[0] && ((o->ckpt_every > 0 && r->step % o->ckpt_every == 0) || last);
         if (stop_requested) {
-            if (stop_requested > 0)
+            if (stop_requested > 0 && r->main)
                 printf("received signal %d: finishing at step %lld\n", (int)stop_requested, (long long)r->step);
             if (o->ckpt_dir[0] && !want_ckpt && trainer_save(r) != 0) rc = 1;
         }
@@ -631,6 +696,12 @@ int trainer_run(const TrainOptions *o, Backend *be) {
         if (stop_requested) break;
     }
     if (rc == 0 && !stop_requested) trainer_sample(o, be, &r->cfg, &r->rng);
+    if (rc == 0) {
+        // For tests and for the record: every rank's final biases, by checksum.
+        size_t nb2 = (size_t)r->n_moe * r->E * sizeof(float);
+        printf("rank %d: final bias xxh64 %016llx\n", comm->rank,
+               (unsigned long long)ckpt_hash(r->bias, nb2));
+    }
 
     if (r->log) fclose(r->log);
     loader_close(r->train);
@@ -672,9 +743,10 @@ int trainer_sample_from_checkpoint(const TrainOptions *o, Backend *be, const cha
     return 0;
 }
 
-int trainer_main(int argc, char **argv, const char *prog, Backend *be) {
+static int trainer_dispatch(int argc, char **argv, const char *prog, Backend *be) {
     TrainOptions o;
     options_default(&o);
+    int main_rank = be->comm->rank == 0;
     if (argc >= 2 && strcmp(argv[1], "sample") == 0) {
         // PROG sample CKPT [options]: generate from a checkpoint.
         if (argc < 3 || argv[2][0] == '-') {
@@ -699,6 +771,7 @@ int trainer_main(int argc, char **argv, const char *prog, Backend *be) {
             fprintf(stderr, "error: invalid model: %s\n", err);
             return 1;
         }
+        if (!main_rank) return 0;
         config_write(&o.model, stdout);
         printf("total parameters: %lld\n", (long long)config_total_params(&o.model));
         printf("active parameters per token: %lld\n", (long long)config_active_params(&o.model));
@@ -706,5 +779,23 @@ int trainer_main(int argc, char **argv, const char *prog, Backend *be) {
                config_train_flops_per_token(&o.model, o.model.seq_len));
         return 0;
     }
+    char err[512];
+    if (o.ep > 1 && o.model.n_routed % o.ep != 0) {
+        if (main_rank) fprintf(stderr, "error: --ep %d must divide n_routed (%d)\n", o.ep, o.model.n_routed);
+        return 1;
+    }
+    if (o.ep > 1 && comm_set_ep((Comm *)be->comm, o.ep, err, sizeof err) != 0) {
+        if (main_rank) fprintf(stderr, "error: %s\n", err);
+        return 1;
+    }
     return trainer_run(&o, be);
+}
+
+int trainer_main(int argc, char **argv, const char *prog, Backend *be) {
+    Comm comm;
+    if (comm_init(&comm, &argc, &argv) != 0) return 1;
+    be->comm = &comm;
+    int rc = trainer_dispatch(argc, argv, prog, be);
+    comm_finalize(&comm);
+    return rc;
 }
