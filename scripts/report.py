@@ -19,7 +19,7 @@ The tables need nothing beyond Python 3; the plots need numpy and matplotlib
 The log it reads is the JSON-lines file of `train_moe --log FILE` (written by
 train/trainer.c and model/balance.c), one JSON object per line, told apart by "type":
 
-  {"type":"config", "backend":..., "resumed_at":S, "params":N,
+  {"type":"config", "backend":..., "resumed_at":S, "params":N, (multi-rank builds: "ranks", "ep")
    "options":{"balance":"alf", "gamma":"0.001", "n-routed":"8", ...}}
         at the start of every invocation; every option as a string. The log is
         appended to, so a resumed run (--resume) adds a second config record with
@@ -82,19 +82,18 @@ class Run:
     def option(self, key, default=None):
         return self.config["options"].get(key, default)
 
-    def option_float(self, key):
-        try:
-            return float(self.option(key))
-        except (TypeError, ValueError):
-            return None
-
     @property
     def n_moe(self):
-        """MoE layers, from the step records (0 for a model without MoE layers)."""
+        """MoE layers: from the step records, or from the config if there are none."""
         for s in reversed(self.steps):
             if isinstance(s.get("maxvio_layers"), list):
                 return len(s["maxvio_layers"])
-        return 0
+        if self.steps:
+            return 0  # steps without MoE metrics: a model without MoE layers
+        try:
+            return max(0, int(self.option("n-layers")) - int(self.option("n-dense")))
+        except (TypeError, ValueError):
+            return 0
 
     @property
     def n_dense(self):
@@ -312,7 +311,7 @@ def md_table(header, rows):
 def method_cells(run):
     """balance (with the aux weight), gamma-rule, gamma, gamma-schedule (with its parameters)."""
     balance = run.option("balance", DASH)
-    if run.steps and run.n_moe == 0:
+    if run.n_moe == 0:
         return ["(no MoE layers)", DASH, DASH, DASH]
     if balance in AUX_METHODS:
         balance += f" (α={fmt_option_number(run.option('aux-alpha'))})"

@@ -282,6 +282,25 @@ static void options_write_value(const TrainOptions *o, const TrainOption *opt, F
     }
 }
 
+// Writes "key=value" lines from a module's writer as "key = value", with
+// model field names spelled as options (dashes).
+static void options_write_lines(FILE *f, const char *text, int dashes) {
+    char *copy = strdup(text);
+    if (!copy) return;
+    for (char *line = strtok(copy, "\n"); line; line = strtok(NULL, "\n")) {
+        char *eq = strchr(line, '=');
+        if (!eq) continue;
+        char *k = line, *v = eq + 1, *e = eq;
+        while (e > k && e[-1] == ' ') e--;
+        *e = '\0';
+        while (*v == ' ') v++;
+        for (char *q = k; dashes && *q; q++)
+            if (*q == '_') *q = '-';
+        fprintf(f, "%s = %s\n", k, v);
+    }
+    free(copy);
+}
+
 void options_write(const TrainOptions *o, FILE *f) {
     for (int i = 0; i < N_OPTIONS; i++) {
         if (train_options[i].offset == offsetof(TrainOptions, print_config)) continue;
@@ -289,25 +308,23 @@ void options_write(const TrainOptions *o, FILE *f) {
         options_write_value(o, &train_options[i], f);
         fputc('\n', f);
     }
-    // The model as field options (dashes), then the other modules' options.
+    // The model as field options, then the other modules' options.
     char *buf = NULL;
     size_t len = 0;
     FILE *mem = open_memstream(&buf, &len);
-    if (mem) {
-        config_write(&o->model, mem);
-        fclose(mem);
-        for (char *line = strtok(buf, "\n"); line; line = strtok(NULL, "\n")) {
-            char *eq = strchr(line, '=');
-            if (!eq) continue;
-            for (char *q = line; q < eq; q++)
-                if (*q == '_') *q = '-';
-            fprintf(f, "%.*s = %s\n", (int)(eq - line), line, eq + 1);
-        }
-        free(buf);
-    }
-    balance_print_config(&o->balance, f);
-    lr_schedule_write(&o->lr, f);
-    adamw_config_write(&o->adamw, f);
+    if (!mem) return;
+    config_write(&o->model, mem);
+    fflush(mem);
+    options_write_lines(f, buf, 1);
+    rewind(mem);
+    balance_print_config(&o->balance, mem);
+    lr_schedule_write(&o->lr, mem);
+    adamw_config_write(&o->adamw, mem);
+    fputc('\0', mem);
+    fflush(mem);
+    options_write_lines(f, buf, 0);
+    fclose(mem);
+    free(buf);
 }
 
 void options_print_table(const TrainOptions *o, FILE *f) {
@@ -364,10 +381,12 @@ void options_print_help(FILE *f, const char *prog) {
         }
         free(buf);
     }
-    fprintf(f, "\n\nLoad balancing:\n");
+    fprintf(f, "\n\n");
     balance_print_help(f);
-    fprintf(f, "\nLearning rate:\n");
+    fprintf(f, "\n");
     lr_print_help(f);
-    fprintf(f, "\nAdamW:\n");
+    fprintf(f, "\n");
     adamw_print_help(f);
+    fprintf(f, "\nGenerate from a checkpoint: %s sample CHECKPOINT --tokenizer FILE [--prompt TEXT] "
+               "[--sample-tokens N]\n", prog);
 }

@@ -726,13 +726,26 @@ int trainer_sample_from_checkpoint(const TrainOptions *o, Backend *be, const cha
     Run run = { 0 }, *r = &run;
     r->o = o;
     r->be = be;
+    r->comm = be->comm;
+    r->main = be->comm->rank == 0;
     int rc = trainer_ckpt_config(ck, ckpt_path, &r->cfg, NULL);
+    // The routing must be the one the model was trained with (a multiplicative
+    // or additive bias): read the balancing options saved with it.
+    BalanceConfig bal = o->balance;
+    uint64_t len;
+    char *text = rc == 0 ? ckpt_read_alloc(ck, "options", CKPT_TEXT, &len, err, sizeof err) : NULL;
+    for (char *line = text ? strtok(text, "\n") : NULL; line; line = strtok(NULL, "\n")) {
+        char *eq = strstr(line, " = "); // options_write's "key = value"
+        if (!eq) continue;
+        *eq = '\0';
+        if (balance_has_option(line)) balance_set_option(&bal, line, eq + 3, err, sizeof err);
+    }
+    free(text);
     ckpt_close(ck);
     if (rc != 0) return 1;
     r->n_moe = config_n_moe(&r->cfg);
     r->E = r->cfg.n_routed;
-    // The routing must be the one the model was trained with (mult or additive bias).
-    RouteOptions ro = trainer_route_options(&o->balance);
+    RouteOptions ro = trainer_route_options(&bal);
     if (be->create(be, &r->cfg, &ro, 1, r->cfg.seq_len) != 0) return 1;
     r->bias = xcalloc((size_t)r->n_moe * r->E + 1, sizeof(float), "biases");
     if (trainer_load(r, ckpt_path, 0) != 0) return 1;
@@ -751,7 +764,7 @@ static int trainer_dispatch(int argc, char **argv, const char *prog, Backend *be
         // PROG sample CKPT [options]: generate from a checkpoint.
         if (argc < 3 || argv[2][0] == '-') {
             fprintf(stderr, "usage: %s sample CHECKPOINT [--tokenizer FILE] [--prompt TEXT] [--sample-tokens N] "
-                    "[--temperature T] [--sample-top-k K] [--seed S] [--gamma-rule mult if trained with it]\n", prog);
+                    "[--temperature T] [--sample-top-k K] [--seed S]\n", prog);
             return 1;
         }
         o.sample_tokens = 256;
