@@ -108,6 +108,7 @@ test: train_moe moe_ckpt moe_tok $(BUILD)/gen_shards $(TESTS)
 	$(BUILD)/test_tokenizer
 	bash tests/test_trainer.sh
 	bash tests/test_dist.sh
+	bash tests/test_report.sh
 	./train_moe --config 1b --print-config | grep total
 
 # ---------------------------------------------------------------- benchmarks

@@ -77,7 +77,6 @@ class Run:
         self.invocations = 0     # config records seen (1 + number of resumes)
         self.steps = []          # step records, increasing step
         self.evals = []          # eval records, increasing step
-        self.repaired_lines = 0  # lines with the malformed loads/bias arrays, see repair_arrays
 
     def option(self, key, default=None):
         return self.config["options"].get(key, default)
@@ -111,47 +110,15 @@ class Run:
         return [s for s in self.steps if "loads" in s]
 
 
-# Arrays of numbers as the trainer writes them ("loads", "bias"); null and nan
-# included so that a non-finite bias is reported rather than misparsed.
-_TAIL_ARRAYS = re.compile(r',"loads":(\[[-+0-9.eE,\[\]naul]*\]),"bias":(\[[-+0-9.eEinfa,\[\]ul]*\])\}\s*$')
-_NUMBER = re.compile(r"-?(?:inf|nan|null|[0-9.]+(?:[eE][-+]?[0-9]+)?)")
-
-
-def repair_arrays(text):
-    """Parses a step record whose "loads"/"bias" nesting is malformed, or returns None.
-
-    trainer_log_step opens only the first layer's array ("loads":[[a,b],c,d]] for
-    two layers), which is not JSON. The numbers are all there, in layer order, so
-    they are read flat and cut into as many rows as "maxvio_layers" has layers.
-    """
-    m = _TAIL_ARRAYS.search(text)
-    if not m:
-        return None
-    try:
-        rec = json.loads(text[: m.start()] + "}")
-    except ValueError:
-        return None
-    n_layers = len(rec.get("maxvio_layers") or [])
-    for key, body in (("loads", m.group(1)), ("bias", m.group(2))):
-        flat = [None if v == "null" else float(v) for v in _NUMBER.findall(body)]
-        if n_layers == 0 or len(flat) % n_layers:
-            return None
-        E = len(flat) // n_layers
-        rec[key] = [flat[i * E:(i + 1) * E] for i in range(n_layers)]
-    return rec
-
-
 def parse_record(text, where):
-    """One log line -> (record dict, repaired?). Raises LogError naming file:line."""
+    """One log line -> record dict. Raises LogError naming file:line."""
     try:
-        rec, repaired = json.loads(text), False
+        rec = json.loads(text)
     except ValueError as e:
-        rec, repaired = repair_arrays(text), True
-        if rec is None:
-            raise LogError(f"{where}: not JSON ({e}); is this a train_moe --log file?") from None
+        raise LogError(f"{where}: not JSON ({e}); is this a train_moe --log file?") from None
     if not isinstance(rec, dict) or not isinstance(rec.get("type"), str):
         raise LogError(f'{where}: not a train_moe log record (a JSON object with a "type")')
-    return rec, repaired
+    return rec
 
 
 def check_record(rec, where):
@@ -187,7 +154,7 @@ def read_log(path, name):
             continue
         where = f"{path}:{i + 1}"
         try:
-            rec, repaired = parse_record(text, where)
+            rec = parse_record(text, where)
         except LogError:
             if partial_last and i == len(lines) - 1 and run.config is not None:
                 warn(f"{where}: skipping the unfinished last line")
@@ -197,7 +164,6 @@ def read_log(path, name):
             warn(f'{where}: skipping a record of unknown type "{rec["type"]}"')
             continue
         check_record(rec, where)
-        run.repaired_lines += repaired
         if rec["type"] == "config":
             resumed_at = rec.get("resumed_at", 0)
             if not isinstance(resumed_at, int):
@@ -632,9 +598,6 @@ def load_runs(run_args):
             raise LogError(f"two runs named '{name}' ({seen[key]} and {path}): name them with NAME=LOG")
         seen[key] = path
         run = read_log(path, name)
-        if run.repaired_lines:
-            warn(f"{path}: {run.repaired_lines} step record(s) with malformed loads/bias arrays "
-                 "(a trainer log-writing bug) were read by their numbers")
         if not run.steps:
             warn(f"{path}: no step records")
         runs.append(run)

@@ -32,6 +32,22 @@ else
     bad "loss does not fall enough: first step $loss0, val $first -> $last"
 fi
 
+if python3 -c '
+import json, sys
+n = 0
+for line in open(sys.argv[1]):
+    json.loads(line); n += 1
+recs = [json.loads(l) for l in open(sys.argv[1])]
+loads = [r for r in recs if "loads" in r]
+assert loads and len(loads[-1]["loads"]) == 2 and len(loads[-1]["loads"][0]) == 8, "loads shape"
+assert all(sum(l) == 2 * 128 for l in loads[-1]["loads"]), "counts sum to top_k x tokens"
+assert recs[0]["type"] == "config" and recs[0]["format"] == "moe-train-log"
+print(n)' "$TMP/learn.jsonl" > "$TMP/json.out" 2>&1; then
+    ok "every one of the $(cat "$TMP/json.out") log lines is valid JSON; loads are (2 layers x 8 experts) and sum to top_k x tokens"
+else
+    bad "log is not valid JSON lines: $(tail -1 "$TMP/json.out")"
+fi
+
 # 2. exact resume.
 run() { $BIN "${COMMON[@]}" --steps 30 --ckpt-every 10 --keep-last 0 "$@" > "$TMP/run.out" 2>&1 \
         || { bad "run $* failed:"; cat "$TMP/run.out"; }; }

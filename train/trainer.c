@@ -476,26 +476,31 @@ static void trainer_log_step(Run *r, const StepResult *s, double dt, double elap
     if (!r->log) return;
     fprintf(r->log,
             "{\"type\":\"step\",\"step\":%lld,\"loss\":%.6f,\"aux_loss\":%.6g,\"lr\":%.6g,\"gamma\":%.6g,"
-            "\"grad_norm\":%.6g,\"tokens_per_s\":%.1f,\"step_time_s\":%.4f",
-            (long long)r->step, s->loss, s->aux, s->lr, s->gamma, s->grad_norm, tps, dt);
+            "\"grad_norm\":%.6g,\"tokens\":%lld,\"tokens_per_s\":%.1f,\"step_time_s\":%.4f,\"time_s\":%.2f",
+            (long long)r->step, s->loss, s->aux, s->lr, s->gamma, s->grad_norm, (long long)(tokens * r->step), tps,
+            dt, elapsed);
     if (r->n_moe > 0) {
         fputc(',', r->log);
         balance_metrics_json_file(&s->bm, r->log);
-        if (o->log_loads_every > 0 && r->step % o->log_loads_every == 0) {
+        if (o->log_loads_every > 0 && (r->step % o->log_loads_every == 0 || r->step == o->steps)) {
             // Per-layer expert counts of this step: "loads":[[c_0,...,c_E-1],...]
             fprintf(r->log, ",\"loads\":[");
             for (int l = 0; l < r->n_moe; l++) {
-                fputc(l ? ',' : '[', r->log);
+                fprintf(r->log, "%s[", l ? "," : "");
                 for (int e = 0; e < r->E; e++)
                     fprintf(r->log, "%s%lld", e ? "," : "", (long long)r->counts[(size_t)l * r->E + e]);
                 fputc(']', r->log);
             }
-            // The biases after this step's update.
+            // The biases after this step's update (bias_mean/min/max above
+            // describe the biases that routed the step, before it).
             fprintf(r->log, "],\"bias\":[");
             for (int l = 0; l < r->n_moe; l++) {
-                fputc(l ? ',' : '[', r->log);
-                for (int e = 0; e < r->E; e++)
-                    fprintf(r->log, "%s%.6g", e ? "," : "", r->bias[(size_t)l * r->E + e]);
+                fprintf(r->log, "%s[", l ? "," : "");
+                for (int e = 0; e < r->E; e++) {
+                    float b = r->bias[(size_t)l * r->E + e];
+                    if (isfinite(b)) fprintf(r->log, "%s%.9g", e ? "," : "", b);
+                    else fprintf(r->log, "%snull", e ? "," : "");
+                }
                 fputc(']', r->log);
             }
             fputc(']', r->log);
@@ -510,7 +515,7 @@ static void trainer_log_step(Run *r, const StepResult *s, double dt, double elap
 
 static void trainer_log_header(Run *r) {
     if (!r->log) return;
-    fprintf(r->log, "{\"type\":\"config\",\"backend\":\"%s\",\"ranks\":%d,\"ep\":%d,\"resumed_at\":%lld,"
+    fprintf(r->log, "{\"type\":\"config\",\"format\":\"moe-train-log\",\"version\":1,\"backend\":\"%s\",\"ranks\":%d,\"ep\":%d,\"resumed_at\":%lld,"
             "\"params\":%lld,\"options\":{", r->be->name, r->comm->world, r->comm->ep, (long long)r->step,
             (long long)r->be->n_params);
     char *text = NULL;
