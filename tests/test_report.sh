@@ -27,8 +27,8 @@ for p in ${PYTHON:-} python3 /usr/bin/python3; do
     if "$p" -c 'import numpy, matplotlib' 2> /dev/null; then PY=$p; break; fi
 done
 if [ -z "$PY" ]; then
-    echo "SKIP test_report.sh: no python3 with numpy and matplotlib (apt-get install python3-matplotlib python3-numpy)"
-    exit 0
+    echo "FAIL test_report.sh: no python3 with numpy and matplotlib (apt-get install python3-matplotlib python3-numpy)"
+    exit 1
 fi
 REPORT=(scripts/report.py)
 
