@@ -71,6 +71,16 @@ else
     bad "losses differ between resumed and uninterrupted runs"
 fi
 
+# Sampling from a checkpoint (no tokenizer: token ids are printed).
+ids=$($BIN sample "$TMP/a/ckpt_00000030.bin" --sample-tokens 12 --seed 5 2> "$TMP/sample.err" | sed -n '/^---$/,/^---$/p' | grep -v -- '---')
+again=$($BIN sample "$TMP/a/ckpt_00000030.bin" --sample-tokens 12 --seed 5 2> /dev/null | sed -n '/^---$/,/^---$/p' | grep -v -- '---')
+n=$(echo "$ids" | wc -w)
+if [ "$n" = 12 ] && echo "$ids" | tr ' ' '\n' | awk 'NF && ($1 < 0 || $1 >= 64) { e = 1 } END { exit e }' && [ "$ids" = "$again" ]; then
+    ok "sample command: 12 token ids in [0, 64), the same again with the same seed: $ids"
+else
+    bad "sample command printed '$ids' ($(cat "$TMP/sample.err"))"
+fi
+
 # 3. SIGTERM finishes the step and checkpoints.
 $BIN "${COMMON[@]}" --steps 100000 --ckpt-dir "$TMP/s" --log "$TMP/s.jsonl" > "$TMP/s.out" 2>&1 &
 pid=$!
