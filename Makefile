@@ -20,6 +20,8 @@ else
 endif
 
 BUILD = build
+# The GPU trainer is built wherever nvcc exists (CI compiles it; the GPU tests need a GPU).
+NVCC_FOUND := $(shell command -v $(or $(NVCC),nvcc) 2>/dev/null)
 # Host code shared by every trainer.
 MODEL_SRC = model/config.c model/layout.c model/balance.c
 # The CPU model's compute: built in fp32 (the trainer) and in fp64 (the gradient check).
@@ -42,7 +44,7 @@ TESTS = $(BUILD)/test_model $(BUILD)/test_gradcheck $(BUILD)/test_reference $(BU
         $(BUILD)/test_data $(BUILD)/test_train_infra $(BUILD)/test_balance $(BUILD)/test_tokenizer
 
 .PHONY: all test bench clean
-all: train_moe moe_ckpt moe_tok
+all: train_moe moe_ckpt moe_tok $(if $(NVCC_FOUND),train_moecu)
 
 HEADERS = $(wildcard model/*.h data/*.h tokenizer/*.h train/*.h dist/*.h)
 $(BUILD)/f32/%.o: %.c $(HEADERS)
@@ -97,7 +99,9 @@ $(BUILD)/test_tokenizer: tests/test_tokenizer.c $(call f32,$(TOK_SRC))
 $(BUILD)/test_balance: tests/test_balance.c $(call f32,model/balance.c)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
-test: train_moe moe_ckpt moe_tok $(BUILD)/gen_shards $(TESTS)
+# Everything that runs on a CPU; where nvcc exists also compiling the GPU
+# trainer and its tests (a compile error fails; running them needs `make test-gpu`).
+test: train_moe moe_ckpt moe_tok $(BUILD)/gen_shards $(TESTS) $(if $(NVCC_FOUND),gpu-build)
 	$(BUILD)/test_model
 	$(BUILD)/test_gradcheck
 	$(BUILD)/test_reference
@@ -120,5 +124,7 @@ $(BUILD)/bench_cpu: bench/bench_cpu.c $(CORE32)
 bench: $(BUILD)/bench_cpu
 	$(BUILD)/bench_cpu small 8 256 5
 
-clean:
+clean: clean-gpu
 	rm -rf $(BUILD) train_moe moe_ckpt moe_tok
+
+include gpu.mk

@@ -1,0 +1,254 @@
+// MoE routing kernels (see routing.cuh).
+#include "routing.cuh"
+
+#include <limits.h>
+
+// Warps per block for the per-token kernels: 4, fewer when a warp's shared
+// memory (bytes_per_warp) would not fit the default 48 KiB.
+static int routing_warps(size_t bytes_per_warp, const char *what, int E) {
+    const size_t limit = 48 * 1024;
+    for (int w = 4; w >= 1; w /= 2)
+        if ((size_t)w * bytes_per_warp <= limit) return w;
+    fprintf(stderr, "error: %s: n_routed = %d experts need %zu bytes of shared memory per token (> %zu)\n", what, E,
+            bytes_per_warp, limit);
+    exit(1);
+}
+
+// ----------------------------------------------------------------------------
+// Forward: affinities, TopK, gates, counts
+
+// One warp per token. Shared memory per warp: score (E) fp32, taken (E) bytes.
+static __global__ void moe_route_kernel(float *s, double *zsum, int *sel, float *gates, int *counts,
+                                        const float *bias, int N, int E, int K, int gate, int norm_topk,
+                                        float route_scale, int bias_mult) {
+    extern __shared__ float route_smem[];
+    int nwarps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float *score = route_smem + (size_t)warp * E;                                      // (E)
+    unsigned char *taken = (unsigned char *)(route_smem + (size_t)nwarps * E) + (size_t)warp * E; // (E)
+    int t = blockIdx.x * nwarps + warp;
+    if (t >= N) return; // the whole warp leaves together
+    float *row = s + (int64_t)t * E;
+
+    // Affinities, in place over the logits.
+    if (gate == GATE_SIGMOID) {
+        for (int e = lane; e < E; e += 32) row[e] = 1.0f / (1.0f + expf(-row[e]));
+    } else {
+        float mx = -INFINITY;
+        for (int e = lane; e < E; e += 32) mx = fmaxf(mx, row[e]);
+        mx = warp_max(mx);
+        float sum = 0.0f;
+        for (int e = lane; e < E; e += 32) {
+            float x = expf(row[e] - mx);
+            row[e] = x;
+            sum += x;
+        }
+        sum = warp_sum(sum);
+        for (int e = lane; e < E; e += 32) row[e] = row[e] / sum;
+    }
+    double z = 0.0;
+    for (int e = lane; e < E; e += 32) z += (double)row[e];
+    z = warp_sum_d(z);
+    if (lane == 0) zsum[t] = z;
+
+    // Selection scores (a NaN would break the ordering; it ranks last instead).
+    for (int e = lane; e < E; e += 32) {
+        float sc = bias_mult ? row[e] * bias[e] : row[e] + bias[e];
+        score[e] = sc != sc ? -INFINITY : sc;
+        taken[e] = 0;
+    }
+    __syncwarp();
+
+    // K rounds of arg-max over the experts not taken yet, ordered by (score
+    // desc, index asc): the j-th round finds the j-th of route_topk's list.
+    for (int j = 0; j < K; j++) {
+        float best = -INFINITY;
+        int bi = INT_MAX;
+        for (int e = lane; e < E; e += 32) {
+            if (taken[e]) continue;
+            float sc = score[e];
+            if (bi == INT_MAX || sc > best) { // e increases, so an equal score keeps the lower index
+                best = sc;
+                bi = e;
+            }
+        }
+        for (int off = 16; off > 0; off >>= 1) {
+            float ob = __shfl_xor_sync(0xffffffffu, best, off);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, off);
+            if (oi != INT_MAX && (bi == INT_MAX || ob > best || (ob == best && oi < bi))) {
+                best = ob;
+                bi = oi;
+            }
+        }
+        // K <= E, so some expert is always left and bi is valid in every lane.
+        if (lane == bi % 32) taken[bi] = 1; // only lane bi % 32 ever reads taken[bi]
+        if (lane == 0) {
+            sel[(int64_t)t * K + j] = bi;
+            atomicAdd(&counts[bi], 1);
+        }
+        __syncwarp();
+    }
+
+    // Gate values from the unbiased affinities, in selection order (as the CPU).
+    if (lane == 0) {
+        const int *st = sel + (int64_t)t * K;
+        float zk = 0.0f;
+        for (int j = 0; j < K; j++) zk += row[st[j]];
+        for (int j = 0; j < K; j++) {
+            float g = row[st[j]];
+            gates[(int64_t)t * K + j] = (norm_topk ? g / zk : g) * route_scale;
+        }
+    }
+}
+
+void moe_route(float *s, double *zsum, int *sel, float *gates, int *counts, const float *bias, int N, int E, int K,
+               int gate, int norm_topk, float route_scale, int bias_mult, cudaStream_t stream) {
+    size_t per_warp = (size_t)E * (sizeof(float) + 1);
+    int warps = routing_warps(per_warp, "moe_route", E);
+    size_t smem = (size_t)warps * per_warp;
+    moe_route_kernel<<<cdiv_u(N, warps), warps * 32, smem, stream>>>(s, zsum, sel, gates, counts, bias, N, E, K, gate,
+                                                                     norm_topk, route_scale, bias_mult);
+    KERNEL_CHECK();
+}
+
+// ----------------------------------------------------------------------------
+// Auxiliary losses
+
+enum { AUX_ROWS = 8 }; // token slices per block of the statistics kernel
+
+// grid (groups, ceil(E / 32)), block (32, AUX_ROWS): lane x owns expert
+// e = blockIdx.y * 32 + x, row y takes tokens y, y + AUX_ROWS, ... of group q;
+// the AUX_ROWS partial sums are then added in row order.
+static __global__ void moe_aux_stats_kernel(int *f, double *P, const float *s, const double *zsum, const int *sel,
+                                            int len, int E, int K, int seqwise) {
+    __shared__ double sp[AUX_ROWS][32];
+    __shared__ int sf[AUX_ROWS][32];
+    int q = blockIdx.x, x = threadIdx.x, y = threadIdx.y;
+    int e = blockIdx.y * 32 + x;
+    double p = 0.0;
+    int cnt = 0;
+    if (e < E) {
+        for (int64_t t = (int64_t)q * len + y; t < (int64_t)(q + 1) * len; t += AUX_ROWS) {
+            double z = seqwise ? zsum[t] : 1.0;
+            p += (double)s[t * E + e] / z;
+            for (int j = 0; j < K; j++) cnt += sel[t * K + j] == e;
+        }
+    }
+    sp[y][x] = p;
+    sf[y][x] = cnt;
+    __syncthreads();
+    if (y == 0 && e < E) {
+        double Pq = 0.0;
+        int fq = 0;
+        for (int r = 0; r < AUX_ROWS; r++) {
+            Pq += sp[r][x];
+            fq += sf[r][x];
+        }
+        P[(int64_t)q * E + e] = Pq;
+        f[(int64_t)q * E + e] = fq;
+    }
+}
+
+// One thread: the loss from f and P, in model/moe.c's order of operations.
+static __global__ void moe_aux_loss_kernel(double *aux, const int *f, const double *P, int groups, int len, int E,
+                                           int K, float aux_alpha) {
+    double total = 0.0;
+    for (int q = 0; q < groups; q++) {
+        double lq = 0.0;
+        for (int e = 0; e < E; e++)
+            lq += ((double)E / ((double)K * len) * f[(int64_t)q * E + e]) * (P[(int64_t)q * E + e] / len);
+        total += lq;
+    }
+    aux[0] = aux_alpha * total / groups;
+}
+
+void moe_aux_forward(double *aux, int *f, double *P, const float *s, const double *zsum, const int *sel, int B, int T,
+                     int E, int K, int aux_kind, float aux_alpha, cudaStream_t stream) {
+    if (aux_kind == AUX_NONE) {
+        CUDA_CHECK(cudaMemsetAsync(aux, 0, sizeof(double), stream));
+        return;
+    }
+    int groups = moe_aux_groups(aux_kind, B), len = B * T / groups;
+    dim3 grid(groups, cdiv_u(E, 32)), block(32, AUX_ROWS);
+    moe_aux_stats_kernel<<<grid, block, 0, stream>>>(f, P, s, zsum, sel, len, E, K, aux_kind == AUX_SEQ);
+    KERNEL_CHECK();
+    moe_aux_loss_kernel<<<1, 1, 0, stream>>>(aux, f, P, groups, len, E, K, aux_alpha);
+    KERNEL_CHECK();
+}
+
+// ----------------------------------------------------------------------------
+// Backward
+
+// One warp per token; shared memory per warp: ds (E) fp32, the gradient of
+// the affinities. coef = grad_scale * aux_alpha / groups / len (as model/moe.c).
+static __global__ void moe_route_backward_kernel(floatX *dlogits, const float *s, const double *zsum, const int *sel,
+                                                 const float *dgates, const int *f, int N, int E, int K, int gate,
+                                                 int norm_topk, float route_scale, int aux_kind, double coef,
+                                                 int len) {
+    extern __shared__ float ds_smem[];
+    int nwarps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float *ds = ds_smem + (size_t)warp * E; // (E)
+    int t = blockIdx.x * nwarps + warp;
+    if (t >= N) return;
+    const float *st = s + (int64_t)t * E;
+    for (int e = lane; e < E; e += 32) ds[e] = 0.0f;
+    __syncwarp();
+
+    // Gate values -> affinities. With norm_topk, g_j = r s_j / z, z = sum_i s_i:
+    // ds_j = r (dg_j / z - sum_i dg_i s_i / z^2). Serial over the K selected, as the CPU.
+    if (lane == 0) {
+        const int *sl = sel + (int64_t)t * K;
+        const float *dg = dgates + (int64_t)t * K;
+        if (norm_topk) {
+            float z = 0.0f, dot = 0.0f;
+            for (int j = 0; j < K; j++) {
+                z += st[sl[j]];
+                dot += dg[j] * st[sl[j]];
+            }
+            for (int j = 0; j < K; j++) ds[sl[j]] += route_scale * (dg[j] / z - dot / (z * z));
+        } else {
+            for (int j = 0; j < K; j++) ds[sl[j]] += route_scale * dg[j];
+        }
+    }
+    __syncwarp();
+
+    // Auxiliary loss: dL/dP_e = coef * E / (K len) * f_e, per group.
+    if (aux_kind != AUX_NONE) {
+        const int *fq = f + (int64_t)(t / len) * E;
+        if (aux_kind == AUX_EXPERT) {
+            for (int e = lane; e < E; e += 32) ds[e] += (float)(coef * (double)E / ((double)K * len) * fq[e]);
+        } else {
+            // s' = s / z: ds_e += (fe_e - sum_i fe_i s'_i) / z.
+            double z = zsum[t], gs = 0.0;
+            for (int e = lane; e < E; e += 32) gs += coef * (double)E / ((double)K * len) * fq[e] * st[e] / z;
+            gs = warp_sum_d(gs);
+            for (int e = lane; e < E; e += 32) {
+                double fe = coef * (double)E / ((double)K * len) * fq[e];
+                ds[e] += (float)((fe - gs) / z);
+            }
+        }
+    }
+    __syncwarp();
+
+    // Affinities -> logits.
+    floatX *out = dlogits + (int64_t)t * E;
+    if (gate == GATE_SIGMOID) {
+        for (int e = lane; e < E; e += 32) out[e] = to_x(ds[e] * (st[e] * (1.0f - st[e])));
+    } else {
+        float dot = 0.0f;
+        for (int e = lane; e < E; e += 32) dot += ds[e] * st[e];
+        dot = warp_sum(dot);
+        for (int e = lane; e < E; e += 32) out[e] = to_x(st[e] * (ds[e] - dot));
+    }
+}
+
+void moe_route_backward(floatX *dlogits, const float *s, const double *zsum, const int *sel, const float *dgates,
+                        const int *f, int B, int T, int E, int K, int gate, int norm_topk, float route_scale,
+                        int aux_kind, float aux_alpha, float grad_scale, cudaStream_t stream) {
+    int N = B * T, groups = moe_aux_groups(aux_kind, B), len = N / groups;
+    double coef = (double)grad_scale * aux_alpha / groups / len;
+    size_t per_warp = (size_t)E * sizeof(float);
+    int warps = routing_warps(per_warp, "moe_route_backward", E);
+    moe_route_backward_kernel<<<cdiv_u(N, warps), warps * 32, warps * per_warp, stream>>>(
+        dlogits, s, zsum, sel, dgates, f, N, E, K, gate, norm_topk, route_scale, aux_kind, coef, len);
+    KERNEL_CHECK();
+}

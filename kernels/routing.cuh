@@ -1,0 +1,58 @@
+// MoE routing on the GPU (docs/model.md, "MoE layer"), forward and backward.
+//
+// Forward, one fused kernel per token (one warp each) after the router GEMM:
+// affinities s = sigmoid or softmax of the fp32 router logits, selection
+// scores s + b (s * b for the multiplicative rule) in fp32, TopK with ties to
+// the lower expert index listed by decreasing score (exactly model/route.h's
+// route_topk: K rounds of a warp arg-max whose order is (score desc, index
+// asc)), the gate values from the unbiased s (normalised over the selected
+// ones when norm_topk, times route_scale, summed in selection order like the
+// CPU), the per-expert token counts (integer atomicAdd: exact), and the row
+// sum z = sum_e s in double that the sequence-wise auxiliary loss needs.
+//
+// Auxiliary losses (AUX_EXPERT, AUX_SEQ of model/moe.c): per group (the whole
+// batch, or each sequence) f_e = tokens choosing e (exact integers) and
+// P_e = sum_t s'[t, e] in double, then the loss, all in double and in a fixed
+// order.
+//
+// Backward, one warp per token: gate values -> affinities (the norm_topk
+// quotient rule), plus the auxiliary loss's gradient through P, then
+// affinities -> router logits (sigmoid or softmax backward). Output floatX for
+// the two router GEMMs of the backward.
+#ifndef KERNELS_ROUTING_CUH
+#define KERNELS_ROUTING_CUH
+
+#include "common.cuh"
+
+extern "C" {
+#include "../model/config.h"
+#include "../model/moe.h"
+}
+
+// s (N, E) fp32: router logits in, affinities out. zsum (N) double = row sums
+// of s. sel (N, K) int and gates (N, K) fp32 as in model/moe.c. counts (E) int
+// += tokens per expert (the caller zeroes it). bias (E) fp32. gate:
+// GATE_SIGMOID / GATE_SOFTMAX; bias_mult: 1 selects on s * b.
+void moe_route(float *s, double *zsum, int *sel, float *gates, int *counts, const float *bias, int N, int E, int K,
+               int gate, int norm_topk, float route_scale, int bias_mult, cudaStream_t stream);
+
+// Groups of the auxiliary loss: AUX_EXPERT one group of all B*T tokens,
+// AUX_SEQ one group per sequence. Returns the number of groups (1 or B).
+inline int moe_aux_groups(int aux_kind, int B) { return aux_kind == AUX_SEQ ? B : 1; }
+
+// Auxiliary loss of one layer: aux (1) double on the device = aux_alpha * the
+// mean over groups of sum_e (E / (K len) f_e) (P_e / len). f (groups, E) int
+// is kept for the backward; P (groups, E) double is scratch. Nothing to do
+// for AUX_NONE (aux is set to 0).
+void moe_aux_forward(double *aux, int *f, double *P, const float *s, const double *zsum, const int *sel, int B, int T,
+                     int E, int K, int aux_kind, float aux_alpha, cudaStream_t stream);
+
+// dlogits (N, E) floatX = gradient of the router logits, from dgates (N, K)
+// fp32 (the gradient of the gate values) and, when aux_kind != AUX_NONE, the
+// auxiliary loss times grad_scale (f from moe_aux_forward). s, zsum, sel as
+// the forward left them.
+void moe_route_backward(floatX *dlogits, const float *s, const double *zsum, const int *sel, const float *dgates,
+                        const int *f, int B, int T, int E, int K, int gate, int norm_topk, float route_scale,
+                        int aux_kind, float aux_alpha, float grad_scale, cudaStream_t stream);
+
+#endif
