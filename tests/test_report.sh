@@ -32,7 +32,7 @@ if [ -z "$PY" ]; then
 fi
 REPORT=(scripts/report.py)
 
-make -s train_moe build/gen_shards > /dev/null || { echo "FAIL build"; exit 1; }
+[ -x ./train_moe ] && [ -x build/gen_shards ] || { echo "FAIL: build first (make train_moe build/gen_shards)"; exit 1; }
 ./build/gen_shards "$TMP" 64 200000 20000 1 > /dev/null || { echo "FAIL gen_shards"; exit 1; }
 COMMON=(--config tiny --train-data "$TMP/train_*.bin" -b 8 --lr 3e-3 --warmup-steps 5 --threads 2
         --print-every 1000)
