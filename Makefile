@@ -43,8 +43,8 @@ DIST_OBJ = $(BUILD)/dist/comm_mpi$(USE_MPI).o
 TESTS = $(BUILD)/test_model $(BUILD)/test_gradcheck $(BUILD)/test_reference $(BUILD)/test_reference64 \
         $(BUILD)/test_data $(BUILD)/test_train_infra $(BUILD)/test_balance $(BUILD)/test_tokenizer
 
-.PHONY: all test bench clean
-all: train_moe moe_ckpt moe_tok $(if $(NVCC_FOUND),train_moecu)
+.PHONY: all test bench run clean
+all: train_moe moe_ckpt moe_tok moe_prepare $(if $(NVCC_FOUND),train_moecu)
 
 HEADERS = $(wildcard model/*.h data/*.h tokenizer/*.h train/*.h dist/*.h)
 $(BUILD)/f32/%.o: %.c $(HEADERS)
@@ -66,6 +66,13 @@ train_moe: train_moe.c $(TRAINER32) $(DIST_OBJ)
 
 moe_tok: tokenizer/tok_main.c $(call f32,$(TOK_SRC))
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
+moe_prepare: data/prepare.c $(call f32,data/shard.c $(TOK_SRC))
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
+# The quickstart: corpus, tokenizer, shards, a few minutes of training, a sample.
+run:
+	bash scripts/quickstart.sh
 
 moe_ckpt: train/ckpt_main.c $(call f32,train/ckpt.c)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
@@ -101,7 +108,7 @@ $(BUILD)/test_balance: tests/test_balance.c $(call f32,model/balance.c)
 
 # Everything that runs on a CPU; where nvcc exists also compiling the GPU
 # trainer and its tests (a compile error fails; running them needs `make test-gpu`).
-test: train_moe moe_ckpt moe_tok $(BUILD)/gen_shards $(TESTS) $(if $(NVCC_FOUND),gpu-build)
+test: train_moe moe_ckpt moe_tok moe_prepare $(BUILD)/gen_shards $(TESTS) $(if $(NVCC_FOUND),gpu-build)
 	$(BUILD)/test_model
 	$(BUILD)/test_gradcheck
 	$(BUILD)/test_reference
@@ -113,6 +120,7 @@ test: train_moe moe_ckpt moe_tok $(BUILD)/gen_shards $(TESTS) $(if $(NVCC_FOUND)
 	bash tests/test_trainer.sh
 	bash tests/test_dist.sh
 	bash tests/test_report.sh
+	bash tests/test_prepare.sh
 	./train_moe --config 1b --print-config | grep total
 
 # ---------------------------------------------------------------- benchmarks
@@ -125,6 +133,6 @@ bench: $(BUILD)/bench_cpu
 	$(BUILD)/bench_cpu small 8 256 5
 
 clean: clean-gpu
-	rm -rf $(BUILD) train_moe moe_ckpt moe_tok
+	rm -rf $(BUILD) train_moe moe_ckpt moe_tok moe_prepare
 
 include gpu.mk
