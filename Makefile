@@ -41,7 +41,8 @@ TRAINER32 = $(CORE32) $(call f32,$(DATA_SRC) $(TOK_SRC) $(filter-out train/optim
 DIST_OBJ = $(BUILD)/dist/comm_mpi$(USE_MPI).o
 
 TESTS = $(BUILD)/test_model $(BUILD)/test_gradcheck $(BUILD)/test_reference $(BUILD)/test_reference64 \
-        $(BUILD)/test_data $(BUILD)/test_train_infra $(BUILD)/test_balance $(BUILD)/test_tokenizer
+        $(BUILD)/test_data $(BUILD)/test_train_infra $(BUILD)/test_balance $(BUILD)/test_tokenizer \
+        $(BUILD)/test_launch
 
 .PHONY: all test bench run clean
 all: train_moe moe_ckpt moe_tok moe_prepare $(if $(NVCC_FOUND),train_moecu)
@@ -117,6 +118,7 @@ test: train_moe moe_ckpt moe_tok moe_prepare $(BUILD)/gen_shards $(TESTS) $(if $
 	$(BUILD)/test_train_infra
 	$(BUILD)/test_balance
 	$(BUILD)/test_tokenizer
+	$(BUILD)/test_launch
 	bash tests/test_trainer.sh
 	bash tests/test_dist.sh
 	bash tests/test_report.sh

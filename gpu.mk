@@ -6,21 +6,34 @@
 #   make train_moecu PRECISION=FP32   everything fp32 (the build the fixtures check tightly)
 #   make train_moecu GPU_ARCH=sm_80   another GPU generation
 #   make train_moecu GPU_DEBUG=1      synchronise after every kernel, -lineinfo
-#   make gpu-build                    the trainer and the GPU test binary (compiles anywhere with nvcc)
-#   make test-gpu                     GPU tests: kernels, fixtures, 10 training steps, a short run (needs a GPU)
+#   make train_moecu USE_MPI=0        multi-GPU without MPI (torchrun / srun / scripts, --nccl-init DIR)
+#   make gpu-build                    the trainer and the GPU test binaries (compiles anywhere with nvcc)
+#   make test-gpu                     GPU tests: kernels, fixtures, 10 training steps, a short run,
+#                                     the multi-GPU code on one GPU (needs a GPU)
 #   make test-gpu-memcheck            compute-sanitizer memcheck of a tiny run and the kernel tests
+#   make test-launch                  the rendezvous without MPI, several processes on the CPU (no GPU)
 #
-# Uses the Makefile's BUILD, CC, CFLAGS, MODEL_SRC, DATA_SRC, TOK_SRC,
-# TRAIN_SRC and its build/f32 pattern rule for the host C objects.
+# Uses the Makefile's BUILD, CC, CFLAGS, USE_MPI, MPICC, MODEL_SRC, DATA_SRC,
+# TOK_SRC, TRAIN_SRC and its build/f32 pattern rule for the host C objects.
+#
+# Multi-GPU (docs/gpu.md): NCCL always. With USE_MPI=1 (the Makefile's
+# default when mpicc exists) the host collectives are MPI's (dist/comm.c) and
+# NCCL is bootstrapped over MPI (mpirun); with USE_MPI=0 dist/comm_nccl.c
+# implements dist/comm.h itself and ranks meet through dist/launch.c.
 
 NVCC ?= nvcc
+# CUDA's headers for the C files that call the CUDA runtime / NCCL (dist/comm_nccl.c);
+# NCCL_HOME when NCCL is not installed with CUDA or in the system's paths.
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(shell command -v $(NVCC) 2>/dev/null))
+NCCL_HOME ?=
+CUDA_CFLAGS = $(if $(CUDA_HOME),-I$(CUDA_HOME)/include) $(if $(NCCL_HOME),-I$(NCCL_HOME)/include)
 COMPUTE_SANITIZER ?= compute-sanitizer
 GPU_ARCH ?= sm_90
 PRECISION ?= BF16
 GPU_DEBUG ?= 0
 
 GPU_BUILD = $(BUILD)/gpu
-NVCCFLAGS = -O3 -std=c++17 -arch=$(GPU_ARCH) -I. -Xcompiler -Wall,-Wextra
+NVCCFLAGS = -O3 -std=c++17 -arch=$(GPU_ARCH) -I. -Xcompiler -Wall,-Wextra $(if $(NCCL_HOME),-I$(NCCL_HOME)/include)
 ifeq ($(PRECISION),FP32)
 NVCCFLAGS += -DENABLE_FP32
 else ifneq ($(PRECISION),BF16)
@@ -30,16 +43,29 @@ ifeq ($(GPU_DEBUG),1)
 NVCCFLAGS += -DGPU_DEBUG_SYNC -lineinfo
 endif
 # libgomp: the host objects are compiled with -fopenmp.
-GPU_LDLIBS = -lcublas -lcublasLt -lgomp -lm
+GPU_LDLIBS = -lcublas -lcublasLt -lnccl -lgomp -lm $(if $(NCCL_HOME),-L$(NCCL_HOME)/lib)
 
 GPU_KERNELS = embedding rmsnorm rope matmul attention swiglu classifier convert adamw gradnorm routing permute \
-              grouped_gemm
+              grouped_gemm dispatch
 GPU_KOBJ = $(patsubst %,$(GPU_BUILD)/kernels/%.o,$(GPU_KERNELS))
-# The CPU model's compute files are not needed: the GPU runs its own. The
-# communicator is always the single-process one (no MPI): train_moecu is one
-# process on one GPU.
-GPU_COMM_OBJ = $(GPU_BUILD)/comm_single.o
-GPU_HOST_OBJ = $(patsubst %.c,$(BUILD)/f32/%.o,$(MODEL_SRC) $(DATA_SRC) $(TOK_SRC) $(TRAIN_SRC)) $(GPU_COMM_OBJ)
+# The CPU model's compute files are not needed: the GPU runs its own.
+GPU_HOST_BASE = $(patsubst %.c,$(BUILD)/f32/%.o,$(MODEL_SRC) $(DATA_SRC) $(TOK_SRC) $(TRAIN_SRC))
+# The communicator. With MPI: dist/comm.c over MPI plus the NCCL bootstrap
+# from it; without: dist/comm_nccl.c implements dist/comm.h with NCCL, and
+# dist/launch.c finds the ranks. The second set is compiled in every build
+# (gpu-build) and linked into the single-process GPU test of the multi-GPU code.
+GPU_COMM_HOST = $(GPU_BUILD)/comm_nccl_host.o $(BUILD)/f32/dist/launch.o
+ifeq ($(USE_MPI),1)
+GPU_COMM_OBJ = $(GPU_BUILD)/comm_mpi.o $(GPU_BUILD)/comm_nccl_mpi.o $(BUILD)/f32/dist/launch.o
+# MPI's link flags in a form nvcc accepts (-L/-l as they are, -Wl,x as -Xlinker x, the rest to the host compiler).
+gpu_comma := ,
+MPI_LINK_RAW := $(or $(shell $(MPICC) --showme:link 2>/dev/null),$(wordlist 2,999,$(shell $(MPICC) -link_info 2>/dev/null)))
+MPI_NVCC_LIBS := $(foreach f,$(MPI_LINK_RAW),$(if $(filter -L% -l%,$(f)),$(f),$(if $(filter -Wl$(gpu_comma)%,$(f)),-Xlinker $(patsubst -Wl$(gpu_comma)%,%,$(f)),-Xcompiler $(f))))
+GPU_LDLIBS += $(MPI_NVCC_LIBS)
+else
+GPU_COMM_OBJ = $(GPU_COMM_HOST)
+endif
+GPU_HOST_OBJ = $(GPU_HOST_BASE) $(GPU_COMM_OBJ)
 GPU_HEADERS = $(wildcard kernels/*.cuh model/*.h train/*.h data/*.h tokenizer/*.h dist/*.h tests/fixture.h)
 
 # Everything GPU is rebuilt when the precision, arch or flags change: this
@@ -50,11 +76,19 @@ $(GPU_CONFIG): gpu-config-force
 	@mkdir -p $(dir $@)
 	@echo '$(GPU_CONFIG_LINE)' | cmp -s - $@ || echo '$(GPU_CONFIG_LINE)' > $@
 
-.PHONY: gpu-config-force gpu-build test-gpu test-gpu-memcheck clean-gpu
+.PHONY: gpu-config-force gpu-build test-gpu test-gpu-memcheck test-launch clean-gpu
 
-$(GPU_COMM_OBJ): dist/comm.c dist/comm.h
+$(GPU_BUILD)/comm_mpi.o: dist/comm.c dist/comm.h
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -c $< -o $@
+	$(MPICC) $(CFLAGS) -DUSE_MPI -c $< -o $@
+
+$(GPU_BUILD)/comm_nccl_mpi.o: dist/comm_nccl.c dist/comm_nccl.h dist/comm.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(CUDA_CFLAGS) -c $< -o $@
+
+$(GPU_BUILD)/comm_nccl_host.o: dist/comm_nccl.c dist/comm_nccl.h dist/comm.h dist/launch.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(CUDA_CFLAGS) -DCOMM_NCCL_HOST -c $< -o $@
 
 $(GPU_BUILD)/kernels/%.o: kernels/%.cu $(GPU_HEADERS) $(GPU_CONFIG)
 	@mkdir -p $(dir $@)
@@ -69,22 +103,58 @@ $(GPU_BUILD)/train_moe_lib.o: train_moe.cu $(GPU_HEADERS) $(GPU_CONFIG)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -DTRAIN_MOECU_NO_MAIN -c $< -o $@
 
-train_moecu: $(GPU_BUILD)/train_moe.o $(GPU_KOBJ) $(GPU_HOST_OBJ)
-	@echo "train_moecu: PRECISION=$(PRECISION), GPU_ARCH=$(GPU_ARCH)"
-	$(NVCC) $(NVCCFLAGS) $^ -o $@ $(GPU_LDLIBS)
+# The objects' names record MPI or not; this one is relinked when USE_MPI changes.
+GPU_LINK_CONFIG = $(GPU_BUILD)/link_mpi$(USE_MPI).stamp
+$(GPU_LINK_CONFIG):
+	@mkdir -p $(dir $@)
+	@rm -f $(GPU_BUILD)/link_mpi*.stamp
+	@touch $@
+
+train_moecu: $(GPU_BUILD)/train_moe.o $(GPU_KOBJ) $(GPU_HOST_OBJ) $(GPU_LINK_CONFIG)
+	@echo "train_moecu: PRECISION=$(PRECISION), GPU_ARCH=$(GPU_ARCH), MPI=$(USE_MPI)"
+	$(NVCC) $(NVCCFLAGS) $(filter-out $(GPU_LINK_CONFIG),$^) -o $@ $(GPU_LDLIBS)
 
 $(GPU_BUILD)/test_gpu: tests/test_gpu.cu $(GPU_BUILD)/train_moe_lib.o $(GPU_KOBJ) $(GPU_HOST_OBJ) \
-                       $(BUILD)/f32/tests/fixture.o $(GPU_HEADERS) $(GPU_CONFIG)
+                       $(BUILD)/f32/tests/fixture.o $(GPU_HEADERS) $(GPU_CONFIG) $(GPU_LINK_CONFIG)
 	$(NVCC) $(NVCCFLAGS) tests/test_gpu.cu $(GPU_BUILD)/train_moe_lib.o $(GPU_KOBJ) $(GPU_HOST_OBJ) \
 	    $(BUILD)/f32/tests/fixture.o -o $@ $(GPU_LDLIBS)
 
-gpu-build: train_moecu $(GPU_BUILD)/test_gpu
+# The multi-GPU code on one GPU (tests/test_gpu_dist.cu): no MPI, the build-without-MPI communicator.
+$(GPU_BUILD)/test_gpu_dist: tests/test_gpu_dist.cu $(GPU_BUILD)/train_moe_lib.o $(GPU_KOBJ) $(GPU_HOST_BASE) \
+                            $(GPU_COMM_HOST) $(GPU_HEADERS) $(GPU_CONFIG)
+	$(NVCC) $(NVCCFLAGS) tests/test_gpu_dist.cu $(GPU_BUILD)/train_moe_lib.o $(GPU_KOBJ) $(GPU_HOST_BASE) \
+	    $(GPU_COMM_HOST) -o $@ $(filter-out $(MPI_NVCC_LIBS),$(GPU_LDLIBS)) -lpthread
+
+gpu-build: train_moecu $(GPU_BUILD)/test_gpu $(GPU_BUILD)/test_gpu_dist
+
+# The rendezvous of dist/launch.c with several processes (fork); CPU only.
+$(BUILD)/test_launch: tests/test_launch.c $(BUILD)/f32/dist/launch.o
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
+test-launch: $(BUILD)/test_launch
+	$(BUILD)/test_launch
 
 # Kernel unit tests, the fixtures, 10 training steps, bigger configs; then a
 # short run of the trainer itself that must learn the synthetic chain of
 # tests/gen_shards.c as the CPU trainer's test does (val_loss < 2.5 after 80 steps).
-test-gpu: train_moecu $(GPU_BUILD)/test_gpu $(BUILD)/gen_shards
+test-gpu: train_moecu $(GPU_BUILD)/test_gpu $(GPU_BUILD)/test_gpu_dist $(BUILD)/gen_shards moe_ckpt
 	$(GPU_BUILD)/test_gpu tests/fixtures
+	$(GPU_BUILD)/test_gpu_dist
+	@# The trainer through NCCL with one rank (MOE_NCCL=1) and the EP exchange
+	@# forced (MOE_EP_EXCHANGE=1) must write the same checkpoint, bit for bit.
+	@set -e; d=$$(mktemp -d); trap 'rm -rf "$$d"' EXIT; \
+	./$(BUILD)/gen_shards "$$d" 64 20000 4000 1; \
+	a="--config tiny -b 4 --steps 6 --warmup-steps 2 --print-every 3 --keep-last 0 --ckpt-every 6"; \
+	./train_moecu $$a --train-data "$$d/train_*.bin" --ckpt-dir "$$d/plain" > "$$d/plain.out"; \
+	MOE_NCCL=1 MOE_EP_EXCHANGE=1 ./train_moecu $$a --train-data "$$d/train_*.bin" --ckpt-dir "$$d/nccl" \
+	    > "$$d/nccl.out"; \
+	for r in plain nccl; do \
+	    ./moe_ckpt info "$$d/$$r/ckpt_00000006.bin" | awk '$$1 ~ /^(params|adam_m|adam_v|bias)$$/ { print $$1, $$NF }' \
+	        > "$$d/$$r.hash"; grep -o 'loss [0-9.]*' "$$d/$$r.out" >> "$$d/$$r.hash"; done; \
+	if [ "$$(wc -l < "$$d/plain.hash")" -ge 5 ] && cmp -s "$$d/plain.hash" "$$d/nccl.hash"; then \
+	    echo "ok   train_moecu through NCCL (1 rank, EP exchange forced): losses, parameters, AdamW state and biases bitwise equal to the plain run"; \
+	else echo "FAIL train_moecu through NCCL differs from the plain run:"; cat "$$d/plain.hash" "$$d/nccl.hash"; \
+	    ./moe_ckpt diff "$$d/plain/ckpt_00000006.bin" "$$d/nccl/ckpt_00000006.bin"; exit 1; fi
 	@set -e; d=$$(mktemp -d); trap 'rm -rf "$$d"' EXIT; \
 	./$(BUILD)/gen_shards "$$d" 64 200000 20000 1; \
 	./train_moecu --config tiny --train-data "$$d/train_*.bin" --val-data "$$d/val_*.bin" -b 8 --lr 1e-2 \
@@ -102,6 +172,7 @@ test-gpu-memcheck: train_moecu $(GPU_BUILD)/test_gpu $(BUILD)/gen_shards
 	    --train-data "$$d/train_*.bin" --val-data "$$d/val_*.bin" -b 4 --steps 3 --eval-batches 2 \
 	    --sample-tokens 8 --ckpt-dir "$$d/ckpt"
 	$(COMPUTE_SANITIZER) --tool memcheck --error-exitcode 1 $(GPU_BUILD)/test_gpu --unit
+	$(COMPUTE_SANITIZER) --tool memcheck --error-exitcode 1 $(GPU_BUILD)/test_gpu_dist --quick
 
 clean-gpu:
-	rm -rf $(GPU_BUILD) train_moecu
+	rm -rf $(GPU_BUILD) train_moecu $(BUILD)/test_launch

@@ -182,7 +182,12 @@ static float cpu_grad_norm(Backend *be) {
     for (int i = 0; i < s->n_slices; i++)
         sum[s->slices[i].expert] += grad_sumsq(s->model.grads + s->slices[i].offset, s->slices[i].len);
     comm_allreduce_f64(be->comm, COMM_EP, &sum[1], 1);
-    return (float)sqrt(sum[0] + sum[1]);
+    // Every rank must clip by the same factor or the replicas drift apart; an
+    // all-reduce may round differently in different EP groups, so rank 0's
+    // norm is the one everybody uses.
+    double norm = sqrt(sum[0] + sum[1]);
+    comm_bcast(be->comm, &norm, sizeof norm, 0);
+    return (float)norm;
 }
 
 static void cpu_update(Backend *be, const AdamWConfig *opt, double lr, int64_t t, float grad_mult) {

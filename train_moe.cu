@@ -5,6 +5,18 @@
 // layer by layer in the order of model/model.c, with the kernels of kernels/.
 //
 //   ./train_moecu --config small --train-data 'data/kjv/train_*.bin' ...
+//   mpirun -np 8 ./train_moecu --ep 8 ...                     (one process per GPU)
+//   torchrun-style / srun: ./train_moecu --nccl-init DIR ...  (build without MPI; docs/gpu.md)
+//
+// Several GPUs (docs/gpu.md, "Multi-GPU"): data parallelism for every
+// parameter and expert parallelism (--ep) for the routed experts, as the CPU
+// trainer does with MPI. A rank holds the replicated tensors and only its EP
+// group share of every expert tensor (its "local" buffer: replicated tensors
+// first, then the local expert slices, so each group of tensors is one
+// NCCL all-reduce); tokens reach their experts' ranks by an all-to-all-v of
+// rows and come back by another (kernels/dispatch.cuh), in model/moe.c's
+// row orders. The collectives come through a GpuComm (dist/comm_nccl.h):
+// NCCL in a run, a simulation of several ranks in the tests.
 //
 // Precision (docs/gpu.md): floatX activations and a floatX copy of the
 // weights for the matmuls (bf16 by default, fp32 with -DENABLE_FP32); fp32
@@ -13,7 +25,8 @@
 // and affinities, balancing biases; exact integer token counts.
 //
 // Host synchronisation: one per MoE layer in the forward (the expert row
-// counts, see gpu_moe_forward), and one at the end of every backend call.
+// counts, see gpu_moe_forward; under expert parallelism after the counts
+// exchange, so it is still one), and one at the end of every backend call.
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -23,6 +36,7 @@
 
 extern "C" {
 #include "dist/comm.h"
+#include "dist/launch.h"
 #include "model/config.h"
 #include "model/layout.h"
 #include "model/moe.h"
@@ -31,11 +45,13 @@ extern "C" {
 #include "train/trainer.h"
 }
 
+#include "dist/comm_nccl.h"
 #include "kernels/adamw.cuh"
 #include "kernels/attention.cuh"
 #include "kernels/classifier.cuh"
 #include "kernels/common.cuh"
 #include "kernels/convert.cuh"
+#include "kernels/dispatch.cuh"
 #include "kernels/embedding.cuh"
 #include "kernels/gpu_backend.cuh"
 #include "kernels/gradnorm.cuh"
@@ -73,10 +89,20 @@ typedef struct {
     int *h_offsets; // (E + 1) pinned host copy, read by the grouped GEMMs
     int *row_of;    // (N K) row of each slot
     int *slot_of;   // (N K) slot of each row
-    floatX *xe;     // (N K, d) expert inputs, by row
-    floatX *e13;    // (N K, 2 de) expert pre-activations, by row
-    floatX *eact;   // (N K, de)
-    floatX *eout;   // (N K, d) expert outputs before gating, by row
+    // The expert side: the R rows of this rank's local experts, expert-major
+    // (kernels/dispatch.cuh). Without the EP exchange it is the token side:
+    // R = N K rows by row, and h_exp_off = h_offsets.
+    floatX *xe;     // (R, d) expert inputs
+    floatX *e13;    // (R, 2 de) expert pre-activations
+    floatX *eact;   // (R, de)
+    int R, R_cap;   // rows of the last forward; rows xe, e13, eact (and exp_src) can hold
+    int *h_exp_off; // (El + 1) host: first expert-major row of each local expert
+    // the EP exchange (NULL without it)
+    int *recv_cnt;  // (P, El) rows EP rank q sends to local expert j, device
+    int *h_recv_cnt; // (P, El) pinned copy
+    int *exp_src;   // (R) received-order index of each expert-major row
+    int *send_rows, *recv_rows; // (P) host: rows sent to / received from each EP rank
+    floatX *eout;   // (N K, d) expert outputs before gating, token side, by row
     floatX *s13;    // (N, 2 S de) shared experts' pre-activations
     floatX *sact;   // (N, S de)
     int *aux_f;     // (B, E) tokens per expert per auxiliary-loss group
@@ -94,10 +120,22 @@ typedef struct {
     GroupedGemm gg;
     // every allocation, for destroy, and the bytes per category (printed at create)
     void **dev_ptrs, **host_ptrs;
+    size_t *dev_size;          // (n_dev) bytes of each device allocation
+    int *dev_cat;              // (n_dev) its category
     int n_dev, n_host, cap_dev, cap_host;
     size_t bytes[3];           // parameters + optimizer, activations, scratch
     int category;
-    // parameters and optimizer (n_params each)
+    // the ranks (dist/comm_nccl.h): without comm, one process holds everything
+    GpuComm dist;              // ranks and group sizes (1 each without comm), and the collectives
+    int has_comm;              // 1: dist's collectives are used (sync_grads, grad_norm, gathers)
+    int exchange;              // 1: the MoE rows go through the EP exchange (ep > 1, or forced)
+    int P, El;                 // EP group size, routed experts per rank (E / P)
+    // this rank's parameters: the local layout (replicated tensors in layout
+    // order, then the slice of every expert tensor holding the local experts)
+    ParamLayout llay;          // offsets into the local buffers
+    int *lglob;                // (llay.n) index of each local tensor in lay
+    int64_t n_local, n_rep;    // elements held; elements of the replicated tensors (the experts start there)
+    // parameters and optimizer (n_local each)
     float *params;             // fp32 master weights
     floatX *paramsX;           // floatX copy for the matmuls (== params in the FP32 build)
     float *grads, *adam_m, *adam_v;
@@ -127,16 +165,23 @@ typedef struct {
     floatX *dbig;              // (N, max(3d, 2 d_ff, 2 S de))
     floatX *dsmall;            // (N, max(d, d_ff, S de))
     float *dgates;             // (N, K)
-    floatX *deout;             // (N K, d)
-    floatX *dact_e;            // (N K, de)
-    floatX *d13_e;             // (N K, 2 de)
-    floatX *dxe;               // (N K, d)
+    floatX *deout;             // (N K, d) expert output gradients, token side
+    floatX *dact_e;            // (R_cap, de)
+    floatX *d13_e;             // (R_cap, 2 de)
+    floatX *dxe;               // (R_cap, d) expert input gradients, expert side
     floatX *dlr;               // (N, E) gradient of the router logits
+    // the EP exchange's scratch (exchange only)
+    int R_cap;                 // rows the expert-side scratch holds (dact_e, d13_e, dxe, xr, ye)
+    floatX *xs;                // (N K, d) token-side rows to send, and gradients received back
+    floatX *xr;                // (R_cap, d) rows in received order
+    floatX *ye;                // (R_cap, d) expert outputs (or output gradients), expert-major
+    int *h_exp_src;            // (R_cap) pinned staging of a layer's exp_src
+    float *gather_buf;         // (P, largest expert) checkpoint gathers of expert tensors
     float *norm_scratch;       // rmsnorm_scratch_floats(N, d)
     int *perm_scratch;         // moe_permute_scratch_ints(N K, E)
     double *aux_P;             // (B, E)
     double *gn_partials;       // gradnorm_partials(n_params)
-    double *gn_out, *h_gn;     // (1) device, pinned
+    double *gn_out, *h_gn;     // (1 + P) device, pinned: sums of squares of the replicated tensors, of each EP position's experts
     float *row_f32, *h_row;    // (V) one logits row, device and pinned
 } GpuState;
 
@@ -161,10 +206,36 @@ static void *gpu_malloc(GpuState *g, size_t bytes) {
     if (g->n_dev == g->cap_dev) {
         g->cap_dev = g->cap_dev ? 2 * g->cap_dev : 64;
         g->dev_ptrs = (void **)realloc(g->dev_ptrs, sizeof(void *) * g->cap_dev);
-        if (!g->dev_ptrs) abort();
+        g->dev_size = (size_t *)realloc(g->dev_size, sizeof(size_t) * g->cap_dev);
+        g->dev_cat = (int *)realloc(g->dev_cat, sizeof(int) * g->cap_dev);
+        if (!g->dev_ptrs || !g->dev_size || !g->dev_cat) abort();
     }
-    g->dev_ptrs[g->n_dev++] = p;
+    g->dev_ptrs[g->n_dev] = p;
+    g->dev_size[g->n_dev] = bytes;
+    g->dev_cat[g->n_dev++] = g->category;
     g->bytes[g->category] += bytes;
+    return p;
+}
+
+// Replaces the device allocation old (from gpu_malloc) by a zeroed one of
+// `bytes`; the contents are not kept. Only where the stream is idle.
+static void *gpu_regrow(GpuState *g, void *old, size_t bytes) {
+    int i = 0;
+    while (i < g->n_dev && g->dev_ptrs[i] != old) i++;
+    if (i == g->n_dev) {
+        fprintf(stderr, "internal error: gpu_regrow of an unknown allocation\n");
+        abort();
+    }
+    CUDA_CHECK(cudaFree(old));
+    int saved = g->category;
+    g->category = g->dev_cat[i];
+    g->bytes[g->category] -= g->dev_size[i];
+    g->n_dev--; // gpu_malloc appends: move the last entry into slot i, then append the new one
+    g->dev_ptrs[i] = g->dev_ptrs[g->n_dev];
+    g->dev_size[i] = g->dev_size[g->n_dev];
+    g->dev_cat[i] = g->dev_cat[g->n_dev];
+    void *p = gpu_malloc(g, bytes);
+    g->category = saved;
     return p;
 }
 
@@ -186,15 +257,60 @@ static void *gpu_malloc_host(GpuState *g, size_t bytes) {
 #define DEV(type, count) ((type *)gpu_malloc(g, sizeof(type) * (size_t)(count)))
 #define PINNED(type, count) ((type *)gpu_malloc_host(g, sizeof(type) * (size_t)(count)))
 
-// Pointers into the flat buffers for one tensor (layer -1: model-level).
+// Pointers into the local buffers for one tensor (layer -1: model-level);
+// for an expert tensor, its first local expert.
 static float *gpu_param(const GpuState *g, int layer, ParamKind k) {
-    return g->params + layout_offset(&g->lay, layer, k);
+    return g->params + layout_offset(&g->llay, layer, k);
 }
 static floatX *gpu_paramX(const GpuState *g, int layer, ParamKind k) {
-    return g->paramsX + layout_offset(&g->lay, layer, k);
+    return g->paramsX + layout_offset(&g->llay, layer, k);
 }
 static float *gpu_grad(const GpuState *g, int layer, ParamKind k) {
-    return g->grads + layout_offset(&g->lay, layer, k);
+    return g->grads + layout_offset(&g->llay, layer, k);
+}
+
+static int is_expert_kind(ParamKind k) { return k == P_EXPERTS_W13 || k == P_EXPERTS_W2; }
+
+// The local layout (see GpuState): replicated tensors in layout order, then
+// every expert tensor cut to its El experts from ep_rank El on. Returns 0 or -1.
+static int gpu_build_local_layout(GpuState *g) {
+    const ParamLayout *lay = &g->lay;
+    ParamLayout *loc = &g->llay;
+    memset(loc, 0, sizeof *loc);
+    loc->n_layers = lay->n_layers;
+    loc->t = (ParamTensor *)calloc((size_t)lay->n + 1, sizeof(ParamTensor));
+    loc->index = (int *)malloc(sizeof(int) * (size_t)(lay->n_layers + 1) * P_NKINDS);
+    g->lglob = (int *)calloc((size_t)lay->n + 1, sizeof(int));
+    if (!loc->t || !loc->index || !g->lglob) return -1;
+    for (int i = 0; i < (lay->n_layers + 1) * P_NKINDS; i++) loc->index[i] = -1;
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < lay->n; i++) {
+            ParamTensor t = lay->t[i];
+            if (is_expert_kind(t.kind) != pass) continue;
+            if (pass == 1) {
+                int64_t per = t.numel / t.shape[0];
+                t.shape[0] = g->El;
+                t.numel = (int64_t)g->El * per;
+            }
+            t.offset = loc->total;
+            loc->total += t.numel;
+            int row = t.layer >= 0 ? t.layer : lay->n_layers;
+            loc->index[row * P_NKINDS + t.kind] = loc->n;
+            g->lglob[loc->n] = i;
+            loc->t[loc->n++] = t;
+        }
+        if (pass == 0) g->n_rep = loc->total;
+    }
+    g->n_local = loc->total;
+    return 0;
+}
+
+// Where local tensor i's elements live in the whole model's flat buffer.
+static int64_t gpu_global_offset(const GpuState *g, int i) {
+    const ParamTensor *t = &g->lay.t[g->lglob[i]];
+    int64_t off = t->offset;
+    if (is_expert_kind(t->kind)) off += (int64_t)g->dist.ep_rank * g->El * (t->numel / t->shape[0]);
+    return off;
 }
 
 // A copy ordered on the model's stream, complete on return (pageable host
@@ -207,12 +323,44 @@ static void gpu_copy(const GpuState *g, void *dst, const void *src, size_t bytes
 
 static size_t max3(size_t a, size_t b, size_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
 
+static int env_flag(const char *name) {
+    const char *v = getenv(name);
+    return v && v[0] && strcmp(v, "0") != 0;
+}
+
+// The backend's create (train/backend.h): NCCL when the run has several ranks
+// (or MOE_NCCL=1, to exercise the NCCL path on one GPU); MOE_EP_EXCHANGE=1
+// routes the MoE rows through the EP exchange even with --ep 1 (a test).
 static int gpu_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, int B, int T) {
-    if (be->comm && (be->comm->world > 1 || be->comm->ep > 1)) {
-        fprintf(stderr, "error: train_moecu runs one process on one GPU; several ranks (%d) or --ep %d need the "
-                "multi-GPU (NCCL) backend, which does not exist yet\n", be->comm->world, be->comm->ep);
+    GpuBackendOptions opt = { NULL, env_flag("MOE_EP_EXCHANGE") };
+    GpuComm gc;
+    const Comm *comm = be->comm;
+    // A build with MPI started by a launcher that MPI does not know (torchrun,
+    // srun without PMI) sees one rank per process: every process would train
+    // alone on the same GPU. The launcher's variables tell.
+    LaunchInfo li;
+    char lerr[512];
+    if (comm && comm_has_mpi() && launch_from_env(&li, lerr, sizeof lerr) == 0 && li.world != comm->world) {
+        fprintf(stderr, "error: the launcher started %d processes (%s variables) but MPI sees %d: this "
+                "train_moecu is built with MPI, start it with mpirun (or srun --mpi=pmix), or build it with "
+                "`make train_moecu USE_MPI=0` for torchrun / srun / scripts (docs/gpu.md)\n", li.world, li.source,
+                comm->world);
         return -1;
     }
+    if (comm && (comm->world > 1 || comm->ep > 1 || env_flag("MOE_NCCL"))) {
+        char err[2048];
+        // First: with MPI this also selects the rank's GPU, before any other CUDA call.
+        if (comm_nccl_open(comm, &gc, err, sizeof err) != 0) {
+            fprintf(stderr, "error: %s\n", err);
+            return -1;
+        }
+        opt.comm = &gc;
+    }
+    return gpu_backend_create(be, c, ro, B, T, &opt);
+}
+
+int gpu_backend_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, int B, int T,
+                       const GpuBackendOptions *opt) {
     GpuState *g = (GpuState *)calloc(1, sizeof(GpuState));
     if (!g) return -1;
     be->ctx = g;
@@ -221,7 +369,32 @@ static int gpu_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, i
     g->maxB = B;
     g->maxT = T;
     g->n_moe = config_n_moe(c);
-    if (layout_build(&g->lay, c) != 0 || decay_ranges_from_layout(&g->decay, &g->lay) != 0) {
+    if (opt && opt->comm) {
+        g->dist = *opt->comm;
+        g->has_comm = 1;
+    } else {
+        g->dist.world = g->dist.ep = g->dist.edp = 1;
+    }
+    g->P = g->dist.ep;
+    const GpuComm *dc = &g->dist;
+    if (g->P < 1 || dc->world % g->P != 0 || dc->edp != dc->world / g->P || dc->ep_rank != dc->rank % g->P ||
+        dc->edp_rank != dc->rank / g->P) {
+        fprintf(stderr, "error: inconsistent ranks: rank %d of %d, EP group of %d (position %d), EDP group of %d "
+                "(position %d)\n", dc->rank, dc->world, dc->ep, dc->ep_rank, dc->edp, dc->edp_rank);
+        return -1;
+    }
+    if (c->n_routed % g->P != 0) {
+        fprintf(stderr, "error: --ep %d must divide n_routed (%d)\n", g->P, c->n_routed);
+        return -1;
+    }
+    g->El = c->n_routed / g->P;
+    g->exchange = g->n_moe > 0 && (g->P > 1 || (opt && opt->force_exchange));
+    if (g->exchange && !g->has_comm) {
+        fprintf(stderr, "internal error: the expert-parallel exchange needs the ranks' collectives\n");
+        return -1;
+    }
+    if (layout_build(&g->lay, c) != 0 || gpu_build_local_layout(g) != 0 ||
+        decay_ranges_from_layout(&g->decay, &g->llay) != 0) {
         fprintf(stderr, "error: out of memory building the parameter layout\n");
         return -1;
     }
@@ -236,7 +409,9 @@ static int gpu_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, i
     cudaDeviceProp prop;
     CUDA_CHECK(cudaGetDevice(&dev));
     CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
-    printf("GPU %d: %s (sm_%d%d, %d SMs, %.1f GiB), activations %s\n", dev, prop.name, prop.major, prop.minor,
+    char who[32] = "";
+    if (dc->world > 1) snprintf(who, sizeof who, "rank %d: ", dc->rank);
+    printf("%sGPU %d: %s (sm_%d%d, %d SMs, %.1f GiB), activations %s\n", who, dev, prop.name, prop.major, prop.minor,
            prop.multiProcessorCount, prop.totalGlobalMem / 1073741824.0, FLOATX_NAME);
     // A blocking stream: the legacy default stream (cudaMemset in gpu_malloc) orders with it.
     CUDA_CHECK(cudaStreamCreate(&g->stream));
@@ -245,10 +420,13 @@ static int gpu_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, i
     // Plain fp32 accumulation, never TF32 (CUBLAS_COMPUTE_32F with the default math mode).
     CUBLAS_CHECK(cublasSetMathMode(g->cublas, CUBLAS_DEFAULT_MATH));
 
-    size_t n = (size_t)g->lay.total, N = (size_t)B * T, d = c->d_model, V = c->vocab_size, L = c->n_layers;
+    size_t n = (size_t)g->n_local, N = (size_t)B * T, d = c->d_model, V = c->vocab_size, L = c->n_layers;
     size_t H = c->n_heads, E = c->n_routed, K = c->top_k, de = c->d_expert, sh = (size_t)c->n_shared * de;
     size_t NK = N * K, dff = c->n_dense > 0 ? (size_t)c->d_ff : 0, att = (size_t)B * H * T * T;
-    size_t nmoe = (size_t)g->n_moe;
+    size_t nmoe = (size_t)g->n_moe, El = (size_t)g->El, P = (size_t)g->P;
+    // Expert-side rows: exactly N K without the exchange; under it their number
+    // varies with the routing (N K on average) and the buffers grow on demand.
+    size_t R0 = NK;
 
     g->category = MEM_PARAMS;
     g->params = DEV(float, n);
@@ -295,10 +473,21 @@ static int gpu_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, i
         la->h_offsets = PINNED(int, E + 1);
         la->row_of = DEV(int, NK);
         la->slot_of = DEV(int, NK);
-        la->xe = DEV(floatX, NK * d);
-        la->e13 = DEV(floatX, NK * 2 * de);
-        la->eact = DEV(floatX, NK * de);
+        la->R_cap = (int)R0;
+        la->xe = DEV(floatX, R0 * d);
+        la->e13 = DEV(floatX, R0 * 2 * de);
+        la->eact = DEV(floatX, R0 * de);
         la->eout = DEV(floatX, NK * d);
+        if (g->exchange) {
+            la->h_exp_off = PINNED(int, El + 1);
+            la->recv_cnt = DEV(int, E);
+            la->h_recv_cnt = PINNED(int, E);
+            la->exp_src = DEV(int, R0);
+            la->send_rows = PINNED(int, P);
+            la->recv_rows = PINNED(int, P);
+        } else {
+            la->h_exp_off = la->h_offsets;
+        }
         if (sh > 0) {
             la->s13 = DEV(floatX, N * 2 * sh);
             la->sact = DEV(floatX, N * sh);
@@ -323,17 +512,30 @@ static int gpu_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, i
     g->dsmall = DEV(floatX, N * max3(d, dff, sh));
     g->norm_scratch = DEV(float, rmsnorm_scratch_floats((int)N, (int)d));
     g->gn_partials = DEV(double, gradnorm_partials((int64_t)n));
-    g->gn_out = DEV(double, 1);
+    g->gn_out = DEV(double, P + 1);
     g->row_f32 = DEV(float, V);
     if (nmoe > 0) {
+        g->R_cap = (int)R0;
         g->dgates = DEV(float, NK);
         g->deout = DEV(floatX, NK * d);
-        g->dact_e = DEV(floatX, NK * de);
-        g->d13_e = DEV(floatX, NK * 2 * de);
-        g->dxe = DEV(floatX, NK * d);
+        g->dact_e = DEV(floatX, R0 * de);
+        g->d13_e = DEV(floatX, R0 * 2 * de);
+        g->dxe = DEV(floatX, R0 * d);
         g->dlr = DEV(floatX, N * E);
         g->perm_scratch = DEV(int, moe_permute_scratch_ints((int64_t)NK, (int)E));
         g->aux_P = DEV(double, (size_t)B * E);
+        if (g->exchange) {
+            g->xs = DEV(floatX, NK * d);
+            g->xr = DEV(floatX, R0 * d);
+            g->ye = DEV(floatX, R0 * d);
+            CUDA_CHECK(cudaMallocHost((void **)&g->h_exp_src, sizeof(int) * R0));
+        }
+        if (P > 1) { // one expert per EP rank: the checkpoint gathers go through this
+            size_t per = 0;
+            for (int i = 0; i < g->llay.n; i++)
+                if (is_expert_kind(g->llay.t[i].kind)) per = max3(per, (size_t)(g->llay.t[i].numel / El), 0);
+            g->gather_buf = DEV(float, P * per);
+        }
     }
 
     g->h_tokens = PINNED(int, N);
@@ -343,7 +545,7 @@ static int gpu_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, i
     g->h_emb_pos = PINNED(int, N);
     g->h_losses = PINNED(double, N);
     g->h_aux = PINNED(double, nmoe + 1);
-    g->h_gn = PINNED(double, 1);
+    g->h_gn = PINNED(double, P + 1);
     g->h_row = PINNED(float, V);
     g->h_count = (int *)calloc(V, sizeof(int));
     if (!g->h_count) return -1;
@@ -358,11 +560,19 @@ static int gpu_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, i
     free(ct);
     free(st);
 
-    if (g->n_moe > 0) grouped_gemm_init(&g->gg, g->cublas, g->stream, (int)E, g->n_moe * GG_PER_LAYER);
-    printf("GPU memory: %.2f GiB parameters + gradients + AdamW, %.2f GiB activations, %.2f GiB scratch "
-           "(micro-batch %d x %d)\n",
-           g->bytes[MEM_PARAMS] / 1073741824.0, g->bytes[MEM_ACTS] / 1073741824.0,
-           g->bytes[MEM_SCRATCH] / 1073741824.0, B, T);
+    // The grouped GEMMs run over this rank's El experts.
+    if (g->n_moe > 0) grouped_gemm_init(&g->gg, g->cublas, g->stream, (int)El, g->n_moe * GG_PER_LAYER);
+    if (dc->rank == 0) {
+        printf("GPU memory%s: %.2f GiB parameters + gradients + AdamW, %.2f GiB activations, %.2f GiB scratch "
+               "(micro-batch %d x %d)\n", dc->world > 1 ? " of rank 0" : "",
+               g->bytes[MEM_PARAMS] / 1073741824.0, g->bytes[MEM_ACTS] / 1073741824.0,
+               g->bytes[MEM_SCRATCH] / 1073741824.0, B, T);
+        if (dc->world > 1 || g->exchange)
+            printf("ranks: %d (EP groups of %d: %d of %d routed experts per rank, %.1f%% of the parameters held; "
+                   "EDP groups of %d)%s\n", dc->world, g->P, g->El, c->n_routed,
+                   100.0 * (double)g->n_local / (double)g->lay.total, dc->edp,
+                   g->exchange ? ", MoE rows through the EP all-to-all" : "");
+    }
     CUDA_CHECK(cudaDeviceSynchronize());
     return 0;
 }
@@ -374,45 +584,92 @@ static void gpu_destroy(Backend *be) {
     if (g->n_moe > 0 && g->gg.handle) grouped_gemm_free(&g->gg);
     for (int i = 0; i < g->n_dev; i++) CUDA_CHECK(cudaFree(g->dev_ptrs[i]));
     for (int i = 0; i < g->n_host; i++) CUDA_CHECK(cudaFreeHost(g->host_ptrs[i]));
+    if (g->h_exp_src) CUDA_CHECK(cudaFreeHost(g->h_exp_src));
     if (g->cublas) CUBLAS_CHECK(cublasDestroy(g->cublas));
     if (g->stream) CUDA_CHECK(cudaStreamDestroy(g->stream));
     free(g->dev_ptrs);
+    free(g->dev_size);
+    free(g->dev_cat);
     free(g->host_ptrs);
     free(g->layer);
     free(g->h_count);
+    free(g->lglob);
     layout_free(&g->lay);
+    layout_free(&g->llay);
     decay_ranges_free(&g->decay);
     free(g);
     be->ctx = NULL;
 }
 
 // ----------------------------------------------------------------------------
-// Parameters, optimizer state, biases
+// Parameters, optimizer state, biases. The host side always sees the whole
+// model in layout order (n_params); this rank holds its local part.
+
+// dev (n_local) = this rank's part of the whole-model buffer host (n_params).
+static void gpu_scatter_local(GpuState *g, float *dev, const float *host) {
+    for (int i = 0; i < g->llay.n; i++) {
+        const ParamTensor *t = &g->llay.t[i];
+        CUDA_CHECK(cudaMemcpyAsync(dev + t->offset, host + gpu_global_offset(g, i), sizeof(float) * t->numel,
+                                   cudaMemcpyHostToDevice, g->stream));
+    }
+    CUDA_CHECK(cudaStreamSynchronize(g->stream));
+}
+
+// host (n_params) = the whole model from every rank's dev (n_local). The
+// replicated tensors are this rank's; each expert tensor is gathered over the
+// EP group one local expert index at a time, as train_moe.c's cpu_gather
+// does: each rank puts its expert j into its slot of a zeroed (P, expert)
+// buffer, a sum over the group fills every slot (x + 0 is exact), and slot q
+// is expert q El + j. Collective over the EP group.
+static void gpu_gather_whole(GpuState *g, const float *dev, float *host) {
+    cudaStream_t st = g->stream;
+    for (int i = 0; i < g->llay.n; i++) {
+        const ParamTensor *t = &g->llay.t[i];
+        const ParamTensor *whole = &g->lay.t[g->lglob[i]];
+        if (!is_expert_kind(t->kind) || g->P == 1) {
+            CUDA_CHECK(cudaMemcpyAsync(host + gpu_global_offset(g, i), dev + t->offset, sizeof(float) * t->numel,
+                                       cudaMemcpyDeviceToHost, st));
+            continue;
+        }
+        int64_t per = t->numel / g->El;
+        for (int j = 0; j < g->El; j++) {
+            CUDA_CHECK(cudaMemsetAsync(g->gather_buf, 0, sizeof(float) * per * g->P, st));
+            CUDA_CHECK(cudaMemcpyAsync(g->gather_buf + (int64_t)g->dist.ep_rank * per, dev + t->offset + j * per,
+                                       sizeof(float) * per, cudaMemcpyDeviceToDevice, st));
+            g->dist.allreduce_f32(g->dist.ctx, COMM_EP, g->gather_buf, (size_t)(per * g->P), st);
+            for (int q = 0; q < g->P; q++)
+                CUDA_CHECK(cudaMemcpyAsync(host + whole->offset + ((int64_t)q * g->El + j) * per,
+                                           g->gather_buf + q * per, sizeof(float) * per, cudaMemcpyDeviceToHost, st));
+            CUDA_CHECK(cudaStreamSynchronize(st)); // before the buffer is zeroed again (and the host reads)
+        }
+    }
+    CUDA_CHECK(cudaStreamSynchronize(st));
+}
 
 static void gpu_set_params(Backend *be, const float *p) {
     GpuState *g = gpu(be);
-    gpu_copy(g, g->params, p, sizeof(float) * (size_t)be->n_params, cudaMemcpyHostToDevice);
+    gpu_scatter_local(g, g->params, p);
 #ifndef ENABLE_FP32
-    convert_f32_to_x(g->paramsX, g->params, be->n_params, g->stream);
+    convert_f32_to_x(g->paramsX, g->params, g->n_local, g->stream);
 #endif
     CUDA_CHECK(cudaStreamSynchronize(g->stream));
 }
 
 static void gpu_get_params(Backend *be, float *p) {
     GpuState *g = gpu(be);
-    gpu_copy(g, p, g->params, sizeof(float) * (size_t)be->n_params, cudaMemcpyDeviceToHost);
+    gpu_gather_whole(g, g->params, p);
 }
 
 static void gpu_set_opt_state(Backend *be, const float *m, const float *v) {
     GpuState *g = gpu(be);
-    gpu_copy(g, g->adam_m, m, sizeof(float) * (size_t)be->n_params, cudaMemcpyHostToDevice);
-    gpu_copy(g, g->adam_v, v, sizeof(float) * (size_t)be->n_params, cudaMemcpyHostToDevice);
+    gpu_scatter_local(g, g->adam_m, m);
+    gpu_scatter_local(g, g->adam_v, v);
 }
 
 static void gpu_get_opt_state(Backend *be, float *m, float *v) {
     GpuState *g = gpu(be);
-    gpu_copy(g, m, g->adam_m, sizeof(float) * (size_t)be->n_params, cudaMemcpyDeviceToHost);
-    gpu_copy(g, v, g->adam_v, sizeof(float) * (size_t)be->n_params, cudaMemcpyDeviceToHost);
+    gpu_gather_whole(g, g->adam_m, m);
+    gpu_gather_whole(g, g->adam_v, v);
 }
 
 static void gpu_set_bias(Backend *be, const float *bias) {
@@ -423,8 +680,49 @@ static void gpu_set_bias(Backend *be, const float *bias) {
 
 static void gpu_zero_grad(Backend *be) {
     GpuState *g = gpu(be);
-    CUDA_CHECK(cudaMemsetAsync(g->grads, 0, sizeof(float) * (size_t)be->n_params, g->stream));
+    CUDA_CHECK(cudaMemsetAsync(g->grads, 0, sizeof(float) * (size_t)g->n_local, g->stream));
     CUDA_CHECK(cudaStreamSynchronize(g->stream));
+}
+
+// ----------------------------------------------------------------------------
+// Expert parallelism: the expert-side buffers
+
+// Capacity for at least R rows: 25% over the previous one, a multiple of 256.
+static int grow_rows(int R, int cap) {
+    int64_t n = (int64_t)cap + cap / 4;
+    if (n < R) n = R;
+    n = (n + 255) / 256 * 256;
+    return n > INT32_MAX ? INT32_MAX : (int)n;
+}
+
+// Makes layer la's expert-side buffers and the shared expert-side scratch
+// hold R rows. Called right after the layer's host synchronisation (the
+// stream is idle, and no earlier content is needed).
+static void gpu_reserve_rows(GpuState *g, GpuLayer *la, int l, int R) {
+    size_t d = g->cfg.d_model, de = g->cfg.d_expert;
+    if (R > la->R_cap) {
+        int cap = grow_rows(R, la->R_cap);
+        la->xe = (floatX *)gpu_regrow(g, la->xe, sizeof(floatX) * cap * d);
+        la->e13 = (floatX *)gpu_regrow(g, la->e13, sizeof(floatX) * cap * 2 * de);
+        la->eact = (floatX *)gpu_regrow(g, la->eact, sizeof(floatX) * cap * de);
+        la->exp_src = (int *)gpu_regrow(g, la->exp_src, sizeof(int) * cap);
+        la->R_cap = cap;
+        char who[32] = "";
+        if (g->dist.world > 1) snprintf(who, sizeof who, "rank %d: ", g->dist.rank);
+        printf("%sexpert-side rows of layer %d: capacity now %d (%.2f x the micro-batch's N K) for %d rows received\n",
+               who, l, cap, (double)cap / ((double)g->maxB * g->maxT * g->cfg.top_k), R);
+    }
+    if (R > g->R_cap) {
+        int cap = grow_rows(R, g->R_cap);
+        g->dact_e = (floatX *)gpu_regrow(g, g->dact_e, sizeof(floatX) * cap * de);
+        g->d13_e = (floatX *)gpu_regrow(g, g->d13_e, sizeof(floatX) * cap * 2 * de);
+        g->dxe = (floatX *)gpu_regrow(g, g->dxe, sizeof(floatX) * cap * d);
+        g->xr = (floatX *)gpu_regrow(g, g->xr, sizeof(floatX) * cap * d);
+        g->ye = (floatX *)gpu_regrow(g, g->ye, sizeof(floatX) * cap * d);
+        CUDA_CHECK(cudaFreeHost(g->h_exp_src));
+        CUDA_CHECK(cudaMallocHost((void **)&g->h_exp_src, sizeof(int) * cap));
+        g->R_cap = cap;
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -444,11 +742,22 @@ static void gpu_moe_forward(GpuState *g, int l, int k, int B, int T, float *xout
     moe_route(la->s, la->zsum, la->sel, la->gates, la->counts, g->bias + (size_t)k * E, N, E, K, c->gate,
               c->norm_topk, c->route_scale, g->ro.bias_mult, st);
     moe_permute(la->offsets, la->row_of, la->slot_of, g->perm_scratch, la->sel, la->counts, NK, E, st);
+    const GpuComm *dc = &g->dist;
+    int P = g->P, El = g->El;
+    size_t rb = sizeof(floatX) * d; // bytes per row
+    if (g->exchange) {
+        // This rank's rows in expert order (the rows of EP rank p's experts are
+        // contiguous), and every expert's count to the rank that holds it.
+        moe_gather(g->xs, la->h2, la->slot_of, NK, K, d, st);
+        dc->alltoall_i32(dc->ctx, la->counts, la->recv_cnt, El, st);
+        CUDA_CHECK(cudaMemcpyAsync(la->h_recv_cnt, la->recv_cnt, sizeof(int) * E, cudaMemcpyDeviceToHost, st));
+    }
 
     // The layer's one host synchronisation, which the algorithm needs:
     // cublasGemmGroupedBatchedEx takes every expert's row count as a host
-    // array, so the offsets must reach the host before the expert GEMMs can be
-    // enqueued. They also give the host its exact per-expert counts.
+    // array, so the offsets (and under expert parallelism the counts received,
+    // which size the all-to-all-v) must reach the host before the expert GEMMs
+    // can be enqueued. They also give the host its exact per-expert counts.
     CUDA_CHECK(cudaMemcpyAsync(la->h_offsets, la->offsets, sizeof(int) * (E + 1), cudaMemcpyDeviceToHost, st));
     CUDA_CHECK(cudaStreamSynchronize(st));
     if (la->h_offsets[E] != NK) {
@@ -457,13 +766,42 @@ static void gpu_moe_forward(GpuState *g, int l, int k, int B, int T, float *xout
         exit(1);
     }
 
-    // Routed experts on their expert-ordered rows.
-    moe_gather(la->xe, la->h2, la->slot_of, NK, K, d, st);
+    if (g->exchange) {
+        // Sizes and order of the expert side (model/moe.c's moe_dispatch),
+        // then the rows travel to their experts' ranks and are put expert-major.
+        for (int i = 0; i < E; i++)
+            if (la->h_recv_cnt[i] < 0 || la->h_recv_cnt[i] > NK * P) {
+                fprintf(stderr, "internal error: layer %d: EP rank %d announces %d rows for local expert %d\n", l,
+                        i / El, la->h_recv_cnt[i], i % El);
+                exit(1);
+            }
+        int R = moe_ep_rows(P, El, la->h_offsets, la->h_recv_cnt, la->send_rows, la->recv_rows);
+        gpu_reserve_rows(g, la, l, R);
+        moe_ep_order(P, El, la->h_recv_cnt, la->recv_rows, la->h_exp_off, g->h_exp_src);
+        la->R = R;
+        // From pinned memory, asynchronously: the next writer of h_exp_src is the
+        // next MoE layer, after its own synchronisation.
+        if (R > 0)
+            CUDA_CHECK(cudaMemcpyAsync(la->exp_src, g->h_exp_src, sizeof(int) * R, cudaMemcpyHostToDevice, st));
+        dc->alltoallv(dc->ctx, g->xs, la->send_rows, g->xr, la->recv_rows, rb, st);
+        moe_rows_gather(la->xe, g->xr, la->exp_src, R, rb, st);
+    } else {
+        la->R = NK;
+        moe_gather(la->xe, la->h2, la->slot_of, NK, K, d, st);
+    }
+
+    // This rank's routed experts on their expert-major rows.
+    floatX *ye = g->exchange ? g->ye : la->eout;
     grouped_matmul_forward(&g->gg, k * GG_PER_LAYER + GG_FWD13, la->e13, la->xe, gpu_paramX(g, l, P_EXPERTS_W13),
-                           la->h_offsets, d, 2 * de);
-    swiglu_forward(la->eact, la->e13, NK, de, st);
-    grouped_matmul_forward(&g->gg, k * GG_PER_LAYER + GG_FWD2, la->eout, la->eact, gpu_paramX(g, l, P_EXPERTS_W2),
-                           la->h_offsets, de, d);
+                           la->h_exp_off, d, 2 * de);
+    swiglu_forward(la->eact, la->e13, la->R, de, st);
+    grouped_matmul_forward(&g->gg, k * GG_PER_LAYER + GG_FWD2, ye, la->eact, gpu_paramX(g, l, P_EXPERTS_W2),
+                           la->h_exp_off, de, d);
+    if (g->exchange) {
+        // Back to received order, and to the tokens' ranks (model/moe.c's moe_return).
+        moe_rows_scatter(g->xr, g->ye, la->exp_src, la->R, rb, st);
+        dc->alltoallv(dc->ctx, g->xr, la->recv_rows, la->eout, la->send_rows, rb, st);
+    }
 
     // xout = xmid + shared(h2) + sum_j g_j expert_j(h2).
     CUDA_CHECK(cudaMemcpyAsync(xout, la->xmid, sizeof(float) * (size_t)N * d, cudaMemcpyDeviceToDevice, st));
@@ -552,24 +890,38 @@ static void gpu_moe_backward(GpuState *g, int l, int k, int B, int T, float grad
     const MoeConfig *c = &g->cfg;
     GpuLayer *la = &g->layer[l];
     int N = B * T, E = c->n_routed, K = c->top_k, d = c->d_model, de = c->d_expert, sh = c->n_shared * de;
-    int NK = N * K;
     cudaStream_t st = g->stream;
-    const int *off = la->h_offsets; // the forward's row counts, still on the host
+    const int *off = la->h_exp_off; // the forward's expert-side row counts, still on the host
     int s0 = k * GG_PER_LAYER;
+    const GpuComm *dc = &g->dist;
+    size_t rb = sizeof(floatX) * d;
 
     // Combine backward: the gates get dout . y, the expert outputs g * dout.
     moe_combine_backward(g->deout, g->dgates, g->dres, la->eout, la->gates, la->row_of, N, K, d, st);
-    // Routed experts.
-    grouped_matmul_backward_weight(&g->gg, s0 + GG_BWD_W2, gpu_grad(g, l, P_EXPERTS_W2), g->deout, la->eact, off, de,
-                                   d);
-    grouped_matmul_backward_input(&g->gg, s0 + GG_BWD_IN2, g->dact_e, g->deout, gpu_paramX(g, l, P_EXPERTS_W2), off,
-                                  de, d);
-    swiglu_backward(g->d13_e, g->dact_e, la->e13, NK, de, st);
+    // The output gradients travel to the experts' ranks (model/moe.c's moe_send).
+    const floatX *dye = g->deout;
+    if (g->exchange) {
+        dc->alltoallv(dc->ctx, g->deout, la->send_rows, g->xr, la->recv_rows, rb, st);
+        moe_rows_gather(g->ye, g->xr, la->exp_src, la->R, rb, st);
+        dye = g->ye;
+    }
+    // This rank's routed experts.
+    grouped_matmul_backward_weight(&g->gg, s0 + GG_BWD_W2, gpu_grad(g, l, P_EXPERTS_W2), dye, la->eact, off, de, d);
+    grouped_matmul_backward_input(&g->gg, s0 + GG_BWD_IN2, g->dact_e, dye, gpu_paramX(g, l, P_EXPERTS_W2), off, de,
+                                  d);
+    swiglu_backward(g->d13_e, g->dact_e, la->e13, la->R, de, st);
     grouped_matmul_backward_weight(&g->gg, s0 + GG_BWD_W13, gpu_grad(g, l, P_EXPERTS_W13), g->d13_e, la->xe, off, d,
                                    2 * de);
     grouped_matmul_backward_input(&g->gg, s0 + GG_BWD_IN13, g->dxe, g->d13_e, gpu_paramX(g, l, P_EXPERTS_W13), off,
                                   d, 2 * de);
-    moe_scatter(g->dh, g->dxe, la->row_of, N, K, d, st);
+    // The input gradients come back to the tokens' ranks (moe_return).
+    const floatX *dxs = g->dxe;
+    if (g->exchange) {
+        moe_rows_scatter(g->xr, g->dxe, la->exp_src, la->R, rb, st);
+        dc->alltoallv(dc->ctx, g->xr, la->recv_rows, g->xs, la->send_rows, rb, st);
+        dxs = g->xs;
+    }
+    moe_scatter(g->dh, dxs, la->row_of, N, K, d, st);
     // Shared experts.
     if (sh > 0) {
         matmul_backward_weight(g->cublas, gpu_grad(g, l, P_SHARED_W2), g->dresX, la->sact, N, sh, d);
@@ -661,15 +1013,45 @@ static void gpu_micro_batch(Backend *be, const int *tokens, const int *targets, 
     }
 }
 
-// One process holds every parameter, so there is nothing to average.
-static void gpu_sync_grads(Backend *be) { (void)be; }
+// As train_moe.c's cpu_sync_grads: each rank's loss is the mean over its own
+// tokens, so the run's gradient is the mean over ranks. The replicated
+// tensors (one contiguous run of the local buffer) are summed over all ranks,
+// the local expert slices (the rest) over the EDP group (the EP exchange
+// already brought the group's tokens to each expert), then everything is
+// divided by the number of ranks. NCCL gives every rank the same sums, so
+// the replicated weights stay identical bit for bit.
+static void gpu_sync_grads(Backend *be) {
+    GpuState *g = gpu(be);
+    if (!g->has_comm) return; // one process holds every parameter: nothing to average
+    const GpuComm *dc = &g->dist;
+    dc->allreduce_f32(dc->ctx, COMM_WORLD, g->grads, (size_t)g->n_rep, g->stream);
+    dc->allreduce_f32(dc->ctx, COMM_EDP, g->grads + g->n_rep, (size_t)(g->n_local - g->n_rep), g->stream);
+    scale_f32(g->grads, g->n_local, 1.0f / (float)dc->world, g->stream);
+    CUDA_CHECK(cudaStreamSynchronize(g->stream));
+}
 
+// The global norm of the synchronised gradient, the same bits on every rank:
+// the replicated tensors' sum of squares (equal everywhere) plus every EP
+// position's expert sum, each expert counted once (cpu_grad_norm's formula).
+// The expert sums are gathered, not summed, by NCCL: each rank writes its sum
+// into its own slot of a zeroed (P) vector and the group adds the vectors
+// (x + 0 is exact whatever the order), then the host adds the slots in rank
+// order. A plain all-reduce of one double per rank could round differently
+// in different EP groups (each group's ring has its own order), and ranks
+// whose clipping factors differ in the last bit would let their replicated
+// weights drift apart.
 static float gpu_grad_norm(Backend *be) {
     GpuState *g = gpu(be);
-    gradnorm_sumsq(g->gn_out, g->gn_partials, g->grads, be->n_params, g->stream);
-    CUDA_CHECK(cudaMemcpyAsync(g->h_gn, g->gn_out, sizeof(double), cudaMemcpyDeviceToHost, g->stream));
-    CUDA_CHECK(cudaStreamSynchronize(g->stream));
-    return (float)sqrt(*g->h_gn);
+    cudaStream_t st = g->stream;
+    gradnorm_sumsq(g->gn_out, g->gn_partials, g->grads, g->n_rep, st);
+    CUDA_CHECK(cudaMemsetAsync(g->gn_out + 1, 0, sizeof(double) * g->P, st));
+    gradnorm_sumsq(g->gn_out + 1 + g->dist.ep_rank, g->gn_partials, g->grads + g->n_rep, g->n_local - g->n_rep, st);
+    if (g->has_comm) g->dist.allreduce_f64(g->dist.ctx, COMM_EP, g->gn_out + 1, (size_t)g->P, st);
+    CUDA_CHECK(cudaMemcpyAsync(g->h_gn, g->gn_out, sizeof(double) * (g->P + 1), cudaMemcpyDeviceToHost, st));
+    CUDA_CHECK(cudaStreamSynchronize(st));
+    double experts = 0;
+    for (int p = 0; p < g->P; p++) experts += g->h_gn[1 + p];
+    return (float)sqrt(g->h_gn[0] + experts);
 }
 
 static void gpu_update(Backend *be, const AdamWConfig *opt, double lr, int64_t t, float grad_mult) {
@@ -721,8 +1103,15 @@ void gpu_backend_init(Backend *be) {
 
 void gpu_debug_get_grads(Backend *be, float *grads) {
     GpuState *g = gpu(be);
-    gpu_copy(g, grads, g->grads, sizeof(float) * (size_t)be->n_params, cudaMemcpyDeviceToHost);
+    memset(grads, 0, sizeof(float) * (size_t)be->n_params);
+    for (int i = 0; i < g->llay.n; i++) {
+        const ParamTensor *t = &g->llay.t[i];
+        gpu_copy(g, grads + gpu_global_offset(g, i), g->grads + t->offset, sizeof(float) * t->numel,
+                 cudaMemcpyDeviceToHost);
+    }
 }
+
+int gpu_debug_expert_rows(Backend *be, int k) { return gpu(be)->layer[gpu(be)->cfg.n_dense + k].R; }
 
 void gpu_debug_get_logits(Backend *be, float *logits) {
     GpuState *g = gpu(be);
@@ -744,8 +1133,38 @@ void gpu_debug_get_routing(Backend *be, int k, int *sel, float *gates) {
 
 #ifndef TRAIN_MOECU_NO_MAIN
 int main(int argc, char **argv) {
+    // --nccl-init DIR (or --nccl-init=DIR): the rendezvous directory of a
+    // start without MPI (dist/launch.h). It reaches dist/comm_nccl.c as
+    // MOE_NCCL_INIT and is taken out before the shared option parser runs.
+    int n = 1;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--nccl-init") == 0) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "error: --nccl-init needs a directory\n");
+                return 1;
+            }
+            setenv("MOE_NCCL_INIT", argv[++i], 1);
+        } else if (strncmp(argv[i], "--nccl-init=", 12) == 0) {
+            setenv("MOE_NCCL_INIT", argv[i] + 12, 1);
+        } else {
+            argv[n++] = argv[i];
+        }
+    }
+    argv[n] = NULL;
+    // Each rank's GPU before anything initialises CUDA (a CUDA-aware MPI may in
+    // MPI_Init), when the launcher says the local rank; dist/comm_nccl.c
+    // chooses the same one later, and reports any problem.
+    LaunchInfo li;
+    char err[512];
+    if (launch_from_env(&li, err, sizeof err) == 0 && li.world > 1 && li.local_rank >= 0) {
+        int ndev = 0;
+        if (cudaGetDeviceCount(&ndev) == cudaSuccess && ndev > 1 && li.local_rank < ndev) cudaSetDevice(li.local_rank);
+        (void)cudaGetLastError(); // leave no error behind for the kernels' checks
+    }
     Backend be;
     gpu_backend_init(&be);
-    return trainer_main(argc, argv, "train_moecu", &be);
+    int rc = trainer_main(n, argv, "train_moecu", &be);
+    comm_nccl_close(); // after MPI_Finalize in the MPI build: NCCL does not need MPI to tear down
+    return rc;
 }
 #endif

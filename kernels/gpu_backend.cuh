@@ -10,13 +10,30 @@
 extern "C" {
 #include "../train/backend.h"
 }
+#include "../dist/comm_nccl.h"
 
 // Fills every callback of *be (and its name, "gpu-bf16" or "gpu-fp32");
-// be->create then allocates the model.
+// be->create then allocates the model. create takes its ranks from be->comm:
+// one process (be->comm NULL or one rank) holds everything; several ranks,
+// or MOE_NCCL=1, use NCCL (dist/comm_nccl.h); MOE_EP_EXCHANGE=1 forces the
+// EP exchange path with --ep 1.
 void gpu_backend_init(Backend *be);
 
-// After a micro_batch: the accumulated fp32 gradient (n_params).
+// What be->create does, with the ranks given explicitly (the tests simulate
+// several ranks in one process with their own GpuComm).
+typedef struct {
+    const GpuComm *comm;   // the ranks' collectives; NULL: one process, nothing is shared
+    int force_exchange;    // 1: the MoE rows go through comm's EP exchange even when ep == 1
+} GpuBackendOptions;
+int gpu_backend_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, int B, int T,
+                       const GpuBackendOptions *opt);
+
+// After a micro_batch: the accumulated fp32 gradient (n_params), in layout
+// order; under expert parallelism the rows of experts held by other ranks are 0.
 void gpu_debug_get_grads(Backend *be, float *grads);
+// After a forward: the rows MoE layer k's local experts received (N K
+// without the EP exchange).
+int gpu_debug_expert_rows(Backend *be, int k);
 // After a micro_batch with train = 0 (the classifier then leaves the logits
 // alone): the logits (B*T, V) of that forward, as fp32.
 void gpu_debug_get_logits(Backend *be, float *logits);
