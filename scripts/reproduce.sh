@@ -9,18 +9,19 @@
 #              is the constant-step dual update of Han & Zhong, arXiv 2512.03915)
 #   schedule   const vs inv vs invsqrt vs stop step sizes (arXiv 2512.03915;
 #              stop is DeepSeek-V3's switch-off, arXiv 2412.19437)
+#   long       alf vs aux again, 4x longer (gamma 1e-3 needs time to balance)
 #
 # Every run is the same model, data order, learning rate and length; only the
 # balancing differs. Finished runs are skipped, so the script can be stopped
 # and started again. Then scripts/report.py writes a table and plots per group
 # into $OUT/report/<group>, and with --publish copies them to docs/results/.
 #
-#   scripts/reproduce.sh [--steps N] [--groups "main gamma rule schedule"] [--publish]
+#   scripts/reproduce.sh [--steps N] [--groups "main gamma rule schedule long"] [--publish]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 STEPS=${REPRO_STEPS:-400}
-GROUPS_=${REPRO_GROUPS:-"main gamma rule schedule"}
+GROUPS_=${REPRO_GROUPS:-"main gamma rule schedule long"}
 OUT=${REPRO_OUT:-runs/repro}
 PUBLISH=0
 while [ $# -gt 0 ]; do
@@ -29,7 +30,7 @@ while [ $# -gt 0 ]; do
         --groups) GROUPS_=${2:?}; shift 2 ;;
         --out) OUT=${2:?}; shift 2 ;;
         --publish) PUBLISH=1; shift ;;
-        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,/^set /p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "reproduce: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -56,8 +57,10 @@ TAU=$((STEPS / 10)) # inv/invsqrt decay over the run, not over the default 1000 
 
 run() { # NAME [options...]: one training run, skipped when its log says it finished
     local name=$1; shift
-    local log="$OUT/$name.jsonl"
-    if [ -f "$log" ] && grep -q "\"type\":\"eval\",\"step\":$STEPS," "$log"; then
+    local log="$OUT/$name.jsonl" steps=$STEPS a
+    for a in "$@"; do [ "${prev:-}" = --steps ] && steps=$a; prev=$a; done
+    prev=
+    if [ -f "$log" ] && grep -q "\"type\":\"eval\",\"step\":$steps," "$log"; then
         echo "== $name: done, skipped"; return
     fi
     rm -f "$log"
@@ -101,7 +104,12 @@ for g in $GROUPS_; do
         run sched_invsqrt --seed 1 --balance alf --gamma 1e-3 --gamma-schedule invsqrt --gamma-tau $TAU
         run sched_stop --seed 1 --balance alf --gamma 1e-3 --gamma-schedule stop --gamma-stop-frac 0.5
         report schedule alf_s1 sched_inv sched_invsqrt sched_stop ;;
-    *) echo "reproduce: unknown group '$g' (main gamma rule schedule)" >&2; exit 2 ;;
+    long)
+        L=$((STEPS * 4))
+        run long_alf --seed 1 --balance alf --gamma 1e-3 --steps $L --eval-every $((L / 8))
+        run long_aux --seed 1 --balance aux --aux-alpha 1e-3 --steps $L --eval-every $((L / 8))
+        report long long_alf long_aux ;;
+    *) echo "reproduce: unknown group '$g' (main gamma rule schedule long)" >&2; exit 2 ;;
     esac
 done
 
