@@ -72,11 +72,18 @@ run() { # NAME [options...]: one training run, skipped when its log says it fini
     echo "   ($(( $(date +%s) - t0 )) s)"
 }
 
+# A Python with numpy and matplotlib for the plots: $PYTHON, python3, or Debian's.
+PY=
+for p in ${PYTHON:-} python3 /usr/bin/python3; do
+    if "$p" -c 'import numpy, matplotlib' 2> /dev/null; then PY=$p; break; fi
+done
+[ -n "$PY" ] || { echo "reproduce: the report needs python3 with numpy and matplotlib (apt-get install python3-matplotlib)" >&2; exit 1; }
+
 report() { # GROUP NAME...
     local group=$1; shift
     local args=()
     for n in "$@"; do args+=("$n=$OUT/$n.jsonl"); done
-    python3 scripts/report.py --out "$OUT/report/$group" --title "$group ($STEPS steps of 4 x 256 tokens, small preset)" "${args[@]}"
+    "$PY" scripts/report.py --out "$OUT/report/$group" --title "$group ($STEPS steps of 4 x 256 tokens, small preset)" "${args[@]}"
 }
 
 for g in $GROUPS_; do
