@@ -121,9 +121,14 @@ for g in $GROUPS_; do
 done
 
 if [ "$PUBLISH" = 1 ]; then
-    rm -rf docs/results
-    mkdir -p docs/results
-    cp -r "$OUT/report/"* docs/results/
+    # Each group's report replaces its folder; docs/results/README.md (the
+    # discussion of the results) stays.
+    for d in "$OUT/report/"*/; do
+        g=$(basename "$d")
+        rm -rf "docs/results/$g"
+        mkdir -p docs/results
+        cp -r "$d" "docs/results/$g"
+    done
     echo "copied the reports to docs/results/"
 fi
 echo "reports: $OUT/report/<group>/summary.md"
