@@ -9,7 +9,7 @@
 #              is the constant-step dual update of Han & Zhong, arXiv 2512.03915)
 #   schedule   const vs inv vs invsqrt vs stop step sizes (arXiv 2512.03915;
 #              stop is DeepSeek-V3's switch-off, arXiv 2412.19437)
-#   long       alf vs aux again, 4x longer (gamma 1e-3 needs time to balance)
+#   long       alf vs aux again, 4x longer, two seeds (gamma 1e-3 needs time to balance)
 #
 # Every run is the same model, data order, learning rate and length; only the
 # balancing differs. Finished runs are skipped, so the script can be stopped
@@ -113,9 +113,11 @@ for g in $GROUPS_; do
         report schedule alf_s1 sched_inv sched_invsqrt sched_stop ;;
     long)
         L=$((STEPS * 4))
-        run long_alf --seed 1 --balance alf --gamma 1e-3 --steps $L --eval-every $((L / 8))
-        run long_aux --seed 1 --balance aux --aux-alpha 1e-3 --steps $L --eval-every $((L / 8))
-        report long long_alf long_aux ;;
+        for seed in 1 2; do
+            run long_alf_s$seed --seed $seed --balance alf --gamma 1e-3 --steps $L --eval-every $((L / 8))
+            run long_aux_s$seed --seed $seed --balance aux --aux-alpha 1e-3 --steps $L --eval-every $((L / 8))
+        done
+        report long long_alf_s1 long_aux_s1 long_alf_s2 long_aux_s2 ;;
     *) echo "reproduce: unknown group '$g' (main gamma rule schedule long)" >&2; exit 2 ;;
     esac
 done
