@@ -79,11 +79,11 @@ for p in ${PYTHON:-} python3 /usr/bin/python3; do
 done
 [ -n "$PY" ] || { echo "reproduce: the report needs python3 with numpy and matplotlib (apt-get install python3-matplotlib)" >&2; exit 1; }
 
-report() { # GROUP NAME...
-    local group=$1; shift
+report() { # GROUP STEPS NAME...
+    local group=$1 steps=$2; shift 2
     local args=()
     for n in "$@"; do args+=("$n=$OUT/$n.jsonl"); done
-    "$PY" scripts/report.py --out "$OUT/report/$group" --title "$group ($STEPS steps of 4 x 256 tokens, small preset)" "${args[@]}"
+    "$PY" scripts/report.py --out "$OUT/report/$group" --title "$group ($steps steps of 4 x 256 tokens, small preset)" "${args[@]}"
 }
 
 for g in $GROUPS_; do
@@ -94,30 +94,30 @@ for g in $GROUPS_; do
             run "aux_s$seed" --seed $seed --balance aux --aux-alpha 1e-3
             run "none_s$seed" --seed $seed --balance none
         done
-        report main alf_s1 aux_s1 none_s1 alf_s2 aux_s2 none_s2 ;;
+        report main $STEPS alf_s1 aux_s1 none_s1 alf_s2 aux_s2 none_s2 ;;
     gamma)
         run alf_s1 --seed 1 --balance alf --gamma 1e-3
         run gamma_1e-4 --seed 1 --balance alf --gamma 1e-4
         run gamma_1e-2 --seed 1 --balance alf --gamma 1e-2
-        report gamma gamma_1e-4 alf_s1 gamma_1e-2 ;;
+        report gamma $STEPS gamma_1e-4 alf_s1 gamma_1e-2 ;;
     rule)
         run alf_s1 --seed 1 --balance alf --gamma 1e-3
         run rule_prop --seed 1 --balance alf --gamma-rule prop --gamma 1e-3
         run rule_mult --seed 1 --balance alf --gamma-rule mult --gamma 1e-3
-        report rule alf_s1 rule_prop rule_mult ;;
+        report rule $STEPS alf_s1 rule_prop rule_mult ;;
     schedule)
         run alf_s1 --seed 1 --balance alf --gamma 1e-3
         run sched_inv --seed 1 --balance alf --gamma 1e-3 --gamma-schedule inv --gamma-tau $TAU
         run sched_invsqrt --seed 1 --balance alf --gamma 1e-3 --gamma-schedule invsqrt --gamma-tau $TAU
         run sched_stop --seed 1 --balance alf --gamma 1e-3 --gamma-schedule stop --gamma-stop-frac 0.5
-        report schedule alf_s1 sched_inv sched_invsqrt sched_stop ;;
+        report schedule $STEPS alf_s1 sched_inv sched_invsqrt sched_stop ;;
     long)
         L=$((STEPS * 4))
         for seed in 1 2; do
             run long_alf_s$seed --seed $seed --balance alf --gamma 1e-3 --steps $L --eval-every $((L / 8))
             run long_aux_s$seed --seed $seed --balance aux --aux-alpha 1e-3 --steps $L --eval-every $((L / 8))
         done
-        report long long_alf_s1 long_aux_s1 long_alf_s2 long_aux_s2 ;;
+        report long $L long_alf_s1 long_aux_s1 long_alf_s2 long_aux_s2 ;;
     *) echo "reproduce: unknown group '$g' (main gamma rule schedule long)" >&2; exit 2 ;;
     esac
 done
