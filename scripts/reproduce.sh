@@ -40,7 +40,7 @@ done
 DATA=runs/quickstart/data
 TOK=runs/quickstart/tokenizer.tok
 if ! ls "$DATA"/*train_*.bin > /dev/null 2>&1 || [ ! -f "$TOK" ]; then
-    scripts/quickstart.sh --prepare-only
+    bash scripts/quickstart.sh --prepare-only
 fi
 make -s train_moe
 TRAIN=./train_moe
