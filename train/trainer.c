@@ -469,8 +469,10 @@ static void trainer_log_step(Run *r, const StepResult *s, double dt, double elap
         fmt_duration(eta_s, sizeof eta_s, eta);
         printf("step %5lld/%lld | loss %.4f", (long long)r->step, (long long)o->steps, s->loss);
         if (s->aux != 0) printf(" (aux %.5f)", s->aux);
-        printf(" | lr %.2e | gamma %.2e | gnorm %.3f | maxvio %.3f | %.0f tok/s | eta %s\n", s->lr, s->gamma,
-               s->grad_norm, s->bm.maxvio_batch, tps, eta_s);
+        printf(" | lr %.2e | gamma %.2e | gnorm %.3f | maxvio %.3f", s->lr, s->gamma, s->grad_norm,
+               s->bm.maxvio_batch);
+        if (s->bm.idle_total > 0) printf(" (%d idle)", s->bm.idle_total);
+        printf(" | %.0f tok/s | eta %s\n", tps, eta_s);
         fflush(stdout);
     }
     if (!r->log) return;
