@@ -8,6 +8,7 @@
 #define _FILE_OFFSET_BITS 64 // the sparse-shard test needs offsets past 4 GiB
 #endif
 
+#include "check.h"
 #include "../data/loader.h"
 #include "../data/shard.h"
 
@@ -21,20 +22,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-static int n_pass, n_fail;
 static char g_dir[512];   // the temporary directory
 static char g_err[2048];  // message buffer handed to the code under test
 
-static void check(int ok, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    printf("%s ", ok ? "ok  " : "FAIL");
-    vprintf(fmt, ap);
-    printf("\n");
-    va_end(ap);
-    if (ok) n_pass++;
-    else n_fail++;
-}
 
 // out = g_dir/name. out holds 1024 bytes.
 static char *path_in(char out[1024], const char *name) {
@@ -664,6 +654,5 @@ int main(void) {
     test_loader_resume();
     test_large_offsets();
     remove_tree(g_dir);
-    printf("%d passed, %d failed\n", n_pass, n_fail);
-    return n_fail ? 1 : 0;
+    return check_summary("test_data");
 }

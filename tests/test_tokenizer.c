@@ -18,23 +18,13 @@
 #include <omp.h>
 #endif
 
+#include "check.h"
 #include "../tokenizer/bpe.h"
 #include "../tokenizer/bpe_internal.h"  // tok_crc32, tok_read_file: checked against oracles below
 #include "../tokenizer/tok_json.h"
 
-static int g_failures, g_checks;
 static char g_tmpdir[256];  // scratch directory for files written by the tests
 
-static void check(int ok, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    printf("%s ", ok ? "ok  " : "FAIL");
-    vprintf(fmt, ap);
-    printf("\n");
-    va_end(ap);
-    g_checks++;
-    if (!ok) g_failures++;
-}
 
 static uint64_t g_rng = 0x9E3779B97F4A7C15ull;
 static uint64_t rnd(void) {  // xorshift64*: fixed seed, so every run tests the same strings
@@ -726,6 +716,5 @@ int main(int argc, char **argv) {
     test_hf_variants();
     test_hf_deepseek_style();
     rmdir(g_tmpdir);
-    printf("%d checks, %d failures\n", g_checks, g_failures);
-    return g_failures ? 1 : 0;
+    return check_summary("test_tokenizer");
 }

@@ -22,21 +22,11 @@
 #include <omp.h>
 #endif
 
+#include "check.h"
 #include "../train/ckpt.h"
 #include "../train/lr.h"
 #include "../train/optim.h"
 
-static int failures = 0;
-
-static void check(int ok, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    printf("%s ", ok ? "ok  " : "FAIL");
-    vprintf(fmt, ap);
-    printf("\n");
-    va_end(ap);
-    if (!ok) failures++;
-}
 
 // |a - b| <= tol * max(1, |b|)
 static int close_to(double a, double b, double tol) { return fabs(a - b) <= tol * fmax(1.0, fabs(b)); }
@@ -817,10 +807,5 @@ int main(void) {
     test_ckpt_dir();
     remove_dir(tmpdir);
 
-    if (failures) {
-        printf("%d check(s) FAILED\n", failures);
-        return 1;
-    }
-    printf("all checks passed\n");
-    return 0;
+    return check_summary("test_train_infra");
 }
