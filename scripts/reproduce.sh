@@ -110,7 +110,10 @@ for g in $GROUPS_; do
         run sched_inv --seed 1 --balance alf --gamma 1e-3 --gamma-schedule inv --gamma-tau $TAU
         run sched_invsqrt --seed 1 --balance alf --gamma 1e-3 --gamma-schedule invsqrt --gamma-tau $TAU
         run sched_stop --seed 1 --balance alf --gamma 1e-3 --gamma-schedule stop --gamma-stop-frac 0.5
-        report schedule $STEPS alf_s1 sched_inv sched_invsqrt sched_stop ;;
+        # The same decays with tau = the whole run: gamma halves (inv) by the end.
+        run sched_inv_slow --seed 1 --balance alf --gamma 1e-3 --gamma-schedule inv --gamma-tau $STEPS
+        run sched_invsqrt_slow --seed 1 --balance alf --gamma 1e-3 --gamma-schedule invsqrt --gamma-tau $STEPS
+        report schedule $STEPS alf_s1 sched_inv sched_invsqrt sched_stop sched_inv_slow sched_invsqrt_slow ;;
     long)
         L=$((STEPS * 4))
         for seed in 1 2; do
