@@ -169,7 +169,7 @@ test-gpu-memcheck: train_moecu $(GPU_BUILD)/test_gpu $(BUILD)/gen_shards
 	@set -e; d=$$(mktemp -d); trap 'rm -rf "$$d"' EXIT; \
 	./$(BUILD)/gen_shards "$$d" 64 20000 4000 1; \
 	$(COMPUTE_SANITIZER) --tool memcheck --error-exitcode 1 ./train_moecu --config tiny \
-	    --train-data "$$d/train_*.bin" --val-data "$$d/val_*.bin" -b 4 --steps 3 --eval-batches 2 \
+	    --train-data "$$d/train_*.bin" --val-data "$$d/val_*.bin" -b 4 --steps 3 --warmup-steps 1 --eval-batches 2 \
 	    --sample-tokens 8 --ckpt-dir "$$d/ckpt"
 	$(COMPUTE_SANITIZER) --tool memcheck --error-exitcode 1 $(GPU_BUILD)/test_gpu --unit
 	$(COMPUTE_SANITIZER) --tool memcheck --error-exitcode 1 $(GPU_BUILD)/test_gpu_dist --quick
