@@ -107,8 +107,10 @@ $(BUILD)/test_tokenizer: tests/test_tokenizer.c $(call f32,$(TOK_SRC))
 $(BUILD)/test_balance: tests/test_balance.c $(call f32,model/balance.c)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
-# Everything that runs on a CPU; where nvcc exists also compiling the GPU
-# trainer and its tests (a compile error fails; running them needs `make test-gpu`).
+# Everything that runs on a CPU: the CPU trainer's tests, and the GPU
+# trainer's CUDA code on the CPU emulator (tests/emu, test-emu); where nvcc
+# exists also compiling the GPU trainer and its tests for a GPU (running them
+# there is `make test-gpu`).
 test: train_moe moe_ckpt moe_tok moe_prepare $(BUILD)/gen_shards $(TESTS) $(if $(NVCC_FOUND),gpu-build)
 	$(BUILD)/test_model
 	$(BUILD)/test_gradcheck
@@ -124,6 +126,7 @@ test: train_moe moe_ckpt moe_tok moe_prepare $(BUILD)/gen_shards $(TESTS) $(if $
 	bash tests/test_report.sh
 	bash tests/test_prepare.sh
 	./train_moe --config 1b --print-config | grep total
+	$(MAKE) --no-print-directory test-emu
 
 # ---------------------------------------------------------------- benchmarks
 
@@ -138,3 +141,4 @@ clean: clean-gpu
 	rm -rf $(BUILD) train_moe moe_ckpt moe_tok moe_prepare
 
 include gpu.mk
+include tests/emu/emu.mk

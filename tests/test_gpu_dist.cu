@@ -1,4 +1,4 @@
-// GPU tests of the multi-GPU code on ONE GPU (make test-gpu; needs a GPU).
+// GPU tests of the multi-GPU code on ONE GPU (make test-gpu; make test-emu on the CPU emulator).
 // One line per check with the measured error; exit status 1 on any failure.
 //
 //  1. dispatch: the EP bookkeeping (moe_ep_rows / moe_ep_order) and the row

@@ -1,0 +1,1053 @@
+// CUDA emulation on the CPU (see docs/gpu.md, "The emulator"): runs the GPU
+// trainer's own .cu code on a machine without a GPU, to check its logic --
+// indexing, barriers and shuffles, host/device protocol, cuBLAS arguments --
+// against the CPU reference. It is a test harness, not a GPU: threads of a
+// block run one at a time (no data races, no memory-model effects), streams
+// are synchronous, the GEMMs are plain loops, NCCL has one rank.
+//
+// What it checks that a GPU would only show as a crash or a wrong number:
+//   - device memory lives in its own pages, inaccessible while host code
+//     runs: host code that dereferences a device pointer stops with the
+//     allocation and offset named (the kernels, copies, GEMMs and collectives
+//     open the pages they touch on demand, through the SIGSEGV handler);
+//   - a guard page before and after every allocation, and canary bytes in
+//     the slack, catch out-of-bounds accesses (compute-sanitizer's memcheck);
+//   - fresh allocations and dynamic shared memory are filled with 0xff bytes
+//     (NaN as floats, -1 as integers), so reading before writing shows;
+//   - kernel pointer arguments must be device memory; copies must match
+//     their cudaMemcpyKind and stay inside their allocations; a barrier or
+//     shuffle that not every thread reaches is a deadlock, reported;
+//   - launch configurations CUDA rejects (an empty grid, > 1024 threads,
+//     > 48 KiB of dynamic shared memory) set the error KERNEL_CHECK reads.
+#include <errno.h>
+#include <execinfo.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <map>
+#include <mutex>
+#include <vector>
+
+#include "cublas_v2.h"
+#include "cuda_bf16.h"
+#include "cuda_runtime.h"
+#include "nccl.h"
+
+#if !defined(__x86_64__) || !defined(__linux__)
+#error "the CUDA emulator (tests/emu) switches threads with x86-64 Linux assembly"
+#endif
+
+// ----------------------------------------------------------------------------
+// Reporting
+
+namespace emu {
+struct Block;
+}
+static thread_local emu::Block *t_blk;      // the block being run by this OS thread (NULL outside kernels)
+static void describe_kernel_context(FILE *f); // below, with the scheduler
+
+[[noreturn]] static void emu_fail(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "emulator: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    describe_kernel_context(stderr);
+    void *frames[48];
+    int n = backtrace(frames, 48);
+    backtrace_symbols_fd(frames, n, 2);
+    fflush(stderr);
+    abort();
+}
+
+static size_t page_size() {
+    static size_t p = (size_t)sysconf(_SC_PAGESIZE);
+    return p;
+}
+static size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+
+// ----------------------------------------------------------------------------
+// Device memory
+//
+// Layout of one allocation: [guard page][slack | user bytes | slack][guard page]
+// with the user bytes 256-aligned and ending at most 255 bytes before the
+// second guard page; the slack holds canary bytes, checked when the memory is
+// closed again after device work and when it is freed.
+
+static const unsigned char CANARY = 0xa5;
+
+struct Alloc {
+    char *map;       // the whole mapping, guards included
+    size_t map_len;
+    char *data;      // first byte after the first guard page
+    size_t data_len; // pages between the guards
+    char *user;      // what cudaMalloc returned
+    size_t size;     // what was asked for
+    unsigned long id;
+    int open_count; // device work in progress on it, over all OS threads: pages readable while > 0
+};
+
+static std::mutex g_mem_mutex;
+static std::map<uintptr_t, Alloc> g_allocs;   // key: data address
+static std::map<uintptr_t, size_t> g_pinned;  // cudaMallocHost: address -> bytes
+static unsigned long g_next_id = 1;
+static size_t g_bytes_in_use, g_mem_limit;
+
+// The allocation whose mapping contains p (guard pages included), or NULL.
+// Called with g_mem_mutex held.
+static Alloc *alloc_of_locked(const void *p) {
+    uintptr_t a = (uintptr_t)p;
+    auto it = g_allocs.upper_bound(a + page_size()); // data > a - page: the map may start one page before data
+    if (it == g_allocs.begin()) return NULL;
+    --it;
+    Alloc *al = &it->second;
+    if (a >= (uintptr_t)al->map && a < (uintptr_t)al->map + al->map_len) return al;
+    return NULL;
+}
+
+// Per OS thread: inside device work (kernel, copy, GEMM, collective), and
+// the allocations opened for it.
+static thread_local int t_device_depth;
+static const int MAX_OPEN = 8192;
+struct OpenRef {
+    char *data;       // the allocation's key
+    unsigned long id; // to tell it from a later allocation at the same address
+};
+static thread_local OpenRef t_open[MAX_OPEN];
+static thread_local int t_n_open;
+
+static void check_canary(const Alloc *al) {
+    for (const char *p = al->data; p < al->user; p++)
+        if ((unsigned char)*p != CANARY)
+            emu_fail("out-of-bounds write at byte offset %zd of device allocation #%lu (%zu bytes): before its start",
+                     p - al->user, al->id, al->size);
+    for (const char *p = al->user + al->size; p < al->data + al->data_len; p++)
+        if ((unsigned char)*p != CANARY)
+            emu_fail("out-of-bounds write at byte offset %zd of device allocation #%lu (%zu bytes): past its end",
+                     p - al->user, al->id, al->size);
+}
+
+static void enter_device() { t_device_depth++; }
+
+// The end of this OS thread's device work: close what it opened (the last
+// user of an allocation checks its canaries and makes it inaccessible again).
+static void exit_device() {
+    if (--t_device_depth > 0) return;
+    std::lock_guard<std::mutex> lock(g_mem_mutex);
+    for (int i = 0; i < t_n_open; i++) {
+        Alloc *al = alloc_of_locked(t_open[i].data);
+        if (!al || al->id != t_open[i].id) continue; // freed meanwhile
+        if (--al->open_count > 0) continue;
+        check_canary(al);
+        if (mprotect(al->data, al->data_len, PROT_NONE) != 0) emu_fail("mprotect: %s", strerror(errno));
+    }
+    t_n_open = 0;
+}
+
+static void segv_handler(int sig, siginfo_t *si, void *uctx) {
+    (void)sig;
+    (void)uctx;
+    const char *addr = (const char *)si->si_addr;
+    Alloc copy;
+    int found = 0;
+    {
+        std::lock_guard<std::mutex> lock(g_mem_mutex);
+        Alloc *al = alloc_of_locked(addr);
+        if (al && addr >= al->data && addr < al->data + al->data_len && t_device_depth > 0) {
+            // Device work touching device memory: open the allocation until the work ends.
+            // (Another thread may have opened it between the fault and the lock: then it is readable already.)
+            for (int i = 0; i < t_n_open; i++)
+                if (t_open[i].id == al->id)
+                    emu_fail("fault on device allocation #%lu although it is open (%p)", al->id, (const void *)addr);
+            if (t_n_open == MAX_OPEN) emu_fail("more than %d device allocations open at once", MAX_OPEN);
+            if (al->open_count++ == 0 && mprotect(al->data, al->data_len, PROT_READ | PROT_WRITE) != 0)
+                emu_fail("mprotect: %s (too many mappings? see /proc/sys/vm/max_map_count)", strerror(errno));
+            t_open[t_n_open++] = OpenRef{al->data, al->id};
+            return;
+        }
+        if (al) {
+            copy = *al;
+            found = 1;
+        }
+    }
+    if (found) {
+        if (addr < copy.data || addr >= copy.data + copy.data_len)
+            emu_fail("out-of-bounds access at byte offset %zd of device allocation #%lu (%zu bytes): %s",
+                     addr - copy.user, copy.id, copy.size, addr < copy.data ? "before its start" : "past its end");
+        emu_fail("host code dereferenced device memory: allocation #%lu (%zu bytes), offset %zd", copy.id, copy.size,
+                 addr - copy.user);
+    }
+    emu_fail("segmentation fault at %p (not device memory%s)", (const void *)addr,
+             t_blk ? "; inside a kernel: a stale or freed pointer, or a stack overflow" : "");
+}
+
+static void install_handler() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        // The handler may run on a kernel thread's small stack: give it its own.
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = segv_handler;
+        sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGSEGV, &sa, NULL);
+        sigaction(SIGBUS, &sa, NULL);
+        const char *lim = getenv("EMU_MEM_LIMIT_GB");
+        g_mem_limit = (size_t)((lim ? atof(lim) : 8.0) * 1073741824.0);
+    });
+}
+
+enum Where { WHERE_HOST, WHERE_DEVICE, WHERE_PINNED };
+
+// Where [p, p + bytes) lives. A device range must lie inside one allocation's
+// user bytes (what = a description for the error message).
+static Where where_range(const void *p, size_t bytes, const char *what) {
+    std::lock_guard<std::mutex> lock(g_mem_mutex);
+    Alloc *al = alloc_of_locked(p);
+    if (al) {
+        const char *c = (const char *)p;
+        if (c < al->user || c + bytes > al->user + al->size)
+            emu_fail("%s: %zu bytes at offset %zd of device allocation #%lu (%zu bytes) run outside it", what, bytes,
+                     c - al->user, al->id, al->size);
+        return WHERE_DEVICE;
+    }
+    auto it = g_pinned.upper_bound((uintptr_t)p);
+    if (it != g_pinned.begin()) {
+        --it;
+        if ((uintptr_t)p < it->first + it->second) return WHERE_PINNED;
+    }
+    return WHERE_HOST;
+}
+
+static void need_device(const void *p, size_t bytes, const char *what) {
+    if (bytes == 0) return;
+    if (where_range(p, bytes, what) != WHERE_DEVICE) emu_fail("%s: %p is not device memory", what, p);
+}
+
+static void need_host(const void *p, const char *what) {
+    if (where_range(p, 1, what) == WHERE_DEVICE) emu_fail("%s: %p is device memory, a host pointer is required", what, p);
+}
+
+// ----------------------------------------------------------------------------
+// Runtime: errors, devices
+
+static thread_local cudaError_t t_last_error = cudaSuccess;
+static void set_error(cudaError_t e) {
+    if (t_last_error == cudaSuccess) t_last_error = e;
+}
+
+extern "C" const char *cudaGetErrorName(cudaError_t err) {
+    switch (err) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorNoDevice: return "cudaErrorNoDevice";
+    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    }
+    return "cudaErrorUnknown";
+}
+
+extern "C" const char *cudaGetErrorString(cudaError_t err) {
+    switch (err) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorMemoryAllocation: return "out of memory (emulator limit EMU_MEM_LIMIT_GB)";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
+    }
+    return "unknown error";
+}
+
+extern "C" cudaError_t cudaGetLastError(void) {
+    cudaError_t e = t_last_error;
+    t_last_error = cudaSuccess;
+    return e;
+}
+extern "C" cudaError_t cudaPeekAtLastError(void) { return t_last_error; }
+
+extern "C" cudaError_t cudaGetDeviceCount(int *count) {
+    *count = 1;
+    return cudaSuccess;
+}
+extern "C" cudaError_t cudaGetDevice(int *device) {
+    *device = 0;
+    return cudaSuccess;
+}
+extern "C" cudaError_t cudaSetDevice(int device) {
+    install_handler();
+    return device == 0 ? cudaSuccess : cudaErrorInvalidDevice;
+}
+
+extern "C" cudaError_t cudaGetDeviceProperties(cudaDeviceProp *prop, int device) {
+    if (device != 0) return cudaErrorInvalidDevice;
+    install_handler();
+    memset(prop, 0, sizeof *prop);
+    snprintf(prop->name, sizeof prop->name, "CPU emulator (tests/emu), not a GPU");
+    prop->totalGlobalMem = g_mem_limit;
+    prop->sharedMemPerBlock = 48 * 1024;
+    prop->maxThreadsPerBlock = 1024;
+    prop->multiProcessorCount = 1;
+    prop->major = 9;
+    prop->minor = 0;
+    return cudaSuccess;
+}
+
+extern "C" cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+
+// ----------------------------------------------------------------------------
+// Runtime: memory
+
+extern "C" cudaError_t cudaMalloc(void **ptr, size_t bytes) {
+    install_handler();
+    if (!ptr) return cudaErrorInvalidValue;
+    size_t pg = page_size(), data_len = round_up(round_up(bytes, 256), pg);
+    if (data_len == 0) data_len = pg;
+    {
+        std::lock_guard<std::mutex> lock(g_mem_mutex);
+        if (g_bytes_in_use + data_len > g_mem_limit) return cudaErrorMemoryAllocation;
+        g_bytes_in_use += data_len;
+    }
+    size_t map_len = data_len + 2 * pg;
+    char *map = (char *)mmap(NULL, map_len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (map == MAP_FAILED) return cudaErrorMemoryAllocation;
+    Alloc al;
+    al.map = map;
+    al.map_len = map_len;
+    al.data = map + pg;
+    al.data_len = data_len;
+    al.user = al.data + data_len - round_up(bytes, 256);
+    al.size = bytes;
+    al.open_count = 0;
+    mprotect(al.data, data_len, PROT_READ | PROT_WRITE);
+    memset(al.data, CANARY, data_len);
+    memset(al.user, 0xff, bytes); // NaN / -1: reading what was never written shows
+    mprotect(al.data, data_len, PROT_NONE);
+    {
+        std::lock_guard<std::mutex> lock(g_mem_mutex);
+        al.id = g_next_id++;
+        g_allocs[(uintptr_t)al.data] = al;
+    }
+    *ptr = al.user;
+    return cudaSuccess;
+}
+
+extern "C" cudaError_t cudaFree(void *ptr) {
+    if (!ptr) return cudaSuccess;
+    Alloc al;
+    {
+        std::lock_guard<std::mutex> lock(g_mem_mutex);
+        Alloc *a = alloc_of_locked(ptr);
+        if (!a || a->user != ptr) return cudaErrorInvalidValue; // not the start of a live allocation
+        al = *a;
+        g_allocs.erase((uintptr_t)a->data);
+        g_bytes_in_use -= al.data_len;
+    }
+    mprotect(al.data, al.data_len, PROT_READ);
+    check_canary(&al);
+    munmap(al.map, al.map_len);
+    return cudaSuccess;
+}
+
+extern "C" cudaError_t cudaMallocHost(void **ptr, size_t bytes) {
+    install_handler();
+    void *p = malloc(bytes ? bytes : 1);
+    if (!p) return cudaErrorMemoryAllocation;
+    std::lock_guard<std::mutex> lock(g_mem_mutex);
+    g_pinned[(uintptr_t)p] = bytes;
+    *ptr = p;
+    return cudaSuccess;
+}
+
+extern "C" cudaError_t cudaFreeHost(void *ptr) {
+    if (!ptr) return cudaSuccess;
+    {
+        std::lock_guard<std::mutex> lock(g_mem_mutex);
+        if (!g_pinned.erase((uintptr_t)ptr)) return cudaErrorInvalidValue;
+    }
+    free(ptr);
+    return cudaSuccess;
+}
+
+extern "C" cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind) {
+    if (bytes == 0) return cudaSuccess;
+    if (!dst || !src) return cudaErrorInvalidValue;
+    Where d = where_range(dst, bytes, "cudaMemcpy destination"), s = where_range(src, bytes, "cudaMemcpy source");
+    int d_dev = d == WHERE_DEVICE, s_dev = s == WHERE_DEVICE;
+    static const char *names[] = {"HostToHost", "HostToDevice", "DeviceToHost", "DeviceToDevice", "Default"};
+    int want_d = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
+    int want_s = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
+    if (kind != cudaMemcpyDefault && (d_dev != want_d || s_dev != want_s))
+        emu_fail("cudaMemcpy%s of %zu bytes, but the source is %s memory and the destination %s memory",
+                 names[kind], bytes, s_dev ? "device" : "host", d_dev ? "device" : "host");
+    enter_device();
+    memmove(dst, src, bytes);
+    exit_device();
+    return cudaSuccess;
+}
+
+extern "C" cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind,
+                                       cudaStream_t stream) {
+    (void)stream;
+    return cudaMemcpy(dst, src, bytes, kind);
+}
+
+extern "C" cudaError_t cudaMemset(void *ptr, int value, size_t bytes) {
+    if (bytes == 0) return cudaSuccess;
+    need_device(ptr, bytes, "cudaMemset");
+    enter_device();
+    memset(ptr, value, bytes);
+    exit_device();
+    return cudaSuccess;
+}
+
+extern "C" cudaError_t cudaMemsetAsync(void *ptr, int value, size_t bytes, cudaStream_t stream) {
+    (void)stream;
+    return cudaMemset(ptr, value, bytes);
+}
+
+// Streams: everything is synchronous; a stream is a tag.
+struct EmuStream {
+    unsigned int flags;
+};
+extern "C" cudaError_t cudaStreamCreate(cudaStream_t *stream) { return cudaStreamCreateWithFlags(stream, 0); }
+extern "C" cudaError_t cudaStreamCreateWithFlags(cudaStream_t *stream, unsigned int flags) {
+    install_handler();
+    *stream = new EmuStream{flags};
+    return cudaSuccess;
+}
+extern "C" cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+    delete stream;
+    return cudaSuccess;
+}
+extern "C" cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+    (void)stream;
+    return cudaSuccess;
+}
+
+// ----------------------------------------------------------------------------
+// Kernels: blocks of coroutine threads
+
+namespace emu {
+
+enum { T_RUN, T_AT_BLOCK, T_AT_WARP, T_DONE };
+
+struct Thread {
+    void *sp;   // saved stack pointer while switched out
+    uint3 idx;
+    int state;
+    int lane, warp;
+    uint64_t shfl; // the value this thread offers in a shuffle
+};
+
+struct Block {
+    const char *name;
+    dim3 grid, block;
+    uint3 bidx;
+    int nthreads;
+    Thread *threads;
+    Thread *cur;
+    void *sched_sp; // the scheduler's saved stack pointer
+    const std::function<void()> *body;
+    char *smem;
+};
+
+} // namespace emu
+
+static const size_t STACK_BYTES = 256 * 1024;
+// One stack per thread of a block (with a guard page below), reused by every
+// launch of this OS thread and unmapped when it ends.
+struct StackPool {
+    std::vector<char *> stacks;
+    ~StackPool() {
+        for (char *s : stacks) munmap(s - page_size(), STACK_BYTES + page_size());
+    }
+};
+static thread_local StackPool t_pool;
+static thread_local std::vector<emu::Thread> t_threads;
+static thread_local std::vector<char> t_smem;
+
+static void describe_kernel_context(FILE *f) {
+    if (!t_blk) return;
+    emu::Block *b = t_blk;
+    fprintf(f, "  in kernel %s, grid (%u,%u,%u) block (%u,%u,%u), at block (%u,%u,%u)", b->name, b->grid.x, b->grid.y,
+            b->grid.z, b->block.x, b->block.y, b->block.z, b->bidx.x, b->bidx.y, b->bidx.z);
+    if (b->cur) fprintf(f, " thread (%u,%u,%u)", b->cur->idx.x, b->cur->idx.y, b->cur->idx.z);
+    fprintf(f, "\n");
+}
+
+// Switching between a block's threads. A thread switches only when it
+// calls a barrier, so only the registers a function call preserves need
+// saving: rbp, rbx, r12-r15, the SSE and x87 control words, and the stack
+// pointer. (ucontext's swapcontext also saves the signal mask with a system
+// call per switch: several times slower.)
+extern "C" void emu_switch(void **save_sp, void *load_sp);
+__asm__(".text\n"
+        ".globl emu_switch\n"
+        ".type emu_switch, @function\n"
+        "emu_switch:\n"
+        "    pushq %rbp\n"
+        "    pushq %rbx\n"
+        "    pushq %r12\n"
+        "    pushq %r13\n"
+        "    pushq %r14\n"
+        "    pushq %r15\n"
+        "    subq $8, %rsp\n"
+        "    stmxcsr (%rsp)\n"
+        "    fnstcw 4(%rsp)\n"
+        "    movq %rsp, (%rdi)\n"
+        "    movq %rsi, %rsp\n"
+        "    ldmxcsr (%rsp)\n"
+        "    fldcw 4(%rsp)\n"
+        "    addq $8, %rsp\n"
+        "    popq %r15\n"
+        "    popq %r14\n"
+        "    popq %r13\n"
+        "    popq %r12\n"
+        "    popq %rbx\n"
+        "    popq %rbp\n"
+        "    ret\n"
+        ".size emu_switch, .-emu_switch\n");
+
+// The first code a thread runs; it never returns (its last switch goes back
+// to the scheduler for good).
+static void thread_entry() {
+    emu::Block *b = t_blk;
+    (*b->body)();
+    emu::Thread *t = b->cur;
+    t->state = emu::T_DONE;
+    emu_switch(&t->sp, b->sched_sp);
+    abort();
+}
+
+// A fresh stack for thread_entry, laid out as emu_switch leaves a switched-out
+// thread: control words, six saved registers, then the address to "return" to.
+static void *initial_stack(char *stack, size_t bytes) {
+    uintptr_t top = ((uintptr_t)(stack + bytes) & ~(uintptr_t)15) - 16; // 16-aligned, room for a fake return slot
+    uint64_t *sp = (uint64_t *)top;
+    sp[1] = 0;                       // thread_entry's own return address: never used
+    sp[0] = (uint64_t)(uintptr_t)thread_entry; // popped by ret: at entry rsp = top + 8, as after a call
+    sp -= 6;                         // rbp rbx r12 r13 r14 r15 (popped in reverse)
+    for (int i = 0; i < 6; i++) sp[i] = 0;
+    sp -= 1;                         // mxcsr, x87 control word: this thread's current ones
+    uint32_t mxcsr;
+    uint16_t fpucw;
+    __asm__ volatile("stmxcsr %0" : "=m"(mxcsr));
+    __asm__ volatile("fnstcw %0" : "=m"(fpucw));
+    memcpy((char *)sp, &mxcsr, 4);
+    memcpy((char *)sp + 4, &fpucw, 2);
+    return sp;
+}
+
+static void wait_at(int state) {
+    emu::Block *b = t_blk;
+    if (!b) emu_fail("a barrier or shuffle called outside a kernel");
+    emu::Thread *t = b->cur;
+    t->state = state;
+    emu_switch(&t->sp, b->sched_sp);
+}
+
+namespace emu {
+
+static const uint3 &current_thread_idx() {
+    if (!t_blk || !t_blk->cur) emu_fail("threadIdx used outside a kernel");
+    return t_blk->cur->idx;
+}
+const uint3 &thread_idx() { return current_thread_idx(); }
+const uint3 &block_idx() {
+    if (!t_blk) emu_fail("blockIdx used outside a kernel");
+    return t_blk->bidx;
+}
+const dim3 &block_dim() {
+    if (!t_blk) emu_fail("blockDim used outside a kernel");
+    return t_blk->block;
+}
+const dim3 &grid_dim() {
+    if (!t_blk) emu_fail("gridDim used outside a kernel");
+    return t_blk->grid;
+}
+void *dyn_smem() {
+    if (!t_blk) emu_fail("dynamic shared memory used outside a kernel");
+    return t_blk->smem;
+}
+void syncthreads() { wait_at(T_AT_BLOCK); }
+void syncwarp(unsigned int mask) {
+    (void)mask;
+    wait_at(T_AT_WARP);
+}
+
+uint64_t shfl_xor(unsigned int mask, uint64_t bits, int lane_mask, int width) {
+    Block *b = t_blk;
+    if (!b) emu_fail("a shuffle called outside a kernel");
+    Thread *t = b->cur;
+    if (width <= 0 || width > 32 || (width & (width - 1))) emu_fail("shuffle width %d is not a power of 2 <= 32", width);
+    int src = (t->lane & ~(width - 1)) | ((t->lane ^ lane_mask) & (width - 1));
+    if (!(mask >> t->lane & 1u) || !(mask >> src & 1u))
+        emu_fail("shuffle by lane %d from lane %d outside its mask 0x%08x", t->lane, src, mask);
+    t->shfl = bits;
+    wait_at(T_AT_WARP); // every live lane has offered its value
+    int si = t->warp * 32 + src;
+    if (si >= b->nthreads || b->threads[si].state == T_DONE)
+        emu_fail("shuffle by lane %d reads lane %d, which %s", t->lane, src,
+                 si >= b->nthreads ? "does not exist (block size not a multiple of 32)" : "has exited");
+    uint64_t r = b->threads[si].shfl;
+    wait_at(T_AT_WARP); // nobody offers the next value before every lane has read this one
+    return r;
+}
+
+// Runs the live threads until each waits or ends, then releases barriers,
+// until every thread has ended. A state where nobody can move is a deadlock.
+static void run_block(Block *b) {
+    for (;;) {
+        for (int i = 0; i < b->nthreads; i++) {
+            if (b->threads[i].state != T_RUN) continue;
+            b->cur = &b->threads[i];
+            emu_switch(&b->sched_sp, b->threads[i].sp);
+        }
+        b->cur = NULL;
+        int live = 0, at_block = 0, released = 0;
+        for (int w = 0; w * 32 < b->nthreads; w++) {
+            int wlive = 0, wat = 0, end = w * 32 + 32 < b->nthreads ? w * 32 + 32 : b->nthreads;
+            for (int i = w * 32; i < end; i++) {
+                int s = b->threads[i].state;
+                wlive += s != T_DONE;
+                wat += s == T_AT_WARP;
+                at_block += s == T_AT_BLOCK;
+            }
+            live += wlive;
+            if (wlive > 0 && wat == wlive) {
+                for (int i = w * 32; i < end; i++)
+                    if (b->threads[i].state == T_AT_WARP) b->threads[i].state = T_RUN;
+                released = 1;
+            }
+        }
+        if (released) continue;
+        if (live == 0) return;
+        if (at_block == live) {
+            for (int i = 0; i < b->nthreads; i++)
+                if (b->threads[i].state == T_AT_BLOCK) b->threads[i].state = T_RUN;
+            continue;
+        }
+        int n_warp = 0;
+        for (int i = 0; i < b->nthreads; i++) n_warp += b->threads[i].state == T_AT_WARP;
+        emu_fail("deadlock: of %d live threads, %d wait at __syncthreads and %d at a warp barrier or shuffle "
+                 "whose warp has threads elsewhere",
+                 live, at_block, n_warp);
+    }
+}
+
+// Thread i of block b, ready to run the kernel from its start.
+static void start_thread(Block *b, int i) {
+    Thread *t = &b->threads[i];
+    dim3 bd = b->block;
+    t->idx = uint3{(unsigned int)(i % bd.x), (unsigned int)(i / bd.x % bd.y), (unsigned int)(i / (bd.x * bd.y))};
+    t->state = T_RUN;
+    t->lane = i % 32;
+    t->warp = i / 32;
+    t->sp = initial_stack(t_pool.stacks[i], STACK_BYTES);
+}
+
+void launch(const char *name, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+            const std::function<void()> &body, const void *const *ptrs, const int *ptr_arg_index, int n_ptrs) {
+    (void)stream;
+    install_handler();
+    if (t_blk) emu_fail("kernel %s launched from inside a kernel", name);
+    uint64_t nthreads = (uint64_t)block.x * block.y * block.z;
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || nthreads == 0 || nthreads > 1024 || block.z > 64 ||
+        grid.y > 65535 || grid.z > 65535 || grid.x > 2147483647u) {
+        fprintf(stderr, "emulator: kernel %s: invalid launch configuration grid (%u,%u,%u) block (%u,%u,%u)\n", name,
+                grid.x, grid.y, grid.z, block.x, block.y, block.z);
+        set_error(cudaErrorInvalidConfiguration);
+        return;
+    }
+    if (smem > 48 * 1024) {
+        fprintf(stderr, "emulator: kernel %s asks for %zu bytes of dynamic shared memory (> 48 KiB without "
+                        "cudaFuncSetAttribute)\n", name, smem);
+        set_error(cudaErrorInvalidValue);
+        return;
+    }
+    for (int i = 0; i < n_ptrs; i++) {
+        if (!ptrs[i]) continue;
+        Where w = where_range(ptrs[i], 0, name);
+        if (w == WHERE_HOST) emu_fail("kernel %s: argument %d (%p) is a host pointer", name, ptr_arg_index[i], ptrs[i]);
+    }
+
+    int n = (int)nthreads;
+    while ((int)t_pool.stacks.size() < n) {
+        size_t pg = page_size();
+        char *m = (char *)mmap(NULL, STACK_BYTES + pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                               -1, 0);
+        if (m == MAP_FAILED) emu_fail("cannot map a thread stack: %s", strerror(errno));
+        if (mprotect(m, pg, PROT_NONE) != 0) emu_fail("mprotect: %s", strerror(errno)); // stack overflow guard
+        t_pool.stacks.push_back(m + pg);
+    }
+    t_threads.resize(n);
+    t_smem.assign(smem ? smem : 1, 0);
+
+    Block b;
+    b.name = name;
+    b.grid = grid;
+    b.block = block;
+    b.nthreads = n;
+    b.threads = t_threads.data();
+    b.cur = NULL;
+    b.body = &body;
+    b.smem = t_smem.data();
+    enter_device();
+    t_blk = &b;
+    for (unsigned int bz = 0; bz < grid.z; bz++)
+        for (unsigned int by = 0; by < grid.y; by++)
+            for (unsigned int bx = 0; bx < grid.x; bx++) {
+                b.bidx = uint3{bx, by, bz};
+                memset(b.smem, 0xff, smem); // unwritten shared memory reads as NaN / -1
+                for (int i = 0; i < n; i++) start_thread(&b, i);
+                run_block(&b);
+            }
+    t_blk = NULL;
+    exit_device();
+}
+
+} // namespace emu
+
+// ----------------------------------------------------------------------------
+// cuBLAS
+
+struct EmuCublas {
+    cudaStream_t stream;
+    cublasMath_t math;
+};
+
+extern "C" cublasStatus_t cublasCreate(cublasHandle_t *handle) {
+    install_handler();
+    *handle = new EmuCublas{NULL, CUBLAS_DEFAULT_MATH};
+    return CUBLAS_STATUS_SUCCESS;
+}
+extern "C" cublasStatus_t cublasDestroy(cublasHandle_t handle) {
+    delete handle;
+    return CUBLAS_STATUS_SUCCESS;
+}
+extern "C" cublasStatus_t cublasSetStream(cublasHandle_t handle, cudaStream_t stream) {
+    if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
+    handle->stream = stream;
+    return CUBLAS_STATUS_SUCCESS;
+}
+extern "C" cublasStatus_t cublasSetMathMode(cublasHandle_t handle, cublasMath_t mode) {
+    if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
+    handle->math = mode;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+extern "C" const char *cublasGetStatusName(cublasStatus_t status) {
+    switch (status) {
+    case CUBLAS_STATUS_SUCCESS: return "CUBLAS_STATUS_SUCCESS";
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
+    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
+    }
+    return "CUBLAS_STATUS_UNKNOWN";
+}
+extern "C" const char *cublasGetStatusString(cublasStatus_t status) { return cublasGetStatusName(status); }
+
+static size_t type_bytes(cudaDataType t) { return t == CUDA_R_32F ? 4 : t == CUDA_R_64F ? 8 : 2; }
+
+static float load_elem(const void *p, cudaDataType t, size_t i) {
+    if (t == CUDA_R_32F) return ((const float *)p)[i];
+    return __bfloat162float(((const __nv_bfloat16 *)p)[i]);
+}
+static void store_elem(void *p, cudaDataType t, size_t i, float v) {
+    if (t == CUDA_R_32F)
+        ((float *)p)[i] = v;
+    else
+        ((__nv_bfloat16 *)p)[i] = __float2bfloat16_rn(v);
+}
+
+// The type combinations cuBLAS supports with CUBLAS_COMPUTE_32F that this
+// project can use: fp32 everywhere, or bf16 inputs with a bf16 or fp32 output.
+static int types_ok(cudaDataType at, cudaDataType bt, cudaDataType ct, cublasComputeType_t compute) {
+    if (compute != CUBLAS_COMPUTE_32F && compute != CUBLAS_COMPUTE_32F_FAST_TF32) return 0;
+    if (at != bt) return 0;
+    if (at == CUDA_R_32F) return ct == CUDA_R_32F;
+    if (at == CUDA_R_16BF) return ct == CUDA_R_16BF || ct == CUDA_R_32F;
+    return 0;
+}
+
+// Bytes spanned by a column-major rows x cols matrix with leading dimension ld.
+static size_t span_bytes(int rows, int cols, int ld, cudaDataType t) {
+    if (rows == 0 || cols == 0) return 0;
+    return ((size_t)(cols - 1) * ld + rows) * type_bytes(t);
+}
+
+// One GEMM, C = alpha op(A) op(B) + beta C, column-major (cuBLAS's definition).
+static cublasStatus_t gemm_one(const char *who, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                               float alpha, const void *A, cudaDataType at, int lda, const void *B, cudaDataType bt,
+                               int ldb, float beta, void *C, cudaDataType ct, int ldc) {
+    int a_rows = ta == CUBLAS_OP_N ? m : k, a_cols = ta == CUBLAS_OP_N ? k : m;
+    int b_rows = tb == CUBLAS_OP_N ? k : n, b_cols = tb == CUBLAS_OP_N ? n : k;
+    if (m < 0 || n < 0 || k < 0 || lda < (a_rows > 1 ? a_rows : 1) || ldb < (b_rows > 1 ? b_rows : 1) ||
+        ldc < (m > 1 ? m : 1))
+        return CUBLAS_STATUS_INVALID_VALUE;
+    if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
+    char what[128];
+    snprintf(what, sizeof what, "%s: matrix A", who);
+    if (k > 0) need_device(A, span_bytes(a_rows, a_cols, lda, at), what);
+    snprintf(what, sizeof what, "%s: matrix B", who);
+    if (k > 0) need_device(B, span_bytes(b_rows, b_cols, ldb, bt), what);
+    snprintf(what, sizeof what, "%s: matrix C", who);
+    need_device(C, span_bytes(m, n, ldc, ct), what);
+    enter_device();
+    std::vector<float> a((size_t)m * k), b((size_t)n * k); // a[i][p] = op(A)(i,p), b[j][p] = op(B)(p,j)
+    for (int i = 0; i < m; i++)
+        for (int p = 0; p < k; p++)
+            a[(size_t)i * k + p] = load_elem(A, at, ta == CUBLAS_OP_N ? i + (size_t)p * lda : p + (size_t)i * lda);
+    for (int j = 0; j < n; j++)
+        for (int p = 0; p < k; p++)
+            b[(size_t)j * k + p] = load_elem(B, bt, tb == CUBLAS_OP_N ? p + (size_t)j * ldb : j + (size_t)p * ldb);
+    for (int j = 0; j < n; j++)
+        for (int i = 0; i < m; i++) {
+            double acc = 0.0;
+            const float *ar = &a[(size_t)i * k], *br = &b[(size_t)j * k];
+            for (int p = 0; p < k; p++) acc += (double)ar[p] * br[p];
+            size_t ci = i + (size_t)j * ldc;
+            // beta == 0: C is not read (it may hold NaN), as cuBLAS documents.
+            double c = alpha * acc + (beta != 0.0f ? (double)beta * load_elem(C, ct, ci) : 0.0);
+            store_elem(C, ct, ci, (float)c);
+        }
+    exit_device();
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+extern "C" cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb,
+                                       int m, int n, int k, const void *alpha, const void *A, cudaDataType Atype,
+                                       int lda, const void *B, cudaDataType Btype, int ldb, const void *beta, void *C,
+                                       cudaDataType Ctype, int ldc, cublasComputeType_t computeType,
+                                       cublasGemmAlgo_t algo) {
+    (void)algo;
+    if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!types_ok(Atype, Btype, Ctype, computeType)) return CUBLAS_STATUS_NOT_SUPPORTED;
+    need_host(alpha, "cublasGemmEx alpha (host pointer mode)");
+    need_host(beta, "cublasGemmEx beta (host pointer mode)");
+    return gemm_one("cublasGemmEx", transa, transb, m, n, k, *(const float *)alpha, A, Atype, lda, B, Btype, ldb,
+                    *(const float *)beta, C, Ctype, ldc);
+}
+
+extern "C" cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t handle, cublasOperation_t transa,
+                                                     cublasOperation_t transb, int m, int n, int k, const void *alpha,
+                                                     const void *A, cudaDataType Atype, int lda, long long int strideA,
+                                                     const void *B, cudaDataType Btype, int ldb, long long int strideB,
+                                                     const void *beta, void *C, cudaDataType Ctype, int ldc,
+                                                     long long int strideC, int batchCount,
+                                                     cublasComputeType_t computeType, cublasGemmAlgo_t algo) {
+    (void)algo;
+    if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!types_ok(Atype, Btype, Ctype, computeType)) return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (batchCount < 0) return CUBLAS_STATUS_INVALID_VALUE;
+    need_host(alpha, "cublasGemmStridedBatchedEx alpha (host pointer mode)");
+    need_host(beta, "cublasGemmStridedBatchedEx beta (host pointer mode)");
+    for (int i = 0; i < batchCount; i++) {
+        cublasStatus_t st = gemm_one("cublasGemmStridedBatchedEx", transa, transb, m, n, k, *(const float *)alpha,
+                                     (const char *)A + i * strideA * (long long)type_bytes(Atype), Atype, lda,
+                                     (const char *)B + i * strideB * (long long)type_bytes(Btype), Btype, ldb,
+                                     *(const float *)beta, (char *)C + i * strideC * (long long)type_bytes(Ctype),
+                                     Ctype, ldc);
+        if (st != CUBLAS_STATUS_SUCCESS) return st;
+    }
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+extern "C" cublasStatus_t cublasGemmGroupedBatchedEx(
+    cublasHandle_t handle, const cublasOperation_t transa_array[], const cublasOperation_t transb_array[],
+    const int m_array[], const int n_array[], const int k_array[], const void *alpha_array, const void *const Aarray[],
+    cudaDataType_t Atype, const int lda_array[], const void *const Barray[], cudaDataType_t Btype,
+    const int ldb_array[], const void *beta_array, void *const Carray[], cudaDataType_t Ctype, const int ldc_array[],
+    int group_count, const int group_size[], cublasComputeType_t computeType) {
+    if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!types_ok(Atype, Btype, Ctype, computeType)) return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (group_count < 0) return CUBLAS_STATUS_INVALID_VALUE;
+    // The per-group parameters are host arrays; the matrix pointer arrays are device arrays.
+    const char *who = "cublasGemmGroupedBatchedEx";
+    need_host(transa_array, "cublasGemmGroupedBatchedEx transa_array");
+    need_host(m_array, "cublasGemmGroupedBatchedEx m_array");
+    need_host(alpha_array, "cublasGemmGroupedBatchedEx alpha_array (host pointer mode)");
+    need_host(group_size, "cublasGemmGroupedBatchedEx group_size");
+    int total = 0;
+    for (int g = 0; g < group_count; g++) {
+        if (group_size[g] < 0) return CUBLAS_STATUS_INVALID_VALUE;
+        total += group_size[g];
+    }
+    need_device(Aarray, sizeof(void *) * total, "cublasGemmGroupedBatchedEx Aarray");
+    need_device(Barray, sizeof(void *) * total, "cublasGemmGroupedBatchedEx Barray");
+    need_device(Carray, sizeof(void *) * total, "cublasGemmGroupedBatchedEx Carray");
+    std::vector<const void *> pa(total), pb(total);
+    std::vector<void *> pc(total);
+    enter_device();
+    for (int i = 0; i < total; i++) {
+        pa[i] = Aarray[i];
+        pb[i] = Barray[i];
+        pc[i] = Carray[i];
+    }
+    exit_device();
+    const float *alphas = (const float *)alpha_array, *betas = (const float *)beta_array;
+    for (int g = 0, idx = 0; g < group_count; g++)
+        for (int i = 0; i < group_size[g]; i++, idx++) {
+            cublasStatus_t st = gemm_one(who, transa_array[g], transb_array[g], m_array[g], n_array[g], k_array[g],
+                                         alphas[g], pa[idx], Atype, lda_array[g], pb[idx], Btype, ldb_array[g],
+                                         betas[g], pc[idx], Ctype, ldc_array[g]);
+            if (st != CUBLAS_STATUS_SUCCESS) return st;
+        }
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+// ----------------------------------------------------------------------------
+// NCCL: one rank per communicator
+
+struct EmuNcclComm {
+    int nranks, rank;
+};
+
+struct PendingP2P {
+    const void *send;
+    void *recv;
+    size_t bytes;
+};
+static thread_local int t_group_depth;
+static thread_local std::vector<PendingP2P> t_sends, t_recvs;
+static thread_local char t_nccl_error[256];
+
+static size_t nccl_type_bytes(ncclDataType_t t) {
+    switch (t) {
+    case ncclInt8: case ncclUint8: return 1;
+    case ncclFloat16: case ncclBfloat16: return 2;
+    case ncclInt32: case ncclUint32: case ncclFloat32: return 4;
+    case ncclInt64: case ncclUint64: case ncclFloat64: return 8;
+    }
+    return 0;
+}
+
+static ncclResult_t nccl_error(ncclResult_t r, const char *msg) {
+    snprintf(t_nccl_error, sizeof t_nccl_error, "%s", msg);
+    return r;
+}
+
+extern "C" ncclResult_t ncclGetVersion(int *version) {
+    *version = NCCL_VERSION_CODE;
+    return ncclSuccess;
+}
+extern "C" ncclResult_t ncclGetUniqueId(ncclUniqueId *uniqueId) {
+    memset(uniqueId, 0, sizeof *uniqueId);
+    snprintf(uniqueId->internal, sizeof uniqueId->internal, "emu-nccl");
+    return ncclSuccess;
+}
+extern "C" ncclResult_t ncclCommInitRank(ncclComm_t *comm, int nranks, ncclUniqueId commId, int rank) {
+    (void)commId;
+    if (nranks != 1 || rank != 0)
+        return nccl_error(ncclInvalidUsage, "the CPU emulator's NCCL has one rank per communicator");
+    *comm = new EmuNcclComm{1, 0};
+    return ncclSuccess;
+}
+extern "C" ncclResult_t ncclCommSplit(ncclComm_t comm, int color, int key, ncclComm_t *newcomm, ncclConfig_t *config) {
+    (void)key;
+    (void)config;
+    if (!comm) return nccl_error(ncclInvalidArgument, "ncclCommSplit of a NULL communicator");
+    *newcomm = color == NCCL_SPLIT_NOCOLOR ? NULL : new EmuNcclComm{1, 0};
+    return ncclSuccess;
+}
+extern "C" ncclResult_t ncclCommDestroy(ncclComm_t comm) {
+    delete comm;
+    return ncclSuccess;
+}
+extern "C" const char *ncclGetErrorString(ncclResult_t result) {
+    switch (result) {
+    case ncclSuccess: return "no error";
+    case ncclInvalidArgument: return "invalid argument";
+    case ncclInvalidUsage: return "invalid usage";
+    default: return "NCCL error (emulator)";
+    }
+}
+extern "C" const char *ncclGetLastError(ncclComm_t comm) {
+    (void)comm;
+    return t_nccl_error;
+}
+
+static ncclResult_t copy_collective(const char *who, const void *send, void *recv, size_t count, ncclDataType_t t,
+                                    ncclComm_t comm) {
+    if (!comm) return nccl_error(ncclInvalidArgument, "NULL communicator");
+    size_t bytes = count * nccl_type_bytes(t);
+    need_device(send, bytes, who);
+    need_device(recv, bytes, who);
+    if (send != recv) {
+        enter_device();
+        memmove(recv, send, bytes);
+        exit_device();
+    }
+    return ncclSuccess;
+}
+
+extern "C" ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count, ncclDataType_t datatype,
+                                      ncclRedOp_t op, ncclComm_t comm, cudaStream_t stream) {
+    (void)op;
+    (void)stream;
+    return copy_collective("ncclAllReduce", sendbuff, recvbuff, count, datatype, comm);
+}
+extern "C" ncclResult_t ncclBroadcast(const void *sendbuff, void *recvbuff, size_t count, ncclDataType_t datatype,
+                                      int root, ncclComm_t comm, cudaStream_t stream) {
+    (void)stream;
+    if (root != 0) return nccl_error(ncclInvalidArgument, "ncclBroadcast root outside the communicator");
+    return copy_collective("ncclBroadcast", sendbuff, recvbuff, count, datatype, comm);
+}
+
+static ncclResult_t p2p(const char *who, const void *send, void *recv, size_t count, ncclDataType_t t, int peer,
+                        ncclComm_t comm) {
+    if (!comm) return nccl_error(ncclInvalidArgument, "NULL communicator");
+    if (peer != 0) return nccl_error(ncclInvalidArgument, "peer outside the communicator");
+    size_t bytes = count * nccl_type_bytes(t);
+    need_device(send ? send : recv, bytes, who);
+    if (t_group_depth == 0) emu_fail("%s to self outside ncclGroupStart/End: NCCL would wait forever", who);
+    (send ? t_sends : t_recvs).push_back(PendingP2P{send, recv, bytes});
+    return ncclSuccess;
+}
+
+extern "C" ncclResult_t ncclSend(const void *sendbuff, size_t count, ncclDataType_t datatype, int peer,
+                                 ncclComm_t comm, cudaStream_t stream) {
+    (void)stream;
+    return p2p("ncclSend", sendbuff, NULL, count, datatype, peer, comm);
+}
+extern "C" ncclResult_t ncclRecv(void *recvbuff, size_t count, ncclDataType_t datatype, int peer, ncclComm_t comm,
+                                 cudaStream_t stream) {
+    (void)stream;
+    return p2p("ncclRecv", NULL, recvbuff, count, datatype, peer, comm);
+}
+
+extern "C" ncclResult_t ncclGroupStart(void) {
+    t_group_depth++;
+    return ncclSuccess;
+}
+
+extern "C" ncclResult_t ncclGroupEnd(void) {
+    if (t_group_depth == 0) return nccl_error(ncclInvalidUsage, "ncclGroupEnd without ncclGroupStart");
+    if (--t_group_depth > 0) return ncclSuccess;
+    // The i-th send to self meets the i-th receive from self.
+    if (t_sends.size() != t_recvs.size())
+        emu_fail("ncclGroupEnd: %zu sends to self but %zu receives: NCCL would wait forever", t_sends.size(),
+                 t_recvs.size());
+    for (size_t i = 0; i < t_sends.size(); i++) {
+        if (t_sends[i].bytes != t_recvs[i].bytes)
+            emu_fail("ncclGroupEnd: send %zu has %zu bytes, its receive %zu", i, t_sends[i].bytes, t_recvs[i].bytes);
+        enter_device();
+        memmove(t_recvs[i].recv, t_sends[i].send, t_sends[i].bytes);
+        exit_device();
+    }
+    t_sends.clear();
+    t_recvs.clear();
+    return ncclSuccess;
+}

@@ -1,0 +1,63 @@
+# The GPU trainer's own CUDA code, run on the CPU by the emulator in tests/emu
+# (docs/gpu.md, "The emulator"). Included from the Makefile after gpu.mk.
+#
+#   make test-emu          the GPU tests (kernels, fixtures, 10 training steps) and a tiny
+#                          train_moecu run, FP32, with the emulator's memory checks; part of `make test`
+#   make test-emu EMU_PRECISION=BF16   the same with bf16 activations
+#
+# Needs only a C++17 compiler: the emulator's headers stand in for the CUDA
+# runtime, cuBLAS and NCCL. It checks logic, not a GPU: see docs/gpu.md.
+
+CXX ?= g++
+EMU_PRECISION ?= FP32
+EMU_BUILD = $(BUILD)/emu/$(EMU_PRECISION)
+EMU_CXXFLAGS = -O2 -g -std=c++17 -Wall -Wextra -Wno-unused-parameter -D_GNU_SOURCE -Itests/emu/include -I. \
+               $(if $(filter FP32,$(EMU_PRECISION)),-DENABLE_FP32)
+EMU_HEADERS = $(wildcard tests/emu/include/*.h) tests/emu/cu2cc.sed $(GPU_HEADERS)
+EMU_KOBJ = $(patsubst %,$(EMU_BUILD)/kernels/%.o,$(GPU_KERNELS))
+EMU_COMM = $(BUILD)/emu/comm_nccl_host.o $(BUILD)/f32/dist/launch.o
+EMU_LIBS = -lgomp -lm -lpthread
+
+.PHONY: test-emu emu-build
+.PRECIOUS: $(BUILD)/emu/%.cc
+
+# A .cu file as C++: launches rewritten (cu2cc.sed); #line keeps messages pointing at the .cu file.
+$(EMU_BUILD)/%.cc: %.cu tests/emu/cu2cc.sed
+	@mkdir -p $(dir $@)
+	@{ echo '#line 1 "$<"'; sed -f tests/emu/cu2cc.sed $<; } > $@
+
+$(EMU_BUILD)/%.o: $(EMU_BUILD)/%.cc $(EMU_HEADERS)
+	$(CXX) $(EMU_CXXFLAGS) -I$(dir $*) -c $< -o $@
+
+$(EMU_BUILD)/train_moe_lib.o: $(EMU_BUILD)/train_moe.cc $(EMU_HEADERS)
+	$(CXX) $(EMU_CXXFLAGS) -DTRAIN_MOECU_NO_MAIN -c $< -o $@
+
+$(BUILD)/emu/emu.o: tests/emu/emu.cc $(wildcard tests/emu/include/*.h)
+	@mkdir -p $(dir $@)
+	$(CXX) $(filter-out -DENABLE_FP32,$(EMU_CXXFLAGS)) -c $< -o $@
+
+$(BUILD)/emu/comm_nccl_host.o: dist/comm_nccl.c dist/comm_nccl.h dist/comm.h dist/launch.h $(wildcard tests/emu/include/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Itests/emu/include -DCOMM_NCCL_HOST -c $< -o $@
+
+EMU_COMMON = $(EMU_KOBJ) $(GPU_HOST_BASE) $(EMU_COMM) $(BUILD)/emu/emu.o
+
+$(EMU_BUILD)/train_moecu: $(EMU_BUILD)/train_moe.o $(EMU_COMMON)
+	$(CXX) $^ -o $@ $(EMU_LIBS)
+
+$(EMU_BUILD)/test_gpu: $(EMU_BUILD)/tests/test_gpu.o $(EMU_BUILD)/train_moe_lib.o $(EMU_COMMON) $(BUILD)/f32/tests/fixture.o
+	$(CXX) $^ -o $@ $(EMU_LIBS)
+
+$(EMU_BUILD)/test_gpu_dist: $(EMU_BUILD)/tests/test_gpu_dist.o $(EMU_BUILD)/train_moe_lib.o $(EMU_COMMON)
+	$(CXX) $^ -o $@ $(EMU_LIBS)
+
+emu-build: $(EMU_BUILD)/test_emu $(EMU_BUILD)/train_moecu $(EMU_BUILD)/test_gpu $(EMU_BUILD)/test_gpu_dist
+
+$(EMU_BUILD)/test_emu: $(EMU_BUILD)/tests/emu/test_emu.o $(BUILD)/emu/emu.o
+	$(CXX) $^ -o $@ $(EMU_LIBS)
+
+# FP32: everything in tests/test_emu.sh; then the BF16 build's GPU tests.
+test-emu: emu-build $(BUILD)/gen_shards train_moe moe_ckpt
+	bash tests/test_emu.sh $(EMU_BUILD)
+	$(MAKE) --no-print-directory EMU_PRECISION=BF16 emu-build
+	bash tests/test_emu.sh $(BUILD)/emu/BF16

@@ -1,0 +1,151 @@
+// CUDA emulation on the CPU, device side (tests/emu; C++ only, included by
+// the emulated cuda_runtime.h). A kernel launch runs the grid block after
+// block; the threads of a block are coroutines that switch only at
+// __syncthreads, __syncwarp and warp shuffles, so barriers and shuffles have
+// CUDA's semantics and a barrier that some threads never reach is reported
+// as a deadlock. __shared__ variables are per-OS-thread statics, shared by
+// the block being run. Launches are rewritten from `k<<<cfg>>>(args)` to
+// `emu::Cfg("k", cfg).run(k)(args)` by tests/emu/cu2cc.sed.
+#ifndef EMU_DEVICE_H
+#define EMU_DEVICE_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <functional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+struct uint3 {
+    unsigned int x, y, z;
+};
+struct dim3 {
+    unsigned int x, y, z;
+    dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct uint4 {
+    unsigned int x, y, z, w;
+};
+struct float4 {
+    float x, y, z, w;
+};
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__
+#define __restrict__ __restrict
+#define __launch_bounds__(...)
+#define __shared__ static thread_local
+
+namespace emu {
+
+const uint3 &thread_idx();
+const uint3 &block_idx();
+const dim3 &block_dim();
+const dim3 &grid_dim();
+void *dyn_smem();
+void syncthreads();
+void syncwarp(unsigned int mask);
+uint64_t shfl_xor(unsigned int mask, uint64_t bits, int lane_mask, int width);
+
+// Runs body() for every thread of every block. ptrs: the kernel's pointer
+// arguments, each checked to be device memory (or NULL) before the launch.
+void launch(const char *name, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+            const std::function<void()> &body, const void *const *ptrs, const int *ptr_arg_index, int n_ptrs);
+
+template <class T> static inline void collect_ptr(const T &, const void **, int *, int, int &) {}
+template <class T> static inline void collect_ptr(T *const &p, const void **ptrs, int *idx, int i, int &n) {
+    ptrs[n] = (const void *)p;
+    idx[n++] = i;
+}
+
+struct Cfg {
+    const char *name;
+    dim3 grid, block;
+    size_t smem;
+    cudaStream_t stream;
+    Cfg(const char *n, dim3 g, dim3 b, size_t s = 0, cudaStream_t st = 0) : name(n), grid(g), block(b), smem(s), stream(st) {}
+
+    template <class... P> auto run(void (*kernel)(P...)) const {
+        Cfg cfg = *this;
+        return [cfg, kernel](auto &&...a) {
+            std::tuple<std::decay_t<P>...> args(std::forward<decltype(a)>(a)...);
+            const void *ptrs[sizeof...(P) + 1];
+            int idx[sizeof...(P) + 1], n = 0, i = 0;
+            std::apply([&](const auto &...x) { ((collect_ptr(x, ptrs, idx, i++, n)), ...); }, args);
+            // Every thread gets its own copy of the arguments, as on the GPU.
+            std::function<void()> body = [&]() { std::apply(kernel, args); };
+            launch(cfg.name, cfg.grid, cfg.block, cfg.smem, cfg.stream, body, ptrs, idx, n);
+        };
+    }
+};
+
+} // namespace emu
+
+#define threadIdx (emu::thread_idx())
+#define blockIdx (emu::block_idx())
+#define blockDim (emu::block_dim())
+#define gridDim (emu::grid_dim())
+#define warpSize 32
+
+static inline void __syncthreads() { emu::syncthreads(); }
+static inline void __syncwarp(unsigned int mask = 0xffffffffu) { emu::syncwarp(mask); }
+
+template <class T> static inline T __shfl_xor_sync(unsigned int mask, T v, int lane_mask, int width = 32) {
+    static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
+    uint64_t bits = 0;
+    memcpy(&bits, &v, sizeof v);
+    bits = emu::shfl_xor(mask, bits, lane_mask, width);
+    T out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+}
+
+// Threads of one OS thread never run at the same time: plain read-modify-write.
+template <class T> static inline T atomicAdd(T *p, T v) {
+    T old = *p;
+    *p = old + v;
+    return old;
+}
+template <class T> static inline T atomicMax(T *p, T v) {
+    T old = *p;
+    if (v > old) *p = v;
+    return old;
+}
+
+// CUDA's integer and floating-point min/max overloads.
+#define EMU_MINMAX(T)                                          \
+    static inline T min(T a, T b) { return b < a ? b : a; } \
+    static inline T max(T a, T b) { return a < b ? b : a; }
+EMU_MINMAX(int)
+EMU_MINMAX(unsigned int)
+EMU_MINMAX(long long)
+EMU_MINMAX(unsigned long long)
+EMU_MINMAX(long)
+EMU_MINMAX(unsigned long)
+#undef EMU_MINMAX
+static inline float min(float a, float b) { return fminf(a, b); }
+static inline float max(float a, float b) { return fmaxf(a, b); }
+static inline double min(double a, double b) { return fmin(a, b); }
+static inline double max(double a, double b) { return fmax(a, b); }
+
+// __expf and __logf: glibc declares them with the same meaning.
+static inline float __fdividef(float a, float b) { return a / b; }
+static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+static inline double rsqrt(double x) { return 1.0 / sqrt(x); }
+static inline int __float_as_int(float f) {
+    int i;
+    memcpy(&i, &f, sizeof i);
+    return i;
+}
+static inline float __int_as_float(int i) {
+    float f;
+    memcpy(&f, &i, sizeof f);
+    return f;
+}
+
+#endif

@@ -1,0 +1,404 @@
+// Tests of the CUDA emulator itself (tests/emu): before its results are
+// trusted, it must compute what CUDA defines and stop on what CUDA would get
+// wrong. Compiled like the trainer's .cu files (cu2cc.sed, the emulated
+// headers), run by `make test-emu`.
+//
+//  1. semantics: block reductions through shared memory, __syncthreads and
+//     xor shuffles (2-D blocks included), atomics, the poison in fresh device
+//     and shared memory, launch configurations CUDA rejects, and cuBLAS GEMMs
+//     (every transpose pair, padded leading dimensions, beta = 0 over NaN,
+//     strided and grouped batches, bf16) against loops written from cuBLAS's
+//     definition C = alpha op(A) op(B) + beta C (column-major);
+//  2. detection: each bug below runs in a child process, which must stop with
+//     the emulator's message: host code touching device memory, a kernel
+//     writing past its allocation (into the guard page and into the slack),
+//     a host pointer given to a kernel, a warp split between __syncthreads
+//     and __syncwarp, a shuffle from an exited lane, a copy with the wrong kind, a
+//     GEMM on host memory, a kernel on freed memory.
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "tests/check.h"
+
+#define CK(call)                                                                           \
+    do {                                                                                   \
+        if ((call) != 0) {                                                                 \
+            fprintf(stderr, "%s:%d: %s failed\n", __FILE__, __LINE__, #call);              \
+            exit(1);                                                                       \
+        }                                                                                  \
+    } while (0)
+
+// ----------------------------------------------------------------------------
+// Kernels
+
+// out[blockIdx.x] = sum of in over the block's 2-D tile, through warp shuffles
+// and shared memory; every thread also checks that it got the same result.
+__global__ void block_sum_kernel(float *out, int *disagree, const float *in) {
+    __shared__ float partial[32];
+    int t = threadIdx.y * blockDim.x + threadIdx.x, n = blockDim.x * blockDim.y;
+    float v = in[blockIdx.x * n + t];
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (t % 32 == 0) partial[t / 32] = v;
+    __syncthreads();
+    float s = 0.0f;
+    for (int w = 0; w < n / 32; w++) s += partial[w];
+    __syncthreads();
+    if (t == 0) out[blockIdx.x] = s;
+    __syncthreads();
+    if (out[blockIdx.x] != s) atomicAdd(disagree, 1);
+}
+
+// got[i] = the value lane (i ^ mask) offered.
+__global__ void shuffle_kernel(int *got, int mask) {
+    int lane = threadIdx.x;
+    got[lane] = __shfl_xor_sync(0xffffffffu, lane * 10, mask);
+}
+
+__global__ void count_kernel(int *counts, const int *keys, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) atomicAdd(&counts[keys[i]], 1);
+}
+
+// Copies dynamic shared memory as the block found it.
+__global__ void smem_peek_kernel(unsigned int *out) {
+    extern __shared__ unsigned int peek_smem[];
+    out[threadIdx.x] = peek_smem[threadIdx.x];
+}
+
+__global__ void write_kernel(float *p, int i) { p[i] = 1.0f; }
+
+// Half a warp at __syncthreads, the other half at __syncwarp: neither can
+// complete. (Threads that have exited do count as arrived, as PTX's bar.sync
+// defines, so an early return before a block barrier is not reported.)
+__global__ void diverged_sync_kernel(float *p) {
+    if (threadIdx.x < 16)
+        __syncthreads();
+    else
+        __syncwarp();
+    p[threadIdx.x] = 1.0f;
+}
+
+__global__ void exited_lane_kernel(float *p) {
+    if (threadIdx.x >= 16) return;
+    p[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 16);
+}
+
+// ----------------------------------------------------------------------------
+// Semantics
+
+static float frand(unsigned int *s) {
+    *s = *s * 1664525u + 1013904223u;
+    return (float)((*s >> 8) & 0xffff) / 65536.0f - 0.5f;
+}
+
+static void test_kernels(void) {
+    // Block sums: 3 blocks of 32 x 8 threads.
+    const int nb = 3, bx = 32, by = 8, n = nb * bx * by;
+    float h_in[n], h_out[nb];
+    unsigned int seed = 1;
+    for (int i = 0; i < n; i++) h_in[i] = frand(&seed);
+    float *d_in, *d_out;
+    int *d_dis, h_dis = 0;
+    CK(cudaMalloc(&d_in, sizeof h_in));
+    CK(cudaMalloc(&d_out, sizeof h_out));
+    CK(cudaMalloc(&d_dis, sizeof(int)));
+    CK(cudaMemcpy(d_in, h_in, sizeof h_in, cudaMemcpyHostToDevice));
+    CK(cudaMemset(d_dis, 0, sizeof(int)));
+    block_sum_kernel<<<nb, dim3(bx, by)>>>(d_out, d_dis, d_in);
+    CK(cudaGetLastError());
+    CK(cudaMemcpy(h_out, d_out, sizeof h_out, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(&h_dis, d_dis, sizeof(int), cudaMemcpyDeviceToHost));
+    double worst = 0.0;
+    for (int b = 0; b < nb; b++) {
+        double s = 0.0;
+        for (int i = 0; i < bx * by; i++) s += h_in[b * bx * by + i];
+        worst = fmax(worst, fabs(s - h_out[b]));
+    }
+    check(worst < 1e-5 && h_dis == 0, "block sums through shuffles, shared memory, __syncthreads (2-D blocks): "
+          "err %.2e, %d threads saw another value", worst, h_dis);
+
+    int *d_got, h_got[32], bad = 0;
+    CK(cudaMalloc(&d_got, sizeof h_got));
+    for (int mask = 1; mask < 32; mask <<= 1) {
+        shuffle_kernel<<<1, 32>>>(d_got, mask);
+        CK(cudaMemcpy(h_got, d_got, sizeof h_got, cudaMemcpyDeviceToHost));
+        for (int l = 0; l < 32; l++) bad += h_got[l] != (l ^ mask) * 10;
+    }
+    check(bad == 0, "__shfl_xor_sync returns lane ^ mask's value (%d wrong of 160)", bad);
+
+    const int nk = 1000, nbins = 7;
+    int keys[nk], want[nbins] = {0}, got[nbins];
+    for (int i = 0; i < nk; i++) {
+        keys[i] = (i * 31 + i / 7) % nbins;
+        want[keys[i]]++;
+    }
+    int *d_keys, *d_counts;
+    CK(cudaMalloc(&d_keys, sizeof keys));
+    CK(cudaMalloc(&d_counts, sizeof got));
+    CK(cudaMemcpy(d_keys, keys, sizeof keys, cudaMemcpyHostToDevice));
+    CK(cudaMemset(d_counts, 0, sizeof got));
+    count_kernel<<<(nk + 127) / 128, 128>>>(d_counts, d_keys, nk);
+    CK(cudaMemcpy(got, d_counts, sizeof got, cudaMemcpyDeviceToHost));
+    check(memcmp(got, want, sizeof got) == 0, "atomicAdd counts (%d %d %d ... vs %d %d %d ...)", got[0], got[1], got[2],
+          want[0], want[1], want[2]);
+
+    unsigned int *d_peek, h_peek[64];
+    CK(cudaMalloc(&d_peek, sizeof h_peek));
+    CK(cudaMemcpy(h_peek, d_peek, sizeof h_peek, cudaMemcpyDeviceToHost));
+    int fresh_poisoned = h_peek[0] == 0xffffffffu && h_peek[63] == 0xffffffffu;
+    smem_peek_kernel<<<1, 64, 64 * sizeof(unsigned int)>>>(d_peek);
+    CK(cudaMemcpy(h_peek, d_peek, sizeof h_peek, cudaMemcpyDeviceToHost));
+    check(fresh_poisoned && h_peek[0] == 0xffffffffu && h_peek[63] == 0xffffffffu,
+          "fresh device memory and dynamic shared memory read as 0xffffffff (NaN / -1)");
+
+    write_kernel<<<0, 32>>>(d_in, 0);
+    cudaError_t e1 = cudaGetLastError(), e1b = cudaGetLastError();
+    write_kernel<<<1, 2048>>>(d_in, 0);
+    cudaError_t e2 = cudaGetLastError();
+    smem_peek_kernel<<<1, 64, 64 * 1024>>>(d_peek);
+    cudaError_t e3 = cudaGetLastError();
+    check(e1 == cudaErrorInvalidConfiguration && e1b == cudaSuccess && e2 == cudaErrorInvalidConfiguration &&
+              e3 != cudaSuccess,
+          "an empty grid, 2048 threads, 64 KiB of dynamic shared memory: launch errors, cleared when read");
+    cudaFree(d_in);
+    cudaFree(d_out);
+    cudaFree(d_dis);
+    cudaFree(d_got);
+    cudaFree(d_keys);
+    cudaFree(d_counts);
+    cudaFree(d_peek);
+}
+
+// cuBLAS's definition, written out: element (i, j) of op(X) for a
+// column-major X with leading dimension ld.
+static double op_elem(const float *X, int ld, cublasOperation_t t, int i, int j) {
+    return t == CUBLAS_OP_N ? X[i + (size_t)j * ld] : X[j + (size_t)i * ld];
+}
+
+// Host reference for C = alpha op(A) op(B) + beta C; C0 is C before.
+static void gemm_ref(float *C, const float *C0, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                     float alpha, const float *A, int lda, const float *B, int ldb, float beta, int ldc) {
+    for (int j = 0; j < n; j++)
+        for (int i = 0; i < m; i++) {
+            double s = 0.0;
+            for (int p = 0; p < k; p++) s += op_elem(A, lda, ta, i, p) * op_elem(B, ldb, tb, p, j);
+            C[i + (size_t)j * ldc] = (float)(alpha * s + (beta != 0.0f ? beta * C0[i + (size_t)j * ldc] : 0.0));
+        }
+}
+
+static float *dev_copy(const float *h, size_t n) {
+    float *d;
+    CK(cudaMalloc(&d, n * sizeof(float)));
+    CK(cudaMemcpy(d, h, n * sizeof(float), cudaMemcpyHostToDevice));
+    return d;
+}
+
+static void test_gemm(void) {
+    cublasHandle_t h;
+    CK(cublasCreate(&h));
+    const int m = 5, n = 4, k = 3, pad = 2;
+    unsigned int seed = 7;
+    float A[(k + pad) * (m + pad)], B[(k + pad) * (n + pad)], C0[(m + pad) * n], C[(m + pad) * n],
+        want[(m + pad) * n];
+    for (float &x : A) x = frand(&seed);
+    for (float &x : B) x = frand(&seed);
+    float *dA = dev_copy(A, sizeof A / 4), *dB = dev_copy(B, sizeof B / 4);
+    double worst = 0.0;
+    int nan_seen = 0;
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++)
+            for (int bz = 0; bz < 2; bz++) {
+                cublasOperation_t oa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, ob = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+                int lda = (ta ? k : m) + pad, ldb = (tb ? n : k) + pad, ldc = m + pad;
+                float alpha = 1.5f, beta = bz ? 0.0f : 0.5f;
+                for (float &x : C0) x = bz ? NAN : frand(&seed); // beta = 0: C must not be read
+                float *dC = dev_copy(C0, sizeof C0 / 4);
+                CK(cublasGemmEx(h, oa, ob, m, n, k, &alpha, dA, CUDA_R_32F, lda, dB, CUDA_R_32F, ldb, &beta, dC,
+                                CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                CK(cudaMemcpy(C, dC, sizeof C, cudaMemcpyDeviceToHost));
+                gemm_ref(want, C0, oa, ob, m, n, k, alpha, A, lda, B, ldb, beta, ldc);
+                for (int j = 0; j < n; j++)
+                    for (int i = 0; i < m; i++) {
+                        float g = C[i + j * ldc];
+                        nan_seen += g != g;
+                        worst = fmax(worst, fabs(g - want[i + j * ldc]));
+                    }
+                cudaFree(dC);
+            }
+    check(worst < 1e-6 && nan_seen == 0, "cublasGemmEx: 4 transpose pairs, padded ld, beta 0.5 and 0 over NaN: err %.2e",
+          worst);
+
+    float one = 1.0f, zero = 0.0f;
+    float *dC;
+    CK(cudaMalloc(&dC, sizeof C));
+    cublasStatus_t st = cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, m, n, k, &one, dA, CUDA_R_32F, m - 1, dB, CUDA_R_32F,
+                                     k, &zero, dC, CUDA_R_32F, m, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    check(st == CUBLAS_STATUS_INVALID_VALUE, "lda < m is CUBLAS_STATUS_INVALID_VALUE (%s)", cublasGetStatusName(st));
+
+    // Strided batch of 2 and a grouped batch of two groups (sizes 1 and 2) over
+    // the same operands, against the single GEMMs.
+    float Cs[2 * m * n], Cg[3 * m * n], ref[m * n], zeros[m * n] = {0};
+    float *dCs, *dCg;
+    CK(cudaMalloc(&dCs, sizeof Cs));
+    CK(cudaMalloc(&dCg, sizeof Cg));
+    CK(cublasGemmStridedBatchedEx(h, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &one, dA, CUDA_R_32F, k, 0, dB, CUDA_R_32F, k,
+                                  0, &zero, dCs, CUDA_R_32F, m, m * n, 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    CK(cudaMemcpy(Cs, dCs, sizeof Cs, cudaMemcpyDeviceToHost));
+    gemm_ref(ref, zeros, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, 1.0f, A, k, B, k, 0.0f, m);
+    double ws = 0.0;
+    for (int i = 0; i < m * n; i++) ws = fmax(ws, fmax(fabs(Cs[i] - ref[i]), fabs(Cs[m * n + i] - ref[i])));
+    check(ws < 1e-6, "cublasGemmStridedBatchedEx (2 batches): err %.2e", ws);
+
+    cublasOperation_t tas[2] = {CUBLAS_OP_T, CUBLAS_OP_N}, tbs[2] = {CUBLAS_OP_N, CUBLAS_OP_T};
+    int ms[2] = {m, m}, ns[2] = {n, n}, ks[2] = {k, k}, ldas[2] = {k, m}, ldbs[2] = {k, n}, ldcs[2] = {m, m},
+        sizes[2] = {1, 2};
+    float alphas[2] = {1.0f, 2.0f}, betas[2] = {0.0f, 0.0f};
+    const void *hptr[9] = {dA, dA, dA, dB, dB, dB, dCg, dCg + m * n, dCg + 2 * m * n};
+    const void **dptr;
+    CK(cudaMalloc(&dptr, sizeof hptr));
+    CK(cudaMemcpy(dptr, hptr, sizeof hptr, cudaMemcpyHostToDevice));
+    CK(cublasGemmGroupedBatchedEx(h, tas, tbs, ms, ns, ks, alphas, dptr, CUDA_R_32F, ldas, dptr + 3, CUDA_R_32F, ldbs,
+                                  betas, (void *const *)(dptr + 6), CUDA_R_32F, ldcs, 2, sizes, CUBLAS_COMPUTE_32F));
+    CK(cudaMemcpy(Cg, dCg, sizeof Cg, cudaMemcpyDeviceToHost));
+    float ref2[m * n];
+    gemm_ref(ref2, zeros, CUBLAS_OP_N, CUBLAS_OP_T, m, n, k, 2.0f, A, m, B, n, 0.0f, m);
+    double wg = 0.0;
+    for (int i = 0; i < m * n; i++)
+        wg = fmax(wg, fmax(fabs(Cg[i] - ref[i]), fmax(fabs(Cg[m * n + i] - ref2[i]), fabs(Cg[2 * m * n + i] - ref2[i]))));
+    check(wg < 1e-6, "cublasGemmGroupedBatchedEx (groups of 1 and 2, own transposes and alpha): err %.2e", wg);
+
+    // bf16 operands and output: the result is the fp32 one rounded once.
+    __nv_bfloat16 Ab[m * k], Bb[k * n], Cb[m * n];
+    float Af[m * k], Bf[k * n];
+    for (int i = 0; i < m * k; i++) Af[i] = __bfloat162float(Ab[i] = __float2bfloat16_rn(frand(&seed)));
+    for (int i = 0; i < k * n; i++) Bf[i] = __bfloat162float(Bb[i] = __float2bfloat16_rn(frand(&seed)));
+    gemm_ref(ref, zeros, CUBLAS_OP_N, CUBLAS_OP_N, m, n, k, 1.0f, Af, m, Bf, k, 0.0f, m);
+    __nv_bfloat16 *dAb, *dBb, *dCb;
+    CK(cudaMalloc(&dAb, sizeof Ab));
+    CK(cudaMalloc(&dBb, sizeof Bb));
+    CK(cudaMalloc(&dCb, sizeof Cb));
+    CK(cudaMemcpy(dAb, Ab, sizeof Ab, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dBb, Bb, sizeof Bb, cudaMemcpyHostToDevice));
+    CK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, m, n, k, &one, dAb, CUDA_R_16BF, m, dBb, CUDA_R_16BF, k, &zero, dCb,
+                    CUDA_R_16BF, m, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    CK(cudaMemcpy(Cb, dCb, sizeof Cb, cudaMemcpyDeviceToHost));
+    int bf_bad = 0;
+    for (int i = 0; i < m * n; i++) bf_bad += __bfloat162float(Cb[i]) != __bfloat162float(__float2bfloat16_rn(ref[i]));
+    check(bf_bad == 0, "bf16 GEMM = fp32 result rounded to nearest even (%d of %d differ)", bf_bad, m * n);
+    check(__bfloat162float(__float2bfloat16_rn(1.00390625f)) == 1.0f &&
+              __bfloat162float(__float2bfloat16_rn(1.01171875f)) == 1.015625f,
+          "bf16 rounding: ties go to even");
+    cudaFree(dA);
+    cudaFree(dB);
+    cudaFree(dC);
+    cudaFree(dCs);
+    cudaFree(dCg);
+    cudaFree(dptr);
+    cudaFree(dAb);
+    cudaFree(dBb);
+    cudaFree(dCb);
+    cublasDestroy(h);
+}
+
+// ----------------------------------------------------------------------------
+// Detection: each bug in a child process
+
+static void bug_host_deref(void) {
+    float *d;
+    cudaMalloc(&d, 64);
+    d[3] = 1.0f;
+}
+static void bug_guard_page(void) {
+    float *d;
+    cudaMalloc(&d, 4096); // fills its pages: the next float is in the guard page
+    write_kernel<<<1, 1>>>(d, 1024);
+}
+static void bug_slack(void) {
+    float *d;
+    cudaMalloc(&d, 100);
+    write_kernel<<<1, 1>>>(d, 25);
+}
+static void bug_host_pointer_arg(void) {
+    static float h[4];
+    write_kernel<<<1, 1>>>(h, 0);
+}
+static void bug_diverged_sync(void) {
+    float *d;
+    cudaMalloc(&d, 128);
+    diverged_sync_kernel<<<1, 32>>>(d);
+}
+static void bug_exited_lane(void) {
+    float *d;
+    cudaMalloc(&d, 128);
+    exited_lane_kernel<<<1, 32>>>(d);
+}
+static void bug_copy_kind(void) {
+    float h[4] = {0}, *d;
+    cudaMalloc(&d, sizeof h);
+    cudaMemcpy(h, d, sizeof h, cudaMemcpyHostToDevice);
+}
+static void bug_gemm_host(void) {
+    cublasHandle_t handle;
+    cublasCreate(&handle);
+    float a[4] = {0}, b[4] = {0}, *c, one = 1.0f;
+    cudaMalloc(&c, sizeof a);
+    cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 2, &one, a, CUDA_R_32F, 2, b, CUDA_R_32F, 2, &one, c,
+                 CUDA_R_32F, 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+}
+static void bug_use_after_free(void) {
+    float *d;
+    cudaMalloc(&d, 256);
+    cudaFree(d);
+    write_kernel<<<1, 1>>>(d, 0);
+}
+
+// Runs fn in a child; the child must die and its stderr must contain want.
+static void expect_stop(const char *what, void (*fn)(void), const char *want) {
+    int fds[2];
+    if (pipe(fds) != 0) exit(1);
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(fds[1], 2);
+        close(fds[0]);
+        fn();
+        _exit(0); // not stopped: the emulator missed it
+    }
+    close(fds[1]);
+    static char buf[1 << 16];
+    size_t len = 0;
+    ssize_t r;
+    while ((r = read(fds[0], buf + len, sizeof buf - 1 - len)) > 0) len += (size_t)r;
+    buf[len] = 0;
+    close(fds[0]);
+    int status;
+    waitpid(pid, &status, 0);
+    int stopped = !(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    int named = strstr(buf, want) != NULL;
+    check(stopped && named, "stops on %s (\"%s\")", what, want);
+    if (!(stopped && named)) fprintf(stderr, "child's stderr:\n%s\n", buf);
+}
+
+int main(void) {
+    printf("CUDA emulator self-test\n");
+    test_kernels();
+    test_gemm();
+    expect_stop("host code writing device memory", bug_host_deref, "host code dereferenced device memory");
+    expect_stop("a kernel writing into the guard page", bug_guard_page, "out-of-bounds access at byte offset 4096 of device allocation");
+    expect_stop("a kernel writing into the slack after 100 bytes", bug_slack, "out-of-bounds write at byte offset 100");
+    expect_stop("a host pointer as kernel argument", bug_host_pointer_arg, "is a host pointer");
+    expect_stop("half a warp at __syncthreads, half at __syncwarp", bug_diverged_sync, "deadlock");
+    expect_stop("a shuffle from an exited lane", bug_exited_lane, "has exited");
+    expect_stop("cudaMemcpyHostToDevice from device to host memory", bug_copy_kind, "cudaMemcpyHostToDevice");
+    expect_stop("a GEMM on host matrices", bug_gemm_host, "is not device memory");
+    expect_stop("a kernel on freed memory", bug_use_after_free, "is a host pointer");
+    return check_summary("test_emu");
+}

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The GPU trainer's own CUDA code, run on the CPU by the emulator in tests/emu
+# (docs/gpu.md, "The emulator"); `make test-emu`, part of `make test`.
+#  1. the emulator's self-test (it computes what CUDA and cuBLAS define, and
+#     stops on the bugs it is meant to catch);
+#  2. the GPU tests, unchanged: routing and permutation kernels against CPU
+#     implementations, every PyTorch fixture (logits, loss, every gradient),
+#     10 training steps against the reference, the backend cases; then the
+#     multi-GPU code with virtual ranks and one-rank NCCL;
+#  3. train_moecu against train_moe on the same 10-step run with evaluation,
+#     sampling and a checkpoint: losses, gradient norms, MaxVio, validation
+#     loss, the sampled tokens, the final biases and the checkpoint; and the
+#     run through NCCL with the EP exchange forced, bit for bit.
+# This checks the logic of the CUDA code, not a GPU: see docs/gpu.md for what
+# only a GPU run can show.
+#
+#   tests/test_emu.sh [EMU_BUILD_DIR]     (default build/emu/FP32)
+# A BF16 build (a directory named .../BF16) runs 1, 2 and the NCCL check of 3:
+# its comparison with the fp32 CPU trainer is test_gpu's, with bf16 tolerances.
+set -u
+cd "$(dirname "$0")/.."
+B=${1:-build/emu/FP32}
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+fails=0
+ok() { echo "ok   $*"; }
+bad() { echo "FAIL $*"; fails=$((fails + 1)); }
+
+# 1 and 2: the test programs print their own checks.
+for t in "$B/test_emu" "$B/test_gpu tests/fixtures" "$B/test_gpu_dist"; do
+    if $t > "$TMP/out" 2>&1; then
+        ok "$t: $(tail -1 "$TMP/out")"
+    else
+        bad "$t:"
+        grep -v '^ok\|^  .* ok' "$TMP/out" | tail -40
+    fi
+done
+
+# 3. The same run on both trainers.
+./build/gen_shards "$TMP" 64 20000 4000 1 > /dev/null || { echo "FAIL gen_shards"; exit 1; }
+RUN=(--config tiny --train-data "$TMP/train_*.bin" --val-data "$TMP/val_*.bin" -b 4 --steps 10 --warmup-steps 2
+     --lr 1e-2 --gamma 1e-2 --eval-every 5 --eval-batches 2 --print-every 5 --sample-tokens 12 --ckpt-every 10
+     --keep-last 0 --threads 1)
+"$B/train_moecu" "${RUN[@]}" --ckpt-dir "$TMP/gpu" --log "$TMP/gpu.jsonl" > "$TMP/gpu.out" 2>&1 \
+    || { bad "train_moecu (emulated) failed:"; cat "$TMP/gpu.out"; }
+if [ "$(basename "$B")" = BF16 ]; then
+    echo "skip train_moecu vs train_moe step by step: bf16 activations (test_gpu compares with bf16 tolerances)"
+else
+./train_moe "${RUN[@]}" --ckpt-dir "$TMP/cpu" --log "$TMP/cpu.jsonl" > "$TMP/cpu.out" 2>&1 \
+    || { bad "train_moe failed:"; cat "$TMP/cpu.out"; }
+
+# Step and eval records side by side: losses and norms within fp32 noise,
+# MaxVio exactly (the routing, hence the counts, must be identical).
+field() { grep "\"type\":\"$2\"" "$1" | sed "s/.*\"$3\":\([-0-9.e+]*\).*/\1/"; }
+compare() { # type field tolerance(relative; 0 = exact) description
+    paste <(field "$TMP/cpu.jsonl" "$1" "$2") <(field "$TMP/gpu.jsonl" "$1" "$2") > "$TMP/pairs"
+    local n
+    n=$(wc -l < "$TMP/pairs")
+    if [ "$n" -gt 0 ] && awk -v tol="$3" '{ d = $1 - $2; if (d < 0) d = -d; s = $1 < 0 ? -$1 : $1;
+            if (d > tol * s || (tol == 0 && $1 != $2)) bad++; if (d / (s > 0 ? s : 1) > w) w = d / (s > 0 ? s : 1) }
+            END { printf "%.2e", w > "/dev/stderr"; exit bad > 0 }' "$TMP/pairs" 2> "$TMP/worst"; then
+        ok "train_moecu vs train_moe: $4 ($n values, worst relative difference $(cat "$TMP/worst"))"
+    else
+        bad "train_moecu vs train_moe: $4 differ:"
+        cat "$TMP/pairs"
+    fi
+}
+compare step loss 1e-5 "training losses"
+compare step grad_norm 1e-4 "gradient norms"
+compare step maxvio_batch 0 "MaxVio_batch (identical routing)"
+compare eval val_loss 1e-5 "validation losses"
+compare eval maxvio_global 0 "MaxVio_global"
+
+sample() { awk '/^sample \(/ { s = 1; next } s && /^---$/ { if (++n == 2) exit; next } s && n == 1' "$1"; }
+if [ -n "$(sample "$TMP/cpu.out")" ] && [ "$(sample "$TMP/cpu.out")" = "$(sample "$TMP/gpu.out")" ]; then
+    ok "train_moecu vs train_moe: the same sampled tokens ($(sample "$TMP/gpu.out" | head -1 | cut -c1-40)...)"
+else
+    bad "train_moecu vs train_moe: sampled tokens differ"; sample "$TMP/cpu.out"; sample "$TMP/gpu.out"
+fi
+hc=$(grep 'final bias xxh64' "$TMP/cpu.out"); hg=$(grep 'final bias xxh64' "$TMP/gpu.out")
+if [ -n "$hc" ] && [ "$hc" = "$hg" ]; then ok "train_moecu vs train_moe: final biases bit for bit (${hc##* })"
+else bad "train_moecu vs train_moe: final biases differ: '$hc' vs '$hg'"; fi
+
+c=$TMP/cpu/ckpt_00000010.bin; g=$TMP/gpu/ckpt_00000010.bin
+./moe_ckpt diff "$c" "$g" > "$TMP/diff" 2>&1 || true # non-zero when they differ at all
+if awk '$1 == "bias" { b = $3 } $1 == "params" { p = $3 } $1 == "adam_m" { m = $5 } $1 == "adam_v" { v = $5 }
+        END { printf "bias %s, params %s (abs), adam_m %s, adam_v %s (rel)", b, p, m, v > "/dev/stderr";
+              exit !(b != "" && b + 0 == 0 && p + 0 < 1e-4 && m + 0 < 1e-3 && v + 0 < 1e-3) }' "$TMP/diff" 2> "$TMP/summary"; then
+    ok "train_moecu vs train_moe: checkpoints after 10 steps: $(cat "$TMP/summary")"
+else
+    bad "train_moecu vs train_moe: checkpoints differ: $(cat "$TMP/summary")"; cat "$TMP/diff"
+fi
+fi
+
+# The trainer through NCCL (one rank) with the EP exchange forced: the same bits.
+MOE_NCCL=1 MOE_EP_EXCHANGE=1 "$B/train_moecu" "${RUN[@]}" --ckpt-dir "$TMP/nccl" > "$TMP/nccl.out" 2>&1 \
+    || { bad "train_moecu through NCCL failed:"; cat "$TMP/nccl.out"; }
+for r in gpu nccl; do
+    ./moe_ckpt info "$TMP/$r/ckpt_00000010.bin" | awk '$1 ~ /^(params|adam_m|adam_v|bias)$/ { print $1, $NF }' > "$TMP/$r.hash"
+    grep -o 'loss [0-9.]*' "$TMP/$r.out" >> "$TMP/$r.hash"
+done
+if [ "$(wc -l < "$TMP/gpu.hash")" -ge 5 ] && cmp -s "$TMP/gpu.hash" "$TMP/nccl.hash"; then
+    ok "train_moecu through NCCL (1 rank, EP exchange forced) == plain: losses, parameters, AdamW state, biases bitwise"
+else
+    bad "train_moecu through NCCL differs from the plain run"; cat "$TMP/gpu.hash" "$TMP/nccl.hash"
+fi
+
+if [ "$fails" -eq 0 ]; then echo "test_emu.sh: all passed"; else echo "test_emu.sh: $fails failure(s)"; exit 1; fi
