@@ -9,13 +9,14 @@
 #     multi-GPU code with virtual ranks and one-rank NCCL;
 #  3. train_moecu against train_moe on the same 10-step run with evaluation,
 #     sampling and a checkpoint: losses, gradient norms, MaxVio, validation
-#     loss, the sampled tokens, the final biases and the checkpoint; and the
-#     run through NCCL with the EP exchange forced, bit for bit.
+#     loss, the sampled tokens, the final biases and the checkpoint; and, bit
+#     for bit, the run through NCCL with the EP exchange forced and the runs
+#     with every kernel's blocks and threads in reverse and shuffled order.
 # This checks the logic of the CUDA code, not a GPU: see docs/gpu.md for what
 # only a GPU run can show.
 #
 #   tests/test_emu.sh [EMU_BUILD_DIR]     (default build/emu/FP32)
-# A BF16 build (a directory named .../BF16) runs 1, 2 and the NCCL check of 3:
+# A BF16 build (a directory named .../BF16) runs 1, 2 and the bitwise checks of 3:
 # its comparison with the fp32 CPU trainer is test_gpu's, with bf16 tolerances.
 set -u
 cd "$(dirname "$0")/.."
@@ -92,17 +93,29 @@ else
 fi
 fi
 
-# The trainer through NCCL (one rank) with the EP exchange forced: the same bits.
-MOE_NCCL=1 MOE_EP_EXCHANGE=1 "$B/train_moecu" "${RUN[@]}" --ckpt-dir "$TMP/nccl" > "$TMP/nccl.out" 2>&1 \
-    || { bad "train_moecu through NCCL failed:"; cat "$TMP/nccl.out"; }
-for r in gpu nccl; do
-    ./moe_ckpt info "$TMP/$r/ckpt_00000010.bin" | awk '$1 ~ /^(params|adam_m|adam_v|bias)$/ { print $1, $NF }' > "$TMP/$r.hash"
-    grep -o 'loss [0-9.]*' "$TMP/$r.out" >> "$TMP/$r.hash"
-done
-if [ "$(wc -l < "$TMP/gpu.hash")" -ge 5 ] && cmp -s "$TMP/gpu.hash" "$TMP/nccl.hash"; then
-    ok "train_moecu through NCCL (1 rank, EP exchange forced) == plain: losses, parameters, AdamW state, biases bitwise"
-else
-    bad "train_moecu through NCCL differs from the plain run"; cat "$TMP/gpu.hash" "$TMP/nccl.hash"
-fi
+# The same run through NCCL (one rank) with the EP exchange forced, and with
+# the blocks and threads of every kernel run in reverse and in shuffled order
+# (a missing barrier or an order-dependent write would change the bits):
+# losses, parameters, AdamW state and biases bit for bit.
+hash_of() { # run-name -> its checkpoint sections' hashes and printed losses
+    ./moe_ckpt info "$TMP/$1/ckpt_00000010.bin" | awk '$1 ~ /^(params|adam_m|adam_v|bias)$/ { print $1, $NF }'
+    grep -o 'loss [0-9.]*' "$TMP/$1.out"
+}
+same_bits() { # run-name description env...
+    local name=$1 what=$2
+    shift 2
+    env "$@" "$B/train_moecu" "${RUN[@]}" --ckpt-dir "$TMP/$name" > "$TMP/$name.out" 2>&1 \
+        || { bad "train_moecu $what failed:"; cat "$TMP/$name.out"; return; }
+    hash_of gpu > "$TMP/gpu.hash"
+    hash_of "$name" > "$TMP/$name.hash"
+    if [ "$(wc -l < "$TMP/gpu.hash")" -ge 5 ] && cmp -s "$TMP/gpu.hash" "$TMP/$name.hash"; then
+        ok "train_moecu $what == plain run: losses, parameters, AdamW state, biases bitwise"
+    else
+        bad "train_moecu $what differs from the plain run"; diff "$TMP/gpu.hash" "$TMP/$name.hash"
+    fi
+}
+same_bits nccl "through NCCL (1 rank, EP exchange forced)" MOE_NCCL=1 MOE_EP_EXCHANGE=1
+same_bits reverse "with blocks and threads in reverse order" EMU_ORDER=reverse
+same_bits shuffle "with blocks and threads in shuffled order" EMU_ORDER=shuffle
 
 if [ "$fails" -eq 0 ]; then echo "test_emu.sh: all passed"; else echo "test_emu.sh: $fails failure(s)"; exit 1; fi

@@ -188,6 +188,35 @@ static void segv_handler(int sig, siginfo_t *si, void *uctx) {
              t_blk ? "; inside a kernel: a stale or freed pointer, or a stack overflow" : "");
 }
 
+// The order in which blocks, and the threads of a block between barriers,
+// run (EMU_ORDER). Correct CUDA code gives the same bits in every order; a
+// missing barrier or an order-dependent write shows as a difference between
+// a forward and a reverse (or shuffled) run.
+enum { ORDER_FORWARD, ORDER_REVERSE, ORDER_SHUFFLE };
+static int g_order = ORDER_FORWARD;
+static thread_local uint64_t t_shuffle_state = 0x9e3779b97f4a7c15ull;
+
+namespace emu {
+void set_order(const char *order) {
+    g_order = strcmp(order, "reverse") == 0 ? ORDER_REVERSE : strcmp(order, "shuffle") == 0 ? ORDER_SHUFFLE : ORDER_FORWARD;
+}
+} // namespace emu
+
+// order[0..n) = 0..n-1 in the chosen order.
+static void make_order(std::vector<int> &order, int n) {
+    order.resize(n);
+    for (int i = 0; i < n; i++) order[i] = g_order == ORDER_REVERSE ? n - 1 - i : i;
+    if (g_order != ORDER_SHUFFLE) return;
+    for (int i = n - 1; i > 0; i--) { // Fisher-Yates with a xorshift generator
+        t_shuffle_state ^= t_shuffle_state << 13;
+        t_shuffle_state ^= t_shuffle_state >> 7;
+        t_shuffle_state ^= t_shuffle_state << 17;
+        int j = (int)(t_shuffle_state % (uint64_t)(i + 1)), tmp = order[i];
+        order[i] = order[j];
+        order[j] = tmp;
+    }
+}
+
 static void install_handler() {
     static std::once_flag once;
     std::call_once(once, [] {
@@ -199,6 +228,15 @@ static void install_handler() {
         sigemptyset(&sa.sa_mask);
         sigaction(SIGSEGV, &sa, NULL);
         sigaction(SIGBUS, &sa, NULL);
+        const char *order = getenv("EMU_ORDER");
+        if (order && strcmp(order, "reverse") == 0)
+            g_order = ORDER_REVERSE;
+        else if (order && strcmp(order, "shuffle") == 0)
+            g_order = ORDER_SHUFFLE;
+        else if (order && *order && strcmp(order, "forward") != 0) {
+            fprintf(stderr, "emulator: EMU_ORDER must be forward, reverse or shuffle, not '%s'\n", order);
+            exit(1);
+        }
         const char *lim = getenv("EMU_MEM_LIMIT_GB");
         g_mem_limit = (size_t)((lim ? atof(lim) : 8.0) * 1073741824.0);
     });
@@ -463,6 +501,14 @@ struct Block {
 } // namespace emu
 
 static const size_t STACK_BYTES = 256 * 1024;
+
+// Static __shared__ variables (emu_device.h puts them in this section; the
+// linker defines its bounds; weak: a program may have none).
+extern "C" char __start_emu_shared[] __attribute__((weak));
+extern "C" char __stop_emu_shared[] __attribute__((weak));
+
+// One kernel at a time in the process: static shared memory has one copy.
+static std::mutex g_kernel_mutex;
 // One stack per thread of a block (with a guard page below), reused by every
 // launch of this OS thread and unmapped when it ends.
 struct StackPool {
@@ -606,8 +652,11 @@ uint64_t shfl_xor(unsigned int mask, uint64_t bits, int lane_mask, int width) {
 // Runs the live threads until each waits or ends, then releases barriers,
 // until every thread has ended. A state where nobody can move is a deadlock.
 static void run_block(Block *b) {
+    static thread_local std::vector<int> order;
     for (;;) {
-        for (int i = 0; i < b->nthreads; i++) {
+        make_order(order, b->nthreads);
+        for (int k = 0; k < b->nthreads; k++) {
+            int i = order[k];
             if (b->threads[i].state != T_RUN) continue;
             b->cur = &b->threads[i];
             emu_switch(&b->sched_sp, b->threads[i].sp);
@@ -701,16 +750,23 @@ void launch(const char *name, dim3 grid, dim3 block, size_t smem, cudaStream_t s
     b.cur = NULL;
     b.body = &body;
     b.smem = t_smem.data();
+    std::lock_guard<std::mutex> one_kernel(g_kernel_mutex);
     enter_device();
     t_blk = &b;
-    for (unsigned int bz = 0; bz < grid.z; bz++)
-        for (unsigned int by = 0; by < grid.y; by++)
-            for (unsigned int bx = 0; bx < grid.x; bx++) {
-                b.bidx = uint3{bx, by, bz};
-                memset(b.smem, 0xff, smem); // unwritten shared memory reads as NaN / -1
-                for (int i = 0; i < n; i++) start_thread(&b, i);
-                run_block(&b);
-            }
+    static thread_local std::vector<int> block_order;
+    uint64_t nblocks = (uint64_t)grid.x * grid.y * grid.z;
+    if (nblocks > (1u << 30)) emu_fail("kernel %s: %llu blocks is more than the emulator runs", name,
+                                       (unsigned long long)nblocks);
+    make_order(block_order, (int)nblocks);
+    for (uint64_t k = 0; k < nblocks; k++) {
+        unsigned int q = (unsigned int)block_order[k];
+        b.bidx = uint3{q % grid.x, q / grid.x % grid.y, q / (grid.x * grid.y)};
+        memset(b.smem, 0xff, smem); // unwritten shared memory reads as NaN / -1
+        uintptr_t sh0 = (uintptr_t)__start_emu_shared, sh1 = (uintptr_t)__stop_emu_shared;
+        if (sh0 && sh1 > sh0) memset(__start_emu_shared, 0xff, sh1 - sh0);
+        for (int i = 0; i < n; i++) start_thread(&b, i);
+        run_block(&b);
+    }
     t_blk = NULL;
     exit_device();
 }

@@ -4,7 +4,8 @@
 // headers), run by `make test-emu`.
 //
 //  1. semantics: block reductions through shared memory, __syncthreads and
-//     xor shuffles (2-D blocks included), atomics, the poison in fresh device
+//     xor shuffles (2-D blocks included), the same bits in reverse thread and
+//     block order while a missing barrier changes the result, atomics, the poison in fresh device
 //     and shared memory, launch configurations CUDA rejects, and cuBLAS GEMMs
 //     (every transpose pair, padded leading dimensions, beta = 0 over NaN,
 //     strided and grouped batches, bf16) against loops written from cuBLAS's
@@ -71,6 +72,14 @@ __global__ void count_kernel(int *counts, const int *keys, int n) {
 __global__ void smem_peek_kernel(unsigned int *out) {
     extern __shared__ unsigned int peek_smem[];
     out[threadIdx.x] = peek_smem[threadIdx.x];
+}
+
+// Thread 0 writes shared memory that the others read with no barrier in
+// between: the result depends on the order threads run in (a bug).
+__global__ void racy_kernel(unsigned int *out) {
+    __shared__ unsigned int flag;
+    if (threadIdx.x == 0) flag = 42;
+    out[threadIdx.x] = flag;
 }
 
 __global__ void write_kernel(float *p, int i) { p[i] = 1.0f; }
@@ -158,6 +167,25 @@ static void test_kernels(void) {
     CK(cudaMemcpy(h_peek, d_peek, sizeof h_peek, cudaMemcpyDeviceToHost));
     check(fresh_poisoned && h_peek[0] == 0xffffffffu && h_peek[63] == 0xffffffffu,
           "fresh device memory and dynamic shared memory read as 0xffffffff (NaN / -1)");
+
+    // Thread and block order: a correct kernel gives the same bits in every
+    // order; the racy one does not (so the order really changes).
+    float h_rev[nb];
+    unsigned int racy_fwd[64], racy_rev[64];
+    unsigned int *d_racy;
+    CK(cudaMalloc(&d_racy, sizeof racy_fwd));
+    racy_kernel<<<1, 64>>>(d_racy);
+    CK(cudaMemcpy(racy_fwd, d_racy, sizeof racy_fwd, cudaMemcpyDeviceToHost));
+    emu::set_order("reverse");
+    block_sum_kernel<<<nb, dim3(bx, by)>>>(d_out, d_dis, d_in);
+    CK(cudaMemcpy(h_rev, d_out, sizeof h_rev, cudaMemcpyDeviceToHost));
+    racy_kernel<<<1, 64>>>(d_racy);
+    CK(cudaMemcpy(racy_rev, d_racy, sizeof racy_rev, cudaMemcpyDeviceToHost));
+    emu::set_order("forward");
+    check(memcmp(h_rev, h_out, sizeof h_out) == 0 && memcmp(racy_fwd, racy_rev, sizeof racy_fwd) != 0,
+          "reverse order: block sums bitwise equal, a missing barrier changes the result (%u vs %u in the last thread)",
+          racy_fwd[63], racy_rev[63]);
+    cudaFree(d_racy);
 
     write_kernel<<<0, 32>>>(d_in, 0);
     cudaError_t e1 = cudaGetLastError(), e1b = cudaGetLastError();

@@ -3,8 +3,8 @@
 // block; the threads of a block are coroutines that switch only at
 // __syncthreads, __syncwarp and warp shuffles, so barriers and shuffles have
 // CUDA's semantics and a barrier that some threads never reach is reported
-// as a deadlock. __shared__ variables are per-OS-thread statics, shared by
-// the block being run. Launches are rewritten from `k<<<cfg>>>(args)` to
+// as a deadlock. __shared__ variables are statics, shared by the block being
+// run. Launches are rewritten from `k<<<cfg>>>(args)` to
 // `emu::Cfg("k", cfg).run(k)(args)` by tests/emu/cu2cc.sed.
 #ifndef EMU_DEVICE_H
 #define EMU_DEVICE_H
@@ -39,7 +39,10 @@ struct float4 {
 #define __noinline__
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
-#define __shared__ static thread_local
+// Static shared memory: one copy per variable in the section emu_shared,
+// poisoned (0xff) before every block like dynamic shared memory; kernels run
+// one at a time in the whole process, so one copy is enough.
+#define __shared__ static __attribute__((section("emu_shared"), used))
 
 namespace emu {
 
@@ -48,6 +51,9 @@ const uint3 &block_idx();
 const dim3 &block_dim();
 const dim3 &grid_dim();
 void *dyn_smem();
+// The order blocks and threads run in: "forward", "reverse" or "shuffle"
+// (the environment's EMU_ORDER at start-up; this is for the emulator's test).
+void set_order(const char *order);
 void syncthreads();
 void syncwarp(unsigned int mask);
 uint64_t shfl_xor(unsigned int mask, uint64_t bits, int lane_mask, int width);
