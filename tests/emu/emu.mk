@@ -19,7 +19,7 @@ EMU_COMM = $(BUILD)/emu/comm_nccl_host.o $(BUILD)/f32/dist/launch.o
 EMU_LIBS = -lgomp -lm -lpthread
 
 .PHONY: test-emu emu-build
-.PRECIOUS: $(BUILD)/emu/%.cc
+.PRECIOUS: $(EMU_BUILD)/%.cc
 
 # A .cu file as C++: launches rewritten (cu2cc.sed); #line keeps messages pointing at the .cu file.
 $(EMU_BUILD)/%.cc: %.cu tests/emu/cu2cc.sed
