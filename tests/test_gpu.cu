@@ -50,6 +50,7 @@ extern "C" {
 #include "kernels/gpu_backend.cuh"
 #include "kernels/permute.cuh"
 #include "kernels/routing.cuh"
+#include "tests/gpu_check.h"
 
 #ifdef ENABLE_FP32
 #define TOL_LOSS 1e-6        // relative
@@ -84,46 +85,12 @@ extern "C" {
 #define ROUTE_MARGIN 2e-2    // ~10x the bf16 affinity error estimated above
 #endif
 
-static int failures, warnings;
-
-// Prints one check. soft: a failure only warns (see the routing note above).
-static void report(const char *what, double err, double tol, int soft) {
-    int ok = err <= tol;
-    const char *verdict = ok ? "ok" : soft ? "WARN (routing diverged on near ties)" : "FAIL";
-    printf("  %-40s err %.3e (tol %.2g) %s\n", what, err, tol, verdict);
-    if (!ok && soft) warnings++;
-    if (!ok && !soft) failures++;
-}
-
-static void report_bool(const char *what, int ok, const char *detail) {
-    printf("  %-40s %s%s%s\n", what, ok ? "ok" : "FAIL", detail[0] ? " " : "", detail);
-    failures += !ok;
-}
-
-static void *xmalloc(size_t bytes) {
-    void *p = malloc(bytes ? bytes : 1);
-    if (!p) {
-        fprintf(stderr, "out of memory (%zu bytes)\n", bytes);
-        exit(1);
-    }
-    return p;
-}
-
 // max |a - ref| / max |ref| (absolute when ref is all zero).
 static double rel_err_f(const float *a, const double *ref, int64_t n) {
     double emax = 0, rmax = 0;
     for (int64_t i = 0; i < n; i++) {
         emax = fmax(emax, fabs((double)a[i] - ref[i]));
         rmax = fmax(rmax, fabs(ref[i]));
-    }
-    return rmax > 0 ? emax / rmax : emax;
-}
-
-static double rel_err_ff(const float *a, const float *b, int64_t n) {
-    double emax = 0, rmax = 0;
-    for (int64_t i = 0; i < n; i++) {
-        emax = fmax(emax, fabs((double)a[i] - (double)b[i]));
-        rmax = fmax(rmax, fabs((double)b[i]));
     }
     return rmax > 0 ? emax / rmax : emax;
 }
@@ -735,32 +702,6 @@ static void test_permutation(void) {
 // ----------------------------------------------------------------------------
 // 5. The whole backend beyond the fixtures
 
-// A small config with E routed experts of top-K; random parameters (seeded).
-static MoeConfig backend_config(int E, int K, int gate, int n_shared) {
-    MoeConfig c;
-    config_preset(&c, "tiny");
-    c.vocab_size = 96;
-    c.d_model = 64;
-    c.n_heads = 4;
-    c.n_layers = 3;
-    c.n_dense = 1;
-    c.d_ff = 96;
-    c.seq_len = 32;
-    c.n_routed = E;
-    c.top_k = K;
-    c.gate = gate;
-    c.norm_topk = gate == GATE_SIGMOID;
-    c.n_shared = n_shared;
-    c.d_expert = 16;
-    c.init_std = 0.1f;
-    char err[256];
-    if (config_validate(&c, err, sizeof err) != 0) {
-        fprintf(stderr, "bad test config: %s\n", err);
-        exit(1);
-    }
-    return c;
-}
-
 typedef struct {
     double loss, aux;
     int64_t *counts;
@@ -863,7 +804,7 @@ static void test_backend_case(const char *name, const MoeConfig *c, const RouteO
 // backend, restore, 2 steps; bitwise. Also last_logits == the last row of an
 // evaluation forward.
 static void test_resume(void) {
-    MoeConfig c = backend_config(16, 2, GATE_SIGMOID, 1);
+    MoeConfig c = gpu_test_config(16, 2, GATE_SIGMOID, 1);
     RouteOptions ro = { 0, AUX_SEQ, 0.01f };
     int B = 2, T = c.seq_len, N = B * T, nmoe = config_n_moe(&c), E = c.n_routed;
     size_t nb = (size_t)nmoe * E;
@@ -945,7 +886,7 @@ static void test_resume(void) {
 
 static void test_backend(void) {
     // 256 experts, top-8, softmax: 64 tokens make 512 slots, so most experts are empty.
-    MoeConfig c = backend_config(256, 8, GATE_SOFTMAX, 1);
+    MoeConfig c = gpu_test_config(256, 8, GATE_SOFTMAX, 1);
     RouteOptions ro = { 0, AUX_EXPERT, 0.01f };
     size_t nb = (size_t)config_n_moe(&c) * c.n_routed;
     float *bias = (float *)calloc(nb, sizeof(float));
@@ -953,7 +894,7 @@ static void test_backend(void) {
     free(bias);
     // Every token on expert 3 (bias +100), K = 1 and K = 2, no shared expert.
     for (int K = 1; K <= 2; K++) {
-        c = backend_config(16, K, GATE_SIGMOID, 0);
+        c = gpu_test_config(16, K, GATE_SIGMOID, 0);
         RouteOptions ro2 = { 0, AUX_NONE, 0.0f };
         nb = (size_t)config_n_moe(&c) * c.n_routed;
         bias = (float *)calloc(nb, sizeof(float));
@@ -994,7 +935,5 @@ int main(int argc, char **argv) {
         check_training(path);
         test_backend();
     }
-    printf("test_gpu (%s): %s (%d failures, %d warnings)\n", FLOATX_NAME, failures ? "FAIL" : "PASS", failures,
-           warnings);
-    return failures ? 1 : 0;
+    return report_summary("test_gpu");
 }

@@ -51,6 +51,9 @@ extern "C" {
 #include "kernels/dispatch.cuh"
 #include "kernels/gpu_backend.cuh"
 
+#define GPU_CHECK_WIDTH 52
+#include "tests/gpu_check.h"
+
 #ifdef ENABLE_FP32
 #define TOL_LOSS 1e-5   // relative
 #define TOL_GRAD 1e-4   // relative to the tensor's largest entry (test_dist.sh's scale)
@@ -60,46 +63,16 @@ extern "C" {
 #else
 // One GPU computing W micro-batches as one GEMM vs W GEMMs differs by fp32
 // accumulation order, which bf16 rounding of the activations can turn into
-// one-ulp (2^-9) differences; estimates, like test_gpu.cu's BF16 tolerances.
+// one-ulp (2^-9) differences. On the CPU emulator (whose GEMMs sum in the same
+// order either way) the worst errors are loss 1.6e-4, gradient norm 3.9e-4,
+// parameters 1.0e-2 and AdamW m 1.2e-2; cuBLAS's split of the work differs
+// between the two shapes, so the GPU's will be larger: these are estimates.
 #define TOL_LOSS 1e-2
 #define TOL_GRAD 5e-2
 #define TOL_NORM 5e-2
 #define TOL_PARAM 0.25  // RMS(diff) / RMS(parameter change)
 #define TOL_MOM 0.25    // RMS(diff) / RMS(moment)
 #endif
-
-static int failures, warnings;
-
-static void report(const char *what, double err, double tol, int soft) {
-    int ok = err <= tol;
-    const char *verdict = ok ? "ok" : soft ? "WARN (bf16: routing differs on near ties)" : "FAIL";
-    printf("  %-52s err %.3e (tol %.0e) %s\n", what, err, tol, verdict);
-    if (!ok && soft) warnings++;
-    if (!ok && !soft) failures++;
-}
-
-static void report_bool(const char *what, int ok, const char *detail) {
-    printf("  %-52s %s%s%s\n", what, ok ? "ok" : "FAIL", detail[0] ? " " : "", detail);
-    failures += !ok;
-}
-
-static void *xmalloc(size_t bytes) {
-    void *p = malloc(bytes ? bytes : 1);
-    if (!p) {
-        fprintf(stderr, "out of memory (%zu bytes)\n", bytes);
-        exit(1);
-    }
-    return p;
-}
-
-static double rel_err_ff(const float *a, const float *b, int64_t n) {
-    double emax = 0, rmax = 0;
-    for (int64_t i = 0; i < n; i++) {
-        emax = fmax(emax, fabs((double)a[i] - (double)b[i]));
-        rmax = fmax(rmax, fabs((double)b[i]));
-    }
-    return rmax > 0 ? emax / rmax : emax;
-}
 
 // ----------------------------------------------------------------------------
 // 1. Dispatch bookkeeping and row kernels, P virtual ranks, cudaMemcpy exchange
@@ -548,32 +521,6 @@ static RunOut run_training(const RunSpec *sp) {
     return out;
 }
 
-// A small MoE config: 3 layers (1 dense), E experts of top-K.
-static MoeConfig small_config(int E, int K, int gate, int n_shared) {
-    MoeConfig c;
-    config_preset(&c, "tiny");
-    c.vocab_size = 96;
-    c.d_model = 64;
-    c.n_heads = 4;
-    c.n_layers = 3;
-    c.n_dense = 1;
-    c.d_ff = 96;
-    c.seq_len = 32;
-    c.n_routed = E;
-    c.top_k = K;
-    c.gate = gate;
-    c.norm_topk = gate == GATE_SIGMOID;
-    c.n_shared = n_shared;
-    c.d_expert = 16;
-    c.init_std = 0.1f;
-    char err[256];
-    if (config_validate(&c, err, sizeof err) != 0) {
-        fprintf(stderr, "bad test config: %s\n", err);
-        exit(1);
-    }
-    return c;
-}
-
 typedef struct {
     MoeConfig c;
     RouteOptions ro;
@@ -648,7 +595,7 @@ static void test_one_rank(const Comm *comm) {
         report_bool("comm_nccl_open", 0, err);
         return;
     }
-    MoeConfig c = small_config(8, 2, GATE_SIGMOID, 1);
+    MoeConfig c = gpu_test_config(8, 2, GATE_SIGMOID, 1);
     RouteOptions ro = { 0, AUX_SEQ, 0.01f };
     Problem pb = make_problem(c, ro, 2, 3, 11);
     ParamLayout lay;
@@ -821,20 +768,18 @@ int main(int argc, char **argv) {
     // DP and EP against one backend: sigmoid top-2 of 8 with a shared expert
     // and the sequence-wise auxiliary loss (independent of the split), then
     // softmax top-3 of 16 without shared experts.
-    MoeConfig c = small_config(8, 2, GATE_SIGMOID, 1);
+    MoeConfig c = gpu_test_config(8, 2, GATE_SIGMOID, 1);
     RouteOptions ro = { 0, AUX_SEQ, 0.01f };
     Problem pb = make_problem(c, ro, 2, 3, 21);
     const int cases[][2] = { { 2, 2 }, { 2, 1 }, { 4, 2 }, { 4, 4 } };
     for (size_t i = 0; i < (quick ? 1 : sizeof cases / sizeof cases[0]); i++) test_virtual_case(pb, cases[i][0], cases[i][1]);
     if (!quick) {
-        MoeConfig c2 = small_config(16, 3, GATE_SOFTMAX, 0);
+        MoeConfig c2 = gpu_test_config(16, 3, GATE_SOFTMAX, 0);
         RouteOptions ro2 = { 0, AUX_NONE, 0.0f };
         Problem pb2 = make_problem(c2, ro2, 1, 3, 31);
         test_virtual_case(pb2, 4, 4);
         test_virtual_case(pb2, 8, 4);
     }
     comm_finalize(&comm);
-    printf("test_gpu_dist (%s): %s (%d failures, %d warnings)\n", FLOATX_NAME, failures ? "FAIL" : "PASS", failures,
-           warnings);
-    return failures ? 1 : 0;
+    return report_summary("test_gpu_dist");
 }
