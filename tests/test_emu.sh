@@ -11,7 +11,9 @@
 #     sampling and a checkpoint: losses, gradient norms, MaxVio, validation
 #     loss, the sampled tokens, the final biases and the checkpoint; and, bit
 #     for bit, the run through NCCL with the EP exchange forced and the runs
-#     with every kernel's blocks and threads in reverse and shuffled order.
+#     with every kernel's blocks and threads in reverse and shuffled order;
+#  4. several ranks (processes) through the NCCL code path, DP, EP and both,
+#     against one process, and an EP=2 checkpoint resumed under EP=4.
 # This checks the logic of the CUDA code, not a GPU: see docs/gpu.md for what
 # only a GPU run can show.
 #
@@ -117,5 +119,72 @@ same_bits() { # run-name description env...
 same_bits nccl "through NCCL (1 rank, EP exchange forced)" MOE_NCCL=1 MOE_EP_EXCHANGE=1
 same_bits reverse "with blocks and threads in reverse order" EMU_ORDER=reverse
 same_bits shuffle "with blocks and threads in shuffled order" EMU_ORDER=shuffle
+
+# 4. Several ranks: W processes of the emulated train_moecu, placed as a
+#    launcher would (RANK, WORLD_SIZE, LOCAL_RANK) and meeting through a
+#    --nccl-init directory (dist/launch.c), their NCCL in shared memory --
+#    the build-without-MPI communicator (dist/comm_nccl.c) with its
+#    ncclCommSplit into EP/EDP groups, the all-to-alls of the EP exchange,
+#    the gradient all-reduces, the host collectives through the staging
+#    buffer and the consolidated checkpoint -- against one process whose
+#    micro-batch holds the same sequences (as tests/test_dist.sh does for
+#    the CPU trainer): biases bit for bit on every rank, losses within 1e-5,
+#    parameters within 1e-4, AdamW moments within 1e-4 of the largest.
+mkdir -p "$TMP/mr" && ./build/gen_shards "$TMP/mr" 64 100000 10000 3 > /dev/null || { echo "FAIL gen_shards"; exit 1; }
+MR=(--config tiny --train-data "$TMP/mr/train_*.bin" --val-data "$TMP/mr/val_*.bin" --lr 1e-2 --warmup-steps 2
+    --steps 10 --threads 1 --print-every 100 --init-std 0.1 --eval-batches 2 --ckpt-every 5 --keep-last 0)
+MB=8
+mrun() { # name ranks ep [extra...]
+    local name=$1 np=$2 ep=$3 r
+    shift 3
+    mkdir -p "$TMP/$name.rdv"
+    for r in $(seq 0 $((np - 1))); do
+        RANK=$r WORLD_SIZE=$np LOCAL_RANK=$r MOE_NCCL_INIT="$TMP/$name.rdv" EMU_NCCL_TIMEOUT=120 \
+            "$B/train_moecu" "${MR[@]}" -b $((MB / np)) --ep "$ep" --ckpt-dir "$TMP/$name" --log "$TMP/$name.jsonl" \
+            "$@" > "$TMP/$name.$r.out" 2>&1 &
+    done
+    local st=0
+    for r in $(seq 0 $((np - 1))); do wait -n || st=1; done
+    cat "$TMP/$name".*.out > "$TMP/$name.out"
+    [ $st = 0 ] || { bad "$name: a rank failed:"; for r in $(seq 0 $((np - 1))); do
+                         grep -h -m1 -i 'emulator:\|error' "$TMP/$name.$r.out" || tail -n 2 "$TMP/$name.$r.out"; done
+                     return 1; }
+}
+mr_close() { # name: against the single process
+    local name=$1 hashes nranks d
+    hashes=$(grep -o 'final bias xxh64 [0-9a-f]*' "$TMP/$name.out" | sort -u)
+    nranks=$(grep -c 'final bias xxh64' "$TMP/$name.out")
+    if [ "$(echo "$hashes" | wc -l)" = 1 ] && [ "$hashes" = "$(grep -o 'final bias xxh64 [0-9a-f]*' "$TMP/mr1.out")" ]; then
+        ok "$name: the $nranks ranks hold bit-identical biases, equal to the single process's"
+    else bad "$name: biases differ between ranks or from the single process"; fi
+    d=$(paste <(field "$TMP/mr1.jsonl" step loss) <(field "$TMP/$name.jsonl" step loss) \
+        | awk '{ d = $1 - $2; if (d < 0) d = -d; if (d > m) m = d } END { print m + 0 }')
+    if [ "$(field "$TMP/$name.jsonl" step loss | wc -l)" = 10 ] && awk -v d="$d" 'BEGIN { exit !(d <= 1e-5) }'; then
+        ok "$name: losses of 10 steps within $d of the single process"
+    else bad "$name: losses differ by $d"; fi
+    ./moe_ckpt diff "$TMP/mr1/ckpt_00000010.bin" "$TMP/$name/ckpt_00000010.bin" > "$TMP/$name.diff" 2>&1
+    if awk '$1 == "params" { p = 1; if ($3 > 1e-4) e = 1 } ($1 == "adam_m" || $1 == "adam_v") && $5 > 1e-4 { e = 1 }
+            $1 == "bias" && $3 != 0 { e = 1 } END { exit e || !p }' "$TMP/$name.diff"; then
+        ok "$name: step-10 checkpoint: $(awk '{ printf "%s %s ", $1, $3 }' "$TMP/$name.diff")"
+    else bad "$name: checkpoint differs:"; cat "$TMP/$name.diff"; fi
+}
+if [ "$(basename "$B")" = BF16 ]; then
+    echo "skip several ranks: run with the FP32 build"
+else
+    "$B/train_moecu" "${MR[@]}" -b $MB --ckpt-dir "$TMP/mr1" --log "$TMP/mr1.jsonl" > "$TMP/mr1.out" 2>&1 \
+        || { bad "single-process run failed"; tail -5 "$TMP/mr1.out"; }
+    mrun dp2 2 1 && mr_close dp2
+    mrun ep2 2 2 && mr_close ep2
+    mrun ep4 4 4 && mr_close ep4
+    mrun dp2ep2 4 2 && mr_close dp2ep2
+    # A checkpoint written under EP=2 at step 5, resumed under EP=4.
+    if mrun switch 4 2 --run-steps 5 && mrun switch 4 4 --resume; then
+        ./moe_ckpt diff "$TMP/ep4/ckpt_00000010.bin" "$TMP/switch/ckpt_00000010.bin" > "$TMP/switch.diff" 2>&1
+        if awk '$1 == "params" { p = 1; if ($3 > 1e-4) e = 1 } $1 == "bias" && $3 != 0 { e = 1 } END { exit e || !p }' \
+            "$TMP/switch.diff"; then
+            ok "EP=2 checkpoint resumed under EP=4 matches an EP=4 run: $(awk '{ printf "%s %s ", $1, $3 }' "$TMP/switch.diff")"
+        else bad "EP 2 -> 4 resume differs:"; cat "$TMP/switch.diff"; fi
+    fi
+fi
 
 if [ "$fails" -eq 0 ]; then echo "test_emu.sh: all passed"; else echo "test_emu.sh: $fails failure(s)"; exit 1; fi
