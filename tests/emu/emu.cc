@@ -81,6 +81,74 @@ static size_t page_size() {
 static size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
 // ----------------------------------------------------------------------------
+// Profile (EMU_PROFILE=1): what the program asked of the GPU, printed at exit
+// -- kernel launches by name, host waits, copies, GEMMs, collectives. Counts,
+// not times: they are the same on a GPU, so they show e.g. how often a step
+// waits for the device.
+
+enum {
+    PROF_STREAM_SYNC, PROF_DEVICE_SYNC, PROF_COPY_SYNC, PROF_COPY_D2H_ASYNC, PROF_COPY_H2D_ASYNC, PROF_COPY_D2D_ASYNC,
+    PROF_MEMSET, PROF_GEMM, PROF_GEMM_STRIDED, PROF_GEMM_GROUPED, PROF_NCCL_ALLREDUCE, PROF_NCCL_BCAST,
+    PROF_NCCL_GROUP, PROF_MALLOC, PROF_N
+};
+static const char *prof_names[PROF_N] = {
+    "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy (synchronous)", "cudaMemcpyAsync to host",
+    "cudaMemcpyAsync to device", "cudaMemcpyAsync device to device", "cudaMemset(Async)", "cublasGemmEx",
+    "cublasGemmStridedBatchedEx", "cublasGemmGroupedBatchedEx", "ncclAllReduce", "ncclBroadcast",
+    "ncclGroupEnd (send/recv)", "cudaMalloc"};
+static long g_prof[PROF_N];
+struct ProfKernel {
+    long launches;
+    long long threads;
+};
+static std::mutex g_prof_mutex;
+static std::map<std::string, ProfKernel> g_prof_kernels;
+static int g_profile = -1; // -1: EMU_PROFILE not read yet
+
+static int profiling() {
+    if (g_profile < 0) {
+        const char *p = getenv("EMU_PROFILE");
+        g_profile = p && *p && strcmp(p, "0") != 0;
+    }
+    return g_profile;
+}
+
+static void prof_print() {
+    std::lock_guard<std::mutex> lock(g_prof_mutex);
+    fprintf(stderr, "emulator profile (pid %d):\n", (int)getpid());
+    for (int i = 0; i < PROF_N; i++)
+        if (g_prof[i]) fprintf(stderr, "  %10ld  %s\n", g_prof[i], prof_names[i]);
+    long total = 0;
+    for (auto &k : g_prof_kernels) total += k.second.launches;
+    fprintf(stderr, "  %10ld  kernel launches:\n", total);
+    for (auto &k : g_prof_kernels)
+        fprintf(stderr, "  %10ld    %s (%.0f threads per launch)\n", k.second.launches, k.first.c_str(),
+                (double)k.second.threads / k.second.launches);
+}
+
+// Whether to count; the first time, arranges the printout at exit.
+static int prof_on() {
+    if (!profiling()) return 0;
+    static std::once_flag once;
+    std::call_once(once, [] { atexit(prof_print); });
+    return 1;
+}
+
+static void prof_count(int what) {
+    if (!prof_on()) return;
+    std::lock_guard<std::mutex> lock(g_prof_mutex);
+    g_prof[what]++;
+}
+
+static void prof_kernel(const char *name, long long threads) {
+    if (!prof_on()) return;
+    std::lock_guard<std::mutex> lock(g_prof_mutex);
+    ProfKernel &k = g_prof_kernels[name];
+    k.launches++;
+    k.threads += threads;
+}
+
+// ----------------------------------------------------------------------------
 // Device memory
 //
 // Layout of one allocation: [guard page][slack | user bytes | slack][guard page]
@@ -346,13 +414,17 @@ extern "C" cudaError_t cudaGetDeviceProperties(cudaDeviceProp *prop, int device)
     return cudaSuccess;
 }
 
-extern "C" cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+extern "C" cudaError_t cudaDeviceSynchronize(void) {
+    prof_count(PROF_DEVICE_SYNC);
+    return cudaSuccess;
+}
 
 // ----------------------------------------------------------------------------
 // Runtime: memory
 
 extern "C" cudaError_t cudaMalloc(void **ptr, size_t bytes) {
     install_handler();
+    prof_count(PROF_MALLOC);
     if (!ptr) return cudaErrorInvalidValue;
     size_t pg = page_size(), data_len = round_up(round_up(bytes, 256), pg);
     if (data_len == 0) data_len = pg;
@@ -422,7 +494,7 @@ extern "C" cudaError_t cudaFreeHost(void *ptr) {
     return cudaSuccess;
 }
 
-extern "C" cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind) {
+static cudaError_t memcpy_checked(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind) {
     if (bytes == 0) return cudaSuccess;
     if (!dst || !src) return cudaErrorInvalidValue;
     Where d = where_range(dst, bytes, "cudaMemcpy destination"), s = where_range(src, bytes, "cudaMemcpy source");
@@ -439,13 +511,21 @@ extern "C" cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cuda
     return cudaSuccess;
 }
 
+extern "C" cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind) {
+    prof_count(PROF_COPY_SYNC);
+    return memcpy_checked(dst, src, bytes, kind);
+}
+
 extern "C" cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind,
                                        cudaStream_t stream) {
     (void)stream;
-    return cudaMemcpy(dst, src, bytes, kind);
+    prof_count(kind == cudaMemcpyDeviceToHost ? PROF_COPY_D2H_ASYNC
+               : kind == cudaMemcpyHostToDevice ? PROF_COPY_H2D_ASYNC : PROF_COPY_D2D_ASYNC);
+    return memcpy_checked(dst, src, bytes, kind);
 }
 
 extern "C" cudaError_t cudaMemset(void *ptr, int value, size_t bytes) {
+    prof_count(PROF_MEMSET);
     if (bytes == 0) return cudaSuccess;
     need_device(ptr, bytes, "cudaMemset");
     enter_device();
@@ -475,6 +555,7 @@ extern "C" cudaError_t cudaStreamDestroy(cudaStream_t stream) {
 }
 extern "C" cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
     (void)stream;
+    prof_count(PROF_STREAM_SYNC);
     return cudaSuccess;
 }
 
@@ -764,6 +845,7 @@ void launch(const char *name, dim3 grid, dim3 block, size_t smem, cudaStream_t s
     uint64_t nblocks = (uint64_t)grid.x * grid.y * grid.z;
     if (nblocks > (1u << 30)) emu_fail("kernel %s: %llu blocks is more than the emulator runs", name,
                                        (unsigned long long)nblocks);
+    prof_kernel(name, (long long)(nthreads * nblocks));
     make_order(block_order, (int)nblocks);
     for (uint64_t k = 0; k < nblocks; k++) {
         unsigned int q = (unsigned int)block_order[k];
@@ -896,6 +978,7 @@ extern "C" cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t 
                                        cudaDataType Ctype, int ldc, cublasComputeType_t computeType,
                                        cublasGemmAlgo_t algo) {
     (void)algo;
+    prof_count(PROF_GEMM);
     if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (!types_ok(Atype, Btype, Ctype, computeType)) return CUBLAS_STATUS_NOT_SUPPORTED;
     need_host(alpha, "cublasGemmEx alpha (host pointer mode)");
@@ -912,6 +995,7 @@ extern "C" cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t handle, cubl
                                                      long long int strideC, int batchCount,
                                                      cublasComputeType_t computeType, cublasGemmAlgo_t algo) {
     (void)algo;
+    prof_count(PROF_GEMM_STRIDED);
     if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (!types_ok(Atype, Btype, Ctype, computeType)) return CUBLAS_STATUS_NOT_SUPPORTED;
     if (batchCount < 0) return CUBLAS_STATUS_INVALID_VALUE;
@@ -934,6 +1018,7 @@ extern "C" cublasStatus_t cublasGemmGroupedBatchedEx(
     cudaDataType_t Atype, const int lda_array[], const void *const Barray[], cudaDataType_t Btype,
     const int ldb_array[], const void *beta_array, void *const Carray[], cudaDataType_t Ctype, const int ldc_array[],
     int group_count, const int group_size[], cublasComputeType_t computeType) {
+    prof_count(PROF_GEMM_GROUPED);
     if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (!types_ok(Atype, Btype, Ctype, computeType)) return CUBLAS_STATUS_NOT_SUPPORTED;
     if (group_count < 0) return CUBLAS_STATUS_INVALID_VALUE;
@@ -1284,6 +1369,7 @@ static void reduce_typed(void *acc, const void *x, size_t n, ncclDataType_t t, n
 extern "C" ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count, ncclDataType_t datatype,
                                       ncclRedOp_t op, ncclComm_t comm, cudaStream_t stream) {
     (void)stream;
+    prof_count(PROF_NCCL_ALLREDUCE);
     if (!comm) return nccl_error(ncclInvalidArgument, "NULL communicator");
     size_t es = nccl_type_bytes(datatype), bytes = count * es;
     need_device(sendbuff, bytes, "ncclAllReduce send buffer");
@@ -1313,6 +1399,7 @@ extern "C" ncclResult_t ncclBroadcast(const void *sendbuff, void *recvbuff, size
                                       int root, ncclComm_t comm, cudaStream_t stream) {
     (void)stream;
     if (!comm) return nccl_error(ncclInvalidArgument, "NULL communicator");
+    prof_count(PROF_NCCL_BCAST);
     if (root < 0 || root >= comm->nranks) return nccl_error(ncclInvalidArgument, "ncclBroadcast root outside the communicator");
     size_t bytes = count * nccl_type_bytes(datatype);
     if (comm->rank == root) need_device(sendbuff, bytes, "ncclBroadcast send buffer");
@@ -1444,6 +1531,7 @@ extern "C" ncclResult_t ncclGroupEnd(void) {
         for (auto &x : *v)
             if (std::find(comms.begin(), comms.end(), x.comm) == comms.end()) comms.push_back(x.comm);
     for (ncclComm_t c : comms) p2p_exchange(c);
+    if (!comms.empty()) prof_count(PROF_NCCL_GROUP);
     t_sends.clear();
     t_recvs.clear();
     return ncclSuccess;
