@@ -680,8 +680,8 @@ static void gpu_set_bias(Backend *be, const float *bias) {
 
 static void gpu_zero_grad(Backend *be) {
     GpuState *g = gpu(be);
+    // No wait: everything that reads the gradients is later on this stream.
     CUDA_CHECK(cudaMemsetAsync(g->grads, 0, sizeof(float) * (size_t)g->n_local, g->stream));
-    CUDA_CHECK(cudaStreamSynchronize(g->stream));
 }
 
 // ----------------------------------------------------------------------------
@@ -1027,7 +1027,7 @@ static void gpu_sync_grads(Backend *be) {
     dc->allreduce_f32(dc->ctx, COMM_WORLD, g->grads, (size_t)g->n_rep, g->stream);
     dc->allreduce_f32(dc->ctx, COMM_EDP, g->grads + g->n_rep, (size_t)(g->n_local - g->n_rep), g->stream);
     scale_f32(g->grads, g->n_local, 1.0f / (float)dc->world, g->stream);
-    CUDA_CHECK(cudaStreamSynchronize(g->stream));
+    // No wait: the gradient norm and AdamW read the result later on this stream.
 }
 
 // The global norm of the synchronised gradient, the same bits on every rank:
@@ -1067,7 +1067,8 @@ static void gpu_update(Backend *be, const AdamWConfig *opt, double lr, int64_t t
         adamw_update(g->params, px, g->grads, g->adam_m, g->adam_v, r->offset, r->len, r->decay, s, grad_mult,
                      g->stream);
     }
-    CUDA_CHECK(cudaStreamSynchronize(g->stream));
+    // No wait: the next step's kernels follow on this stream, and the host
+    // reads parameters or moments only through synchronising copies (gpu_copy).
 }
 
 static void gpu_last_logits(Backend *be, const int *tokens, int n, float *logits) {

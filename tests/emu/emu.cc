@@ -1,9 +1,10 @@
 // CUDA emulation on the CPU (see docs/gpu.md, "The emulator"): runs the GPU
 // trainer's own .cu code on a machine without a GPU, to check its logic --
-// indexing, barriers and shuffles, host/device protocol, cuBLAS arguments --
-// against the CPU reference. It is a test harness, not a GPU: threads of a
-// block run one at a time (no data races, no memory-model effects), streams
-// are synchronous, the GEMMs are plain loops, NCCL has one rank.
+// indexing, barriers and shuffles, host/device protocol, cuBLAS arguments,
+// NCCL traffic between ranks -- against the CPU reference. It is a test
+// harness, not a GPU: threads of a block run one at a time (a chosen order,
+// no memory-model effects), device work completes when it is enqueued, the
+// GEMMs are plain loops, and NCCL ranks are processes sharing memory.
 //
 // What it checks that a GPU would only show as a crash or a wrong number:
 //   - device memory lives in its own pages, inaccessible while host code
@@ -12,18 +13,21 @@
 //     open the pages they touch on demand, through the SIGSEGV handler);
 //   - a guard page before and after every allocation, and canary bytes in
 //     the slack, catch out-of-bounds accesses (compute-sanitizer's memcheck);
-//   - fresh allocations and dynamic shared memory are filled with 0xff bytes
-//     (NaN as floats, -1 as integers), so reading before writing shows;
+//   - fresh allocations and shared memory are filled with 0xff bytes (NaN as
+//     floats, -1 as integers), so reading before writing shows;
 //   - kernel pointer arguments must be device memory; copies must match
 //     their cudaMemcpyKind and stay inside their allocations; a barrier or
 //     shuffle that not every thread reaches is a deadlock, reported;
+//   - an asynchronous copy to or from pinned memory completes at the
+//     stream's synchronisation, and the host touching its buffer before
+//     then stops;
 //   - launch configurations CUDA rejects (an empty grid, > 1024 threads,
 //     > 48 KiB of dynamic shared memory) set the error KERNEL_CHECK reads.
+// EMU_ORDER=reverse|shuffle changes the order of blocks and threads;
+// EMU_PROFILE=1 counts what was asked of the GPU.
 #include <errno.h>
-#include <fcntl.h>
-#include <time.h>
-#include <sys/stat.h>
 #include <execinfo.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -31,6 +35,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -171,7 +177,82 @@ struct Alloc {
 
 static std::mutex g_mem_mutex;
 static std::map<uintptr_t, Alloc> g_allocs;   // key: data address
-static std::map<uintptr_t, size_t> g_pinned;  // cudaMallocHost: address -> bytes
+// Pinned host memory (cudaMallocHost): its own pages, so that the pages an
+// asynchronous copy has not finished with can be protected until the stream
+// is synchronised (see "Asynchronous copies" below).
+struct Pinned {
+    size_t bytes, map_len;
+    int readers, writers; // pending async copies reading it (H2D) / writing it (D2H)
+    int unchecked;        // touched legitimately while protected: unprotected until the next sync
+};
+static std::map<uintptr_t, Pinned> g_pinned; // key: address
+
+// The pinned allocation holding p, or NULL. Called with g_mem_mutex held.
+static Pinned *pinned_of_locked(const void *p) {
+    auto it = g_pinned.upper_bound((uintptr_t)p);
+    if (it == g_pinned.begin()) return NULL;
+    --it;
+    return (uintptr_t)p < it->first + it->second.map_len ? &it->second : NULL;
+}
+
+// ----------------------------------------------------------------------------
+// Asynchronous copies between device and pinned host memory
+//
+// On a GPU, cudaMemcpyAsync to or from pinned memory returns at once: the
+// host must not read the destination of a device-to-host copy, nor write the
+// source of a host-to-device copy, before synchronising the stream. The
+// emulator keeps that contract visible: a device-to-host copy into pinned
+// memory lands only at the stream's synchronisation (its data is taken in
+// stream order, when the call is made), and until then the destination's
+// pages are inaccessible and a host-to-device source's pages read-only; the
+// host touching them stops with "before the stream was synchronised".
+
+struct PendingCopy {
+    cudaStream_t stream;
+    int d2h;                // 1: data lands in host at the sync; 0: host is the source of an H2D copy
+    char *host;
+    size_t bytes;
+    std::vector<char> data; // d2h: the device data, taken when the copy was enqueued
+};
+static std::vector<PendingCopy> g_pending; // under g_mem_mutex
+
+// Protects a pinned allocation as its pending copies require. Locked.
+static void pinned_protect_locked(uintptr_t key, Pinned *pn) {
+    int prot = pn->unchecked || (!pn->readers && !pn->writers) ? PROT_READ | PROT_WRITE
+               : pn->writers                                  ? PROT_NONE
+                                                              : PROT_READ;
+    if (mprotect((void *)key, pn->map_len, prot) != 0) emu_fail("mprotect of pinned memory: %s", strerror(errno));
+}
+
+// Completes the pending copies of a stream (all streams: all = 1), in order.
+static void complete_pending(cudaStream_t stream, int all) {
+    std::lock_guard<std::mutex> lock(g_mem_mutex);
+    std::vector<PendingCopy> keep;
+    std::vector<uintptr_t> touched;
+    for (auto &pc : g_pending) {
+        if (!all && pc.stream != stream) {
+            keep.push_back(std::move(pc));
+            continue;
+        }
+        auto it = g_pinned.upper_bound((uintptr_t)pc.host);
+        --it;
+        Pinned *pn = &it->second;
+        mprotect((void *)it->first, pn->map_len, PROT_READ | PROT_WRITE);
+        if (pc.d2h) {
+            memcpy(pc.host, pc.data.data(), pc.bytes);
+            pn->writers--;
+        } else {
+            pn->readers--;
+        }
+        touched.push_back(it->first);
+    }
+    g_pending.swap(keep);
+    for (uintptr_t key : touched) {
+        Pinned *pn = &g_pinned[key];
+        if (!pn->readers && !pn->writers) pn->unchecked = 0;
+        pinned_protect_locked(key, pn);
+    }
+}
 static unsigned long g_next_id = 1;
 static size_t g_bytes_in_use, g_mem_limit;
 
@@ -259,6 +340,31 @@ static void segv_handler(int sig, siginfo_t *si, void *uctx) {
         emu_fail("host code dereferenced device memory: allocation #%lu (%zu bytes), offset %zd", copy.id, copy.size,
                  addr - copy.user);
     }
+    {
+        std::unique_lock<std::mutex> lock(g_mem_mutex);
+        Pinned *pn = pinned_of_locked(addr);
+        if (pn && (pn->readers || pn->writers) && !pn->unchecked) {
+            const PendingCopy *hit = NULL;
+            for (auto &pc : g_pending)
+                if (addr >= pc.host && addr < pc.host + pc.bytes) hit = &pc;
+            if (hit && t_device_depth == 0) {
+                int d2h = hit->d2h;
+                size_t off = (size_t)(addr - hit->host), bytes = hit->bytes;
+                lock.unlock();
+                emu_fail("host code touched byte %zu of a pinned buffer (%zu bytes) %s before the stream was "
+                         "synchronised", off, bytes,
+                         d2h ? "that a cudaMemcpyAsync from the device fills" : "that a cudaMemcpyAsync to the device "
+                                                                              "still reads (a write)");
+            }
+            // Another part of the allocation, or a kernel reading host memory: allowed; no more checks on
+            // this allocation until its copies complete.
+            auto it = g_pinned.upper_bound((uintptr_t)addr);
+            --it;
+            pn->unchecked = 1;
+            pinned_protect_locked(it->first, pn);
+            return;
+        }
+    }
     emu_fail("segmentation fault at %p (not device memory%s)", (const void *)addr,
              t_blk ? "; inside a kernel: a stale or freed pointer, or a stack overflow" : "");
 }
@@ -331,11 +437,7 @@ static Where where_range(const void *p, size_t bytes, const char *what) {
                      c - al->user, al->id, al->size);
         return WHERE_DEVICE;
     }
-    auto it = g_pinned.upper_bound((uintptr_t)p);
-    if (it != g_pinned.begin()) {
-        --it;
-        if ((uintptr_t)p < it->first + it->second) return WHERE_PINNED;
-    }
+    if (pinned_of_locked(p)) return WHERE_PINNED;
     return WHERE_HOST;
 }
 
@@ -416,6 +518,7 @@ extern "C" cudaError_t cudaGetDeviceProperties(cudaDeviceProp *prop, int device)
 
 extern "C" cudaError_t cudaDeviceSynchronize(void) {
     prof_count(PROF_DEVICE_SYNC);
+    complete_pending(NULL, 1);
     return cudaSuccess;
 }
 
@@ -476,21 +579,28 @@ extern "C" cudaError_t cudaFree(void *ptr) {
 
 extern "C" cudaError_t cudaMallocHost(void **ptr, size_t bytes) {
     install_handler();
-    void *p = malloc(bytes ? bytes : 1);
-    if (!p) return cudaErrorMemoryAllocation;
+    size_t map_len = round_up(bytes ? bytes : 1, page_size());
+    void *p = mmap(NULL, map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return cudaErrorMemoryAllocation;
     std::lock_guard<std::mutex> lock(g_mem_mutex);
-    g_pinned[(uintptr_t)p] = bytes;
+    g_pinned[(uintptr_t)p] = Pinned{bytes, map_len, 0, 0, 0};
     *ptr = p;
     return cudaSuccess;
 }
 
 extern "C" cudaError_t cudaFreeHost(void *ptr) {
     if (!ptr) return cudaSuccess;
+    size_t map_len;
     {
         std::lock_guard<std::mutex> lock(g_mem_mutex);
-        if (!g_pinned.erase((uintptr_t)ptr)) return cudaErrorInvalidValue;
+        auto it = g_pinned.find((uintptr_t)ptr);
+        if (it == g_pinned.end()) return cudaErrorInvalidValue;
+        if (it->second.readers || it->second.writers)
+            emu_fail("cudaFreeHost of a pinned buffer that an unfinished cudaMemcpyAsync still uses");
+        map_len = it->second.map_len;
+        g_pinned.erase(it);
     }
-    free(ptr);
+    munmap(ptr, map_len);
     return cudaSuccess;
 }
 
@@ -518,10 +628,35 @@ extern "C" cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cuda
 
 extern "C" cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind,
                                        cudaStream_t stream) {
-    (void)stream;
     prof_count(kind == cudaMemcpyDeviceToHost ? PROF_COPY_D2H_ASYNC
                : kind == cudaMemcpyHostToDevice ? PROF_COPY_H2D_ASYNC : PROF_COPY_D2D_ASYNC);
-    return memcpy_checked(dst, src, bytes, kind);
+    if (bytes == 0) return cudaSuccess;
+    // Pageable host memory: the copy is synchronous for the host, as CUDA's is.
+    int d2h_pinned = kind == cudaMemcpyDeviceToHost && where_range(dst, bytes, "cudaMemcpyAsync") == WHERE_PINNED;
+    int h2d_pinned = kind == cudaMemcpyHostToDevice && where_range(src, bytes, "cudaMemcpyAsync") == WHERE_PINNED;
+    if (!d2h_pinned && !h2d_pinned) return memcpy_checked(dst, src, bytes, kind);
+    PendingCopy pc;
+    pc.stream = stream;
+    pc.d2h = d2h_pinned;
+    pc.host = (char *)(d2h_pinned ? dst : src);
+    pc.bytes = bytes;
+    if (d2h_pinned) {
+        need_device(src, bytes, "cudaMemcpyAsync source");
+        pc.data.resize(bytes);
+        enter_device();
+        memcpy(pc.data.data(), src, bytes);
+        exit_device();
+    } else {
+        cudaError_t e = memcpy_checked(dst, src, bytes, kind); // the data as it is now: in stream order
+        if (e != cudaSuccess) return e;
+    }
+    std::lock_guard<std::mutex> lock(g_mem_mutex);
+    auto it = g_pinned.upper_bound((uintptr_t)pc.host);
+    --it;
+    (d2h_pinned ? it->second.writers : it->second.readers)++;
+    pinned_protect_locked(it->first, &it->second);
+    g_pending.push_back(std::move(pc));
+    return cudaSuccess;
 }
 
 extern "C" cudaError_t cudaMemset(void *ptr, int value, size_t bytes) {
@@ -554,8 +689,8 @@ extern "C" cudaError_t cudaStreamDestroy(cudaStream_t stream) {
     return cudaSuccess;
 }
 extern "C" cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
-    (void)stream;
     prof_count(PROF_STREAM_SYNC);
+    complete_pending(stream, 0);
     return cudaSuccess;
 }
 

@@ -15,7 +15,8 @@
 //     writing past its allocation (into the guard page and into the slack),
 //     a host pointer given to a kernel, a warp split between __syncthreads
 //     and __syncwarp, a shuffle from an exited lane, a copy with the wrong kind, a
-//     GEMM on host memory, a kernel on freed memory.
+//     GEMM on host memory, a kernel on freed memory, host code reading or
+//     writing pinned memory that an unfinished cudaMemcpyAsync uses.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -388,6 +389,45 @@ static void bug_use_after_free(void) {
     write_kernel<<<1, 1>>>(d, 0);
 }
 
+static void bug_read_before_sync(void) {
+    cudaStream_t st;
+    float *d, *h;
+    cudaStreamCreate(&st);
+    cudaMalloc(&d, 64);
+    cudaMemset(d, 0, 64);
+    cudaMallocHost(&h, 64);
+    cudaMemcpyAsync(h, d, 64, cudaMemcpyDeviceToHost, st);
+    printf("%f\n", h[0]); // no cudaStreamSynchronize
+}
+static void bug_write_before_sync(void) {
+    cudaStream_t st;
+    float *d, *h;
+    cudaStreamCreate(&st);
+    cudaMalloc(&d, 64);
+    cudaMallocHost(&h, 64);
+    cudaMemcpyAsync(d, h, 64, cudaMemcpyHostToDevice, st);
+    h[0] = 1.0f; // the copy may not have read it yet
+}
+
+// A device-to-host copy into pinned memory lands at the synchronisation, with
+// the device data of the moment it was enqueued.
+static void test_async(void) {
+    cudaStream_t st;
+    float *d, *h, one = 1.0f, two = 2.0f;
+    CK(cudaStreamCreate(&st));
+    CK(cudaMalloc(&d, sizeof(float)));
+    CK(cudaMallocHost(&h, sizeof(float)));
+    CK(cudaMemcpy(d, &one, sizeof(float), cudaMemcpyHostToDevice));
+    CK(cudaMemcpyAsync(h, d, sizeof(float), cudaMemcpyDeviceToHost, st));
+    CK(cudaMemcpy(d, &two, sizeof(float), cudaMemcpyHostToDevice)); // after the copy in stream order
+    CK(cudaStreamSynchronize(st));
+    check(*h == 1.0f, "cudaMemcpyAsync into pinned memory: the data of its place in the stream, readable after the sync "
+          "(%g)", *h);
+    CK(cudaFreeHost(h));
+    CK(cudaFree(d));
+    CK(cudaStreamDestroy(st));
+}
+
 // Runs fn in a child; the child must die and its stderr must contain want.
 static void expect_stop(const char *what, void (*fn)(void), const char *want) {
     int fds[2];
@@ -428,5 +468,10 @@ int main(void) {
     expect_stop("cudaMemcpyHostToDevice from device to host memory", bug_copy_kind, "cudaMemcpyHostToDevice");
     expect_stop("a GEMM on host matrices", bug_gemm_host, "is not device memory");
     expect_stop("a kernel on freed memory", bug_use_after_free, "is a host pointer");
+    test_async();
+    expect_stop("host reading a pinned buffer a pending copy fills", bug_read_before_sync,
+                "before the stream was synchronised");
+    expect_stop("host writing a pinned buffer a pending copy reads", bug_write_before_sync,
+                "before the stream was synchronised");
     return check_summary("test_emu");
 }

@@ -1,7 +1,7 @@
-// CUDA emulation on the CPU: NCCL with ONE rank per communicator (tests/emu).
-// Collectives copy (a sum over one rank is the identity), send/recv to self
-// are matched inside a group. A communicator of more than one rank is refused
-// with ncclInvalidUsage: several ranks need several processes and GPUs.
+// CUDA emulation on the CPU: the NCCL calls the GPU trainer makes
+// (tests/emu). One rank per communicator copies; several ranks are several
+// processes whose communicators are shared-memory segments (see
+// tests/emu/emu.cc). Same names, types and argument order as NCCL's nccl.h.
 #ifndef EMU_NCCL_H
 #define EMU_NCCL_H
 
