@@ -116,7 +116,8 @@ typedef struct {
     int maxB, maxT, n_moe;
     int B, T;                  // shape of the last forward
     cudaStream_t stream;
-    cublasHandle_t cublas;
+    cublasHandle_t cublas; // attention's batched GEMMs, the expert GEMMs
+    Matmul mm;             // the dense matmuls (cuBLASLt)
     GroupedGemm gg;
     // every allocation, for destroy, and the bytes per category (printed at create)
     void **dev_ptrs, **host_ptrs;
@@ -419,6 +420,7 @@ int gpu_backend_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, 
     CUBLAS_CHECK(cublasSetStream(g->cublas, g->stream));
     // Plain fp32 accumulation, never TF32 (CUBLAS_COMPUTE_32F with the default math mode).
     CUBLAS_CHECK(cublasSetMathMode(g->cublas, CUBLAS_DEFAULT_MATH));
+    matmul_init(&g->mm, g->stream);
 
     size_t n = (size_t)g->n_local, N = (size_t)B * T, d = c->d_model, V = c->vocab_size, L = c->n_layers;
     size_t H = c->n_heads, E = c->n_routed, K = c->top_k, de = c->d_expert, sh = (size_t)c->n_shared * de;
@@ -585,6 +587,7 @@ static void gpu_destroy(Backend *be) {
     for (int i = 0; i < g->n_dev; i++) CUDA_CHECK(cudaFree(g->dev_ptrs[i]));
     for (int i = 0; i < g->n_host; i++) CUDA_CHECK(cudaFreeHost(g->host_ptrs[i]));
     if (g->h_exp_src) CUDA_CHECK(cudaFreeHost(g->h_exp_src));
+    if (g->mm.lt) matmul_free(&g->mm);
     if (g->cublas) CUBLAS_CHECK(cublasDestroy(g->cublas));
     if (g->stream) CUDA_CHECK(cudaStreamDestroy(g->stream));
     free(g->dev_ptrs);
@@ -737,7 +740,7 @@ static void gpu_moe_forward(GpuState *g, int l, int k, int B, int T, float *xout
     cudaStream_t st = g->stream;
 
     // Router logits (N, E) in fp32, then the fused routing epilogue and the permutation.
-    matmul_forward(g->cublas, la->s, CUDA_R_32F, la->h2, gpu_paramX(g, l, P_ROUTER), N, d, E, 0);
+    matmul_forward(&g->mm, la->s, CUDA_R_32F, la->h2, gpu_paramX(g, l, P_ROUTER), N, d, E, NULL);
     CUDA_CHECK(cudaMemsetAsync(la->counts, 0, sizeof(int) * E, st));
     moe_route(la->s, la->zsum, la->sel, la->gates, la->counts, g->bias + (size_t)k * E, N, E, K, c->gate,
               c->norm_topk, c->route_scale, g->ro.bias_mult, st);
@@ -803,12 +806,14 @@ static void gpu_moe_forward(GpuState *g, int l, int k, int B, int T, float *xout
         dc->alltoallv(dc->ctx, g->xr, la->recv_rows, la->eout, la->send_rows, rb, st);
     }
 
-    // xout = xmid + shared(h2) + sum_j g_j expert_j(h2).
-    CUDA_CHECK(cudaMemcpyAsync(xout, la->xmid, sizeof(float) * (size_t)N * d, cudaMemcpyDeviceToDevice, st));
+    // xout = xmid + shared(h2) + sum_j g_j expert_j(h2). The shared experts'
+    // last matmul adds xmid (fused); without them it is copied.
     if (sh > 0) {
-        matmul_forward(g->cublas, la->s13, CUDA_R_FLOATX, la->h2, gpu_paramX(g, l, P_SHARED_W13), N, d, 2 * sh, 0);
+        matmul_forward(&g->mm, la->s13, CUDA_R_FLOATX, la->h2, gpu_paramX(g, l, P_SHARED_W13), N, d, 2 * sh, NULL);
         swiglu_forward(la->sact, la->s13, N, sh, st);
-        matmul_forward(g->cublas, xout, CUDA_R_32F, la->sact, gpu_paramX(g, l, P_SHARED_W2), N, sh, d, 1);
+        matmul_forward(&g->mm, xout, CUDA_R_32F, la->sact, gpu_paramX(g, l, P_SHARED_W2), N, sh, d, la->xmid);
+    } else {
+        CUDA_CHECK(cudaMemcpyAsync(xout, la->xmid, sizeof(float) * (size_t)N * d, cudaMemcpyDeviceToDevice, st));
     }
     moe_combine_forward(xout, la->eout, la->gates, la->row_of, N, K, d, st);
     moe_aux_forward(g->aux + k, la->aux_f, g->aux_P, la->s, la->zsum, la->sel, B, T, E, K, g->ro.aux_kind,
@@ -853,26 +858,24 @@ static void gpu_forward(GpuState *g, const int *tokens, const int *targets, int 
         float *xout = g->x + (size_t)(l + 1) * Nd;
         // Attention block: xmid = x + wo(attention(rope(wqkv(norm(x))))).
         rmsnorm_forward(la->h1, la->rstd1, x, gpu_param(g, l, P_ATTN_NORM), N, d, c->rms_eps, st);
-        matmul_forward(g->cublas, la->qkv, CUDA_R_FLOATX, la->h1, gpu_paramX(g, l, P_WQKV), N, d, 3 * d, 0);
+        matmul_forward(&g->mm, la->qkv, CUDA_R_FLOATX, la->h1, gpu_paramX(g, l, P_WQKV), N, d, 3 * d, NULL);
         rope_apply(la->qkv, g->rope_cos, g->rope_sin, B, T, d, H, 0, st);
         attention_forward(g->cublas, la->a, la->att, g->att_f32, la->qkv, B, T, d, H, st);
-        CUDA_CHECK(cudaMemcpyAsync(la->xmid, x, sizeof(float) * Nd, cudaMemcpyDeviceToDevice, st));
-        matmul_forward(g->cublas, la->xmid, CUDA_R_32F, la->a, gpu_paramX(g, l, P_WO), N, d, d, 1);
+        matmul_forward(&g->mm, la->xmid, CUDA_R_32F, la->a, gpu_paramX(g, l, P_WO), N, d, d, x); // + x: fused
         // FFN block: xout = xmid + ffn(norm(xmid)).
         rmsnorm_forward(la->h2, la->rstd2, la->xmid, gpu_param(g, l, P_FFN_NORM), N, d, c->rms_eps, st);
         if (!config_is_moe(c, l)) {
-            matmul_forward(g->cublas, la->f13, CUDA_R_FLOATX, la->h2, gpu_paramX(g, l, P_FFN_W13), N, d, 2 * c->d_ff,
-                           0);
+            matmul_forward(&g->mm, la->f13, CUDA_R_FLOATX, la->h2, gpu_paramX(g, l, P_FFN_W13), N, d, 2 * c->d_ff,
+                           NULL);
             swiglu_forward(la->fact, la->f13, N, c->d_ff, st);
-            CUDA_CHECK(cudaMemcpyAsync(xout, la->xmid, sizeof(float) * Nd, cudaMemcpyDeviceToDevice, st));
-            matmul_forward(g->cublas, xout, CUDA_R_32F, la->fact, gpu_paramX(g, l, P_FFN_W2), N, c->d_ff, d, 1);
+            matmul_forward(&g->mm, xout, CUDA_R_32F, la->fact, gpu_paramX(g, l, P_FFN_W2), N, c->d_ff, d, la->xmid);
         } else {
             gpu_moe_forward(g, l, l - c->n_dense, B, T, xout);
         }
     }
     rmsnorm_forward(g->hf, g->rstdf, g->x + (size_t)L * Nd, gpu_param(g, -1, P_FINAL_NORM), N, d, c->rms_eps, st);
     const floatX *head = gpu_paramX(g, -1, c->tie_embeddings ? P_TOK_EMB : P_LM_HEAD);
-    matmul_forward(g->cublas, g->logits, CUDA_R_FLOATX, g->hf, head, N, d, V, 0);
+    matmul_forward(&g->mm, g->logits, CUDA_R_FLOATX, g->hf, head, N, d, V, NULL);
     if (targets) {
         classifier_forward(g->logits, g->losses, g->targets, N, V, grad_scale / (float)N, want_grad, st);
         CUDA_CHECK(cudaMemcpyAsync(g->h_losses, g->losses, sizeof(double) * N, cudaMemcpyDeviceToHost, st));
@@ -924,18 +927,18 @@ static void gpu_moe_backward(GpuState *g, int l, int k, int B, int T, float grad
     moe_scatter(g->dh, dxs, la->row_of, N, K, d, st);
     // Shared experts.
     if (sh > 0) {
-        matmul_backward_weight(g->cublas, gpu_grad(g, l, P_SHARED_W2), g->dresX, la->sact, N, sh, d);
-        matmul_backward_input(g->cublas, g->dsmall, CUDA_R_FLOATX, g->dresX, gpu_paramX(g, l, P_SHARED_W2), N, sh, d,
+        matmul_backward_weight(&g->mm, gpu_grad(g, l, P_SHARED_W2), g->dresX, la->sact, N, sh, d);
+        matmul_backward_input(&g->mm, g->dsmall, CUDA_R_FLOATX, g->dresX, gpu_paramX(g, l, P_SHARED_W2), N, sh, d,
                               0);
         swiglu_backward(g->dbig, g->dsmall, la->s13, N, sh, st);
-        matmul_backward_weight(g->cublas, gpu_grad(g, l, P_SHARED_W13), g->dbig, la->h2, N, d, 2 * sh);
-        matmul_backward_input(g->cublas, g->dh, CUDA_R_32F, g->dbig, gpu_paramX(g, l, P_SHARED_W13), N, d, 2 * sh, 1);
+        matmul_backward_weight(&g->mm, gpu_grad(g, l, P_SHARED_W13), g->dbig, la->h2, N, d, 2 * sh);
+        matmul_backward_input(&g->mm, g->dh, CUDA_R_32F, g->dbig, gpu_paramX(g, l, P_SHARED_W13), N, d, 2 * sh, 1);
     }
     // Gate values and auxiliary loss -> affinities -> router logits -> router.
     moe_route_backward(g->dlr, la->s, la->zsum, la->sel, g->dgates, la->aux_f, B, T, E, K, c->gate, c->norm_topk,
                        c->route_scale, g->ro.aux_kind, g->ro.aux_alpha, grad_scale, st);
-    matmul_backward_weight(g->cublas, gpu_grad(g, l, P_ROUTER), g->dlr, la->h2, N, d, E);
-    matmul_backward_input(g->cublas, g->dh, CUDA_R_32F, g->dlr, gpu_paramX(g, l, P_ROUTER), N, d, E, 1);
+    matmul_backward_weight(&g->mm, gpu_grad(g, l, P_ROUTER), g->dlr, la->h2, N, d, E);
+    matmul_backward_input(&g->mm, g->dh, CUDA_R_32F, g->dlr, gpu_paramX(g, l, P_ROUTER), N, d, E, 1);
 }
 
 // Accumulates into grads the gradient of grad_scale * (loss + aux) of the
@@ -948,8 +951,8 @@ static void gpu_backward(GpuState *g, float grad_scale) {
 
     // LM head and final norm.
     ParamKind head = c->tie_embeddings ? P_TOK_EMB : P_LM_HEAD;
-    matmul_backward_weight(g->cublas, gpu_grad(g, -1, head), g->logits, g->hf, N, d, V);
-    matmul_backward_input(g->cublas, g->dh, CUDA_R_32F, g->logits, gpu_paramX(g, -1, head), N, d, V, 0);
+    matmul_backward_weight(&g->mm, gpu_grad(g, -1, head), g->logits, g->hf, N, d, V);
+    matmul_backward_input(&g->mm, g->dh, CUDA_R_32F, g->logits, gpu_paramX(g, -1, head), N, d, V, 0);
     rmsnorm_backward(g->dres, g->dresX, gpu_grad(g, -1, P_FINAL_NORM), g->norm_scratch, g->dh,
                      g->x + (size_t)L * Nd, gpu_param(g, -1, P_FINAL_NORM), g->rstdf, N, d, 0, st);
 
@@ -958,12 +961,12 @@ static void gpu_backward(GpuState *g, float grad_scale) {
         // FFN block: dres flows through the residual unchanged and through the FFN.
         if (!config_is_moe(c, l)) {
             floatX *dact = g->dsmall, *d13 = g->dbig;
-            matmul_backward_weight(g->cublas, gpu_grad(g, l, P_FFN_W2), g->dresX, la->fact, N, c->d_ff, d);
-            matmul_backward_input(g->cublas, dact, CUDA_R_FLOATX, g->dresX, gpu_paramX(g, l, P_FFN_W2), N, c->d_ff, d,
+            matmul_backward_weight(&g->mm, gpu_grad(g, l, P_FFN_W2), g->dresX, la->fact, N, c->d_ff, d);
+            matmul_backward_input(&g->mm, dact, CUDA_R_FLOATX, g->dresX, gpu_paramX(g, l, P_FFN_W2), N, c->d_ff, d,
                                   0);
             swiglu_backward(d13, dact, la->f13, N, c->d_ff, st);
-            matmul_backward_weight(g->cublas, gpu_grad(g, l, P_FFN_W13), d13, la->h2, N, d, 2 * c->d_ff);
-            matmul_backward_input(g->cublas, g->dh, CUDA_R_32F, d13, gpu_paramX(g, l, P_FFN_W13), N, d, 2 * c->d_ff,
+            matmul_backward_weight(&g->mm, gpu_grad(g, l, P_FFN_W13), d13, la->h2, N, d, 2 * c->d_ff);
+            matmul_backward_input(&g->mm, g->dh, CUDA_R_32F, d13, gpu_paramX(g, l, P_FFN_W13), N, d, 2 * c->d_ff,
                                   0);
         } else {
             gpu_moe_backward(g, l, l - c->n_dense, B, T, grad_scale);
@@ -972,12 +975,12 @@ static void gpu_backward(GpuState *g, float grad_scale) {
                          gpu_param(g, l, P_FFN_NORM), la->rstd2, N, d, 1, st);
         // Attention block.
         floatX *da = g->dsmall, *dqkv = g->dbig;
-        matmul_backward_weight(g->cublas, gpu_grad(g, l, P_WO), g->dresX, la->a, N, d, d);
-        matmul_backward_input(g->cublas, da, CUDA_R_FLOATX, g->dresX, gpu_paramX(g, l, P_WO), N, d, d, 0);
+        matmul_backward_weight(&g->mm, gpu_grad(g, l, P_WO), g->dresX, la->a, N, d, d);
+        matmul_backward_input(&g->mm, da, CUDA_R_FLOATX, g->dresX, gpu_paramX(g, l, P_WO), N, d, d, 0);
         attention_backward(g->cublas, dqkv, da, la->qkv, la->att, g->att_f32, g->dS, B, T, d, H, st);
         rope_apply(dqkv, g->rope_cos, g->rope_sin, B, T, d, H, 1, st);
-        matmul_backward_weight(g->cublas, gpu_grad(g, l, P_WQKV), dqkv, la->h1, N, d, 3 * d);
-        matmul_backward_input(g->cublas, g->dh, CUDA_R_32F, dqkv, gpu_paramX(g, l, P_WQKV), N, d, 3 * d, 0);
+        matmul_backward_weight(&g->mm, gpu_grad(g, l, P_WQKV), dqkv, la->h1, N, d, 3 * d);
+        matmul_backward_input(&g->mm, g->dh, CUDA_R_32F, dqkv, gpu_paramX(g, l, P_WQKV), N, d, 3 * d, 0);
         rmsnorm_backward(g->dres, g->dresX, gpu_grad(g, l, P_ATTN_NORM), g->norm_scratch, g->dh,
                          g->x + (size_t)l * Nd, gpu_param(g, l, P_ATTN_NORM), la->rstd1, N, d, 1, st);
     }

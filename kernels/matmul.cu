@@ -1,27 +1,118 @@
 // Dense linear layers (see matmul.cuh).
 #include "matmul.cuh"
 
-void matmul_forward(cublasHandle_t h, void *out, cudaDataType_t out_type, const floatX *inp, const floatX *W, int N,
-                    int IC, int OC, int accumulate) {
-    // Column-major: out^T (OC, N) = W (OC, IC) [stored as (IC, OC), transposed] @ inp^T (IC, N).
-    const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-    CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, &alpha, W, CUDA_R_FLOATX, IC, inp,
-                              CUDA_R_FLOATX, IC, &beta, out, out_type, OC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+#include <string.h>
+
+// 32 MiB: what cuBLASLt's Hopper kernels may use; more buys nothing.
+#define MATMUL_WORKSPACE_BYTES ((size_t)32 << 20)
+
+void matmul_init(Matmul *mm, cudaStream_t stream) {
+    memset(mm, 0, sizeof *mm);
+    mm->stream = stream;
+    CUBLAS_CHECK(cublasLtCreate(&mm->lt));
+    mm->workspace_bytes = MATMUL_WORKSPACE_BYTES;
+    CUDA_CHECK(cudaMalloc(&mm->workspace, mm->workspace_bytes));
 }
 
-void matmul_backward_input(cublasHandle_t h, void *dinp, cudaDataType_t dinp_type, const floatX *dout,
-                           const floatX *W, int N, int IC, int OC, int accumulate) {
-    // Column-major: dinp^T (IC, N) = W^T (IC, OC) [W as stored] @ dout^T (OC, N).
-    const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-    CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, IC, N, OC, &alpha, W, CUDA_R_FLOATX, IC, dout,
-                              CUDA_R_FLOATX, OC, &beta, dinp, dinp_type, IC, CUBLAS_COMPUTE_32F,
-                              CUBLAS_GEMM_DEFAULT));
+static void plan_free(MatmulPlan *p) {
+    CUBLAS_CHECK(cublasLtMatrixLayoutDestroy(p->a));
+    CUBLAS_CHECK(cublasLtMatrixLayoutDestroy(p->b));
+    CUBLAS_CHECK(cublasLtMatrixLayoutDestroy(p->c));
+    CUBLAS_CHECK(cublasLtMatmulDescDestroy(p->desc));
 }
 
-void matmul_backward_weight(cublasHandle_t h, float *dW, const floatX *dout, const floatX *inp, int N, int IC,
-                            int OC) {
+void matmul_free(Matmul *mm) {
+    for (int i = 0; i < mm->n_plans; i++) plan_free(&mm->plans[i]);
+    if (mm->workspace) CUDA_CHECK(cudaFree(mm->workspace));
+    if (mm->lt) CUBLAS_CHECK(cublasLtDestroy(mm->lt));
+    memset(mm, 0, sizeof *mm);
+}
+
+// The plan of a column-major problem D (m, n) = op(A) op(B) [+ C], C and D of
+// one type and layout: found, or made (descriptors + heuristic) in a free or
+// the oldest slot.
+static const MatmulPlan *plan_get(Matmul *mm, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, int lda,
+                                  int ldb, int ldc, cudaDataType_t ab_type, cudaDataType_t cd_type) {
+    for (int i = 0; i < mm->n_plans; i++) {
+        const MatmulPlan *p = &mm->plans[i];
+        if (p->ta == ta && p->tb == tb && p->m == m && p->n == n && p->k == k && p->lda == lda && p->ldb == ldb &&
+            p->ldc == ldc && p->ab_type == ab_type && p->cd_type == cd_type)
+            return p;
+    }
+    MatmulPlan *p;
+    if (mm->n_plans < MATMUL_MAX_PLANS) {
+        p = &mm->plans[mm->n_plans++];
+    } else {
+        p = &mm->plans[mm->next_victim];
+        mm->next_victim = (mm->next_victim + 1) % MATMUL_MAX_PLANS;
+        plan_free(p);
+    }
+    memset(p, 0, sizeof *p);
+    p->ta = ta;
+    p->tb = tb;
+    p->m = m;
+    p->n = n;
+    p->k = k;
+    p->lda = lda;
+    p->ldb = ldb;
+    p->ldc = ldc;
+    p->ab_type = ab_type;
+    p->cd_type = cd_type;
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    int32_t op_a = ta, op_b = tb;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof op_a));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof op_b));
+    // Stored shapes: op(A) is m x k, op(B) is k x n.
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->a, ab_type, ta == CUBLAS_OP_N ? m : k, ta == CUBLAS_OP_N ? k : m, lda));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->b, ab_type, tb == CUBLAS_OP_N ? k : n, tb == CUBLAS_OP_N ? n : k, ldb));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->c, cd_type, m, n, ldc));
+    cublasLtMatmulPreference_t pref;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    uint64_t ws = mm->workspace_bytes;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+    cublasLtMatmulHeuristicResult_t res;
+    int found = 0;
+    CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(mm->lt, p->desc, p->a, p->b, p->c, p->c, pref, 1, &res, &found));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
+    if (found == 0) {
+        fprintf(stderr, "error: cuBLASLt has no algorithm for a %d x %d x %d matmul (op %d %d, types %d -> %d)\n", m, n,
+                k, (int)ta, (int)tb, (int)ab_type, (int)cd_type);
+        exit(1);
+    }
+    p->algo = res.algo;
+    return p;
+}
+
+// D = op(A) op(B) + beta C (C == D, or C another buffer of D's type and layout).
+static void lt_matmul(Matmul *mm, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const void *A,
+                      int lda, const void *B, int ldb, cudaDataType_t ab_type, const void *C, void *D, int ldc,
+                      cudaDataType_t cd_type, float beta) {
+    if (m == 0 || n == 0) return;
+    const MatmulPlan *p = plan_get(mm, ta, tb, m, n, k, lda, ldb, ldc, ab_type, cd_type);
+    const float alpha = 1.0f;
+    CUBLAS_CHECK(cublasLtMatmul(mm->lt, p->desc, &alpha, A, p->a, B, p->b, &beta, C ? C : D, p->c, D, p->c, &p->algo,
+                                mm->workspace, mm->workspace_bytes, mm->stream));
+}
+
+void matmul_forward(Matmul *mm, void *out, cudaDataType_t out_type, const floatX *inp, const floatX *W, int N, int IC,
+                    int OC, const float *residual) {
+    if (residual && out_type != CUDA_R_32F) {
+        fprintf(stderr, "internal error: matmul_forward adds an fp32 residual into a non-fp32 output\n");
+        exit(1);
+    }
+    // Column-major: out^T (OC, N) = W (OC, IC) [stored as (IC, OC), transposed] @ inp^T (IC, N) [+ residual^T].
+    lt_matmul(mm, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, W, IC, inp, IC, CUDA_R_FLOATX, residual, out, OC, out_type,
+              residual ? 1.0f : 0.0f);
+}
+
+void matmul_backward_input(Matmul *mm, void *dinp, cudaDataType_t dinp_type, const floatX *dout, const floatX *W, int N,
+                           int IC, int OC, int accumulate) {
+    // Column-major: dinp^T (IC, N) (+)= W^T (IC, OC) [W as stored] @ dout^T (OC, N).
+    lt_matmul(mm, CUBLAS_OP_N, CUBLAS_OP_N, IC, N, OC, W, IC, dout, OC, CUDA_R_FLOATX, NULL, dinp, IC, dinp_type,
+              accumulate ? 1.0f : 0.0f);
+}
+
+void matmul_backward_weight(Matmul *mm, float *dW, const floatX *dout, const floatX *inp, int N, int IC, int OC) {
     // Column-major: dW^T (IC, OC) += inp^T (IC, N) @ dout (N, OC) [dout stored as (OC, N), transposed].
-    const float alpha = 1.0f, beta = 1.0f;
-    CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, N, &alpha, inp, CUDA_R_FLOATX, IC, dout,
-                              CUDA_R_FLOATX, OC, &beta, dW, CUDA_R_32F, IC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    lt_matmul(mm, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, N, inp, IC, dout, OC, CUDA_R_FLOATX, NULL, dW, IC, CUDA_R_32F, 1.0f);
 }

@@ -44,6 +44,7 @@
 #include <mutex>
 #include <vector>
 
+#include "cublasLt.h"
 #include "cublas_v2.h"
 #include "cuda_bf16.h"
 #include "cuda_runtime.h"
@@ -94,12 +95,13 @@ static size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
 enum {
     PROF_STREAM_SYNC, PROF_DEVICE_SYNC, PROF_COPY_SYNC, PROF_COPY_D2H_ASYNC, PROF_COPY_H2D_ASYNC, PROF_COPY_D2D_ASYNC,
-    PROF_MEMSET, PROF_GEMM, PROF_GEMM_STRIDED, PROF_GEMM_GROUPED, PROF_NCCL_ALLREDUCE, PROF_NCCL_BCAST,
+    PROF_MEMSET, PROF_GEMM, PROF_LT_MATMUL, PROF_GEMM_STRIDED, PROF_GEMM_GROUPED, PROF_NCCL_ALLREDUCE, PROF_NCCL_BCAST,
     PROF_NCCL_GROUP, PROF_MALLOC, PROF_N
 };
 static const char *prof_names[PROF_N] = {
     "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy (synchronous)", "cudaMemcpyAsync to host",
     "cudaMemcpyAsync to device", "cudaMemcpyAsync device to device", "cudaMemset(Async)", "cublasGemmEx",
+    "cublasLtMatmul",
     "cublasGemmStridedBatchedEx", "cublasGemmGroupedBatchedEx", "ncclAllReduce", "ncclBroadcast",
     "ncclGroupEnd (send/recv)", "cudaMalloc"};
 static long g_prof[PROF_N];
@@ -1068,14 +1070,16 @@ static size_t span_bytes(int rows, int cols, int ld, cudaDataType t) {
     return ((size_t)(cols - 1) * ld + rows) * type_bytes(t);
 }
 
-// One GEMM, C = alpha op(A) op(B) + beta C, column-major (cuBLAS's definition).
-static cublasStatus_t gemm_one(const char *who, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
-                               float alpha, const void *A, cudaDataType at, int lda, const void *B, cudaDataType bt,
-                               int ldb, float beta, void *C, cudaDataType ct, int ldc) {
+// One GEMM, D = alpha op(A) op(B) + beta C, column-major (cuBLAS's
+// definition; cuBLAS itself has D = C, cuBLASLt may not).
+static cublasStatus_t gemm_cd(const char *who, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                              float alpha, const void *A, cudaDataType at, int lda, const void *B, cudaDataType bt,
+                              int ldb, float beta, const void *C, cudaDataType ct, int ldc, void *D, cudaDataType dt,
+                              int ldd) {
     int a_rows = ta == CUBLAS_OP_N ? m : k, a_cols = ta == CUBLAS_OP_N ? k : m;
     int b_rows = tb == CUBLAS_OP_N ? k : n, b_cols = tb == CUBLAS_OP_N ? n : k;
     if (m < 0 || n < 0 || k < 0 || lda < (a_rows > 1 ? a_rows : 1) || ldb < (b_rows > 1 ? b_rows : 1) ||
-        ldc < (m > 1 ? m : 1))
+        ldc < (m > 1 ? m : 1) || ldd < (m > 1 ? m : 1))
         return CUBLAS_STATUS_INVALID_VALUE;
     if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
     char what[128];
@@ -1084,7 +1088,9 @@ static cublasStatus_t gemm_one(const char *who, cublasOperation_t ta, cublasOper
     snprintf(what, sizeof what, "%s: matrix B", who);
     if (k > 0) need_device(B, span_bytes(b_rows, b_cols, ldb, bt), what);
     snprintf(what, sizeof what, "%s: matrix C", who);
-    need_device(C, span_bytes(m, n, ldc, ct), what);
+    if (beta != 0.0f) need_device(C, span_bytes(m, n, ldc, ct), what);
+    snprintf(what, sizeof what, "%s: matrix D", who);
+    need_device(D, span_bytes(m, n, ldd, dt), what);
     enter_device();
     std::vector<float> a((size_t)m * k), b((size_t)n * k); // a[i][p] = op(A)(i,p), b[j][p] = op(B)(p,j)
     for (int i = 0; i < m; i++)
@@ -1098,13 +1104,18 @@ static cublasStatus_t gemm_one(const char *who, cublasOperation_t ta, cublasOper
             double acc = 0.0;
             const float *ar = &a[(size_t)i * k], *br = &b[(size_t)j * k];
             for (int p = 0; p < k; p++) acc += (double)ar[p] * br[p];
-            size_t ci = i + (size_t)j * ldc;
             // beta == 0: C is not read (it may hold NaN), as cuBLAS documents.
-            double c = alpha * acc + (beta != 0.0f ? (double)beta * load_elem(C, ct, ci) : 0.0);
-            store_elem(C, ct, ci, (float)c);
+            double c = alpha * acc + (beta != 0.0f ? (double)beta * load_elem(C, ct, i + (size_t)j * ldc) : 0.0);
+            store_elem(D, dt, i + (size_t)j * ldd, (float)c);
         }
     exit_device();
     return CUBLAS_STATUS_SUCCESS;
+}
+
+static cublasStatus_t gemm_one(const char *who, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                               float alpha, const void *A, cudaDataType at, int lda, const void *B, cudaDataType bt,
+                               int ldb, float beta, void *C, cudaDataType ct, int ldc) {
+    return gemm_cd(who, ta, tb, m, n, k, alpha, A, at, lda, B, bt, ldb, beta, C, ct, ldc, C, ct, ldc);
 }
 
 extern "C" cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb,
@@ -1189,6 +1200,139 @@ extern "C" cublasStatus_t cublasGemmGroupedBatchedEx(
             if (st != CUBLAS_STATUS_SUCCESS) return st;
         }
     return CUBLAS_STATUS_SUCCESS;
+}
+
+// ----------------------------------------------------------------------------
+// cuBLASLt
+
+struct EmuLt {
+    int dummy;
+};
+struct EmuLtDesc {
+    cublasComputeType_t compute;
+    cudaDataType_t scale;
+    cublasOperation_t ta, tb;
+    int epilogue;
+};
+struct EmuLtLayout {
+    cudaDataType type;
+    uint64_t rows, cols;
+    int64_t ld;
+};
+struct EmuLtPref {
+    uint64_t max_workspace;
+};
+
+extern "C" cublasStatus_t cublasLtCreate(cublasLtHandle_t *h) {
+    install_handler();
+    *h = new EmuLt{0};
+    return CUBLAS_STATUS_SUCCESS;
+}
+extern "C" cublasStatus_t cublasLtDestroy(cublasLtHandle_t h) {
+    delete h;
+    return CUBLAS_STATUS_SUCCESS;
+}
+extern "C" cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t *d, cublasComputeType_t compute,
+                                                   cudaDataType_t scale) {
+    *d = new EmuLtDesc{compute, scale, CUBLAS_OP_N, CUBLAS_OP_N, CUBLASLT_EPILOGUE_DEFAULT};
+    return CUBLAS_STATUS_SUCCESS;
+}
+extern "C" cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t d) {
+    delete d;
+    return CUBLAS_STATUS_SUCCESS;
+}
+extern "C" cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d, cublasLtMatmulDescAttributes_t attr,
+                                                         const void *buf, size_t size) {
+    // Sizes as cuBLASLt checks them: the transposes are int32 (cublasOperation_t), the epilogue uint32.
+    if (!d || !buf || size != 4) return CUBLAS_STATUS_INVALID_VALUE;
+    int v;
+    memcpy(&v, buf, 4);
+    if (attr == CUBLASLT_MATMUL_DESC_TRANSA) d->ta = (cublasOperation_t)v;
+    else if (attr == CUBLASLT_MATMUL_DESC_TRANSB) d->tb = (cublasOperation_t)v;
+    else if (attr == CUBLASLT_MATMUL_DESC_EPILOGUE) d->epilogue = v;
+    else return CUBLAS_STATUS_INVALID_VALUE;
+    return CUBLAS_STATUS_SUCCESS;
+}
+extern "C" cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t *l, cudaDataType type, uint64_t rows,
+                                                     uint64_t cols, int64_t ld) {
+    *l = new EmuLtLayout{type, rows, cols, ld};
+    return CUBLAS_STATUS_SUCCESS;
+}
+extern "C" cublasStatus_t cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t l) {
+    delete l;
+    return CUBLAS_STATUS_SUCCESS;
+}
+extern "C" cublasStatus_t cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t *p) {
+    *p = new EmuLtPref{0};
+    return CUBLAS_STATUS_SUCCESS;
+}
+extern "C" cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t p) {
+    delete p;
+    return CUBLAS_STATUS_SUCCESS;
+}
+extern "C" cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p,
+                                                               cublasLtMatmulPreferenceAttributes_t attr,
+                                                               const void *buf, size_t size) {
+    if (!p || !buf || attr != CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES || size != 8) return CUBLAS_STATUS_INVALID_VALUE;
+    memcpy(&p->max_workspace, buf, 8);
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+// The problem the descriptors describe, or an error: m, n, k from D and op(A),
+// everything else consistent with them, types supported.
+static cublasStatus_t lt_shape(cublasLtMatmulDesc_t d, cublasLtMatrixLayout_t A, cublasLtMatrixLayout_t B,
+                               cublasLtMatrixLayout_t C, cublasLtMatrixLayout_t D, int *m, int *n, int *k) {
+    if (!d || !A || !B || !C || !D) return CUBLAS_STATUS_INVALID_VALUE;
+    if (d->epilogue != CUBLASLT_EPILOGUE_DEFAULT || d->scale != CUDA_R_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
+    *m = (int)D->rows;
+    *n = (int)D->cols;
+    *k = (int)(d->ta == CUBLAS_OP_N ? A->cols : A->rows);
+    uint64_t a_rows = d->ta == CUBLAS_OP_N ? *m : *k, b_rows = d->tb == CUBLAS_OP_N ? *k : *n,
+             b_cols = d->tb == CUBLAS_OP_N ? *n : *k;
+    if (A->rows != a_rows || B->rows != b_rows || B->cols != b_cols || C->rows != D->rows || C->cols != D->cols)
+        return CUBLAS_STATUS_INVALID_VALUE;
+    if (C->type != D->type || !types_ok(A->type, B->type, D->type, d->compute)) return CUBLAS_STATUS_NOT_SUPPORTED;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+extern "C" cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t h, cublasLtMatmulDesc_t d,
+                                                         cublasLtMatrixLayout_t A, cublasLtMatrixLayout_t B,
+                                                         cublasLtMatrixLayout_t C, cublasLtMatrixLayout_t D,
+                                                         cublasLtMatmulPreference_t pref, int requested,
+                                                         cublasLtMatmulHeuristicResult_t results[], int *returned) {
+    if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!pref || requested < 1) return CUBLAS_STATUS_INVALID_VALUE;
+    int m, n, k;
+    cublasStatus_t st = lt_shape(d, A, B, C, D, &m, &n, &k);
+    if (st != CUBLAS_STATUS_SUCCESS) return st;
+    memset(&results[0], 0, sizeof results[0]);
+    results[0].algo.data[0] = 0x454d55; // "EMU": the only algorithm
+    results[0].state = CUBLAS_STATUS_SUCCESS;
+    results[0].wavesCount = 1.0f;
+    *returned = 1;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+extern "C" cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d, const void *alpha, const void *A,
+                                         cublasLtMatrixLayout_t Adesc, const void *B, cublasLtMatrixLayout_t Bdesc,
+                                         const void *beta, const void *C, cublasLtMatrixLayout_t Cdesc, void *D,
+                                         cublasLtMatrixLayout_t Ddesc, const cublasLtMatmulAlgo_t *algo,
+                                         void *workspace, size_t workspace_bytes, cudaStream_t stream) {
+    (void)stream;
+    prof_count(PROF_LT_MATMUL);
+    if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
+    int m, n, k;
+    cublasStatus_t st = lt_shape(d, Adesc, Bdesc, Cdesc, Ddesc, &m, &n, &k);
+    if (st != CUBLAS_STATUS_SUCCESS) return st;
+    if (algo && algo->data[0] != 0x454d55) return CUBLAS_STATUS_INVALID_VALUE; // not from the heuristic
+    if (workspace_bytes) need_device(workspace, workspace_bytes, "cublasLtMatmul workspace");
+    // In place only with the same layout.
+    if (C == D && (Cdesc->ld != Ddesc->ld || Cdesc->type != Ddesc->type)) return CUBLAS_STATUS_INVALID_VALUE;
+    need_host(alpha, "cublasLtMatmul alpha (host pointer mode)");
+    need_host(beta, "cublasLtMatmul beta (host pointer mode)");
+    return gemm_cd("cublasLtMatmul", d->ta, d->tb, m, n, k, *(const float *)alpha, A, Adesc->type, (int)Adesc->ld, B,
+                   Bdesc->type, (int)Bdesc->ld, *(const float *)beta, C, Cdesc->type, (int)Cdesc->ld, D, Ddesc->type,
+                   (int)Ddesc->ld);
 }
 
 // ----------------------------------------------------------------------------

@@ -8,8 +8,9 @@
 //     block order while a missing barrier changes the result, atomics, the poison in fresh device
 //     and shared memory, launch configurations CUDA rejects, and cuBLAS GEMMs
 //     (every transpose pair, padded leading dimensions, beta = 0 over NaN,
-//     strided and grouped batches, bf16) against loops written from cuBLAS's
-//     definition C = alpha op(A) op(B) + beta C (column-major);
+//     strided and grouped batches, bf16, cuBLASLt with C != D) against loops
+//     written from cuBLAS's definition C = alpha op(A) op(B) + beta C
+//     (column-major);
 //  2. detection: each bug below runs in a child process, which must stop with
 //     the emulator's message: host code touching device memory, a kernel
 //     writing past its allocation (into the guard page and into the slack),
@@ -24,6 +25,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -337,6 +339,64 @@ static void test_gemm(void) {
     cublasDestroy(h);
 }
 
+// cuBLASLt: D = op(A) op(B) + C with C != D (the residual add), in place,
+// and a layout that does not fit is CUBLAS_STATUS_INVALID_VALUE.
+static void test_lt(void) {
+    const int m = 4, n = 3, k = 5;
+    unsigned int seed = 11;
+    float A[k * m], B[k * n], C[m * n], D[m * n], want[m * n];
+    for (float &x : A) x = frand(&seed);
+    for (float &x : B) x = frand(&seed);
+    for (float &x : C) x = frand(&seed);
+    float *dA = dev_copy(A, k * m), *dB = dev_copy(B, k * n), *dC = dev_copy(C, m * n), *dD;
+    CK(cudaMalloc(&dD, sizeof D));
+    cublasLtHandle_t lt;
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatrixLayout_t la, lb, lc, bad;
+    CK(cublasLtCreate(&lt));
+    CK(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    int32_t opT = CUBLAS_OP_T;
+    CK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &opT, sizeof opT));
+    CK(cublasLtMatrixLayoutCreate(&la, CUDA_R_32F, k, m, k)); // A stored k x m, used transposed
+    CK(cublasLtMatrixLayoutCreate(&lb, CUDA_R_32F, k, n, k));
+    CK(cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, m, n, m));
+    CK(cublasLtMatrixLayoutCreate(&bad, CUDA_R_32F, k + 1, n, k + 1));
+    cublasLtMatmulPreference_t pref;
+    CK(cublasLtMatmulPreferenceCreate(&pref));
+    uint64_t ws = 0;
+    CK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+    cublasLtMatmulHeuristicResult_t res;
+    int found = 0;
+    CK(cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, lc, lc, pref, 1, &res, &found));
+    float one = 1.0f;
+    CK(cublasLtMatmul(lt, desc, &one, dA, la, dB, lb, &one, dC, lc, dD, lc, &res.algo, NULL, 0, 0));
+    CK(cudaMemcpy(D, dD, sizeof D, cudaMemcpyDeviceToHost));
+    gemm_ref(want, C, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, 1.0f, A, k, B, k, 1.0f, m);
+    double e1 = 0.0;
+    for (int i = 0; i < m * n; i++) e1 = fmax(e1, fabs(D[i] - want[i]));
+    CK(cublasLtMatmul(lt, desc, &one, dA, la, dB, lb, &one, dC, lc, dC, lc, &res.algo, NULL, 0, 0)); // in place
+    CK(cudaMemcpy(D, dC, sizeof D, cudaMemcpyDeviceToHost));
+    double e2 = 0.0;
+    for (int i = 0; i < m * n; i++) e2 = fmax(e2, fabs(D[i] - want[i]));
+    float C2[m * n];
+    CK(cudaMemcpy(C2, dC, sizeof C2, cudaMemcpyDeviceToHost));
+    cublasStatus_t st = cublasLtMatmul(lt, desc, &one, dA, la, dB, bad, &one, dC, lc, dD, lc, NULL, NULL, 0, 0);
+    check(found == 1 && e1 < 1e-6 && e2 < 1e-6 && st == CUBLAS_STATUS_INVALID_VALUE,
+          "cublasLtMatmul: D = op(A) B + C out of place (err %.1e) and in place (err %.1e); a B layout of k+1 rows "
+          "is refused (%s)", e1, e2, cublasGetStatusName(st));
+    cublasLtMatmulPreferenceDestroy(pref);
+    cublasLtMatrixLayoutDestroy(la);
+    cublasLtMatrixLayoutDestroy(lb);
+    cublasLtMatrixLayoutDestroy(lc);
+    cublasLtMatrixLayoutDestroy(bad);
+    cublasLtMatmulDescDestroy(desc);
+    cublasLtDestroy(lt);
+    cudaFree(dA);
+    cudaFree(dB);
+    cudaFree(dC);
+    cudaFree(dD);
+}
+
 // ----------------------------------------------------------------------------
 // Detection: each bug in a child process
 
@@ -459,6 +519,7 @@ int main(void) {
     printf("CUDA emulator self-test\n");
     test_kernels();
     test_gemm();
+    test_lt();
     expect_stop("host code writing device memory", bug_host_deref, "host code dereferenced device memory");
     expect_stop("a kernel writing into the guard page", bug_guard_page, "out-of-bounds access at byte offset 4096 of device allocation");
     expect_stop("a kernel writing into the slack after 100 bytes", bug_slack, "out-of-bounds write at byte offset 100");
