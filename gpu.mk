@@ -33,7 +33,10 @@ PRECISION ?= BF16
 GPU_DEBUG ?= 0
 
 GPU_BUILD = $(BUILD)/gpu
-NVCCFLAGS = -O3 -std=c++17 -arch=$(GPU_ARCH) -I. -Xcompiler -Wall,-Wextra $(if $(NCCL_HOME),-I$(NCCL_HOME)/include)
+# The architecture's number (sm_90 -> 90, sm_90a -> 90): the trainer refuses an older GPU with a clear message.
+GPU_ARCH_NUM = $(shell echo '$(GPU_ARCH)' | tr -dc 0-9)
+NVCCFLAGS = -O3 -std=c++17 -arch=$(GPU_ARCH) -I. -Xcompiler -Wall,-Wextra $(if $(NCCL_HOME),-I$(NCCL_HOME)/include) \
+            $(if $(GPU_ARCH_NUM),-DMOE_GPU_ARCH=$(GPU_ARCH_NUM))
 ifeq ($(PRECISION),FP32)
 NVCCFLAGS += -DENABLE_FP32
 else ifneq ($(PRECISION),BF16)

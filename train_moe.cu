@@ -414,6 +414,19 @@ int gpu_backend_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, 
     if (dc->world > 1) snprintf(who, sizeof who, "rank %d: ", dc->rank);
     printf("%sGPU %d: %s (sm_%d%d, %d SMs, %.1f GiB), activations %s\n", who, dev, prop.name, prop.major, prop.minor,
            prop.multiProcessorCount, prop.totalGlobalMem / 1073741824.0, FLOATX_NAME);
+#ifdef MOE_GPU_ARCH
+    // The kernels are compiled for one architecture (GPU_ARCH in gpu.mk): an
+    // older GPU cannot run them; a newer one compiles their PTX at start-up.
+    int cc = prop.major * 10 + prop.minor;
+    if (cc < MOE_GPU_ARCH) {
+        fprintf(stderr, "error: %sthis train_moecu is built for sm_%d but GPU %d is sm_%d: rebuild it with "
+                "make train_moecu GPU_ARCH=sm_%d\n", who, MOE_GPU_ARCH, dev, cc, cc);
+        return -1;
+    }
+    if (cc > MOE_GPU_ARCH)
+        printf("%snote: kernels built for sm_%d run on this sm_%d GPU through PTX compilation at start-up; "
+               "make train_moecu GPU_ARCH=sm_%d builds native code\n", who, MOE_GPU_ARCH, cc, cc);
+#endif
     // A blocking stream: the legacy default stream (cudaMemset in gpu_malloc) orders with it.
     CUDA_CHECK(cudaStreamCreate(&g->stream));
     CUBLAS_CHECK(cublasCreate(&g->cublas));

@@ -120,6 +120,15 @@ same_bits nccl "through NCCL (1 rank, EP exchange forced)" MOE_NCCL=1 MOE_EP_EXC
 same_bits reverse "with blocks and threads in reverse order" EMU_ORDER=reverse
 same_bits shuffle "with blocks and threads in shuffled order" EMU_ORDER=shuffle
 
+# A GPU older than the build's architecture is refused, naming the fix.
+if EMU_DEVICE_CC=80 "$B/train_moecu" "${RUN[@]}" --ckpt-dir "$TMP/cc80" > "$TMP/cc80.out" 2>&1; then
+    bad "train_moecu ran on a GPU older than its build"
+elif grep -q "built for sm_90 but GPU 0 is sm_80: rebuild it with make train_moecu GPU_ARCH=sm_80" "$TMP/cc80.out"; then
+    ok "train_moecu built for sm_90 refuses an sm_80 GPU: $(grep error "$TMP/cc80.out")"
+else
+    bad "train_moecu on an older GPU: no clear message:"; tail -3 "$TMP/cc80.out"
+fi
+
 # 4. Several ranks: W processes of the emulated train_moecu, placed as a
 #    launcher would (RANK, WORLD_SIZE, LOCAL_RANK) and meeting through a
 #    --nccl-init directory (dist/launch.c), their NCCL in shared memory --

@@ -513,8 +513,11 @@ extern "C" cudaError_t cudaGetDeviceProperties(cudaDeviceProp *prop, int device)
     prop->sharedMemPerBlock = 48 * 1024;
     prop->maxThreadsPerBlock = 1024;
     prop->multiProcessorCount = 1;
-    prop->major = 9;
-    prop->minor = 0;
+    // EMU_DEVICE_CC (e.g. 80) pretends another architecture, for the trainer's arch check.
+    const char *cc = getenv("EMU_DEVICE_CC");
+    int v = cc ? atoi(cc) : 90;
+    prop->major = v / 10;
+    prop->minor = v % 10;
     return cudaSuccess;
 }
 

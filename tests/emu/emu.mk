@@ -12,7 +12,7 @@ CXX ?= g++
 EMU_PRECISION ?= FP32
 EMU_BUILD = $(BUILD)/emu/$(EMU_PRECISION)
 EMU_CXXFLAGS = -O2 -g -std=c++17 -Wall -Wextra -Wno-unused-parameter -D_GNU_SOURCE -Itests/emu/include -I. \
-               $(if $(filter FP32,$(EMU_PRECISION)),-DENABLE_FP32)
+               $(if $(filter FP32,$(EMU_PRECISION)),-DENABLE_FP32) -DMOE_GPU_ARCH=90
 EMU_HEADERS = $(wildcard tests/emu/include/*.h) tests/emu/cu2cc.sed $(GPU_HEADERS)
 EMU_KOBJ = $(patsubst %,$(EMU_BUILD)/kernels/%.o,$(GPU_KERNELS))
 EMU_COMM = $(BUILD)/emu/comm_nccl_host.o $(BUILD)/f32/dist/launch.o
