@@ -28,15 +28,25 @@ void matmul_free(Matmul *mm) {
     memset(mm, 0, sizeof *mm);
 }
 
+// The largest power of two up to 256 that divides the address. cuBLASLt's
+// heuristic assumes 256-byte aligned matrices unless told otherwise, and a
+// layer's weights inside the one parameter buffer are aligned to less.
+static uint32_t alignment(const void *p) {
+    uint32_t a = 256;
+    while (a > 1 && (uintptr_t)p % a) a >>= 1;
+    return a;
+}
+
 // The plan of a column-major problem D (m, n) = op(A) op(B) [+ C], C and D of
-// one type and layout: found, or made (descriptors + heuristic) in a free or
-// the oldest slot.
+// one type and layout, for matrices of the given alignments: found, or made
+// (descriptors + heuristic) in a free or the oldest slot.
 static const MatmulPlan *plan_get(Matmul *mm, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, int lda,
-                                  int ldb, int ldc, cudaDataType_t ab_type, cudaDataType_t cd_type) {
+                                  int ldb, int ldc, cudaDataType_t ab_type, cudaDataType_t cd_type,
+                                  const uint32_t align[4]) {
     for (int i = 0; i < mm->n_plans; i++) {
         const MatmulPlan *p = &mm->plans[i];
         if (p->ta == ta && p->tb == tb && p->m == m && p->n == n && p->k == k && p->lda == lda && p->ldb == ldb &&
-            p->ldc == ldc && p->ab_type == ab_type && p->cd_type == cd_type)
+            p->ldc == ldc && p->ab_type == ab_type && p->cd_type == cd_type && !memcmp(p->align, align, sizeof p->align))
             return p;
     }
     MatmulPlan *p;
@@ -58,6 +68,7 @@ static const MatmulPlan *plan_get(Matmul *mm, cublasOperation_t ta, cublasOperat
     p->ldc = ldc;
     p->ab_type = ab_type;
     p->cd_type = cd_type;
+    memcpy(p->align, align, sizeof p->align);
     CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     int32_t op_a = ta, op_b = tb;
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof op_a));
@@ -70,6 +81,11 @@ static const MatmulPlan *plan_get(Matmul *mm, cublasOperation_t ta, cublasOperat
     CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     uint64_t ws = mm->workspace_bytes;
     CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+    const cublasLtMatmulPreferenceAttributes_t align_attr[4] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    for (int i = 0; i < 4; i++)
+        CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, align_attr[i], &p->align[i], sizeof p->align[i]));
     cublasLtMatmulHeuristicResult_t res;
     int found = 0;
     CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(mm->lt, p->desc, p->a, p->b, p->c, p->c, pref, 1, &res, &found));
@@ -88,7 +104,8 @@ static void lt_matmul(Matmul *mm, cublasOperation_t ta, cublasOperation_t tb, in
                       int lda, const void *B, int ldb, cudaDataType_t ab_type, const void *C, void *D, int ldc,
                       cudaDataType_t cd_type, float beta) {
     if (m == 0 || n == 0) return;
-    const MatmulPlan *p = plan_get(mm, ta, tb, m, n, k, lda, ldb, ldc, ab_type, cd_type);
+    const uint32_t align[4] = {alignment(A), alignment(B), alignment(C ? C : D), alignment(D)};
+    const MatmulPlan *p = plan_get(mm, ta, tb, m, n, k, lda, ldb, ldc, ab_type, cd_type, align);
     const float alpha = 1.0f;
     CUBLAS_CHECK(cublasLtMatmul(mm->lt, p->desc, &alpha, A, p->a, B, p->b, &beta, C ? C : D, p->c, D, p->c, &p->algo,
                                 mm->workspace, mm->workspace_bytes, mm->stream));

@@ -26,6 +26,7 @@ typedef struct {
     cublasOperation_t ta, tb;
     int m, n, k, lda, ldb, ldc;
     cudaDataType_t ab_type, cd_type;
+    uint32_t align[4]; // of A, B, C, D in bytes (up to 256): the algorithm is chosen for them
     cublasLtMatmulDesc_t desc;
     cublasLtMatrixLayout_t a, b, c;
     cublasLtMatmulAlgo_t algo;

@@ -1224,6 +1224,7 @@ struct EmuLtLayout {
 };
 struct EmuLtPref {
     uint64_t max_workspace;
+    uint32_t align[4]; // minimum alignment of A, B, C, D the algorithm may assume
 };
 
 extern "C" cublasStatus_t cublasLtCreate(cublasLtHandle_t *h) {
@@ -1266,7 +1267,7 @@ extern "C" cublasStatus_t cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t l) 
     return CUBLAS_STATUS_SUCCESS;
 }
 extern "C" cublasStatus_t cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t *p) {
-    *p = new EmuLtPref{0};
+    *p = new EmuLtPref{0, {256, 256, 256, 256}};
     return CUBLAS_STATUS_SUCCESS;
 }
 extern "C" cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t p) {
@@ -1276,9 +1277,17 @@ extern "C" cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreferen
 extern "C" cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p,
                                                                cublasLtMatmulPreferenceAttributes_t attr,
                                                                const void *buf, size_t size) {
-    if (!p || !buf || attr != CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES || size != 8) return CUBLAS_STATUS_INVALID_VALUE;
-    memcpy(&p->max_workspace, buf, 8);
-    return CUBLAS_STATUS_SUCCESS;
+    if (!p || !buf) return CUBLAS_STATUS_INVALID_VALUE;
+    if (attr == CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES && size == 8) {
+        memcpy(&p->max_workspace, buf, 8);
+        return CUBLAS_STATUS_SUCCESS;
+    }
+    if (attr >= CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES && attr <= CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES &&
+        size == 4) {
+        memcpy(&p->align[attr - CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES], buf, 4);
+        return CUBLAS_STATUS_SUCCESS;
+    }
+    return CUBLAS_STATUS_INVALID_VALUE;
 }
 
 // The problem the descriptors describe, or an error: m, n, k from D and op(A),
@@ -1309,7 +1318,8 @@ extern "C" cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t h, cub
     cublasStatus_t st = lt_shape(d, A, B, C, D, &m, &n, &k);
     if (st != CUBLAS_STATUS_SUCCESS) return st;
     memset(&results[0], 0, sizeof results[0]);
-    results[0].algo.data[0] = 0x454d55; // "EMU": the only algorithm
+    results[0].algo.data[0] = 0x454d55; // "EMU": the only algorithm, for the preference's alignments
+    for (int i = 0; i < 4; i++) results[0].algo.data[1 + i] = pref->align[i];
     results[0].state = CUBLAS_STATUS_SUCCESS;
     results[0].wavesCount = 1.0f;
     *returned = 1;
@@ -1328,6 +1338,14 @@ extern "C" cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_
     cublasStatus_t st = lt_shape(d, Adesc, Bdesc, Cdesc, Ddesc, &m, &n, &k);
     if (st != CUBLAS_STATUS_SUCCESS) return st;
     if (algo && algo->data[0] != 0x454d55) return CUBLAS_STATUS_INVALID_VALUE; // not from the heuristic
+    const void *ptrs[4] = {A, B, C, D};
+    for (int i = 0; algo && i < 4; i++)
+        if ((uintptr_t)ptrs[i] % algo->data[1 + i]) {
+            fprintf(stderr, "emulator: cublasLtMatmul: matrix %c at %p is not aligned to the %u bytes its algorithm "
+                    "was chosen for (CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_%c_BYTES)\n", "ABCD"[i], ptrs[i],
+                    (unsigned)algo->data[1 + i], "ABCD"[i]);
+            return CUBLAS_STATUS_NOT_SUPPORTED;
+        }
     if (workspace_bytes) need_device(workspace, workspace_bytes, "cublasLtMatmul workspace");
     // In place only with the same layout.
     if (C == D && (Cdesc->ld != Ddesc->ld || Cdesc->type != Ddesc->type)) return CUBLAS_STATUS_INVALID_VALUE;

@@ -384,6 +384,15 @@ static void test_lt(void) {
     check(found == 1 && e1 < 1e-6 && e2 < 1e-6 && st == CUBLAS_STATUS_INVALID_VALUE,
           "cublasLtMatmul: D = op(A) B + C out of place (err %.1e) and in place (err %.1e); a B layout of k+1 rows "
           "is refused (%s)", e1, e2, cublasGetStatusName(st));
+    // The heuristic's algorithm assumed 256-byte alignment (the default): A
+    // at 4 bytes past an allocation's start is refused.
+    float *dA4;
+    CK(cudaMalloc(&dA4, sizeof A + 256));
+    CK(cudaMemcpy(dA4 + 1, A, sizeof A, cudaMemcpyHostToDevice));
+    st = cublasLtMatmul(lt, desc, &one, dA4 + 1, la, dB, lb, &one, dC, lc, dD, lc, &res.algo, NULL, 0, 0);
+    check(st == CUBLAS_STATUS_NOT_SUPPORTED, "cublasLtMatmul: a matrix less aligned than its algorithm assumed is "
+          "refused (%s)", cublasGetStatusName(st));
+    cudaFree(dA4);
     cublasLtMatmulPreferenceDestroy(pref);
     cublasLtMatrixLayoutDestroy(la);
     cublasLtMatrixLayoutDestroy(lb);

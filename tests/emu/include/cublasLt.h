@@ -3,7 +3,10 @@
 // matmul follows cuBLASLt's definition D = alpha op(A) op(B) + beta C
 // (column-major layouts of rows x cols with a leading dimension; beta = 0
 // does not read C; C == D only with the same layout) and rejects layouts that
-// do not fit together (CUBLAS_STATUS_INVALID_VALUE).
+// do not fit together (CUBLAS_STATUS_INVALID_VALUE). An algorithm from the
+// heuristic assumes the preference's minimum alignments (256 bytes unless
+// set); a pointer less aligned than that is refused, as the algorithms that
+// need the alignment do on a GPU.
 #ifndef EMU_CUBLASLT_H
 #define EMU_CUBLASLT_H
 
@@ -36,7 +39,13 @@ typedef enum {
     CUBLASLT_MATMUL_DESC_EPILOGUE = 7,
 } cublasLtMatmulDescAttributes_t;
 typedef enum { CUBLASLT_EPILOGUE_DEFAULT = 1 } cublasLtEpilogue_t;
-typedef enum { CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES = 1 } cublasLtMatmulPreferenceAttributes_t;
+typedef enum {
+    CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES = 1,
+    CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES = 5, // uint32_t, default 256
+    CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES = 6,
+    CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES = 7,
+    CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES = 8,
+} cublasLtMatmulPreferenceAttributes_t;
 
 cublasStatus_t cublasLtCreate(cublasLtHandle_t *lightHandle);
 cublasStatus_t cublasLtDestroy(cublasLtHandle_t lightHandle);
