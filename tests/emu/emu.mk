@@ -32,7 +32,9 @@ $(EMU_BUILD)/%.o: $(EMU_BUILD)/%.cc $(EMU_HEADERS)
 $(EMU_BUILD)/train_moe_lib.o: $(EMU_BUILD)/train_moe.cc $(EMU_HEADERS)
 	$(CXX) $(EMU_CXXFLAGS) -DTRAIN_MOECU_NO_MAIN -c $< -o $@
 
-$(BUILD)/emu/emu.o: tests/emu/emu.cc $(wildcard tests/emu/include/*.h)
+# The emulator itself (precision-independent).
+EMU_LIB = $(patsubst tests/emu/%.cc,$(BUILD)/emu/%.o,$(wildcard tests/emu/emu_*.cc))
+$(BUILD)/emu/emu_%.o: tests/emu/emu_%.cc tests/emu/emu_internal.h $(wildcard tests/emu/include/*.h)
 	@mkdir -p $(dir $@)
 	$(CXX) $(filter-out -DENABLE_FP32,$(EMU_CXXFLAGS)) -c $< -o $@
 
@@ -40,7 +42,7 @@ $(BUILD)/emu/comm_nccl_host.o: dist/comm_nccl.c dist/comm_nccl.h dist/comm.h dis
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Itests/emu/include -DCOMM_NCCL_HOST -c $< -o $@
 
-EMU_COMMON = $(EMU_KOBJ) $(GPU_HOST_BASE) $(EMU_COMM) $(BUILD)/emu/emu.o
+EMU_COMMON = $(EMU_KOBJ) $(GPU_HOST_BASE) $(EMU_COMM) $(EMU_LIB)
 
 $(EMU_BUILD)/train_moecu: $(EMU_BUILD)/train_moe.o $(EMU_COMMON)
 	$(CXX) $^ -o $@ $(EMU_LIBS)
@@ -53,7 +55,7 @@ $(EMU_BUILD)/test_gpu_dist: $(EMU_BUILD)/tests/test_gpu_dist.o $(EMU_BUILD)/trai
 
 emu-build: $(EMU_BUILD)/test_emu $(EMU_BUILD)/train_moecu $(EMU_BUILD)/test_gpu $(EMU_BUILD)/test_gpu_dist
 
-$(EMU_BUILD)/test_emu: $(EMU_BUILD)/tests/emu/test_emu.o $(BUILD)/emu/emu.o
+$(EMU_BUILD)/test_emu: $(EMU_BUILD)/tests/emu/test_emu.o $(EMU_LIB)
 	$(CXX) $^ -o $@ $(EMU_LIBS)
 
 # FP32: everything in tests/test_emu.sh; then the BF16 build's GPU tests.

@@ -1,7 +1,7 @@
 // CUDA emulation on the CPU: the NCCL calls the GPU trainer makes
 // (tests/emu). One rank per communicator copies; several ranks are several
 // processes whose communicators are shared-memory segments (see
-// tests/emu/emu.cc). Same names, types and argument order as NCCL's nccl.h.
+// tests/emu/emu_nccl.cc). Same names, types and argument order as NCCL's nccl.h.
 #ifndef EMU_NCCL_H
 #define EMU_NCCL_H
 

@@ -1,0 +1,368 @@
+// CUDA emulation on the CPU: kernel launches (tests/emu; see emu_memory.cc).
+// A launch runs the grid block after block; the threads of a block are
+// coroutines with their own stacks that switch only at __syncthreads,
+// __syncwarp and warp shuffles.
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include <functional>
+#include <mutex>
+#include <vector>
+
+#include "cuda_runtime.h"
+#include "emu_internal.h"
+
+using namespace emu;
+
+// The order in which blocks, and the threads of a block between barriers,
+// run (EMU_ORDER). Correct CUDA code gives the same bits in every order; a
+// missing barrier or an order-dependent write shows as a difference between
+// a forward and a reverse (or shuffled) run.
+enum { ORDER_FORWARD, ORDER_REVERSE, ORDER_SHUFFLE };
+static int g_order = ORDER_FORWARD;
+static thread_local uint64_t t_shuffle_state = 0x9e3779b97f4a7c15ull;
+
+namespace emu {
+void set_order(const char *order) {
+    g_order = strcmp(order, "reverse") == 0 ? ORDER_REVERSE : strcmp(order, "shuffle") == 0 ? ORDER_SHUFFLE : ORDER_FORWARD;
+}
+} // namespace emu
+
+// order[0..n) = 0..n-1 in the chosen order.
+static void make_order(std::vector<int> &order, int n) {
+    order.resize(n);
+    for (int i = 0; i < n; i++) order[i] = g_order == ORDER_REVERSE ? n - 1 - i : i;
+    if (g_order != ORDER_SHUFFLE) return;
+    for (int i = n - 1; i > 0; i--) { // Fisher-Yates with a xorshift generator
+        t_shuffle_state ^= t_shuffle_state << 13;
+        t_shuffle_state ^= t_shuffle_state >> 7;
+        t_shuffle_state ^= t_shuffle_state << 17;
+        int j = (int)(t_shuffle_state % (uint64_t)(i + 1)), tmp = order[i];
+        order[i] = order[j];
+        order[j] = tmp;
+    }
+}
+
+void emu::order_from_env() {
+    const char *order = getenv("EMU_ORDER");
+    if (order && strcmp(order, "reverse") == 0)
+        g_order = ORDER_REVERSE;
+    else if (order && strcmp(order, "shuffle") == 0)
+        g_order = ORDER_SHUFFLE;
+    else if (order && *order && strcmp(order, "forward") != 0) {
+        fprintf(stderr, "emulator: EMU_ORDER must be forward, reverse or shuffle, not '%s'\n", order);
+        exit(1);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Kernels: blocks of coroutine threads
+
+namespace emu {
+
+enum { T_RUN, T_AT_BLOCK, T_AT_WARP, T_DONE };
+
+struct Thread {
+    void *sp;   // saved stack pointer while switched out
+    uint3 idx;
+    int state;
+    int lane, warp;
+    uint64_t shfl; // the value this thread offers in a shuffle
+};
+
+struct Block {
+    const char *name;
+    dim3 grid, block;
+    uint3 bidx;
+    int nthreads;
+    Thread *threads;
+    Thread *cur;
+    void *sched_sp; // the scheduler's saved stack pointer
+    const std::function<void()> *body;
+    char *smem;
+};
+
+} // namespace emu
+
+static thread_local emu::Block *t_blk; // the block being run by this OS thread (NULL outside kernels)
+
+static const size_t STACK_BYTES = 256 * 1024;
+
+// Static __shared__ variables (emu_device.h puts them in this section; the
+// linker defines its bounds; weak: a program may have none).
+extern "C" char __start_emu_shared[] __attribute__((weak));
+extern "C" char __stop_emu_shared[] __attribute__((weak));
+
+// One kernel at a time in the process: static shared memory has one copy.
+static std::mutex g_kernel_mutex;
+// One stack per thread of a block (with a guard page below), reused by every
+// launch of this OS thread and unmapped when it ends.
+struct StackPool {
+    std::vector<char *> stacks;
+    ~StackPool() {
+        for (char *s : stacks) munmap(s - page_size(), STACK_BYTES + page_size());
+    }
+};
+static thread_local StackPool t_pool;
+static thread_local std::vector<emu::Thread> t_threads;
+static thread_local std::vector<char> t_smem;
+
+bool emu::in_kernel() { return t_blk != NULL; }
+
+void emu::describe_kernel_context(FILE *f) {
+    if (!t_blk) return;
+    emu::Block *b = t_blk;
+    fprintf(f, "  in kernel %s, grid (%u,%u,%u) block (%u,%u,%u), at block (%u,%u,%u)", b->name, b->grid.x, b->grid.y,
+            b->grid.z, b->block.x, b->block.y, b->block.z, b->bidx.x, b->bidx.y, b->bidx.z);
+    if (b->cur) fprintf(f, " thread (%u,%u,%u)", b->cur->idx.x, b->cur->idx.y, b->cur->idx.z);
+    fprintf(f, "\n");
+}
+
+// Switching between a block's threads. A thread switches only when it
+// calls a barrier, so only the registers a function call preserves need
+// saving: rbp, rbx, r12-r15, the SSE and x87 control words, and the stack
+// pointer. (ucontext's swapcontext also saves the signal mask with a system
+// call per switch: several times slower.)
+extern "C" void emu_switch(void **save_sp, void *load_sp);
+__asm__(".text\n"
+        ".globl emu_switch\n"
+        ".type emu_switch, @function\n"
+        "emu_switch:\n"
+        "    pushq %rbp\n"
+        "    pushq %rbx\n"
+        "    pushq %r12\n"
+        "    pushq %r13\n"
+        "    pushq %r14\n"
+        "    pushq %r15\n"
+        "    subq $8, %rsp\n"
+        "    stmxcsr (%rsp)\n"
+        "    fnstcw 4(%rsp)\n"
+        "    movq %rsp, (%rdi)\n"
+        "    movq %rsi, %rsp\n"
+        "    ldmxcsr (%rsp)\n"
+        "    fldcw 4(%rsp)\n"
+        "    addq $8, %rsp\n"
+        "    popq %r15\n"
+        "    popq %r14\n"
+        "    popq %r13\n"
+        "    popq %r12\n"
+        "    popq %rbx\n"
+        "    popq %rbp\n"
+        "    ret\n"
+        ".size emu_switch, .-emu_switch\n");
+
+// The first code a thread runs; it never returns (its last switch goes back
+// to the scheduler for good).
+static void thread_entry() {
+    emu::Block *b = t_blk;
+    (*b->body)();
+    emu::Thread *t = b->cur;
+    t->state = emu::T_DONE;
+    emu_switch(&t->sp, b->sched_sp);
+    abort();
+}
+
+// A fresh stack for thread_entry, laid out as emu_switch leaves a switched-out
+// thread: control words, six saved registers, then the address to "return" to.
+static void *initial_stack(char *stack, size_t bytes) {
+    uintptr_t top = ((uintptr_t)(stack + bytes) & ~(uintptr_t)15) - 16; // 16-aligned, room for a fake return slot
+    uint64_t *sp = (uint64_t *)top;
+    sp[1] = 0;                       // thread_entry's own return address: never used
+    sp[0] = (uint64_t)(uintptr_t)thread_entry; // popped by ret: at entry rsp = top + 8, as after a call
+    sp -= 6;                         // rbp rbx r12 r13 r14 r15 (popped in reverse)
+    for (int i = 0; i < 6; i++) sp[i] = 0;
+    sp -= 1;                         // mxcsr, x87 control word: this thread's current ones
+    uint32_t mxcsr;
+    uint16_t fpucw;
+    __asm__ volatile("stmxcsr %0" : "=m"(mxcsr));
+    __asm__ volatile("fnstcw %0" : "=m"(fpucw));
+    memcpy((char *)sp, &mxcsr, 4);
+    memcpy((char *)sp + 4, &fpucw, 2);
+    return sp;
+}
+
+static void wait_at(int state) {
+    emu::Block *b = t_blk;
+    if (!b) emu_fail("a barrier or shuffle called outside a kernel");
+    emu::Thread *t = b->cur;
+    t->state = state;
+    emu_switch(&t->sp, b->sched_sp);
+}
+
+namespace emu {
+
+static const uint3 &current_thread_idx() {
+    if (!t_blk || !t_blk->cur) emu_fail("threadIdx used outside a kernel");
+    return t_blk->cur->idx;
+}
+const uint3 &thread_idx() { return current_thread_idx(); }
+const uint3 &block_idx() {
+    if (!t_blk) emu_fail("blockIdx used outside a kernel");
+    return t_blk->bidx;
+}
+const dim3 &block_dim() {
+    if (!t_blk) emu_fail("blockDim used outside a kernel");
+    return t_blk->block;
+}
+const dim3 &grid_dim() {
+    if (!t_blk) emu_fail("gridDim used outside a kernel");
+    return t_blk->grid;
+}
+void *dyn_smem() {
+    if (!t_blk) emu_fail("dynamic shared memory used outside a kernel");
+    return t_blk->smem;
+}
+void syncthreads() { wait_at(T_AT_BLOCK); }
+void syncwarp(unsigned int mask) {
+    (void)mask;
+    wait_at(T_AT_WARP);
+}
+
+uint64_t shfl_xor(unsigned int mask, uint64_t bits, int lane_mask, int width) {
+    Block *b = t_blk;
+    if (!b) emu_fail("a shuffle called outside a kernel");
+    Thread *t = b->cur;
+    if (width <= 0 || width > 32 || (width & (width - 1))) emu_fail("shuffle width %d is not a power of 2 <= 32", width);
+    int src = (t->lane & ~(width - 1)) | ((t->lane ^ lane_mask) & (width - 1));
+    if (!(mask >> t->lane & 1u) || !(mask >> src & 1u))
+        emu_fail("shuffle by lane %d from lane %d outside its mask 0x%08x", t->lane, src, mask);
+    t->shfl = bits;
+    wait_at(T_AT_WARP); // every live lane has offered its value
+    int si = t->warp * 32 + src;
+    if (si >= b->nthreads || b->threads[si].state == T_DONE)
+        emu_fail("shuffle by lane %d reads lane %d, which %s", t->lane, src,
+                 si >= b->nthreads ? "does not exist (block size not a multiple of 32)" : "has exited");
+    uint64_t r = b->threads[si].shfl;
+    wait_at(T_AT_WARP); // nobody offers the next value before every lane has read this one
+    return r;
+}
+
+// Runs the live threads until each waits or ends, then releases barriers,
+// until every thread has ended. A state where nobody can move is a deadlock.
+static void run_block(Block *b) {
+    static thread_local std::vector<int> order;
+    for (;;) {
+        make_order(order, b->nthreads);
+        for (int k = 0; k < b->nthreads; k++) {
+            int i = order[k];
+            if (b->threads[i].state != T_RUN) continue;
+            b->cur = &b->threads[i];
+            emu_switch(&b->sched_sp, b->threads[i].sp);
+        }
+        b->cur = NULL;
+        int live = 0, at_block = 0, released = 0;
+        for (int w = 0; w * 32 < b->nthreads; w++) {
+            int wlive = 0, wat = 0, end = w * 32 + 32 < b->nthreads ? w * 32 + 32 : b->nthreads;
+            for (int i = w * 32; i < end; i++) {
+                int s = b->threads[i].state;
+                wlive += s != T_DONE;
+                wat += s == T_AT_WARP;
+                at_block += s == T_AT_BLOCK;
+            }
+            live += wlive;
+            if (wlive > 0 && wat == wlive) {
+                for (int i = w * 32; i < end; i++)
+                    if (b->threads[i].state == T_AT_WARP) b->threads[i].state = T_RUN;
+                released = 1;
+            }
+        }
+        if (released) continue;
+        if (live == 0) return;
+        if (at_block == live) {
+            for (int i = 0; i < b->nthreads; i++)
+                if (b->threads[i].state == T_AT_BLOCK) b->threads[i].state = T_RUN;
+            continue;
+        }
+        int n_warp = 0;
+        for (int i = 0; i < b->nthreads; i++) n_warp += b->threads[i].state == T_AT_WARP;
+        emu_fail("deadlock: of %d live threads, %d wait at __syncthreads and %d at a warp barrier or shuffle "
+                 "whose warp has threads elsewhere",
+                 live, at_block, n_warp);
+    }
+}
+
+// Thread i of block b, ready to run the kernel from its start.
+static void start_thread(Block *b, int i) {
+    Thread *t = &b->threads[i];
+    dim3 bd = b->block;
+    t->idx = uint3{(unsigned int)(i % bd.x), (unsigned int)(i / bd.x % bd.y), (unsigned int)(i / (bd.x * bd.y))};
+    t->state = T_RUN;
+    t->lane = i % 32;
+    t->warp = i / 32;
+    t->sp = initial_stack(t_pool.stacks[i], STACK_BYTES);
+}
+
+void launch(const char *name, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+            const std::function<void()> &body, const void *const *ptrs, const int *ptr_arg_index, int n_ptrs) {
+    (void)stream;
+    install_handler();
+    if (t_blk) emu_fail("kernel %s launched from inside a kernel", name);
+    uint64_t nthreads = (uint64_t)block.x * block.y * block.z;
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || nthreads == 0 || nthreads > 1024 || block.z > 64 ||
+        grid.y > 65535 || grid.z > 65535 || grid.x > 2147483647u) {
+        fprintf(stderr, "emulator: kernel %s: invalid launch configuration grid (%u,%u,%u) block (%u,%u,%u)\n", name,
+                grid.x, grid.y, grid.z, block.x, block.y, block.z);
+        set_error(cudaErrorInvalidConfiguration);
+        return;
+    }
+    if (smem > 48 * 1024) {
+        fprintf(stderr, "emulator: kernel %s asks for %zu bytes of dynamic shared memory (> 48 KiB without "
+                        "cudaFuncSetAttribute)\n", name, smem);
+        set_error(cudaErrorInvalidValue);
+        return;
+    }
+    for (int i = 0; i < n_ptrs; i++) {
+        if (!ptrs[i]) continue;
+        Where w = where_range(ptrs[i], 0, name);
+        if (w == WHERE_HOST) emu_fail("kernel %s: argument %d (%p) is a host pointer", name, ptr_arg_index[i], ptrs[i]);
+    }
+
+    int n = (int)nthreads;
+    while ((int)t_pool.stacks.size() < n) {
+        size_t pg = page_size();
+        char *m = (char *)mmap(NULL, STACK_BYTES + pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                               -1, 0);
+        if (m == MAP_FAILED) emu_fail("cannot map a thread stack: %s", strerror(errno));
+        if (mprotect(m, pg, PROT_NONE) != 0) emu_fail("mprotect: %s", strerror(errno)); // stack overflow guard
+        t_pool.stacks.push_back(m + pg);
+    }
+    t_threads.resize(n);
+    t_smem.assign(smem ? smem : 1, 0);
+
+    Block b;
+    b.name = name;
+    b.grid = grid;
+    b.block = block;
+    b.nthreads = n;
+    b.threads = t_threads.data();
+    b.cur = NULL;
+    b.body = &body;
+    b.smem = t_smem.data();
+    std::lock_guard<std::mutex> one_kernel(g_kernel_mutex);
+    enter_device();
+    t_blk = &b;
+    static thread_local std::vector<int> block_order;
+    uint64_t nblocks = (uint64_t)grid.x * grid.y * grid.z;
+    if (nblocks > (1u << 30)) emu_fail("kernel %s: %llu blocks is more than the emulator runs", name,
+                                       (unsigned long long)nblocks);
+    prof_kernel(name, (long long)(nthreads * nblocks));
+    make_order(block_order, (int)nblocks);
+    for (uint64_t k = 0; k < nblocks; k++) {
+        unsigned int q = (unsigned int)block_order[k];
+        b.bidx = uint3{q % grid.x, q / grid.x % grid.y, q / (grid.x * grid.y)};
+        memset(b.smem, 0xff, smem); // unwritten shared memory reads as NaN / -1
+        uintptr_t sh0 = (uintptr_t)__start_emu_shared, sh1 = (uintptr_t)__stop_emu_shared;
+        if (sh0 && sh1 > sh0) memset(__start_emu_shared, 0xff, sh1 - sh0);
+        for (int i = 0; i < n; i++) start_thread(&b, i);
+        run_block(&b);
+    }
+    t_blk = NULL;
+    exit_device();
+}
+
+} // namespace emu
+
