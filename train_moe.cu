@@ -691,7 +691,9 @@ static void gpu_get_opt_state(Backend *be, float *m, float *v) {
 static void gpu_set_bias(Backend *be, const float *bias) {
     GpuState *g = gpu(be);
     size_t nb = (size_t)g->n_moe * g->cfg.n_routed;
-    gpu_copy(g, g->bias, bias, sizeof(float) * nb, cudaMemcpyHostToDevice);
+    // No wait: a copy from pageable host memory has taken the data when it
+    // returns, and the routing kernels that read the biases follow on this stream.
+    if (nb) CUDA_CHECK(cudaMemcpyAsync(g->bias, bias, sizeof(float) * nb, cudaMemcpyHostToDevice, g->stream));
 }
 
 static void gpu_zero_grad(Backend *be) {
