@@ -616,15 +616,20 @@ int trainer_run(const TrainOptions *o, Backend *be) {
         return 1;
     }
     if (o->resume) {
-        char path[OPT_PATH + 64];
-        int64_t at;
-        int found = ckpt_latest(o->ckpt_dir, 0, path, sizeof path, &at, err, sizeof err);
+        // Rank 0 finds and verifies the newest checkpoint; the others take its
+        // choice (each rank verifying the whole file would multiply the reads
+        // by the number of ranks; loading checks every section it reads anyway).
+        char path[OPT_PATH + 64] = "";
+        int64_t at, found = 0;
+        if (r->main) found = ckpt_latest(o->ckpt_dir, 0, path, sizeof path, &at, err, sizeof err);
+        comm_bcast(r->comm, &found, sizeof found, 0);
+        comm_bcast(r->comm, path, sizeof path, 0);
         if (found < 0) {
-            fprintf(stderr, "error: --resume: %s\n", err);
+            if (r->main) fprintf(stderr, "error: --resume: %s\n", err);
             return 1;
         }
         if (found == 1) {
-            fprintf(stderr, "error: --resume: no checkpoint in %s\n", o->ckpt_dir);
+            if (r->main) fprintf(stderr, "error: --resume: no checkpoint in %s\n", o->ckpt_dir);
             return 1;
         }
         if (trainer_load(r, path, 1) != 0) return 1;
