@@ -12,6 +12,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 typedef enum { COMM_WORLD = 0, COMM_EP = 1, COMM_EDP = 2 } CommGroup;
 
@@ -27,6 +28,22 @@ typedef struct {
 int comm_init(Comm *c, int *argc, char ***argv);
 // Forms the EP and EDP groups. ep must divide world. Collective.
 int comm_set_ep(Comm *c, int ep, char *err, size_t errlen);
+
+// The group layout, the one definition every communicator uses: EP groups
+// are consecutive ranks (color rank / ep, position rank % ep), EDP groups the
+// ranks of equal rank % ep (position rank / ep). Sets c's ep and edp fields;
+// -1 with a message when ep does not divide the world.
+static inline int comm_layout_ep(Comm *c, int ep, char *err, size_t errlen) {
+    if (ep < 1 || c->world % ep != 0) {
+        snprintf(err, errlen, "--ep %d must divide the number of ranks (%d)", ep, c->world);
+        return -1;
+    }
+    c->ep = ep;
+    c->ep_rank = c->rank % ep;
+    c->edp = c->world / ep;
+    c->edp_rank = c->rank / ep;
+    return 0;
+}
 void comm_finalize(Comm *c);
 // 1 when this build can run more than one process.
 int comm_has_mpi(void);

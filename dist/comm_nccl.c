@@ -312,14 +312,7 @@ int comm_init(Comm *c, int *argc, char ***argv) {
 }
 
 int comm_set_ep(Comm *c, int ep, char *err, size_t errlen) {
-    if (ep < 1 || c->world % ep != 0) {
-        snprintf(err, errlen, "--ep %d must divide the number of ranks (%d)", ep, c->world);
-        return -1;
-    }
-    c->ep = ep;
-    c->ep_rank = c->rank % ep;
-    c->edp = c->world / ep;
-    c->edp_rank = c->rank / ep;
+    if (comm_layout_ep(c, ep, err, errlen) != 0) return -1;
     if (ns.comm[COMM_WORLD]) nccl_split(c);
     return 0;
 }

@@ -359,13 +359,19 @@ static void v_alltoallv(void *ctx, const void *send, const int *send_rows, void 
 static GpuComm vcomm(VRank *vr) {
     GpuComm gc;
     memset(&gc, 0, sizeof gc);
-    int W = vr->w->W, ep = vr->w->ep, r = vr->rank;
-    gc.world = W;
-    gc.rank = r;
-    gc.ep = ep;
-    gc.ep_rank = r % ep;
-    gc.edp = W / ep;
-    gc.edp_rank = r / ep;
+    // The layout of dist/comm.h, as the real communicators have it.
+    Comm c = {vr->rank, vr->w->W, 1, 0, 1, vr->rank, NULL};
+    char err[128];
+    if (comm_layout_ep(&c, vr->w->ep, err, sizeof err) != 0) {
+        fprintf(stderr, "bad test layout: %s\n", err);
+        exit(1);
+    }
+    gc.world = c.world;
+    gc.rank = c.rank;
+    gc.ep = c.ep;
+    gc.ep_rank = c.ep_rank;
+    gc.edp = c.edp;
+    gc.edp_rank = c.edp_rank;
     gc.ctx = vr;
     gc.allreduce_f32 = v_allreduce_f32;
     gc.allreduce_f64 = v_allreduce_f64;
