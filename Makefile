@@ -38,16 +38,16 @@ CORE64 = $(call f64,$(MODEL_SRC) $(COMPUTE_SRC) train/optim.c)
 # Everything a trainer links besides its backend and the communicator.
 TRAINER32 = $(CORE32) $(call f32,$(DATA_SRC) $(TOK_SRC) $(filter-out train/optim.c,$(TRAIN_SRC)))
 # The communicator, with or without MPI (the object's name records which).
-DIST_OBJ = $(BUILD)/dist/comm_mpi$(USE_MPI).o
+COMM_OBJ = $(BUILD)/parallel/comm_mpi$(USE_MPI).o
 
 TESTS = $(BUILD)/test_model $(BUILD)/test_gradcheck $(BUILD)/test_reference $(BUILD)/test_reference64 \
         $(BUILD)/test_data $(BUILD)/test_train_infra $(BUILD)/test_balance $(BUILD)/test_tokenizer \
         $(BUILD)/test_launch
 
-.PHONY: all test bench run clean
+.PHONY: all test test-build test-run bench run clean
 all: train_moe moe_ckpt moe_tok moe_prepare $(if $(NVCC_FOUND),train_moecu)
 
-HEADERS = $(wildcard model/*.h data/*.h tokenizer/*.h train/*.h dist/*.h)
+HEADERS = $(wildcard model/*.h data/*.h tokenizer/*.h train/*.h parallel/*.h)
 $(BUILD)/f32/%.o: %.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
@@ -56,13 +56,13 @@ $(BUILD)/f64/%.o: %.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -DMOE_FP64 -c $< -o $@
 
-$(DIST_OBJ): dist/comm.c dist/comm.h
+$(COMM_OBJ): parallel/comm.c parallel/comm.h
 	@mkdir -p $(dir $@)
 	$(LINK_CC) $(CFLAGS) $(MPI_DEF) -c $< -o $@
 
 # ---------------------------------------------------------------- programs
 
-train_moe: train_moe.c $(TRAINER32) $(DIST_OBJ)
+train_moe: train_moe.c $(TRAINER32) $(COMM_OBJ)
 	$(LINK_CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
 moe_tok: tokenizer/tok_main.c $(call f32,$(TOK_SRC))
@@ -110,8 +110,22 @@ $(BUILD)/test_balance: tests/test_balance.c $(call f32,model/balance.c)
 # Everything that runs on a CPU: the CPU trainer's tests, and the GPU
 # trainer's CUDA code on the CPU emulator (tests/emu, test-emu); where nvcc
 # exists also compiling the GPU trainer and its tests for a GPU (running them
-# there is `make test-gpu`).
-test: train_moe moe_ckpt moe_tok moe_prepare $(BUILD)/gen_shards $(TESTS) $(if $(NVCC_FOUND),gpu-build)
+# there is `make test-gpu`). First installs what a fresh Debian machine lacks
+# (scripts/deps.sh; NO_INSTALL=1 refuses and lists it), then builds in
+# parallel (JOBS, default: the number of cores), then runs the tests.
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+NO_INSTALL ?= 0
+# The Python environment with PyTorch and transformers (scripts/deps.sh venv).
+PY_VENV ?= build/venv
+TEST_DEPS = build test
+test:
+	DEPS_VENV=$(PY_VENV) bash scripts/deps.sh $(if $(filter 1,$(NO_INSTALL)),--no-install) $(TEST_DEPS)
+	$(MAKE) --no-print-directory -j$(JOBS) test-build
+	$(MAKE) --no-print-directory test-run
+
+test-build: train_moe moe_ckpt moe_tok moe_prepare $(BUILD)/gen_shards $(TESTS) $(if $(NVCC_FOUND),gpu-build)
+
+test-run: test-build
 	$(BUILD)/test_model
 	$(BUILD)/test_gradcheck
 	$(BUILD)/test_reference
@@ -126,6 +140,8 @@ test: train_moe moe_ckpt moe_tok moe_prepare $(BUILD)/gen_shards $(TESTS) $(if $
 	bash tests/test_report.sh
 	bash tests/test_prepare.sh
 	./train_moe --config 1b --print-config | grep total
+	bash tests/test_deps.sh
+	$(MAKE) --no-print-directory -j$(JOBS) emu-build
 	$(MAKE) --no-print-directory test-emu
 
 # ---------------------------------------------------------------- benchmarks

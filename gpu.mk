@@ -17,12 +17,12 @@
 # TOK_SRC, TRAIN_SRC and its build/f32 pattern rule for the host C objects.
 #
 # Multi-GPU (docs/gpu.md): NCCL always. With USE_MPI=1 (the Makefile's
-# default when mpicc exists) the host collectives are MPI's (dist/comm.c) and
-# NCCL is bootstrapped over MPI (mpirun); with USE_MPI=0 dist/comm_nccl.c
-# implements dist/comm.h itself and ranks meet through dist/launch.c.
+# default when mpicc exists) the host collectives are MPI's (parallel/comm.c) and
+# NCCL is bootstrapped over MPI (mpirun); with USE_MPI=0 parallel/comm_nccl.c
+# implements parallel/comm.h itself and ranks meet through parallel/launch.c.
 
 NVCC ?= nvcc
-# CUDA's headers for the C files that call the CUDA runtime / NCCL (dist/comm_nccl.c);
+# CUDA's headers for the C files that call the CUDA runtime / NCCL (parallel/comm_nccl.c);
 # NCCL_HOME when NCCL is not installed with CUDA or in the system's paths.
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(shell command -v $(NVCC) 2>/dev/null))
 NCCL_HOME ?=
@@ -53,13 +53,13 @@ GPU_KERNELS = embedding rmsnorm rope matmul attention swiglu classifier convert 
 GPU_KOBJ = $(patsubst %,$(GPU_BUILD)/kernels/%.o,$(GPU_KERNELS))
 # The CPU model's compute files are not needed: the GPU runs its own.
 GPU_HOST_BASE = $(patsubst %.c,$(BUILD)/f32/%.o,$(MODEL_SRC) $(DATA_SRC) $(TOK_SRC) $(TRAIN_SRC))
-# The communicator. With MPI: dist/comm.c over MPI plus the NCCL bootstrap
-# from it; without: dist/comm_nccl.c implements dist/comm.h with NCCL, and
-# dist/launch.c finds the ranks. The second set is compiled in every build
+# The communicator. With MPI: parallel/comm.c over MPI plus the NCCL bootstrap
+# from it; without: parallel/comm_nccl.c implements parallel/comm.h with NCCL, and
+# parallel/launch.c finds the ranks. The second set is compiled in every build
 # (gpu-build) and linked into the single-process GPU test of the multi-GPU code.
-GPU_COMM_HOST = $(GPU_BUILD)/comm_nccl_host.o $(BUILD)/f32/dist/launch.o
+GPU_COMM_HOST = $(GPU_BUILD)/comm_nccl_host.o $(BUILD)/f32/parallel/launch.o
 ifeq ($(USE_MPI),1)
-GPU_COMM_OBJ = $(GPU_BUILD)/comm_mpi.o $(GPU_BUILD)/comm_nccl_mpi.o $(BUILD)/f32/dist/launch.o
+GPU_COMM_OBJ = $(GPU_BUILD)/comm_mpi.o $(GPU_BUILD)/comm_nccl_mpi.o $(BUILD)/f32/parallel/launch.o
 # MPI's link flags in a form nvcc accepts (-L/-l as they are, -Wl,x as -Xlinker x, the rest to the host compiler).
 gpu_comma := ,
 MPI_LINK_RAW := $(or $(shell $(MPICC) --showme:link 2>/dev/null),$(wordlist 2,999,$(shell $(MPICC) -link_info 2>/dev/null)))
@@ -69,7 +69,7 @@ else
 GPU_COMM_OBJ = $(GPU_COMM_HOST)
 endif
 GPU_HOST_OBJ = $(GPU_HOST_BASE) $(GPU_COMM_OBJ)
-GPU_HEADERS = $(wildcard kernels/*.cuh model/*.h train/*.h data/*.h tokenizer/*.h dist/*.h tests/fixture.h)
+GPU_HEADERS = $(wildcard kernels/*.cuh model/*.h train/*.h data/*.h tokenizer/*.h parallel/*.h tests/fixture.h)
 
 # Everything GPU is rebuilt when the precision, arch or flags change: this
 # file's content is the build configuration and is rewritten only when it differs.
@@ -81,15 +81,15 @@ $(GPU_CONFIG): gpu-config-force
 
 .PHONY: gpu-config-force gpu-build test-gpu test-gpu-memcheck test-launch clean-gpu
 
-$(GPU_BUILD)/comm_mpi.o: dist/comm.c dist/comm.h
+$(GPU_BUILD)/comm_mpi.o: parallel/comm.c parallel/comm.h
 	@mkdir -p $(dir $@)
 	$(MPICC) $(CFLAGS) -DUSE_MPI -c $< -o $@
 
-$(GPU_BUILD)/comm_nccl_mpi.o: dist/comm_nccl.c dist/comm_nccl.h dist/comm.h
+$(GPU_BUILD)/comm_nccl_mpi.o: parallel/comm_nccl.c parallel/comm_nccl.h parallel/comm.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(CUDA_CFLAGS) -c $< -o $@
 
-$(GPU_BUILD)/comm_nccl_host.o: dist/comm_nccl.c dist/comm_nccl.h dist/comm.h dist/launch.h
+$(GPU_BUILD)/comm_nccl_host.o: parallel/comm_nccl.c parallel/comm_nccl.h parallel/comm.h parallel/launch.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(CUDA_CFLAGS) -DCOMM_NCCL_HOST -c $< -o $@
 
@@ -130,8 +130,8 @@ $(GPU_BUILD)/test_gpu_dist: tests/test_gpu_dist.cu $(GPU_BUILD)/train_moe_lib.o 
 
 gpu-build: train_moecu $(GPU_BUILD)/test_gpu $(GPU_BUILD)/test_gpu_dist
 
-# The rendezvous of dist/launch.c with several processes (fork); CPU only.
-$(BUILD)/test_launch: tests/test_launch.c $(BUILD)/f32/dist/launch.o
+# The rendezvous of parallel/launch.c with several processes (fork); CPU only.
+$(BUILD)/test_launch: tests/test_launch.c $(BUILD)/f32/parallel/launch.o
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
 test-launch: $(BUILD)/test_launch

@@ -11,11 +11,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "dist/comm.h"
+#include "parallel/comm.h"
 #include "model/model.h"
 #include "train/backend.h"
 #include "train/optim.h"
 #include "train/trainer.h"
+#include "util/util.h"
 
 // A contiguous run of the parameter buffer that this rank owns and updates:
 // a whole tensor, or the slice of an expert tensor holding the local experts.
@@ -74,11 +75,8 @@ static int cpu_build_slices(CpuState *s, const Comm *comm) {
 // The backend
 
 static int cpu_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, int B, int T) {
-    CpuState *s = calloc(1, sizeof *s);
-    if (!s || model_create(&s->model, c, B, T) != 0) {
-        free(s);
-        return -1;
-    }
+    CpuState *s = xcalloc(1, sizeof *s);
+    model_create(&s->model, c, B, T);
     s->model.route = *ro;
     if (be->comm->ep > 1) {
         s->exchange = (MoeExchange){ .size = be->comm->ep, .rank = be->comm->ep_rank, .ctx = (void *)be->comm,

@@ -15,7 +15,7 @@
 // first, then the local expert slices, so each group of tensors is one
 // NCCL all-reduce); tokens reach their experts' ranks by an all-to-all-v of
 // rows and come back by another (kernels/dispatch.cuh), in model/moe.c's
-// row orders. The collectives come through a GpuComm (dist/comm_nccl.h):
+// row orders. The collectives come through a GpuComm (parallel/comm_nccl.h):
 // NCCL in a run, a simulation of several ranks in the tests.
 //
 // Precision (docs/gpu.md): floatX activations and a floatX copy of the
@@ -35,8 +35,8 @@
 #include <string.h>
 
 extern "C" {
-#include "dist/comm.h"
-#include "dist/launch.h"
+#include "parallel/comm.h"
+#include "parallel/launch.h"
 #include "model/config.h"
 #include "model/layout.h"
 #include "model/moe.h"
@@ -45,7 +45,7 @@ extern "C" {
 #include "train/trainer.h"
 }
 
-#include "dist/comm_nccl.h"
+#include "parallel/comm_nccl.h"
 #include "kernels/adamw.cuh"
 #include "kernels/attention.cuh"
 #include "kernels/classifier.cuh"
@@ -126,7 +126,7 @@ typedef struct {
     int n_dev, n_host, cap_dev, cap_host;
     size_t bytes[3];           // parameters + optimizer, activations, scratch
     int category;
-    // the ranks (dist/comm_nccl.h): without comm, one process holds everything
+    // the ranks (parallel/comm_nccl.h): without comm, one process holds everything
     GpuComm dist;              // ranks and group sizes (1 each without comm), and the collectives
     int has_comm;              // 1: dist's collectives are used (sync_grads, grad_norm, gathers)
     int exchange;              // 1: the MoE rows go through the EP exchange (ep > 1, or forced)
@@ -394,7 +394,8 @@ int gpu_backend_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, 
         fprintf(stderr, "internal error: the expert-parallel exchange needs the ranks' collectives\n");
         return -1;
     }
-    if (layout_build(&g->lay, c) != 0 || gpu_build_local_layout(g) != 0 ||
+    layout_build(&g->lay, c);
+    if (gpu_build_local_layout(g) != 0 ||
         decay_ranges_from_layout(&g->decay, &g->llay) != 0) {
         fprintf(stderr, "error: out of memory building the parameter layout\n");
         return -1;
@@ -1153,7 +1154,7 @@ void gpu_debug_get_routing(Backend *be, int k, int *sel, float *gates) {
 #ifndef TRAIN_MOECU_NO_MAIN
 int main(int argc, char **argv) {
     // --nccl-init DIR (or --nccl-init=DIR): the rendezvous directory of a
-    // start without MPI (dist/launch.h). It reaches dist/comm_nccl.c as
+    // start without MPI (parallel/launch.h). It reaches parallel/comm_nccl.c as
     // MOE_NCCL_INIT and is taken out before the shared option parser runs.
     int n = 1;
     for (int i = 1; i < argc; i++) {
@@ -1171,7 +1172,7 @@ int main(int argc, char **argv) {
     }
     argv[n] = NULL;
     // Each rank's GPU before anything initialises CUDA (a CUDA-aware MPI may in
-    // MPI_Init), when the launcher says the local rank; dist/comm_nccl.c
+    // MPI_Init), when the launcher says the local rank; parallel/comm_nccl.c
     // chooses the same one later, and reports any problem.
     LaunchInfo li;
     char err[512];

@@ -11,10 +11,11 @@
 
 #include <glob.h>
 #include <inttypes.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "../util/util.h"
 
 struct Loader {
     Shard *shards;          // (n_shards) sorted by path
@@ -34,14 +35,6 @@ struct Loader {
     LoaderState state;
     char err[1024];
 };
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...) {
-    if (!err || errlen == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 // ---------------------------------------------------------------- PRNG
 
@@ -121,18 +114,18 @@ static int expand_glob(const char *pat, PathList *p, char *err, size_t errlen) {
     glob_t g;
     int rc = glob(pat, 0, NULL, &g);
     if (rc == GLOB_NOMATCH) {
-        set_err(err, errlen, "shard pattern '%s' matches no files", pat);
+        util_set_err(err, errlen, "shard pattern '%s' matches no files", pat);
         return -1;
     }
     if (rc != 0) {
-        set_err(err, errlen, "shard pattern '%s': %s", pat,
+        util_set_err(err, errlen, "shard pattern '%s': %s", pat,
                 rc == GLOB_NOSPACE ? "out of memory" : "read error while matching");
         globfree(&g);
         return -1;
     }
     for (size_t i = 0; i < g.gl_pathc; i++) {
         if (paths_push(p, g.gl_pathv[i]) != 0) {
-            set_err(err, errlen, "shard pattern '%s': out of memory", pat);
+            util_set_err(err, errlen, "shard pattern '%s': out of memory", pat);
             globfree(&g);
             return -1;
         }
@@ -147,7 +140,7 @@ static int collect_paths(const char *pattern, PathList *p, char *err, size_t err
     size_t len = strlen(pattern);
     char *buf = malloc(len + 1);
     if (!buf) {
-        set_err(err, errlen, "out of memory");
+        util_set_err(err, errlen, "out of memory");
         return -1;
     }
     memcpy(buf, pattern, len + 1);
@@ -157,7 +150,7 @@ static int collect_paths(const char *pattern, PathList *p, char *err, size_t err
         char *comma = strchr(piece, ',');
         if (comma) *comma = 0;
         if (*piece == 0) {
-            set_err(err, errlen, "shard pattern list '%s' has an empty entry", pattern);
+            util_set_err(err, errlen, "shard pattern list '%s' has an empty entry", pattern);
             rc = -1;
             break;
         }
@@ -205,11 +198,11 @@ static uint64_t compute_fingerprint(const Loader *L) {
 
 static int check_args(int B, int T, int rank, int world, char *err, size_t errlen) {
     if (B < 1 || T < 1 || T == INT32_MAX) {
-        set_err(err, errlen, "loader: batch size B=%d and sequence length T=%d must be >= 1 (T < 2^31 - 1)", B, T);
+        util_set_err(err, errlen, "loader: batch size B=%d and sequence length T=%d must be >= 1 (T < 2^31 - 1)", B, T);
         return -1;
     }
     if (world < 1 || rank < 0 || rank >= world) {
-        set_err(err, errlen, "loader: rank %d is not in [0, world=%d)", rank, world);
+        util_set_err(err, errlen, "loader: rank %d is not in [0, world=%d)", rank, world);
         return -1;
     }
     return 0;
@@ -220,7 +213,7 @@ static int open_shards(Loader *L, const PathList *p, char *err, size_t errlen) {
     L->shards = calloc(p->n, sizeof *L->shards);
     L->first_window = calloc(p->n + 1, sizeof *L->first_window);
     if (!L->shards || !L->first_window) {
-        set_err(err, errlen, "loader: out of memory for %zu shards", p->n);
+        util_set_err(err, errlen, "loader: out of memory for %zu shards", p->n);
         return -1;
     }
     for (size_t i = 0; i < p->n; i++) {
@@ -229,7 +222,7 @@ static int open_shards(Loader *L, const PathList *p, char *err, size_t errlen) {
         const ShardHeader *h = &L->shards[i].header;
         if (i == 0) L->vocab_size = h->vocab_size;
         if (h->vocab_size != L->vocab_size) {
-            set_err(err, errlen, "%s: vocabulary size %" PRIu32 " differs from %" PRIu32
+            util_set_err(err, errlen, "%s: vocabulary size %" PRIu32 " differs from %" PRIu32
                     " in %s", p->paths[i], h->vocab_size, L->vocab_size, p->paths[0]);
             return -1;
         }
@@ -248,13 +241,13 @@ Loader *loader_open(const char *pattern, int B, int T, int rank, int world, uint
         return NULL;
     }
     if (p.n > (size_t)INT32_MAX) {
-        set_err(err, errlen, "shard pattern '%s' matches too many files", pattern);
+        util_set_err(err, errlen, "shard pattern '%s' matches too many files", pattern);
         paths_free(&p);
         return NULL;
     }
     Loader *L = calloc(1, sizeof *L);
     if (!L) {
-        set_err(err, errlen, "loader: out of memory");
+        util_set_err(err, errlen, "loader: out of memory");
         paths_free(&p);
         return NULL;
     }
@@ -266,7 +259,7 @@ Loader *loader_open(const char *pattern, int B, int T, int rank, int world, uint
     if (rc == 0) {
         L->n_batches = L->n_windows / per_batch;
         if (L->n_batches == 0) {
-            set_err(err, errlen, "shards matched by '%s' hold %" PRIu64 " windows of T+1=%d tokens,"
+            util_set_err(err, errlen, "shards matched by '%s' hold %" PRIu64 " windows of T+1=%d tokens,"
                     " fewer than one micro-batch per rank (B*world = %" PRIu64 ")", pattern,
                     L->n_windows, T + 1, per_batch);
             rc = -1;
@@ -279,7 +272,7 @@ Loader *loader_open(const char *pattern, int B, int T, int rank, int world, uint
                            ? malloc((size_t)L->n_windows * sizeof *L->order) : NULL;
         }
         if (!L->window || (L->shuffle && !L->order)) {
-            set_err(err, errlen, "loader: out of memory for %" PRIu64 " windows", L->n_windows);
+            util_set_err(err, errlen, "loader: out of memory for %" PRIu64 " windows", L->n_windows);
             rc = -1;
         }
     }
@@ -344,13 +337,13 @@ LoaderState loader_get_state(const Loader *L) {
 
 int loader_set_state(Loader *L, const LoaderState *s) {
     if (s->fingerprint != L->fingerprint) {
-        set_err(L->err, sizeof L->err, "loader state (fingerprint %016" PRIx64 ") was saved with"
+        util_set_err(L->err, sizeof L->err, "loader state (fingerprint %016" PRIx64 ") was saved with"
                 " different shards, B, T, world size, seed or shuffle setting than this loader"
                 " (fingerprint %016" PRIx64 ")", s->fingerprint, L->fingerprint);
         return -1;
     }
     if (s->batch >= L->n_batches) {
-        set_err(L->err, sizeof L->err, "loader state batch %" PRIu64 " is out of range: an epoch"
+        util_set_err(L->err, sizeof L->err, "loader state batch %" PRIu64 " is out of range: an epoch"
                 " has %" PRIu64 " micro-batches", s->batch, L->n_batches);
         return -1;
     }

@@ -14,13 +14,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include "../util/util.h"
 
 // Header field offsets (bytes from the start of the file).
 enum {
@@ -31,14 +32,6 @@ enum {
     OFF_VOCAB = 24,      // u32
     OFF_RESERVED = 28,   // u8[36], zero
 };
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...) {
-    if (!err || errlen == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 static void put_u32(uint8_t *p, uint32_t v) {
     for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
@@ -85,7 +78,7 @@ void shard_header_encode(const ShardHeader *h, uint8_t out[SHARD_HEADER_SIZE]) {
 int shard_header_decode(const uint8_t in[SHARD_HEADER_SIZE], const char *path,
                         ShardHeader *h, char *err, size_t errlen) {
     if (memcmp(in + OFF_MAGIC, SHARD_MAGIC, 8) != 0) {
-        set_err(err, errlen, "%s: not a token shard (the first 8 bytes are not \"%s\")",
+        util_set_err(err, errlen, "%s: not a token shard (the first 8 bytes are not \"%s\")",
                 path, SHARD_MAGIC);
         return -1;
     }
@@ -94,25 +87,25 @@ int shard_header_decode(const uint8_t in[SHARD_HEADER_SIZE], const char *path,
     h->n_tokens = get_u64(in + OFF_N_TOKENS);
     h->vocab_size = get_u32(in + OFF_VOCAB);
     if (h->version != SHARD_VERSION) {
-        set_err(err, errlen, "%s: unsupported shard format version %" PRIu32
+        util_set_err(err, errlen, "%s: unsupported shard format version %" PRIu32
                 " (this build reads version %u)", path, h->version, SHARD_VERSION);
         return -1;
     }
     if (h->vocab_size == 0 || h->vocab_size > SHARD_MAX_VOCAB) {
-        set_err(err, errlen, "%s: vocabulary size %" PRIu32 " in the header is out of range"
+        util_set_err(err, errlen, "%s: vocabulary size %" PRIu32 " in the header is out of range"
                 " (1..%u)", path, h->vocab_size, SHARD_MAX_VOCAB);
         return -1;
     }
     // One width per vocabulary keeps a single rule for writer and reader.
     if (h->token_bytes != shard_token_bytes(h->vocab_size)) {
-        set_err(err, errlen, "%s: token width %" PRIu32 " bytes in the header, but a vocabulary"
+        util_set_err(err, errlen, "%s: token width %" PRIu32 " bytes in the header, but a vocabulary"
                 " of %" PRIu32 " is stored with %" PRIu32 "-byte tokens", path, h->token_bytes,
                 h->vocab_size, shard_token_bytes(h->vocab_size));
         return -1;
     }
     for (unsigned i = OFF_RESERVED; i < SHARD_HEADER_SIZE; i++) {
         if (in[i] != 0) {
-            set_err(err, errlen, "%s: reserved header byte %u is not zero", path, i);
+            util_set_err(err, errlen, "%s: reserved header byte %u is not zero", path, i);
             return -1;
         }
     }
@@ -138,20 +131,20 @@ static void writer_free(ShardWriter *w) {
 
 ShardWriter *shard_writer_open(const char *path, uint32_t vocab_size, char *err, size_t errlen) {
     if (vocab_size == 0 || vocab_size > SHARD_MAX_VOCAB) {
-        set_err(err, errlen, "%s: vocabulary size %" PRIu32 " is out of range (1..%u)",
+        util_set_err(err, errlen, "%s: vocabulary size %" PRIu32 " is out of range (1..%u)",
                 path, vocab_size, SHARD_MAX_VOCAB);
         return NULL;
     }
     ShardWriter *w = calloc(1, sizeof *w);
     if (!w) {
-        set_err(err, errlen, "%s: out of memory", path);
+        util_set_err(err, errlen, "%s: out of memory", path);
         return NULL;
     }
     size_t n = strlen(path);
     w->path = dup_str(path);
     w->tmp_path = malloc(n + 5); // ".tmp" + NUL
     if (!w->path || !w->tmp_path) {
-        set_err(err, errlen, "%s: out of memory", path);
+        util_set_err(err, errlen, "%s: out of memory", path);
         writer_free(w);
         return NULL;
     }
@@ -161,7 +154,7 @@ ShardWriter *shard_writer_open(const char *path, uint32_t vocab_size, char *err,
     w->token_bytes = shard_token_bytes(vocab_size);
     w->f = fopen(w->tmp_path, "wb");
     if (!w->f) {
-        set_err(err, errlen, "%s: cannot create: %s", w->tmp_path, strerror(errno));
+        util_set_err(err, errlen, "%s: cannot create: %s", w->tmp_path, strerror(errno));
         writer_free(w);
         return NULL;
     }
@@ -170,7 +163,7 @@ ShardWriter *shard_writer_open(const char *path, uint32_t vocab_size, char *err,
     uint8_t buf[SHARD_HEADER_SIZE];
     shard_header_encode(&h, buf);
     if (fwrite(buf, 1, sizeof buf, w->f) != sizeof buf) {
-        set_err(err, errlen, "%s: write failed: %s", w->tmp_path, strerror(errno));
+        util_set_err(err, errlen, "%s: write failed: %s", w->tmp_path, strerror(errno));
         shard_writer_abort(w);
         return NULL;
     }
@@ -181,13 +174,13 @@ int shard_writer_append(ShardWriter *w, const uint32_t *tokens, size_t n, char *
     // Check everything first so a rejected call leaves the file unchanged.
     for (size_t i = 0; i < n; i++) {
         if (tokens[i] >= w->vocab_size) {
-            set_err(err, errlen, "%s: token id %" PRIu32 " (at index %zu of this append) is >="
+            util_set_err(err, errlen, "%s: token id %" PRIu32 " (at index %zu of this append) is >="
                     " the vocabulary size %" PRIu32, w->path, tokens[i], i, w->vocab_size);
             return -1;
         }
     }
     if ((uint64_t)n > UINT64_MAX / 4 - w->count) {
-        set_err(err, errlen, "%s: token count overflows", w->path);
+        util_set_err(err, errlen, "%s: token count overflows", w->path);
         return -1;
     }
     enum { CHUNK = 4096 };
@@ -200,7 +193,7 @@ int shard_writer_append(ShardWriter *w, const uint32_t *tokens, size_t n, char *
             for (size_t b = 0; b < tb; b++) buf[i * tb + b] = (uint8_t)(t >> (8 * b));
         }
         if (fwrite(buf, tb, m, w->f) != m) {
-            set_err(err, errlen, "%s: write failed: %s", w->tmp_path, strerror(errno));
+            util_set_err(err, errlen, "%s: write failed: %s", w->tmp_path, strerror(errno));
             return -1;
         }
         done += m;
@@ -217,7 +210,7 @@ static int fsync_parent_dir(const char *path, char *err, size_t errlen) {
     const char *slash = strrchr(path, '/');
     char *dir = slash ? malloc((size_t)(slash - path) + 2) : dup_str(".");
     if (!dir) {
-        set_err(err, errlen, "%s: out of memory", path);
+        util_set_err(err, errlen, "%s: out of memory", path);
         return -1;
     }
     if (slash) {
@@ -228,11 +221,11 @@ static int fsync_parent_dir(const char *path, char *err, size_t errlen) {
     int rc = 0;
     int fd = open(dir, O_RDONLY);
     if (fd < 0) {
-        set_err(err, errlen, "%s: cannot open directory %s to sync it: %s", path, dir, strerror(errno));
+        util_set_err(err, errlen, "%s: cannot open directory %s to sync it: %s", path, dir, strerror(errno));
         rc = -1;
     } else {
         if (fsync(fd) != 0 && errno != EINVAL) {
-            set_err(err, errlen, "%s: cannot sync directory %s: %s", path, dir, strerror(errno));
+            util_set_err(err, errlen, "%s: cannot sync directory %s: %s", path, dir, strerror(errno));
             rc = -1;
         }
         close(fd);
@@ -252,19 +245,19 @@ int shard_writer_close(ShardWriter *w, char *err, size_t errlen) {
     else if (fflush(w->f) != 0) step = "flush";
     else if (fsync(fileno(w->f)) != 0) step = "fsync";
     if (step) {
-        set_err(err, errlen, "%s: %s failed: %s", w->tmp_path, step, strerror(errno));
+        util_set_err(err, errlen, "%s: %s failed: %s", w->tmp_path, step, strerror(errno));
         shard_writer_abort(w);
         return -1;
     }
     FILE *f = w->f;
     w->f = NULL;
     if (fclose(f) != 0) {
-        set_err(err, errlen, "%s: close failed: %s", w->tmp_path, strerror(errno));
+        util_set_err(err, errlen, "%s: close failed: %s", w->tmp_path, strerror(errno));
         shard_writer_abort(w);
         return -1;
     }
     if (rename(w->tmp_path, w->path) != 0) {
-        set_err(err, errlen, "%s: cannot rename %s to it: %s", w->path, w->tmp_path, strerror(errno));
+        util_set_err(err, errlen, "%s: cannot rename %s to it: %s", w->path, w->tmp_path, strerror(errno));
         shard_writer_abort(w);
         return -1;
     }
@@ -311,20 +304,20 @@ static int read_exact(int fd, uint8_t *buf, size_t n, off_t off) {
 static int check_size(const char *path, const ShardHeader *h, uint64_t file_bytes,
                       char *err, size_t errlen) {
     if (h->n_tokens > (UINT64_MAX - SHARD_HEADER_SIZE) / h->token_bytes) {
-        set_err(err, errlen, "%s: header token count %" PRIu64 " is impossibly large",
+        util_set_err(err, errlen, "%s: header token count %" PRIu64 " is impossibly large",
                 path, h->n_tokens);
         return -1;
     }
     uint64_t want = shard_token_offset(h->n_tokens, h->token_bytes);
     if (file_bytes != want) {
-        set_err(err, errlen, "%s: %s: header says %" PRIu64 " tokens (%" PRIu64 " bytes with"
+        util_set_err(err, errlen, "%s: %s: header says %" PRIu64 " tokens (%" PRIu64 " bytes with"
                 " the %u-byte header) but the file has %" PRIu64 " bytes", path,
                 file_bytes < want ? "truncated" : "extra bytes", h->n_tokens, want,
                 SHARD_HEADER_SIZE, file_bytes);
         return -1;
     }
     if (want > SIZE_MAX) {
-        set_err(err, errlen, "%s: %" PRIu64 " bytes is too large to map on this host", path, want);
+        util_set_err(err, errlen, "%s: %" PRIu64 " bytes is too large to map on this host", path, want);
         return -1;
     }
     return 0;
@@ -334,39 +327,39 @@ int shard_open(Shard *s, const char *path, char *err, size_t errlen) {
     memset(s, 0, sizeof *s);
     int fd = open(path, O_RDONLY);
     if (fd < 0) {
-        set_err(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+        util_set_err(err, errlen, "%s: cannot open: %s", path, strerror(errno));
         return -1;
     }
     struct stat st;
     uint8_t buf[SHARD_HEADER_SIZE];
     if (fstat(fd, &st) != 0) {
-        set_err(err, errlen, "%s: cannot stat: %s", path, strerror(errno));
+        util_set_err(err, errlen, "%s: cannot stat: %s", path, strerror(errno));
         goto fail;
     }
     if (!S_ISREG(st.st_mode)) {
-        set_err(err, errlen, "%s: not a regular file", path);
+        util_set_err(err, errlen, "%s: not a regular file", path);
         goto fail;
     }
     if ((uint64_t)st.st_size < SHARD_HEADER_SIZE) {
-        set_err(err, errlen, "%s: file has %" PRIu64 " bytes, fewer than the %u-byte shard header",
+        util_set_err(err, errlen, "%s: file has %" PRIu64 " bytes, fewer than the %u-byte shard header",
                 path, (uint64_t)st.st_size, SHARD_HEADER_SIZE);
         goto fail;
     }
     if (read_exact(fd, buf, sizeof buf, 0) != 0) {
-        set_err(err, errlen, "%s: cannot read the header: %s", path, strerror(errno));
+        util_set_err(err, errlen, "%s: cannot read the header: %s", path, strerror(errno));
         goto fail;
     }
     if (shard_header_decode(buf, path, &s->header, err, errlen) != 0) goto fail;
     if (check_size(path, &s->header, (uint64_t)st.st_size, err, errlen) != 0) goto fail;
     s->path = dup_str(path);
     if (!s->path) {
-        set_err(err, errlen, "%s: out of memory", path);
+        util_set_err(err, errlen, "%s: out of memory", path);
         goto fail;
     }
     s->map_bytes = (size_t)st.st_size;
     void *m = mmap(NULL, s->map_bytes, PROT_READ, MAP_PRIVATE, fd, 0);
     if (m == MAP_FAILED) {
-        set_err(err, errlen, "%s: mmap of %zu bytes failed: %s", path, s->map_bytes, strerror(errno));
+        util_set_err(err, errlen, "%s: mmap of %zu bytes failed: %s", path, s->map_bytes, strerror(errno));
         goto fail;
     }
     s->map = m;
@@ -383,7 +376,7 @@ fail:
 int shard_read(const Shard *s, uint64_t start, uint64_t n, uint32_t *out, char *err, size_t errlen) {
     const ShardHeader *h = &s->header;
     if (start > h->n_tokens || n > h->n_tokens - start) {
-        set_err(err, errlen, "%s: read of %" PRIu64 " tokens at %" PRIu64 " goes past the end"
+        util_set_err(err, errlen, "%s: read of %" PRIu64 " tokens at %" PRIu64 " goes past the end"
                 " (%" PRIu64 " tokens)", s->path, n, start, h->n_tokens);
         return -1;
     }
@@ -396,7 +389,7 @@ int shard_read(const Shard *s, uint64_t start, uint64_t n, uint32_t *out, char *
             t = get_u32(p + 4 * i);
         }
         if (t >= h->vocab_size) {
-            set_err(err, errlen, "%s: token id %" PRIu32 " at index %" PRIu64 " is >= the"
+            util_set_err(err, errlen, "%s: token id %" PRIu32 " at index %" PRIu64 " is >= the"
                     " vocabulary size %" PRIu32, s->path, t, start + i, h->vocab_size);
             return -1;
         }

@@ -20,6 +20,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "../util/cuda_check.h"
+
 #ifdef ENABLE_FP32
 typedef float floatX;
 #define CUDA_R_FLOATX CUDA_R_32F
@@ -30,26 +32,14 @@ typedef __nv_bfloat16 floatX;
 #define FLOATX_NAME "bf16"
 #endif
 
-// Every CUDA runtime call goes through CUDA_CHECK, every cuBLAS call through
-// CUBLAS_CHECK: a failure prints the file, line and call, and exits.
-#define CUDA_CHECK(call)                                                                                    \
-    do {                                                                                                    \
-        cudaError_t cuda_err_ = (call);                                                                     \
-        if (cuda_err_ != cudaSuccess) {                                                                     \
-            fprintf(stderr, "CUDA error %s at %s:%d: %s\n  in: %s\n", cudaGetErrorName(cuda_err_), __FILE__, \
-                    __LINE__, cudaGetErrorString(cuda_err_), #call);                                        \
-            exit(1);                                                                                        \
-        }                                                                                                   \
-    } while (0)
-
+// Every CUDA runtime call goes through CUDA_CHECK (util/cuda_check.h), every
+// cuBLAS call through CUBLAS_CHECK: a failure prints the file, line and call,
+// and exits.
 #define CUBLAS_CHECK(call)                                                                                  \
     do {                                                                                                    \
         cublasStatus_t cublas_st_ = (call);                                                                 \
-        if (cublas_st_ != CUBLAS_STATUS_SUCCESS) {                                                          \
-            fprintf(stderr, "cuBLAS error %s at %s:%d\n  in: %s\n", cublasGetStatusName(cublas_st_), __FILE__, \
-                    __LINE__, #call);                                                                       \
-            exit(1);                                                                                        \
-        }                                                                                                   \
+        if (cublas_st_ != CUBLAS_STATUS_SUCCESS)                                                            \
+            util_fatal(__FILE__, __LINE__, "cuBLAS error %s\n  in: %s", cublasGetStatusName(cublas_st_), #call); \
     } while (0)
 
 // After every kernel launch. With -DGPU_DEBUG_SYNC (make GPU_DEBUG=1) it also

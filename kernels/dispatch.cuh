@@ -13,7 +13,7 @@
 // exp_src[r] is the received-order index of expert-major row r. Forward:
 // xe[r] = received[exp_src[r]] (moe_rows_gather); return trip:
 // back[exp_src[r]] = ye[r] (moe_rows_scatter), then the reverse all-to-all-v.
-// The exchange itself is the backend's (dist/comm_nccl.h, GpuComm).
+// The exchange itself is the backend's (parallel/comm_nccl.h, GpuComm).
 #ifndef KERNELS_DISPATCH_CUH
 #define KERNELS_DISPATCH_CUH
 

@@ -10,12 +10,12 @@
 extern "C" {
 #include "../train/backend.h"
 }
-#include "../dist/comm_nccl.h"
+#include "../parallel/comm_nccl.h"
 
 // Fills every callback of *be (and its name, "gpu-bf16" or "gpu-fp32");
 // be->create then allocates the model. create takes its ranks from be->comm:
 // one process (be->comm NULL or one rank) holds everything; several ranks,
-// or MOE_NCCL=1, use NCCL (dist/comm_nccl.h); MOE_EP_EXCHANGE=1 forces the
+// or MOE_NCCL=1, use NCCL (parallel/comm_nccl.h); MOE_EP_EXCHANGE=1 forces the
 // EP exchange path with --ep 1.
 void gpu_backend_init(Backend *be);
 

@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../util/util.h"
+
 static const char *const layout_kind_names[P_NKINDS] = {
     [P_TOK_EMB] = "tok_emb", [P_ATTN_NORM] = "attn_norm", [P_WQKV] = "attn.wqkv",
     [P_WO] = "attn.wo", [P_FFN_NORM] = "ffn_norm", [P_FFN_W13] = "ffn.w13", [P_FFN_W2] = "ffn.w2",
@@ -33,12 +35,11 @@ static void layout_add(ParamLayout *lay, int layer, ParamKind kind, int ndim, in
     lay->n++;
 }
 
-int layout_build(ParamLayout *lay, const MoeConfig *c) {
+void layout_build(ParamLayout *lay, const MoeConfig *c) {
     memset(lay, 0, sizeof *lay);
     int max_tensors = 3 + 11 * c->n_layers;
-    lay->t = calloc((size_t)max_tensors, sizeof *lay->t);
-    lay->index = malloc(sizeof(int) * (size_t)(c->n_layers + 1) * P_NKINDS);
-    if (!lay->t || !lay->index) { layout_free(lay); return -1; }
+    lay->t = xcalloc((size_t)max_tensors, sizeof *lay->t);
+    lay->index = xmalloc(sizeof(int) * (size_t)(c->n_layers + 1) * P_NKINDS);
     lay->n_layers = c->n_layers;
     for (int i = 0; i < (c->n_layers + 1) * P_NKINDS; i++) lay->index[i] = -1;
 
@@ -65,7 +66,6 @@ int layout_build(ParamLayout *lay, const MoeConfig *c) {
     }
     layout_add(lay, -1, P_FINAL_NORM, 1, d, 0, 0, 0);
     if (!c->tie_embeddings) layout_add(lay, -1, P_LM_HEAD, 2, V, d, 0, 1);
-    return 0;
 }
 
 void layout_free(ParamLayout *lay) {

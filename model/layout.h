@@ -47,8 +47,8 @@ typedef struct {
     int n_layers;
 } ParamLayout;
 
-// Builds the table for a validated config. Returns 0, -1 when out of memory.
-int layout_build(ParamLayout *lay, const MoeConfig *c);
+// Builds the table for a validated config (out of memory exits with a message).
+void layout_build(ParamLayout *lay, const MoeConfig *c);
 void layout_free(ParamLayout *lay);
 // Index of the tensor of `kind` in `layer` (-1 for model-level), or -1 if absent.
 int layout_find(const ParamLayout *lay, int layer, ParamKind kind);

@@ -9,69 +9,51 @@
 
 #include "matmul.h"
 #include "ops.h"
+#include "../util/util.h"
 
 // ----------------------------------------------------------------------------
 // Allocation
 
-static int model_alloc_ok;
-
-static void *model_calloc(size_t n, size_t size) {
-    void *p = calloc(n ? n : 1, size);
-    if (!p) model_alloc_ok = 0;
-    return p;
-}
-
-int model_create(Model *m, const MoeConfig *c, int maxB, int maxT) {
+void model_create(Model *m, const MoeConfig *c, int maxB, int maxT) {
     memset(m, 0, sizeof *m);
     m->cfg = *c;
     m->route = (RouteOptions){ .bias_mult = 0, .aux_kind = AUX_NONE, .aux_alpha = 0 };
     m->maxB = maxB;
     m->maxT = maxT;
-    if (layout_build(&m->lay, c) != 0) {
-        fprintf(stderr, "out of memory building the parameter layout\n");
-        return -1;
-    }
+    layout_build(&m->lay, c);
     size_t N = (size_t)maxB * maxT, d = c->d_model, L = c->n_layers, H = c->n_heads;
     size_t nmoe = config_n_moe(c), E = c->n_routed;
-    model_alloc_ok = 1;
-    m->params = model_calloc(m->lay.total, sizeof(real));
-    m->grads = model_calloc(m->lay.total, sizeof(real));
-    m->bias = model_calloc(nmoe * E, sizeof(float));
-    m->counts = model_calloc(nmoe * E, sizeof(int64_t));
-    m->x = model_calloc((L + 1) * N * d, sizeof(real));
-    m->layer = model_calloc(L, sizeof(LayerActs));
-    m->rstdf = model_calloc(N, sizeof(real));
-    m->hf = model_calloc(N * d, sizeof(real));
-    m->logits = model_calloc(N * c->vocab_size, sizeof(real));
-    m->rope_cos = model_calloc((size_t)maxT * (d / H / 2), sizeof(real));
-    m->rope_sin = model_calloc((size_t)maxT * (d / H / 2), sizeof(real));
-    m->tokens = model_calloc(N, sizeof(int));
-    m->targets = model_calloc(N, sizeof(int));
-    for (size_t l = 0; model_alloc_ok && l < L; l++) {
+    m->params = xcalloc(m->lay.total, sizeof(real));
+    m->grads = xcalloc(m->lay.total, sizeof(real));
+    m->bias = xcalloc(nmoe * E, sizeof(float));
+    m->counts = xcalloc(nmoe * E, sizeof(int64_t));
+    m->x = xcalloc((L + 1) * N * d, sizeof(real));
+    m->layer = xcalloc(L, sizeof(LayerActs));
+    m->rstdf = xcalloc(N, sizeof(real));
+    m->hf = xcalloc(N * d, sizeof(real));
+    m->logits = xcalloc(N * c->vocab_size, sizeof(real));
+    m->rope_cos = xcalloc((size_t)maxT * (d / H / 2), sizeof(real));
+    m->rope_sin = xcalloc((size_t)maxT * (d / H / 2), sizeof(real));
+    m->tokens = xcalloc(N, sizeof(int));
+    m->targets = xcalloc(N, sizeof(int));
+    for (size_t l = 0; l < L; l++) {
         LayerActs *la = &m->layer[l];
-        la->rstd1 = model_calloc(N, sizeof(real));
-        la->h1 = model_calloc(N * d, sizeof(real));
-        la->qkv = model_calloc(N * 3 * d, sizeof(real));
-        la->att = model_calloc((size_t)maxB * H * maxT * maxT, sizeof(real));
-        la->a = model_calloc(N * d, sizeof(real));
-        la->xmid = model_calloc(N * d, sizeof(real));
-        la->rstd2 = model_calloc(N, sizeof(real));
-        la->h2 = model_calloc(N * d, sizeof(real));
+        la->rstd1 = xcalloc(N, sizeof(real));
+        la->h1 = xcalloc(N * d, sizeof(real));
+        la->qkv = xcalloc(N * 3 * d, sizeof(real));
+        la->att = xcalloc((size_t)maxB * H * maxT * maxT, sizeof(real));
+        la->a = xcalloc(N * d, sizeof(real));
+        la->xmid = xcalloc(N * d, sizeof(real));
+        la->rstd2 = xcalloc(N, sizeof(real));
+        la->h2 = xcalloc(N * d, sizeof(real));
         if (!config_is_moe(c, (int)l)) {
-            la->f13 = model_calloc(N * 2 * c->d_ff, sizeof(real));
-            la->fact = model_calloc(N * c->d_ff, sizeof(real));
-        } else if (moe_acts_alloc(&la->moe, c, (int)N) != 0) {
-            model_alloc_ok = 0;
+            la->f13 = xcalloc(N * 2 * c->d_ff, sizeof(real));
+            la->fact = xcalloc(N * c->d_ff, sizeof(real));
+        } else {
+            moe_acts_alloc(&la->moe, c, (int)N);
         }
     }
-    if (!model_alloc_ok) {
-        fprintf(stderr, "out of memory allocating the model (%lld parameters, micro-batch %d x %d)\n",
-                (long long)m->lay.total, maxB, maxT);
-        model_free(m);
-        return -1;
-    }
     rope_tables(m->rope_cos, m->rope_sin, maxT, (int)(d / H), c->rope_theta);
-    return 0;
 }
 
 void model_free(Model *m) {
@@ -91,11 +73,7 @@ void model_free(Model *m) {
 }
 
 void model_init_params(Model *m, uint64_t seed, float bias0) {
-    float *tmp = malloc(sizeof(float) * (size_t)m->lay.total);
-    if (!tmp) {
-        fprintf(stderr, "out of memory initialising parameters\n");
-        exit(1);
-    }
+    float *tmp = xmalloc(sizeof(float) * (size_t)m->lay.total);
     layout_init_params(&m->lay, &m->cfg, seed, tmp);
     model_set_params(m, tmp);
     free(tmp);
@@ -212,16 +190,12 @@ void model_backward(Model *m, real grad_scale) {
     }
     int B = m->B, T = m->T, N = B * T, d = c->d_model, H = c->n_heads, V = c->vocab_size;
     size_t Nd = (size_t)N * d;
-    real *dx = calloc(Nd, sizeof(real));       // (N, d) gradient of the residual stream
-    real *dh = calloc(Nd, sizeof(real));       // (N, d) gradient of a normed input
-    real *dbig = calloc((size_t)N * 3 * d > (size_t)N * 2 * c->d_ff ? (size_t)N * 3 * d
+    real *dx = xcalloc(Nd, sizeof(real));       // (N, d) gradient of the residual stream
+    real *dh = xcalloc(Nd, sizeof(real));       // (N, d) gradient of a normed input
+    real *dbig = xcalloc((size_t)N * 3 * d > (size_t)N * 2 * c->d_ff ? (size_t)N * 3 * d
                                                                      : (size_t)N * 2 * c->d_ff,
                         sizeof(real));          // (N, max(3d, 2 d_ff)) scratch
-    real *dsmall = calloc((size_t)N * (d > c->d_ff ? d : c->d_ff), sizeof(real)); // (N, max(d, d_ff))
-    if (!dx || !dh || !dbig || !dsmall) {
-        fprintf(stderr, "out of memory in the backward pass\n");
-        exit(1);
-    }
+    real *dsmall = xcalloc((size_t)N * (d > c->d_ff ? d : c->d_ff), sizeof(real)); // (N, max(d, d_ff))
 
     // Loss and LM head.
     crossentropy_backward(m->logits, m->targets, N, V, grad_scale);

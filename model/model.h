@@ -52,9 +52,9 @@ typedef struct {
 } Model;
 
 // Builds the layout and allocates parameters, gradients, biases and
-// activations for micro-batches up to maxB x maxT. The config must be valid.
-// Returns 0, or -1 (out of memory: a message is printed).
-int model_create(Model *m, const MoeConfig *c, int maxB, int maxT);
+// activations for micro-batches up to maxB x maxT (out of memory exits with
+// a message). The config must be valid.
+void model_create(Model *m, const MoeConfig *c, int maxB, int maxT);
 void model_free(Model *m);
 // Initialises parameters (layout_init_params) and sets every bias to bias0.
 void model_init_params(Model *m, uint64_t seed, float bias0);

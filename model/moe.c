@@ -8,40 +8,26 @@
 #include "matmul.h"
 #include "ops.h"
 #include "route.h"
+#include "../util/util.h"
 
-static void *moe_xmalloc(size_t bytes) {
-    void *p = malloc(bytes ? bytes : 1);
-    if (!p) {
-        fprintf(stderr, "out of memory allocating %zu bytes in the MoE layer\n", bytes);
-        exit(1);
-    }
-    return p;
-}
-
-int moe_acts_alloc(MoeActs *a, const MoeConfig *c, int N) {
+void moe_acts_alloc(MoeActs *a, const MoeConfig *c, int N) {
     size_t E = c->n_routed, K = c->top_k, d = c->d_model;
     size_t sh = (size_t)c->n_shared * c->d_expert, NK = (size_t)N * K;
     memset(a, 0, sizeof *a);
-    a->s = malloc(sizeof(real) * N * E);
-    a->sel = malloc(sizeof(int) * NK);
-    a->gates = malloc(sizeof(real) * NK);
-    a->offsets = malloc(sizeof(int) * (E + 1));
-    a->slot_of = malloc(sizeof(int) * NK);
-    a->row_of = malloc(sizeof(int) * NK);
-    a->eout = malloc(sizeof(real) * NK * d);
-    a->s13 = malloc(sizeof(real) * (N * 2 * sh + 1));
-    a->sact = malloc(sizeof(real) * (N * sh + 1));
+    a->s = xmalloc(sizeof(real) * N * E);
+    a->sel = xmalloc(sizeof(int) * NK);
+    a->gates = xmalloc(sizeof(real) * NK);
+    a->offsets = xmalloc(sizeof(int) * (E + 1));
+    a->slot_of = xmalloc(sizeof(int) * NK);
+    a->row_of = xmalloc(sizeof(int) * NK);
+    a->eout = xmalloc(sizeof(real) * NK * d);
+    a->s13 = xmalloc(sizeof(real) * (N * 2 * sh + 1));
+    a->sact = xmalloc(sizeof(real) * (N * sh + 1));
     // Sized for any expert-parallel group (P <= E ranks).
-    a->send_rows = malloc(sizeof(int) * E);
-    a->recv_rows = malloc(sizeof(int) * E);
-    a->recv_cnt = malloc(sizeof(int) * E);
-    a->exp_offsets = malloc(sizeof(int) * (E + 1));
-    if (!a->s || !a->sel || !a->gates || !a->offsets || !a->slot_of || !a->row_of || !a->eout || !a->s13 ||
-        !a->sact || !a->send_rows || !a->recv_rows || !a->recv_cnt || !a->exp_offsets) {
-        moe_acts_free(a);
-        return -1;
-    }
-    return 0;
+    a->send_rows = xmalloc(sizeof(int) * E);
+    a->recv_rows = xmalloc(sizeof(int) * E);
+    a->recv_cnt = xmalloc(sizeof(int) * E);
+    a->exp_offsets = xmalloc(sizeof(int) * (E + 1));
 }
 
 void moe_acts_free(MoeActs *a) {
@@ -57,14 +43,10 @@ void moe_acts_free(MoeActs *a) {
 static void moe_reserve_rows(MoeActs *a, const MoeConfig *c, int R) {
     if (R <= a->R_cap) return;
     size_t n = (size_t)R, d = c->d_model, de = c->d_expert;
-    a->exp_src = realloc(a->exp_src, sizeof(int) * n);
-    a->xe = realloc(a->xe, sizeof(real) * n * d);
-    a->e13 = realloc(a->e13, sizeof(real) * n * 2 * de);
-    a->eact = realloc(a->eact, sizeof(real) * n * de);
-    if (!a->exp_src || !a->xe || !a->e13 || !a->eact) {
-        fprintf(stderr, "out of memory for %d expert rows in the MoE layer\n", R);
-        exit(1);
-    }
+    a->exp_src = xrealloc(a->exp_src, sizeof(int) * n);
+    a->xe = xrealloc(a->xe, sizeof(real) * n * d);
+    a->e13 = xrealloc(a->e13, sizeof(real) * n * 2 * de);
+    a->eact = xrealloc(a->eact, sizeof(real) * n * de);
     a->R_cap = R;
 }
 
@@ -91,7 +73,7 @@ static void moe_select(const MoeConfig *c, const RouteOptions *ro, const float *
     int E = c->n_routed, K = c->top_k;
 #pragma omp parallel
     {
-        double *score = moe_xmalloc(sizeof(double) * E); // (E) selection scores of one token
+        double *score = xmalloc(sizeof(double) * E); // (E) selection scores of one token
 #pragma omp for schedule(static)
         for (int t = 0; t < N; t++) {
             const real *s = a->s + (size_t)t * E;
@@ -111,7 +93,7 @@ static void moe_select(const MoeConfig *c, const RouteOptions *ro, const float *
 
 // Orders the N*K slots by expert (stable in token order) and counts tokens.
 static void moe_permute(MoeActs *a, int N, int E, int K, int64_t *counts) {
-    int *fill = moe_xmalloc(sizeof(int) * E); // (E) next free row of each expert
+    int *fill = xmalloc(sizeof(int) * E); // (E) next free row of each expert
     memset(a->offsets, 0, sizeof(int) * (E + 1));
     for (int i = 0; i < N * K; i++) a->offsets[a->sel[i] + 1]++;
     for (int e = 0; e < E; e++) {
@@ -136,7 +118,7 @@ static double moe_aux_forward(const MoeConfig *c, const RouteOptions *ro, const 
     if (ro->aux_kind == AUX_NONE) return 0;
     int nseq = ro->aux_kind == AUX_EXPERT ? 1 : B; // expert-level: the batch is one group
     int len = N / nseq;                            // tokens per group
-    double *f = moe_xmalloc(sizeof(double) * E), *P = moe_xmalloc(sizeof(double) * E);
+    double *f = xmalloc(sizeof(double) * E), *P = xmalloc(sizeof(double) * E);
     double total = 0;
     for (int q = 0; q < nseq; q++) {
         memset(f, 0, sizeof(double) * E);
@@ -165,7 +147,7 @@ static void moe_aux_backward(const MoeConfig *c, const RouteOptions *ro, const M
     int E = c->n_routed, K = c->top_k, N = B * T;
     if (ro->aux_kind == AUX_NONE) return;
     int nseq = ro->aux_kind == AUX_EXPERT ? 1 : B, len = N / nseq;
-    double *f = moe_xmalloc(sizeof(double) * E);
+    double *f = xmalloc(sizeof(double) * E);
     for (int q = 0; q < nseq; q++) {
         memset(f, 0, sizeof(double) * E);
         for (int t = q * len; t < (q + 1) * len; t++)
@@ -202,7 +184,7 @@ static const MoeExchange moe_local = { .size = 1, .rank = 0 };
 static void moe_dispatch(const MoeConfig *c, const MoeExchange *ex, MoeActs *a, const real *xs, int NK) {
     int P = ex->size, El = c->n_routed / P, d = c->d_model;
     // send counts = this rank's rows per expert, already grouped by destination.
-    int *send_cnt = moe_xmalloc(sizeof(int) * c->n_routed); // (P, El)
+    int *send_cnt = xmalloc(sizeof(int) * c->n_routed); // (P, El)
     for (int e = 0; e < c->n_routed; e++) send_cnt[e] = a->offsets[e + 1] - a->offsets[e];
     if (P > 1) ex->alltoall_int(ex->ctx, send_cnt, a->recv_cnt, El);
     else memcpy(a->recv_cnt, send_cnt, sizeof(int) * c->n_routed);
@@ -214,7 +196,7 @@ static void moe_dispatch(const MoeConfig *c, const MoeExchange *ex, MoeActs *a, 
         a->R += a->recv_rows[p];
     }
     moe_reserve_rows(a, c, a->R);
-    real *xr = P > 1 ? moe_xmalloc(sizeof(real) * (size_t)a->R * d) : (real *)xs; // (R, d) as received
+    real *xr = P > 1 ? xmalloc(sizeof(real) * (size_t)a->R * d) : (real *)xs; // (R, d) as received
     if (P > 1) ex->alltoallv(ex->ctx, xs, a->send_rows, xr, a->recv_rows, d);
     (void)NK;
     // Received order is [source rank][local expert][token]; the experts want
@@ -239,7 +221,7 @@ static void moe_dispatch(const MoeConfig *c, const MoeExchange *ex, MoeActs *a, 
 // The reverse trip: ye (R, d) expert-major -> ys (N K, d) on the token side.
 static void moe_return(const MoeExchange *ex, const MoeActs *a, const real *ye, real *ys, int d) {
     int P = ex->size;
-    real *yr = P > 1 ? moe_xmalloc(sizeof(real) * (size_t)a->R * d) : ys; // (R, d) in received order
+    real *yr = P > 1 ? xmalloc(sizeof(real) * (size_t)a->R * d) : ys; // (R, d) in received order
 #pragma omp parallel for schedule(static)
     for (int r = 0; r < a->R; r++) memcpy(yr + (size_t)a->exp_src[r] * d, ye + (size_t)r * d, sizeof(real) * d);
     if (P > 1) {
@@ -251,7 +233,7 @@ static void moe_return(const MoeExchange *ex, const MoeActs *a, const real *ye, 
 // Token side -> expert side for a gradient: ys (N K, d) -> ye (R, d).
 static void moe_send(const MoeExchange *ex, const MoeActs *a, const real *ys, real *ye, int d) {
     int P = ex->size;
-    real *yr = P > 1 ? moe_xmalloc(sizeof(real) * (size_t)a->R * d) : (real *)ys;
+    real *yr = P > 1 ? xmalloc(sizeof(real) * (size_t)a->R * d) : (real *)ys;
     if (P > 1) ex->alltoallv(ex->ctx, ys, a->send_rows, yr, a->recv_rows, d);
 #pragma omp parallel for schedule(static)
     for (int r = 0; r < a->R; r++) memcpy(ye + (size_t)r * d, yr + (size_t)a->exp_src[r] * d, sizeof(real) * d);
@@ -274,14 +256,14 @@ void moe_forward(const MoeConfig *c, const RouteOptions *ro, const MoeExchange *
     moe_permute(a, N, E, K, counts);
 
     // Gather each slot's token into expert order, and send it to its expert.
-    real *xs = moe_xmalloc(sizeof(real) * (size_t)N * K * d); // (N K, d)
+    real *xs = xmalloc(sizeof(real) * (size_t)N * K * d); // (N K, d)
 #pragma omp parallel for schedule(static)
     for (int r = 0; r < N * K; r++) memcpy(xs + (size_t)r * d, h + (size_t)(a->slot_of[r] / K) * d, sizeof(real) * d);
     moe_dispatch(c, ex, a, xs, N * K);
 
     // Routed experts: each one runs on its rows (expert-level parallelism;
     // the matmuls inside run on the calling thread).
-    real *ye = moe_xmalloc(sizeof(real) * ((size_t)a->R * d + 1)); // (R, d) expert outputs
+    real *ye = xmalloc(sizeof(real) * ((size_t)a->R * d + 1)); // (R, d) expert outputs
 #pragma omp parallel for schedule(dynamic, 1)
     for (int j = 0; j < El; j++) {
         int r0 = a->exp_offsets[j], n = a->exp_offsets[j + 1] - r0, e = e0 + j;
@@ -328,9 +310,9 @@ void moe_backward(const MoeConfig *c, const RouteOptions *ro, const MoeExchange 
     if (!ex) ex = &moe_local;
     int El = E / ex->size, e0 = ex->rank * El;
     size_t NK = (size_t)N * K;
-    real *dgates = moe_xmalloc(sizeof(real) * NK);        // (N, K)
-    real *dys = moe_xmalloc(sizeof(real) * NK * d);       // (N K, d) expert output gradient, token side
-    real *ds = moe_xmalloc(sizeof(real) * (size_t)N * E); // (N, E) affinity gradient
+    real *dgates = xmalloc(sizeof(real) * NK);        // (N, K)
+    real *dys = xmalloc(sizeof(real) * NK * d);       // (N K, d) expert output gradient, token side
+    real *ds = xmalloc(sizeof(real) * (size_t)N * E); // (N, E) affinity gradient
 
     // Combine backward: the gate gets dout . y, the expert output gets g * dout.
 #pragma omp parallel for schedule(static)
@@ -350,15 +332,15 @@ void moe_backward(const MoeConfig *c, const RouteOptions *ro, const MoeExchange 
     }
 
     // Routed experts, on the expert side, one per task as in the forward.
-    real *dye = moe_xmalloc(sizeof(real) * ((size_t)a->R * d + 1)); // (R, d)
-    real *dxe = moe_xmalloc(sizeof(real) * ((size_t)a->R * d + 1)); // (R, d) input gradient
+    real *dye = xmalloc(sizeof(real) * ((size_t)a->R * d + 1)); // (R, d)
+    real *dxe = xmalloc(sizeof(real) * ((size_t)a->R * d + 1)); // (R, d) input gradient
     moe_send(ex, a, dys, dye, d);
 #pragma omp parallel for schedule(dynamic, 1)
     for (int j = 0; j < El; j++) {
         int r0 = a->exp_offsets[j], n = a->exp_offsets[j + 1] - r0, e = e0 + j;
         if (n == 0) continue;
-        real *dact = moe_xmalloc(sizeof(real) * (size_t)n * de);    // (n, de)
-        real *d13 = moe_xmalloc(sizeof(real) * (size_t)n * 2 * de); // (n, 2 de)
+        real *dact = xmalloc(sizeof(real) * (size_t)n * de);    // (n, de)
+        real *d13 = xmalloc(sizeof(real) * (size_t)n * 2 * de); // (n, 2 de)
         const real *w13 = w->ex13 + (size_t)e * 2 * de * d, *w2 = w->ex2 + (size_t)e * d * de;
         const real *e13 = a->e13 + (size_t)r0 * 2 * de, *eact = a->eact + (size_t)r0 * de;
         const real *dy = dye + (size_t)r0 * d, *x = a->xe + (size_t)r0 * d;
@@ -384,8 +366,8 @@ void moe_backward(const MoeConfig *c, const RouteOptions *ro, const MoeExchange 
 
     // Shared experts.
     if (sh > 0) {
-        real *dact = moe_xmalloc(sizeof(real) * (size_t)N * sh);      // (N, S de)
-        real *d13 = moe_xmalloc(sizeof(real) * (size_t)N * 2 * sh);   // (N, 2 S de)
+        real *dact = xmalloc(sizeof(real) * (size_t)N * sh);      // (N, S de)
+        real *d13 = xmalloc(sizeof(real) * (size_t)N * 2 * sh);   // (N, 2 S de)
         matmul_backward_weight(g->sh2, dout, a->sact, N, sh, d);
         matmul_backward_input(dact, dout, w->sh2, N, sh, d, 0);
         swiglu_backward(d13, dact, a->s13, N, sh);

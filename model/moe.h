@@ -75,8 +75,7 @@ typedef struct {
 } MoeActs;
 
 // Allocates / frees the activations for up to N tokens (and any EP group).
-// Returns 0 or -1.
-int moe_acts_alloc(MoeActs *a, const MoeConfig *c, int N);
+void moe_acts_alloc(MoeActs *a, const MoeConfig *c, int N);
 void moe_acts_free(MoeActs *a);
 
 // out (N, d) = the MoE layer applied to h (N, d), N = B*T. bias (E) fp32.

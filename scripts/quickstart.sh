@@ -2,7 +2,7 @@
 # Quickstart (what `make run` runs): from a fresh machine to a trained small
 # MoE model with auxiliary-loss-free load balancing, in one command.
 #
-#   1. installs what is missing (apt-get: build-essential, bible-kjv);
+#   1. installs what is missing (scripts/deps.sh: gcc, make, bible-kjv);
 #   2. builds the trainer and tools (make);
 #   3. writes the corpus: the King James Bible, one document per chapter
 #      (or your own text: --text FILE / QUICKSTART_TEXT=FILE);
@@ -76,25 +76,11 @@ mkdir -p "$RUN" "$DATA"
 
 # ---------------------------------------------------------------- 1. packages
 say "1/6 checking the tools"
-PKGS=()
-command -v gcc > /dev/null && command -v make > /dev/null || PKGS+=(build-essential)
+GROUPS=(build)
 KJV=$RUN/corpus/kjv.txt
-if [ -z "$TEXT" ] && [ ! -s "$KJV" ] && ! command -v bible > /dev/null; then PKGS+=(bible-kjv); fi
-if [ ${#PKGS[@]} -gt 0 ]; then
-    [ "$NO_INSTALL" = 1 ] && die "missing packages: ${PKGS[*]} (install them, or run without --no-install)"
-    command -v apt-get > /dev/null || die "missing: ${PKGS[*]}, and there is no apt-get here; install them by hand and re-run"
-    SUDO=
-    if [ "$(id -u)" -ne 0 ]; then
-        command -v sudo > /dev/null || die "need root or sudo to install: ${PKGS[*]}"
-        SUDO=sudo
-    fi
-    echo "installing: ${PKGS[*]} (apt-get${SUDO:+ via sudo})"
-    $SUDO apt-get update -q || die "apt-get update failed"
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${PKGS[@]}" \
-        || die "apt-get install ${PKGS[*]} failed"
-else
-    echo "gcc, make$([ -z "$TEXT" ] && echo ", bible-kjv") present"
-fi
+if [ -z "$TEXT" ] && [ ! -s "$KJV" ]; then GROUPS+=(quickstart); fi
+# scripts/deps.sh installs only what is missing (gcc, make, and the bible-kjv package for the corpus).
+bash scripts/deps.sh $([ "$NO_INSTALL" = 1 ] && echo --no-install) "${GROUPS[@]}" || die "missing packages (see above)"
 
 # ---------------------------------------------------------------- 2. build
 say "2/6 building (make train_moe moe_tok moe_prepare)"

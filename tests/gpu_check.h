@@ -17,6 +17,7 @@
 extern "C" {
 #include "model/config.h"
 }
+#include "util/util.h"
 
 #ifndef GPU_CHECK_WIDTH
 #define GPU_CHECK_WIDTH 40 // the column of the verdicts
@@ -42,15 +43,6 @@ static int report_summary(const char *name) {
     printf("%s (%s): %s (%d failures, %d warnings)\n", name, FLOATX_NAME, failures ? "FAIL" : "PASS", failures,
            warnings);
     return failures ? 1 : 0;
-}
-
-static void *xmalloc(size_t bytes) {
-    void *p = malloc(bytes ? bytes : 1);
-    if (!p) {
-        fprintf(stderr, "out of memory (%zu bytes)\n", bytes);
-        exit(1);
-    }
-    return p;
 }
 
 // max |a - ref| / max |ref| (absolute when ref is all zero).

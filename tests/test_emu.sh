@@ -131,8 +131,8 @@ fi
 
 # 4. Several ranks: W processes of the emulated train_moecu, placed as a
 #    launcher would (RANK, WORLD_SIZE, LOCAL_RANK) and meeting through a
-#    --nccl-init directory (dist/launch.c), their NCCL in shared memory --
-#    the build-without-MPI communicator (dist/comm_nccl.c) with its
+#    --nccl-init directory (parallel/launch.c), their NCCL in shared memory --
+#    the build-without-MPI communicator (parallel/comm_nccl.c) with its
 #    ncclCommSplit into EP/EDP groups, the all-to-alls of the EP exchange,
 #    the gradient all-reduces, the host collectives through the staging
 #    buffer and the consolidated checkpoint -- against one process whose

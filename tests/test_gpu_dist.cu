@@ -6,7 +6,7 @@
 //     all-to-alls are cudaMemcpy's: every expert rank must hold exactly
 //     [local expert][source rank][token] rows, model/moe.c's order, and the
 //     return trip must give every rank its rows back bit for bit;
-//  2. NCCL with one rank (the build-without-MPI communicator, dist/comm_nccl.c):
+//  2. NCCL with one rank (the build-without-MPI communicator, parallel/comm_nccl.c):
 //     the host collectives' staging paths (self-test), then 3 training steps
 //     (forward, backward, sync_grads, grad_norm, AdamW, bias update) of the
 //     backend through NCCL, with and without the EP exchange forced, and
@@ -39,14 +39,14 @@
 #include <vector>
 
 extern "C" {
-#include "dist/comm.h"
+#include "parallel/comm.h"
 #include "model/balance.h"
 #include "model/config.h"
 #include "model/layout.h"
 #include "train/optim.h"
 }
 
-#include "dist/comm_nccl.h"
+#include "parallel/comm_nccl.h"
 #include "kernels/common.cuh"
 #include "kernels/dispatch.cuh"
 #include "kernels/gpu_backend.cuh"
@@ -359,7 +359,7 @@ static void v_alltoallv(void *ctx, const void *send, const int *send_rows, void 
 static GpuComm vcomm(VRank *vr) {
     GpuComm gc;
     memset(&gc, 0, sizeof gc);
-    // The layout of dist/comm.h, as the real communicators have it.
+    // The layout of parallel/comm.h, as the real communicators have it.
     Comm c = {vr->rank, vr->w->W, 1, 0, 1, vr->rank, NULL};
     char err[128];
     if (comm_layout_ep(&c, vr->w->ep, err, sizeof err) != 0) {

@@ -1,4 +1,4 @@
-// CPU tests of dist/launch.c, the multi-GPU trainer's start without MPI: rank
+// CPU tests of parallel/launch.c, the multi-GPU trainer's start without MPI: rank
 // discovery from launcher environments, and the file and TCP rendezvous with
 // several processes (fork), including late ranks, missing ranks (timeouts),
 // stale files and cleanup. No GPU, no NCCL. One line per check; exit 1 on
@@ -17,7 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../dist/launch.h"
+#include "../parallel/launch.h"
 
 static int failures;
 

@@ -71,10 +71,11 @@ static void load_model(Model *m, const Fixture *f, int B, int T) {
         }
     }
     free(text);
-    if (config_validate(&c, err, sizeof err) != 0 || model_create(m, &c, B, T) != 0) {
+    if (config_validate(&c, err, sizeof err) != 0) {
         fprintf(stderr, "%s: %s\n", f->path, err);
         exit(1);
     }
+    model_create(m, &c, B, T);
     m->route.bias_mult = (int)fixture_scalar(need(f, "route.bias_mult"));
     m->route.aux_kind = (int)fixture_scalar(need(f, "route.aux_kind"));
     m->route.aux_alpha = (float)fixture_scalar(need(f, "route.aux_alpha"));

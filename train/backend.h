@@ -8,7 +8,7 @@
 
 #include <stdint.h>
 
-#include "../dist/comm.h"
+#include "../parallel/comm.h"
 #include "../model/config.h"
 #include "../model/moe.h"
 #include "optim.h"

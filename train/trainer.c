@@ -19,6 +19,7 @@
 #include "../model/balance.h"
 #include "../model/layout.h"
 #include "../tokenizer/bpe.h"
+#include "../util/util.h"
 #include "ckpt.h"
 #include "lr.h"
 
@@ -29,15 +30,6 @@ static double now_seconds(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + 1e-9 * ts.tv_nsec;
-}
-
-static void *xcalloc(size_t n, size_t size, const char *what) {
-    void *p = calloc(n ? n : 1, size);
-    if (!p) {
-        fprintf(stderr, "error: out of memory allocating %s (%zu x %zu bytes)\n", what, n, size);
-        exit(1);
-    }
-    return p;
 }
 
 static volatile sig_atomic_t stop_requested;
@@ -90,9 +82,9 @@ static int trainer_save_main(Run *r, const float *params, const float *m, const 
 
 static int trainer_save(Run *r) {
     int64_t n = r->be->n_params;
-    float *p = xcalloc((size_t)n, sizeof(float), "checkpoint buffer");
-    float *m = xcalloc((size_t)n, sizeof(float), "checkpoint buffer");
-    float *v = xcalloc((size_t)n, sizeof(float), "checkpoint buffer");
+    float *p = xcalloc((size_t)n, sizeof(float));
+    float *m = xcalloc((size_t)n, sizeof(float));
+    float *v = xcalloc((size_t)n, sizeof(float));
     r->be->get_params(r->be, p);
     r->be->get_opt_state(r->be, m, v);
     int64_t rc = r->main ? trainer_save_main(r, p, m, v) : 0;
@@ -201,8 +193,8 @@ static int trainer_load(Run *r, const char *path, int full) {
     MoeConfig saved;
     int64_t n = r->be->n_params;
     size_t nb = (size_t)r->n_moe * r->E;
-    float *buf = xcalloc((size_t)n, sizeof(float), "checkpoint buffer");
-    float *buf2 = full ? xcalloc((size_t)n, sizeof(float), "checkpoint buffer") : NULL;
+    float *buf = xcalloc((size_t)n, sizeof(float));
+    float *buf2 = full ? xcalloc((size_t)n, sizeof(float)) : NULL;
     int rc = trainer_ckpt_config(ck, path, &saved, &r->cfg);
     if (rc == 0) rc = ckpt_read(ck, "params", CKPT_F32, buf, (uint64_t)n * sizeof(float), err, sizeof err);
     if (rc == 0) rc = ckpt_read(ck, "bias", CKPT_F32, r->bias, nb * sizeof(float), err, sizeof err);
@@ -244,7 +236,7 @@ static int trainer_eval(Run *r, double *val_loss) {
     loader_reset(r->val);
     if (r->n_moe > 0) balance_accum_reset(&r->eval_acc);
     size_t ncounts = (size_t)r->n_moe * r->E;
-    int64_t *sum_counts = xcalloc(ncounts + 1, sizeof(int64_t), "counts");
+    int64_t *sum_counts = xcalloc(ncounts + 1, sizeof(int64_t));
     double sum = 0;
     for (uint64_t i = 0; i < nb; i++) {
         if (loader_next(r->val, r->tokens, r->targets) != 0) {
@@ -340,7 +332,7 @@ static void trainer_sample(const TrainOptions *o, Backend *be, const MoeConfig *
         }
     }
     int T = c->seq_len, n = 0, cap = o->sample_tokens + T + 1;
-    int *ctx = xcalloc((size_t)cap, sizeof(int), "sample context");
+    int *ctx = xcalloc((size_t)cap, sizeof(int));
     if (tok && o->prompt[0]) {
         uint32_t *ids = NULL;
         size_t k = tok_encode(tok, o->prompt, strlen(o->prompt), &ids);
@@ -349,7 +341,7 @@ static void trainer_sample(const TrainOptions *o, Backend *be, const MoeConfig *
     }
     if (n == 0) ctx[n++] = tok && tok_eot_id(tok) >= 0 ? tok_eot_id(tok) : 0;
     int start = n;
-    float *logits = xcalloc((size_t)c->vocab_size, sizeof(float), "logits");
+    float *logits = xcalloc((size_t)c->vocab_size, sizeof(float));
     if (main_rank)
         printf("sample (%d tokens, temperature %.2f, top-k %d):\n---\n%s", o->sample_tokens, o->temperature,
                o->sample_top_k, tok ? o->prompt : "");
@@ -606,11 +598,11 @@ int trainer_run(const TrainOptions *o, Backend *be) {
     RouteOptions ro = trainer_route_options(&o->balance);
     if (be->create(be, &r->cfg, &ro, B, T) != 0) return 1;
     size_t nb = (size_t)r->n_moe * r->E;
-    r->bias = xcalloc(nb, sizeof(float), "biases");
-    r->counts = xcalloc(nb, sizeof(int64_t), "counts");
-    r->micro_counts = xcalloc(nb, sizeof(int64_t), "counts");
-    r->tokens = xcalloc((size_t)B * T, sizeof(int), "tokens");
-    r->targets = xcalloc((size_t)B * T, sizeof(int), "targets");
+    r->bias = xcalloc(nb, sizeof(float));
+    r->counts = xcalloc(nb, sizeof(int64_t));
+    r->micro_counts = xcalloc(nb, sizeof(int64_t));
+    r->tokens = xcalloc((size_t)B * T, sizeof(int));
+    r->targets = xcalloc((size_t)B * T, sizeof(int));
     if (r->n_moe > 0 && balance_accum_init(&r->eval_acc, r->n_moe, r->E, r->cfg.top_k) != 0) {
         fprintf(stderr, "error: out of memory\n");
         return 1;
@@ -635,12 +627,9 @@ int trainer_run(const TrainOptions *o, Backend *be) {
         if (trainer_load(r, path, 1) != 0) return 1;
         if (r->main) printf("resumed from %s at step %lld\n", path, (long long)r->step);
     } else {
-        float *p = xcalloc((size_t)be->n_params, sizeof(float), "parameters");
+        float *p = xcalloc((size_t)be->n_params, sizeof(float));
         ParamLayout lay;
-        if (layout_build(&lay, &r->cfg) != 0) {
-            fprintf(stderr, "error: out of memory\n");
-            return 1;
-        }
+        layout_build(&lay, &r->cfg);
         layout_init_params(&lay, &r->cfg, o->seed, p);
         layout_free(&lay);
         be->set_params(be, p);
@@ -759,7 +748,7 @@ int trainer_sample_from_checkpoint(const TrainOptions *o, Backend *be, const cha
     r->E = r->cfg.n_routed;
     RouteOptions ro = trainer_route_options(&bal);
     if (be->create(be, &r->cfg, &ro, 1, r->cfg.seq_len) != 0) return 1;
-    r->bias = xcalloc((size_t)r->n_moe * r->E + 1, sizeof(float), "biases");
+    r->bias = xcalloc((size_t)r->n_moe * r->E + 1, sizeof(float));
     if (trainer_load(r, ckpt_path, 0) != 0) return 1;
     uint64_t rng = o->seed;
     trainer_sample(o, be, &r->cfg, &rng);

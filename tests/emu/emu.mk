@@ -15,7 +15,7 @@ EMU_CXXFLAGS = -O2 -g -std=c++17 -Wall -Wextra -Wno-unused-parameter -D_GNU_SOUR
                $(if $(filter FP32,$(EMU_PRECISION)),-DENABLE_FP32) -DMOE_GPU_ARCH=90
 EMU_HEADERS = $(wildcard tests/emu/include/*.h) tests/emu/cu2cc.sed $(GPU_HEADERS)
 EMU_KOBJ = $(patsubst %,$(EMU_BUILD)/kernels/%.o,$(GPU_KERNELS))
-EMU_COMM = $(BUILD)/emu/comm_nccl_host.o $(BUILD)/f32/dist/launch.o
+EMU_COMM = $(BUILD)/emu/comm_nccl_host.o $(BUILD)/f32/parallel/launch.o
 EMU_LIBS = -lgomp -lm -lpthread
 
 .PHONY: test-emu emu-build
@@ -38,7 +38,7 @@ $(BUILD)/emu/emu_%.o: tests/emu/emu_%.cc tests/emu/emu_internal.h $(wildcard tes
 	@mkdir -p $(dir $@)
 	$(CXX) $(filter-out -DENABLE_FP32,$(EMU_CXXFLAGS)) -c $< -o $@
 
-$(BUILD)/emu/comm_nccl_host.o: dist/comm_nccl.c dist/comm_nccl.h dist/comm.h dist/launch.h $(wildcard tests/emu/include/*.h)
+$(BUILD)/emu/comm_nccl_host.o: parallel/comm_nccl.c parallel/comm_nccl.h parallel/comm.h parallel/launch.h $(wildcard tests/emu/include/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Itests/emu/include -DCOMM_NCCL_HOST -c $< -o $@
 
@@ -61,5 +61,5 @@ $(EMU_BUILD)/test_emu: $(EMU_BUILD)/tests/emu/test_emu.o $(EMU_LIB)
 # FP32: everything in tests/test_emu.sh; then the BF16 build's GPU tests.
 test-emu: emu-build $(BUILD)/gen_shards train_moe moe_ckpt
 	bash tests/test_emu.sh $(EMU_BUILD)
-	$(MAKE) --no-print-directory EMU_PRECISION=BF16 emu-build
+	$(MAKE) --no-print-directory -j$(JOBS) EMU_PRECISION=BF16 emu-build
 	bash tests/test_emu.sh $(BUILD)/emu/BF16

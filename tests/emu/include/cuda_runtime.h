@@ -1,7 +1,7 @@
 // CUDA emulation on the CPU (tests/emu, see docs/gpu.md "The emulator"):
 // the part of the CUDA runtime API the GPU trainer uses, declared with the
 // same names and types so that its .cu files compile unchanged with a host
-// C++ compiler (and dist/comm_nccl.c with a C compiler). Implemented in
+// C++ compiler (and parallel/comm_nccl.c with a C compiler). Implemented in
 // tests/emu/emu_*.cc. Nothing here runs on a GPU.
 #ifndef EMU_CUDA_RUNTIME_H
 #define EMU_CUDA_RUNTIME_H

@@ -1,22 +1,22 @@
 // NCCL for the GPU trainer (train_moe.cu): communicators for the WORLD, EP and
-// EDP groups of a Comm (dist/comm.h), and the device-side collectives the GPU
+// EDP groups of a Comm (parallel/comm.h), and the device-side collectives the GPU
 // backend calls on its stream, behind a small table (GpuComm) so the tests can
 // put a simulation of several ranks in its place (tests/test_gpu_dist.cu).
 //
-// dist/comm_nccl.c is built in one of two ways:
-//  - with MPI (gpu.mk, when mpicc exists): dist/comm.c provides the host
-//    collectives of dist/comm.h over MPI, and comm_nccl_open() bootstraps NCCL
+// parallel/comm_nccl.c is built in one of two ways:
+//  - with MPI (gpu.mk, when mpicc exists): parallel/comm.c provides the host
+//    collectives of parallel/comm.h over MPI, and comm_nccl_open() bootstraps NCCL
 //    from them: every rank learns its local rank from the host names (an
 //    all-reduce), takes the GPU of that index, and rank 0's ncclUniqueId
 //    reaches the others by comm_bcast;
-//  - without MPI (-DCOMM_NCCL_HOST): this file implements dist/comm.h itself.
+//  - without MPI (-DCOMM_NCCL_HOST): this file implements parallel/comm.h itself.
 //    comm_init reads rank / world / local rank from the launcher's environment
-//    and hands rank 0's ncclUniqueId to the others through dist/launch.c (a
+//    and hands rank 0's ncclUniqueId to the others through parallel/launch.c (a
 //    file in --nccl-init DIR, or TCP); the host collectives of the training
 //    loop (counts, losses, stop flag, checksums) copy the host buffer into a
 //    small device staging buffer, run NCCL there, and copy back.
 // In both, EP groups are `ep` consecutive ranks and EDP groups the ranks at
-// the same position of every EP group (dist/comm.h), made by ncclCommSplit
+// the same position of every EP group (parallel/comm.h), made by ncclCommSplit
 // of the world communicator.
 #ifndef MOE_COMM_NCCL_H
 #define MOE_COMM_NCCL_H
@@ -63,7 +63,7 @@ int comm_nccl_open(const Comm *c, GpuComm *gc, char *err, size_t errlen);
 // build without MPI; with MPI, main() calls it after trainer_main.
 void comm_nccl_close(void);
 
-// Build without MPI only: runs every host collective of dist/comm.h through
+// Build without MPI only: runs every host collective of parallel/comm.h through
 // its staging path (also with one rank, where they otherwise return at once),
 // with a tiny staging chunk so that the chunk loops run, and checks the
 // results. Collective. Returns 0, or -1 with a message.

@@ -1,6 +1,6 @@
 // NCCL communicators and collectives of the GPU trainer (see comm_nccl.h).
-// Compiled with -DCOMM_NCCL_HOST it also implements dist/comm.h (the build
-// without MPI); otherwise dist/comm.c (MPI) provides dist/comm.h and this file
+// Compiled with -DCOMM_NCCL_HOST it also implements parallel/comm.h (the build
+// without MPI); otherwise parallel/comm.c (MPI) provides parallel/comm.h and this file
 // only bootstraps NCCL from it.
 //
 // Every NCCL and CUDA call is checked; a failure prints the file, line, call
@@ -17,9 +17,10 @@
 #include <unistd.h>
 
 #include "launch.h"
+#include "../util/cuda_check.h"
 
 #if !defined(NCCL_VERSION_CODE) || NCCL_VERSION_CODE < NCCL_VERSION(2, 18, 0)
-#error "dist/comm_nccl.c needs NCCL >= 2.18 (ncclCommSplit); set NCCL_HOME in gpu.mk to a newer NCCL"
+#error "parallel/comm_nccl.c needs NCCL >= 2.18 (ncclCommSplit); set NCCL_HOME in gpu.mk to a newer NCCL"
 #endif
 
 typedef struct {
@@ -48,16 +49,6 @@ static void nccl_fail(ncclResult_t r, const char *call, const char *file, int li
         if (nccl_r_ != ncclSuccess) nccl_fail(nccl_r_, #call, __FILE__, __LINE__); \
     } while (0)
 
-static void cuda_fail(cudaError_t e, const char *call, const char *file, int line) {
-    fprintf(stderr, "%s:%d: CUDA error %s: %s\n  in: %s\n", file, line, cudaGetErrorName(e), cudaGetErrorString(e),
-            call);
-    exit(1);
-}
-#define CUDA_CK(call)                                             \
-    do {                                                          \
-        cudaError_t cuda_e_ = (call);                             \
-        if (cuda_e_ != cudaSuccess) cuda_fail(cuda_e_, #call, __FILE__, __LINE__); \
-    } while (0)
 
 // The communicator of group g. Before the split (ep = 1 so far) EDP is WORLD.
 static ncclComm_t group_comm(CommGroup g) {
@@ -118,8 +109,8 @@ void comm_nccl_close(void) {
         ns.comm[g] = NULL;
     }
     ns.split_ep = 0;
-    if (ns.staging) CUDA_CK(cudaFree(ns.staging));
-    if (ns.stream) CUDA_CK(cudaStreamDestroy(ns.stream));
+    if (ns.staging) CUDA_CHECK(cudaFree(ns.staging));
+    if (ns.stream) CUDA_CHECK(cudaStreamDestroy(ns.stream));
     ns.staging = NULL;
     ns.stream = NULL;
     ns.staging_bytes = 0;
@@ -259,7 +250,7 @@ int comm_nccl_open(const Comm *c, GpuComm *gc, char *err, size_t errlen) {
 }
 
 // ----------------------------------------------------------------------------
-// dist/comm.h without MPI
+// parallel/comm.h without MPI
 
 #ifdef COMM_NCCL_HOST
 
@@ -318,7 +309,7 @@ int comm_set_ep(Comm *c, int ep, char *err, size_t errlen) {
 }
 
 void comm_finalize(Comm *c) {
-    if (ns.stream) CUDA_CK(cudaStreamSynchronize(ns.stream));
+    if (ns.stream) CUDA_CHECK(cudaStreamSynchronize(ns.stream));
     comm_nccl_close();
     c->impl = NULL;
 }
@@ -327,8 +318,8 @@ void comm_finalize(Comm *c) {
 static void host_ready(void) {
     if (ns.staging) return;
     ns.staging_bytes = (size_t)64 << 20;
-    CUDA_CK(cudaStreamCreateWithFlags(&ns.stream, cudaStreamNonBlocking));
-    CUDA_CK(cudaMalloc(&ns.staging, ns.staging_bytes));
+    CUDA_CHECK(cudaStreamCreateWithFlags(&ns.stream, cudaStreamNonBlocking));
+    CUDA_CHECK(cudaMalloc(&ns.staging, ns.staging_bytes));
     if (!ns.chunk_limit) ns.chunk_limit = ns.staging_bytes;
 }
 
@@ -343,10 +334,10 @@ static void host_allreduce(const Comm *c, CommGroup g, void *buf, size_t n, size
     for (size_t off = 0; off < n; off += chunk) {
         size_t k = n - off < chunk ? n - off : chunk;
         char *p = (char *)buf + off * elem;
-        CUDA_CK(cudaMemcpyAsync(ns.staging, p, k * elem, cudaMemcpyHostToDevice, ns.stream));
+        CUDA_CHECK(cudaMemcpyAsync(ns.staging, p, k * elem, cudaMemcpyHostToDevice, ns.stream));
         NCCL_CHECK(ncclAllReduce(ns.staging, ns.staging, k, type, op, group_comm(g), ns.stream));
-        CUDA_CK(cudaMemcpyAsync(p, ns.staging, k * elem, cudaMemcpyDeviceToHost, ns.stream));
-        CUDA_CK(cudaStreamSynchronize(ns.stream));
+        CUDA_CHECK(cudaMemcpyAsync(p, ns.staging, k * elem, cudaMemcpyDeviceToHost, ns.stream));
+        CUDA_CHECK(cudaStreamSynchronize(ns.stream));
     }
 }
 
@@ -369,10 +360,10 @@ static void host_bcast(const Comm *c, void *buf, size_t bytes, int root, int for
     for (size_t off = 0; off < bytes; off += ns.chunk_limit) {
         size_t k = bytes - off < ns.chunk_limit ? bytes - off : ns.chunk_limit;
         char *p = (char *)buf + off;
-        if (c->rank == root) CUDA_CK(cudaMemcpyAsync(ns.staging, p, k, cudaMemcpyHostToDevice, ns.stream));
+        if (c->rank == root) CUDA_CHECK(cudaMemcpyAsync(ns.staging, p, k, cudaMemcpyHostToDevice, ns.stream));
         NCCL_CHECK(ncclBroadcast(ns.staging, ns.staging, k, ncclUint8, root, ns.comm[COMM_WORLD], ns.stream));
-        if (c->rank != root) CUDA_CK(cudaMemcpyAsync(p, ns.staging, k, cudaMemcpyDeviceToHost, ns.stream));
-        CUDA_CK(cudaStreamSynchronize(ns.stream));
+        if (c->rank != root) CUDA_CHECK(cudaMemcpyAsync(p, ns.staging, k, cudaMemcpyDeviceToHost, ns.stream));
+        CUDA_CHECK(cudaStreamSynchronize(ns.stream));
     }
 }
 
@@ -395,9 +386,9 @@ static void host_alltoallv_bytes(const Comm *c, CommGroup g, const void *send, c
     }
     host_ready();
     char *ds = NULL, *dr = NULL;
-    CUDA_CK(cudaMalloc((void **)&ds, ns_tot ? ns_tot : 1));
-    CUDA_CK(cudaMalloc((void **)&dr, nr_tot ? nr_tot : 1));
-    if (ns_tot) CUDA_CK(cudaMemcpyAsync(ds, send, ns_tot, cudaMemcpyHostToDevice, ns.stream));
+    CUDA_CHECK(cudaMalloc((void **)&ds, ns_tot ? ns_tot : 1));
+    CUDA_CHECK(cudaMalloc((void **)&dr, nr_tot ? nr_tot : 1));
+    if (ns_tot) CUDA_CHECK(cudaMemcpyAsync(ds, send, ns_tot, cudaMemcpyHostToDevice, ns.stream));
     ncclComm_t comm = g == COMM_WORLD ? ns.comm[COMM_WORLD] : group_comm(g);
     size_t so = 0, ro = 0;
     NCCL_CHECK(ncclGroupStart());
@@ -408,10 +399,10 @@ static void host_alltoallv_bytes(const Comm *c, CommGroup g, const void *send, c
         ro += recv_bytes[p];
     }
     NCCL_CHECK(ncclGroupEnd());
-    if (nr_tot) CUDA_CK(cudaMemcpyAsync(recv, dr, nr_tot, cudaMemcpyDeviceToHost, ns.stream));
-    CUDA_CK(cudaStreamSynchronize(ns.stream));
-    CUDA_CK(cudaFree(ds));
-    CUDA_CK(cudaFree(dr));
+    if (nr_tot) CUDA_CHECK(cudaMemcpyAsync(recv, dr, nr_tot, cudaMemcpyDeviceToHost, ns.stream));
+    CUDA_CHECK(cudaStreamSynchronize(ns.stream));
+    CUDA_CHECK(cudaFree(ds));
+    CUDA_CHECK(cudaFree(dr));
 }
 
 static void host_alltoall_int(const Comm *c, CommGroup g, const int *send, int *recv, int n, int force) {
@@ -540,7 +531,7 @@ int comm_nccl_selftest(const Comm *c, char *err, size_t errlen) {
 
 int comm_nccl_selftest(const Comm *c, char *err, size_t errlen) {
     (void)c;
-    snprintf(err, errlen, "the host collectives of this build are MPI's (dist/comm.c)");
+    snprintf(err, errlen, "the host collectives of this build are MPI's (parallel/comm.c)");
     return -1;
 }
 

@@ -1,7 +1,7 @@
 // Starting several processes without MPI: where this process stands in the
 // job (rank, world size, local rank, from the launcher's environment), and a
 // one-time rendezvous that hands a small blob from rank 0 to every rank (the
-// GPU trainer's NCCL unique id, see dist/comm_nccl.c). Plain POSIX C: no CUDA,
+// GPU trainer's NCCL unique id, see parallel/comm_nccl.c). Plain POSIX C: no CUDA,
 // no NCCL, so the CPU tests (tests/test_launch.c) exercise all of it.
 //
 // Rank, world size and local rank are read from the first complete set of:
