@@ -23,7 +23,7 @@ BUILD = build
 # The GPU trainer is built wherever nvcc exists (CI compiles it; the GPU tests need a GPU).
 NVCC_FOUND := $(shell command -v $(or $(NVCC),nvcc) 2>/dev/null)
 # Host code shared by every trainer.
-MODEL_SRC = model/config.c model/layout.c model/balance.c
+MODEL_SRC = model/config.c model/layout.c model/balance.c parallel/ep_layout.c
 # The CPU model's compute: built in fp32 (the trainer) and in fp64 (the gradient check).
 COMPUTE_SRC = model/matmul.c model/ops.c model/moe.c model/model.c
 DATA_SRC = data/shard.c data/loader.c

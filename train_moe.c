@@ -1,22 +1,39 @@
-// train_moe: the CPU trainer (fp32, OpenMP, MPI for several processes). This
-// file is the CPU backend of the shared training loop (train/trainer.c): it
-// owns the model's parameters, gradients and AdamW moments, runs the reference
-// model of model/, and spreads work over ranks: data parallelism for every
-// parameter, expert parallelism (--ep) for the routed experts.
+// train_moe: the CPU trainer (fp32, OpenMP, MPI for several processes). The
+// readable definition of the model and of a training step.
 //
 //   ./train_moe --config small --train-data 'data/kjv/train_*.bin' ...
 //   mpirun -np 4 ./train_moe --ep 2 ...
 //   ./train_moe --help
+//
+// Reading path: one training step, in the order it runs.
+//   train/trainer.c  trainer_main -> trainer_run -> trainer_step: the loop both trainers share:
+//                    a batch from data/loader.c, gradient accumulation over micro-batches,
+//                    clipping and AdamW (train/optim.c) at the LR of train/lr.c, then the
+//                    balancing update of the biases from the step's exact counts
+//                    (model/balance.c); logs, evaluation, checkpoints (train/ckpt.c), sampling
+//   this file        the CPU backend the loop calls through train/backend.h: cpu_micro_batch,
+//                    cpu_sync_grads, cpu_grad_norm, cpu_update, ...
+//   model/model.c    model_forward / model_backward: embedding, then per layer attention and a
+//                    dense or MoE FFN, the final norm, the LM head and the loss
+//   model/ops.c      embedding, RMSNorm, RoPE, causal attention, SwiGLU, cross-entropy
+//   model/matmul.c   the matmuls (blocked, OpenMP)
+//   model/moe.c      the MoE layer: router and TopK with the bias (model/route.h), permutation
+//                    into expert order, expert_ffn_forward per expert, shared experts, gated
+//                    combine, auxiliary losses, and their backward
+//   parallel/        the ranks: comm.c (MPI groups), ep_layout.c (which experts, parameters and
+//                    rows a rank of an expert-parallel group holds)
+// The GPU trainer (train_moe.cu) is the same loop with a CUDA backend.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "parallel/comm.h"
-#include "model/model.h"
-#include "train/backend.h"
-#include "train/optim.h"
-#include "train/trainer.h"
-#include "util/util.h"
+#include "model/model.h"         // defines: Model, model_create, model_forward, model_backward
+#include "parallel/comm.h"       // defines: Comm, the MPI collectives over the WORLD / EP / EDP groups
+#include "parallel/ep_layout.h"  // defines: EpShard, ep_owned_range (a rank's expert slice)
+#include "train/backend.h"       // defines: Backend, the interface the training loop calls
+#include "train/optim.h"         // defines: AdamWConfig, adamw_step, grad_sumsq, grad_scale
+#include "train/trainer.h"       // defines: trainer_main, the shared training loop
+#include "util/util.h"           // defines: xcalloc
 
 // A contiguous run of the parameter buffer that this rank owns and updates:
 // a whole tensor, or the slice of an expert tensor holding the local experts.
@@ -31,10 +48,11 @@ typedef struct {
     float *adam_m, *adam_v; // (n_params) AdamW moments
     Slice *slices;          // (n_slices) what this rank owns, in buffer order
     int n_slices;
+    EpShard shard;          // this rank's place in its EP group
     MoeExchange exchange;   // the EP group, for the MoE layers
 } CpuState;
 
-static CpuState *cpu(Backend *be) { return (CpuState *)be->ctx; }
+static CpuState *cpu_state(Backend *be) { return (CpuState *)be->ctx; }
 
 // ----------------------------------------------------------------------------
 // Expert parallelism: the model's exchange hooks, over the EP group.
@@ -48,61 +66,49 @@ static void cpu_alltoallv(void *ctx, const float *send, const int *send_rows, fl
     comm_alltoallv_rows((const Comm *)ctx, COMM_EP, send, send_rows, recv, recv_rows, width);
 }
 
-// The owned slices: every tensor, except that expert tensors keep only the
-// local experts' rows [ep_rank E/ep, (ep_rank+1) E/ep).
-static int cpu_build_slices(CpuState *s, const Comm *comm) {
-    const ParamLayout *lay = &s->model.lay;
-    s->slices = calloc((size_t)lay->n, sizeof(Slice));
-    if (!s->slices) return -1;
-    int El = s->model.cfg.n_routed / comm->ep;
+// The owned slices: every tensor, and of expert tensors the local experts' rows.
+static void cpu_build_slices(CpuState *cs) {
+    const ParamLayout *lay = &cs->model.lay;
+    cs->slices = xcalloc((size_t)lay->n, sizeof(Slice));
     for (int i = 0; i < lay->n; i++) {
         const ParamTensor *t = &lay->t[i];
-        Slice *sl = &s->slices[s->n_slices++];
-        sl->offset = t->offset;
-        sl->len = t->numel;
+        Slice *sl = &cs->slices[cs->n_slices++];
+        ep_owned_range(t, &cs->shard, &sl->offset, &sl->len);
         sl->decay = t->is_matrix;
-        sl->expert = t->kind == P_EXPERTS_W13 || t->kind == P_EXPERTS_W2;
-        if (sl->expert) {
-            int64_t per_expert = t->numel / t->shape[0];
-            sl->offset += (int64_t)comm->ep_rank * El * per_expert;
-            sl->len = (int64_t)El * per_expert;
-        }
+        sl->expert = layout_is_expert(t->kind);
     }
-    return 0;
 }
 
 // ----------------------------------------------------------------------------
 // The backend
 
 static int cpu_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, int B, int T) {
-    CpuState *s = xcalloc(1, sizeof *s);
-    model_create(&s->model, c, B, T);
-    s->model.route = *ro;
+    CpuState *cs = xcalloc(1, sizeof *cs);
+    model_create(&cs->model, c, B, T);
+    cs->model.route = *ro;
+    cs->shard = ep_shard(c->n_routed, be->comm->ep, be->comm->ep_rank);
     if (be->comm->ep > 1) {
-        s->exchange = (MoeExchange){ .size = be->comm->ep, .rank = be->comm->ep_rank, .ctx = (void *)be->comm,
-                                     .alltoall_int = cpu_alltoall_int, .alltoallv = cpu_alltoallv };
-        s->model.ep = &s->exchange;
+        cs->exchange = (MoeExchange){ .shard = cs->shard, .ctx = (void *)be->comm,
+                                      .alltoall_int = cpu_alltoall_int, .alltoallv = cpu_alltoallv };
+        cs->model.ep = &cs->exchange;
     }
-    int64_t n = s->model.lay.total;
-    s->adam_m = calloc((size_t)n, sizeof(float));
-    s->adam_v = calloc((size_t)n, sizeof(float));
-    if (!s->adam_m || !s->adam_v || cpu_build_slices(s, be->comm) != 0) {
-        fprintf(stderr, "error: out of memory allocating the optimizer state (%lld parameters)\n", (long long)n);
-        return -1;
-    }
-    be->ctx = s;
+    int64_t n = cs->model.lay.total;
+    cs->adam_m = xcalloc((size_t)n, sizeof(float));
+    cs->adam_v = xcalloc((size_t)n, sizeof(float));
+    cpu_build_slices(cs);
+    be->ctx = cs;
     be->n_params = n;
     return 0;
 }
 
 static void cpu_destroy(Backend *be) {
-    CpuState *s = cpu(be);
-    if (!s) return;
-    model_free(&s->model);
-    free(s->adam_m);
-    free(s->adam_v);
-    free(s->slices);
-    free(s);
+    CpuState *cs = cpu_state(be);
+    if (!cs) return;
+    model_free(&cs->model);
+    free(cs->adam_m);
+    free(cs->adam_v);
+    free(cs->slices);
+    free(cs);
     be->ctx = NULL;
 }
 
@@ -112,42 +118,42 @@ static void cpu_gather(Backend *be, const float *src, float *dst) {
     memcpy(dst, src, sizeof(float) * (size_t)be->n_params);
     const Comm *comm = be->comm;
     if (comm->ep == 1) return;
-    CpuState *s = cpu(be);
-    for (int i = 0; i < s->model.lay.n; i++) {
-        const ParamTensor *t = &s->model.lay.t[i];
-        if (!s->slices[i].expert) continue;
+    CpuState *cs = cpu_state(be);
+    for (int i = 0; i < cs->model.lay.n; i++) {
+        const ParamTensor *t = &cs->model.lay.t[i];
+        if (!cs->slices[i].expert) continue;
         float *p = dst + t->offset;
-        int64_t own0 = s->slices[i].offset - t->offset, own1 = own0 + s->slices[i].len;
+        int64_t own0 = cs->slices[i].offset - t->offset, own1 = own0 + cs->slices[i].len;
         memset(p, 0, sizeof(float) * own0);
         memset(p + own1, 0, sizeof(float) * (t->numel - own1));
         comm_allreduce_f32(comm, COMM_EP, p, (size_t)t->numel);
     }
 }
 
-static void cpu_set_params(Backend *be, const float *p) { model_set_params(&cpu(be)->model, p); }
-static void cpu_get_params(Backend *be, float *p) { cpu_gather(be, cpu(be)->model.params, p); }
+static void cpu_set_params(Backend *be, const float *p) { model_set_params(&cpu_state(be)->model, p); }
+static void cpu_get_params(Backend *be, float *p) { cpu_gather(be, cpu_state(be)->model.params, p); }
 
 static void cpu_set_opt_state(Backend *be, const float *m, const float *v) {
     size_t n = (size_t)be->n_params * sizeof(float);
-    memcpy(cpu(be)->adam_m, m, n);
-    memcpy(cpu(be)->adam_v, v, n);
+    memcpy(cpu_state(be)->adam_m, m, n);
+    memcpy(cpu_state(be)->adam_v, v, n);
 }
 
 static void cpu_get_opt_state(Backend *be, float *m, float *v) {
-    cpu_gather(be, cpu(be)->adam_m, m);
-    cpu_gather(be, cpu(be)->adam_v, v);
+    cpu_gather(be, cpu_state(be)->adam_m, m);
+    cpu_gather(be, cpu_state(be)->adam_v, v);
 }
 
 static void cpu_set_bias(Backend *be, const float *bias) {
-    Model *m = &cpu(be)->model;
+    Model *m = &cpu_state(be)->model;
     memcpy(m->bias, bias, sizeof(float) * (size_t)config_n_moe(&m->cfg) * m->cfg.n_routed);
 }
 
-static void cpu_zero_grad(Backend *be) { model_zero_grad(&cpu(be)->model); }
+static void cpu_zero_grad(Backend *be) { model_zero_grad(&cpu_state(be)->model); }
 
 static void cpu_micro_batch(Backend *be, const int *tokens, const int *targets, int B, int T, int train,
                             float grad_scale, int64_t *counts, double *loss, double *aux) {
-    Model *m = &cpu(be)->model;
+    Model *m = &cpu_state(be)->model;
     model_forward(m, tokens, targets, B, T);
     if (train) model_backward(m, grad_scale);
     memcpy(counts, m->counts, sizeof(int64_t) * (size_t)config_n_moe(&m->cfg) * m->cfg.n_routed);
@@ -162,23 +168,23 @@ static void cpu_micro_batch(Backend *be, const int *tokens, const int *targets, 
 static void cpu_sync_grads(Backend *be) {
     const Comm *comm = be->comm;
     if (comm->world == 1) return;
-    CpuState *s = cpu(be);
+    CpuState *cs = cpu_state(be);
     float inv = 1.0f / (float)comm->world;
-    for (int i = 0; i < s->n_slices; i++) {
-        float *g = s->model.grads + s->slices[i].offset;
-        size_t n = (size_t)s->slices[i].len;
-        comm_allreduce_f32(comm, s->slices[i].expert ? COMM_EDP : COMM_WORLD, g, n);
-        for (size_t j = 0; j < n; j++) g[j] *= inv;
+    for (int i = 0; i < cs->n_slices; i++) {
+        float *grad = cs->model.grads + cs->slices[i].offset;
+        size_t n = (size_t)cs->slices[i].len;
+        comm_allreduce_f32(comm, cs->slices[i].expert ? COMM_EDP : COMM_WORLD, grad, n);
+        for (size_t j = 0; j < n; j++) grad[j] *= inv;
     }
 }
 
 static float cpu_grad_norm(Backend *be) {
-    CpuState *s = cpu(be);
+    CpuState *cs = cpu_state(be);
     // sum[0]: replicated tensors (equal on every rank); sum[1]: this rank's
     // experts, summed over the EP group so that each expert counts once.
     double sum[2] = { 0, 0 };
-    for (int i = 0; i < s->n_slices; i++)
-        sum[s->slices[i].expert] += grad_sumsq(s->model.grads + s->slices[i].offset, s->slices[i].len);
+    for (int i = 0; i < cs->n_slices; i++)
+        sum[cs->slices[i].expert] += grad_sumsq(cs->model.grads + cs->slices[i].offset, cs->slices[i].len);
     comm_allreduce_f64(be->comm, COMM_EP, &sum[1], 1);
     // Every rank must clip by the same factor or the replicas drift apart; an
     // all-reduce may round differently in different EP groups, so rank 0's
@@ -189,19 +195,19 @@ static float cpu_grad_norm(Backend *be) {
 }
 
 static void cpu_update(Backend *be, const AdamWConfig *opt, double lr, int64_t t, float grad_mult) {
-    CpuState *s = cpu(be);
+    CpuState *cs = cpu_state(be);
     AdamWConfig no_decay = *opt;
     no_decay.weight_decay = 0;
-    for (int i = 0; i < s->n_slices; i++) {
-        const Slice *sl = &s->slices[i];
-        grad_scale(s->model.grads + sl->offset, sl->len, grad_mult);
-        adamw_step(s->model.params + sl->offset, s->model.grads + sl->offset, s->adam_m + sl->offset,
-                   s->adam_v + sl->offset, sl->len, NULL, sl->decay ? opt : &no_decay, lr, t);
+    for (int i = 0; i < cs->n_slices; i++) {
+        const Slice *sl = &cs->slices[i];
+        grad_scale(cs->model.grads + sl->offset, sl->len, grad_mult);
+        adamw_step(cs->model.params + sl->offset, cs->model.grads + sl->offset, cs->adam_m + sl->offset,
+                   cs->adam_v + sl->offset, sl->len, NULL, sl->decay ? opt : &no_decay, lr, t);
     }
 }
 
 static void cpu_last_logits(Backend *be, const int *tokens, int n, float *logits) {
-    Model *m = &cpu(be)->model;
+    Model *m = &cpu_state(be)->model;
     model_forward(m, tokens, NULL, 1, n);
     memcpy(logits, m->logits + (size_t)(n - 1) * m->cfg.vocab_size, sizeof(float) * m->cfg.vocab_size);
 }

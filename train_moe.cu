@@ -1,22 +1,40 @@
-// train_moecu: the GPU trainer (CUDA, cuBLAS). This file is the GPU backend
-// of the shared training loop (train/trainer.c), the counterpart of
+// train_moecu: the GPU trainer (CUDA, cuBLAS, NCCL). The counterpart of
 // train_moe.c: same command line, data, checkpoints (fp32 master weights,
-// AdamW moments, fp32 biases) and logs. It runs the model of docs/model.md,
+// AdamW moments, fp32 biases) and logs, the same model (docs/model.md) run
 // layer by layer in the order of model/model.c, with the kernels of kernels/.
 //
 //   ./train_moecu --config small --train-data 'data/kjv/train_*.bin' ...
 //   mpirun -np 8 ./train_moecu --ep 8 ...                     (one process per GPU)
 //   torchrun-style / srun: ./train_moecu --nccl-init DIR ...  (build without MPI; docs/gpu.md)
 //
+// Reading path: one training step, in the order it runs.
+//   train/trainer.c   the loop both trainers share (data, accumulation, clipping, AdamW, the
+//                     balancing update, logs, checkpoints): see train_moe.c's head
+//   this file         the GPU backend the loop calls (train/backend.h), top to bottom:
+//                     GpuLayer / GpuModel (every buffer, with its shape), creation phase by phase
+//                     (gpu_backend_create), parameters in and out, gpu_forward (embedding, per
+//                     layer: RMSNorm, QKV matmul, RoPE, attention, output matmul, then a dense FFN
+//                     or gpu_moe_forward), gpu_backward in reverse, gpu_micro_batch,
+//                     gpu_sync_grads, gpu_grad_norm, gpu_update
+//   gpu_moe_forward   router matmul, moe_route (affinities, TopK with the bias, gates, counts:
+//                     kernels/routing.cu), moe_permute (expert order: kernels/permute.cu), the EP
+//                     exchange (parallel/ep_layout.h, kernels/dispatch.cu), expert_ffn_forward
+//                     (grouped GEMMs: kernels/grouped_gemm.cu), shared experts, gated combine,
+//                     auxiliary loss
+//   kernels/          one family per file: matmul (cuBLASLt), attention, rmsnorm, rope, swiglu,
+//                     classifier (cross-entropy), embedding, adamw, gradnorm, convert
+//   parallel/         comm_nccl.c (NCCL groups), ep_layout.c (which experts, parameters and rows
+//                     a rank holds), launch.c (starting ranks without MPI)
+//
 // Several GPUs (docs/gpu.md, "Multi-GPU"): data parallelism for every
 // parameter and expert parallelism (--ep) for the routed experts, as the CPU
 // trainer does with MPI. A rank holds the replicated tensors and only its EP
-// group share of every expert tensor (its "local" buffer: replicated tensors
-// first, then the local expert slices, so each group of tensors is one
-// NCCL all-reduce); tokens reach their experts' ranks by an all-to-all-v of
-// rows and come back by another (kernels/dispatch.cuh), in model/moe.c's
-// row orders. The collectives come through a GpuComm (parallel/comm_nccl.h):
-// NCCL in a run, a simulation of several ranks in the tests.
+// group share of every expert tensor (its "local" buffer, ep_local_layout:
+// replicated tensors first, then the local expert slices, so each group of
+// tensors is one NCCL all-reduce); tokens reach their experts' ranks by an
+// all-to-all-v of rows and come back by another, in the row orders of
+// parallel/ep_layout.h. The collectives come through a GpuComm
+// (parallel/comm_nccl.h): NCCL in a run, a simulation of several ranks in the tests.
 //
 // Precision (docs/gpu.md): floatX activations and a floatX copy of the
 // weights for the matmuls (bf16 by default, fp32 with -DENABLE_FP32); fp32
@@ -35,33 +53,35 @@
 #include <string.h>
 
 extern "C" {
-#include "parallel/comm.h"
-#include "parallel/launch.h"
-#include "model/config.h"
-#include "model/layout.h"
-#include "model/moe.h"
-#include "train/backend.h"
-#include "train/optim.h"
-#include "train/trainer.h"
+#include "model/config.h"        // defines: MoeConfig, config_n_moe, config_is_moe
+#include "model/layout.h"        // defines: ParamLayout, ParamKind, layout_offset, layout_is_expert
+#include "model/route.h"         // defines: RouteOptions, RouteParams, route_params
+#include "parallel/comm.h"       // defines: Comm, CommGroup (WORLD / EP / EDP)
+#include "parallel/ep_layout.h"  // defines: EpShard, ep_local_layout, ep_exchange_rows, ep_expert_major_order
+#include "parallel/launch.h"     // defines: launch_from_env (ranks from torchrun / srun variables)
+#include "train/backend.h"       // defines: Backend, the interface the training loop calls
+#include "train/optim.h"         // defines: AdamWConfig, DecayRanges, adamw_scalars
+#include "train/trainer.h"       // defines: trainer_main, the shared training loop
+#include "util/util.h"           // defines: xcalloc, xmalloc, ASSERT
 }
 
-#include "parallel/comm_nccl.h"
-#include "kernels/adamw.cuh"
-#include "kernels/attention.cuh"
-#include "kernels/classifier.cuh"
-#include "kernels/common.cuh"
-#include "kernels/convert.cuh"
-#include "kernels/dispatch.cuh"
-#include "kernels/embedding.cuh"
-#include "kernels/gpu_backend.cuh"
-#include "kernels/gradnorm.cuh"
-#include "kernels/grouped_gemm.cuh"
-#include "kernels/matmul.cuh"
-#include "kernels/permute.cuh"
-#include "kernels/rmsnorm.cuh"
-#include "kernels/rope.cuh"
-#include "kernels/routing.cuh"
-#include "kernels/swiglu.cuh"
+#include "kernels/adamw.cuh"        // defines: adamw_update (fused AdamW + the floatX copy)
+#include "kernels/attention.cuh"    // defines: attention_forward, attention_backward
+#include "kernels/classifier.cuh"   // defines: classifier_forward (cross-entropy and its gradient)
+#include "kernels/common.cuh"       // defines: floatX, CUBLAS_CHECK, KERNEL_CHECK, reductions
+#include "kernels/convert.cuh"      // defines: convert_f32_to_x, convert_x_to_f32
+#include "kernels/dispatch.cuh"     // defines: moe_rows_gather / _scatter (EP row moves), scale_f32
+#include "kernels/embedding.cuh"    // defines: embedding_forward, embedding_backward and its index
+#include "kernels/gpu_backend.cuh"  // defines: gpu_backend_init, gpu_backend_create, the test hooks
+#include "kernels/gradnorm.cuh"     // defines: gradnorm_sumsq
+#include "kernels/grouped_gemm.cuh" // defines: GroupedGemm, grouped_matmul_forward / _backward_*
+#include "kernels/matmul.cuh"       // defines: Matmul (cuBLASLt plans), matmul_forward / _backward_*
+#include "kernels/permute.cuh"      // defines: moe_permute, moe_gather, moe_combine_*, moe_scatter
+#include "kernels/rmsnorm.cuh"      // defines: rmsnorm_forward, rmsnorm_backward
+#include "kernels/rope.cuh"         // defines: rope_tables_host, rope_apply
+#include "kernels/routing.cuh"      // defines: moe_route, moe_aux_forward, moe_route_backward
+#include "kernels/swiglu.cuh"       // defines: swiglu_forward, swiglu_backward
+#include "parallel/comm_nccl.h"     // defines: GpuComm, comm_nccl_open (NCCL collectives on a stream)
 
 // Grouped-GEMM call sites per MoE layer, each with its own pointer staging.
 enum { GG_FWD13, GG_FWD2, GG_BWD_W2, GG_BWD_IN2, GG_BWD_W13, GG_BWD_IN13, GG_PER_LAYER };
@@ -95,7 +115,8 @@ typedef struct {
     floatX *xe;     // (R, d) expert inputs
     floatX *e13;    // (R, 2 de) expert pre-activations
     floatX *eact;   // (R, de)
-    int R, R_cap;   // rows of the last forward; rows xe, e13, eact (and exp_src) can hold
+    int R;          // rows of the last forward
+    int rows_cap;   // rows xe, e13, eact (and exp_src) can hold
     int *h_exp_off; // (El + 1) host: first expert-major row of each local expert
     // the EP exchange (NULL without it)
     int *recv_cnt;  // (P, El) rows EP rank q sends to local expert j, device
@@ -127,15 +148,16 @@ typedef struct {
     size_t bytes[3];           // parameters + optimizer, activations, scratch
     int category;
     // the ranks (parallel/comm_nccl.h): without comm, one process holds everything
-    GpuComm dist;              // ranks and group sizes (1 each without comm), and the collectives
-    int has_comm;              // 1: dist's collectives are used (sync_grads, grad_norm, gathers)
+    GpuComm ranks;             // ranks and group sizes (1 each without comm), and the collectives
+    int has_comm;              // 1: ranks' collectives are used (sync_grads, grad_norm, gathers)
     int exchange;              // 1: the MoE rows go through the EP exchange (ep > 1, or forced)
-    int P, El;                 // EP group size, routed experts per rank (E / P)
-    // this rank's parameters: the local layout (replicated tensors in layout
-    // order, then the slice of every expert tensor holding the local experts)
-    ParamLayout llay;          // offsets into the local buffers
-    int *lglob;                // (llay.n) index of each local tensor in lay
-    int64_t n_local, n_rep;    // elements held; elements of the replicated tensors (the experts start there)
+    EpShard shard;             // the EP group's size P, this rank's position, El = E / P local experts
+    // this rank's parameters: the local layout (parallel/ep_layout.h:
+    // replicated tensors in layout order, then the local experts' slices)
+    ParamLayout local_lay;     // offsets into the local buffers
+    int *local_to_whole;       // (local_lay.n) index of each local tensor in lay
+    int64_t n_local;           // elements held
+    int64_t n_replicated;      // elements of the replicated tensors (the expert slices start there)
     // parameters and optimizer (n_local each)
     float *params;             // fp32 master weights
     floatX *paramsX;           // floatX copy for the matmuls (== params in the FP32 build)
@@ -167,26 +189,26 @@ typedef struct {
     floatX *dsmall;            // (N, max(d, d_ff, S de))
     float *dgates;             // (N, K)
     floatX *deout;             // (N K, d) expert output gradients, token side
-    floatX *dact_e;            // (R_cap, de)
-    floatX *d13_e;             // (R_cap, 2 de)
-    floatX *dxe;               // (R_cap, d) expert input gradients, expert side
+    floatX *dact_e;            // (scratch_rows, de)
+    floatX *d13_e;             // (scratch_rows, 2 de)
+    floatX *dxe;               // (scratch_rows, d) expert input gradients, expert side
     floatX *dlr;               // (N, E) gradient of the router logits
     // the EP exchange's scratch (exchange only)
-    int R_cap;                 // rows the expert-side scratch holds (dact_e, d13_e, dxe, xr, ye)
+    int scratch_rows;          // rows the expert-side scratch holds (dact_e, d13_e, dxe, xr, ye)
     floatX *xs;                // (N K, d) token-side rows to send, and gradients received back
-    floatX *xr;                // (R_cap, d) rows in received order
-    floatX *ye;                // (R_cap, d) expert outputs (or output gradients), expert-major
-    int *h_exp_src;            // (R_cap) pinned staging of a layer's exp_src
+    floatX *xr;                // (scratch_rows, d) rows in received order
+    floatX *ye;                // (scratch_rows, d) expert outputs (or output gradients), expert-major
+    int *h_exp_src;            // (scratch_rows) pinned staging of a layer's exp_src
     float *gather_buf;         // (P, largest expert) checkpoint gathers of expert tensors
     float *norm_scratch;       // rmsnorm_scratch_floats(N, d)
     int *perm_scratch;         // moe_permute_scratch_ints(N K, E)
-    double *aux_P;             // (B, E)
+    double *aux_prob;          // (B, E) per aux-loss group, sum of the affinities
     double *gn_partials;       // gradnorm_partials(n_params)
     double *gn_out, *h_gn;     // (1 + P) device, pinned: sums of squares of the replicated tensors, of each EP position's experts
     float *row_f32, *h_row;    // (V) one logits row, device and pinned
-} GpuState;
+} GpuModel;
 
-static GpuState *gpu(Backend *be) { return (GpuState *)be->ctx; }
+static GpuModel *gpu_model(Backend *be) { return (GpuModel *)be->ctx; }
 
 // ----------------------------------------------------------------------------
 // Allocation
@@ -194,132 +216,90 @@ static GpuState *gpu(Backend *be) { return (GpuState *)be->ctx; }
 enum { MEM_PARAMS, MEM_ACTS, MEM_SCRATCH };
 
 // Device memory, zeroed, counted in the current category, freed by destroy.
-static void *gpu_malloc(GpuState *g, size_t bytes) {
+static void *gpu_malloc(GpuModel *gm, size_t bytes) {
     void *p = NULL;
     if (bytes == 0) bytes = 16;
     cudaError_t err = cudaMalloc(&p, bytes);
     if (err != cudaSuccess) {
         fprintf(stderr, "error: out of GPU memory allocating %.1f MiB (%.2f GiB allocated so far): %s\n",
-                bytes / 1048576.0, (g->bytes[0] + g->bytes[1] + g->bytes[2]) / 1073741824.0, cudaGetErrorString(err));
+                bytes / 1048576.0, (gm->bytes[0] + gm->bytes[1] + gm->bytes[2]) / 1073741824.0, cudaGetErrorString(err));
         exit(1);
     }
     CUDA_CHECK(cudaMemset(p, 0, bytes));
-    if (g->n_dev == g->cap_dev) {
-        g->cap_dev = g->cap_dev ? 2 * g->cap_dev : 64;
-        g->dev_ptrs = (void **)realloc(g->dev_ptrs, sizeof(void *) * g->cap_dev);
-        g->dev_size = (size_t *)realloc(g->dev_size, sizeof(size_t) * g->cap_dev);
-        g->dev_cat = (int *)realloc(g->dev_cat, sizeof(int) * g->cap_dev);
-        if (!g->dev_ptrs || !g->dev_size || !g->dev_cat) abort();
+    if (gm->n_dev == gm->cap_dev) {
+        gm->cap_dev = gm->cap_dev ? 2 * gm->cap_dev : 64;
+        gm->dev_ptrs = (void **)xrealloc(gm->dev_ptrs, sizeof(void *) * gm->cap_dev);
+        gm->dev_size = (size_t *)xrealloc(gm->dev_size, sizeof(size_t) * gm->cap_dev);
+        gm->dev_cat = (int *)xrealloc(gm->dev_cat, sizeof(int) * gm->cap_dev);
     }
-    g->dev_ptrs[g->n_dev] = p;
-    g->dev_size[g->n_dev] = bytes;
-    g->dev_cat[g->n_dev++] = g->category;
-    g->bytes[g->category] += bytes;
+    gm->dev_ptrs[gm->n_dev] = p;
+    gm->dev_size[gm->n_dev] = bytes;
+    gm->dev_cat[gm->n_dev++] = gm->category;
+    gm->bytes[gm->category] += bytes;
     return p;
 }
 
 // Replaces the device allocation old (from gpu_malloc) by a zeroed one of
 // `bytes`; the contents are not kept. Only where the stream is idle.
-static void *gpu_regrow(GpuState *g, void *old, size_t bytes) {
+static void *gpu_regrow(GpuModel *gm, void *old, size_t bytes) {
     int i = 0;
-    while (i < g->n_dev && g->dev_ptrs[i] != old) i++;
-    if (i == g->n_dev) {
-        fprintf(stderr, "internal error: gpu_regrow of an unknown allocation\n");
-        abort();
-    }
+    while (i < gm->n_dev && gm->dev_ptrs[i] != old) i++;
+    ASSERT(i < gm->n_dev, "gpu_regrow of an unknown allocation");
     CUDA_CHECK(cudaFree(old));
-    int saved = g->category;
-    g->category = g->dev_cat[i];
-    g->bytes[g->category] -= g->dev_size[i];
-    g->n_dev--; // gpu_malloc appends: move the last entry into slot i, then append the new one
-    g->dev_ptrs[i] = g->dev_ptrs[g->n_dev];
-    g->dev_size[i] = g->dev_size[g->n_dev];
-    g->dev_cat[i] = g->dev_cat[g->n_dev];
-    void *p = gpu_malloc(g, bytes);
-    g->category = saved;
+    int saved = gm->category;
+    gm->category = gm->dev_cat[i];
+    gm->bytes[gm->category] -= gm->dev_size[i];
+    gm->n_dev--; // gpu_malloc appends: move the last entry into slot i, then append the new one
+    gm->dev_ptrs[i] = gm->dev_ptrs[gm->n_dev];
+    gm->dev_size[i] = gm->dev_size[gm->n_dev];
+    gm->dev_cat[i] = gm->dev_cat[gm->n_dev];
+    void *p = gpu_malloc(gm, bytes);
+    gm->category = saved;
     return p;
 }
 
 // Pinned host memory, zeroed, freed by destroy.
-static void *gpu_malloc_host(GpuState *g, size_t bytes) {
+static void *gpu_malloc_host(GpuModel *gm, size_t bytes) {
     void *p = NULL;
     if (bytes == 0) bytes = 16;
     CUDA_CHECK(cudaMallocHost(&p, bytes));
     memset(p, 0, bytes);
-    if (g->n_host == g->cap_host) {
-        g->cap_host = g->cap_host ? 2 * g->cap_host : 32;
-        g->host_ptrs = (void **)realloc(g->host_ptrs, sizeof(void *) * g->cap_host);
-        if (!g->host_ptrs) abort();
+    if (gm->n_host == gm->cap_host) {
+        gm->cap_host = gm->cap_host ? 2 * gm->cap_host : 32;
+        gm->host_ptrs = (void **)xrealloc(gm->host_ptrs, sizeof(void *) * gm->cap_host);
     }
-    g->host_ptrs[g->n_host++] = p;
+    gm->host_ptrs[gm->n_host++] = p;
     return p;
 }
 
-#define DEV(type, count) ((type *)gpu_malloc(g, sizeof(type) * (size_t)(count)))
-#define PINNED(type, count) ((type *)gpu_malloc_host(g, sizeof(type) * (size_t)(count)))
+#define DEV(type, count) ((type *)gpu_malloc(gm, sizeof(type) * (size_t)(count)))
+#define PINNED(type, count) ((type *)gpu_malloc_host(gm, sizeof(type) * (size_t)(count)))
 
 // Pointers into the local buffers for one tensor (layer -1: model-level);
 // for an expert tensor, its first local expert.
-static float *gpu_param(const GpuState *g, int layer, ParamKind k) {
-    return g->params + layout_offset(&g->llay, layer, k);
+static float *gpu_param(const GpuModel *gm, int layer, ParamKind k) {
+    return gm->params + layout_offset(&gm->local_lay, layer, k);
 }
-static floatX *gpu_paramX(const GpuState *g, int layer, ParamKind k) {
-    return g->paramsX + layout_offset(&g->llay, layer, k);
+static floatX *gpu_paramX(const GpuModel *gm, int layer, ParamKind k) {
+    return gm->paramsX + layout_offset(&gm->local_lay, layer, k);
 }
-static float *gpu_grad(const GpuState *g, int layer, ParamKind k) {
-    return g->grads + layout_offset(&g->llay, layer, k);
-}
-
-static int is_expert_kind(ParamKind k) { return k == P_EXPERTS_W13 || k == P_EXPERTS_W2; }
-
-// The local layout (see GpuState): replicated tensors in layout order, then
-// every expert tensor cut to its El experts from ep_rank El on. Returns 0 or -1.
-static int gpu_build_local_layout(GpuState *g) {
-    const ParamLayout *lay = &g->lay;
-    ParamLayout *loc = &g->llay;
-    memset(loc, 0, sizeof *loc);
-    loc->n_layers = lay->n_layers;
-    loc->t = (ParamTensor *)calloc((size_t)lay->n + 1, sizeof(ParamTensor));
-    loc->index = (int *)malloc(sizeof(int) * (size_t)(lay->n_layers + 1) * P_NKINDS);
-    g->lglob = (int *)calloc((size_t)lay->n + 1, sizeof(int));
-    if (!loc->t || !loc->index || !g->lglob) return -1;
-    for (int i = 0; i < (lay->n_layers + 1) * P_NKINDS; i++) loc->index[i] = -1;
-    for (int pass = 0; pass < 2; pass++) {
-        for (int i = 0; i < lay->n; i++) {
-            ParamTensor t = lay->t[i];
-            if (is_expert_kind(t.kind) != pass) continue;
-            if (pass == 1) {
-                int64_t per = t.numel / t.shape[0];
-                t.shape[0] = g->El;
-                t.numel = (int64_t)g->El * per;
-            }
-            t.offset = loc->total;
-            loc->total += t.numel;
-            int row = t.layer >= 0 ? t.layer : lay->n_layers;
-            loc->index[row * P_NKINDS + t.kind] = loc->n;
-            g->lglob[loc->n] = i;
-            loc->t[loc->n++] = t;
-        }
-        if (pass == 0) g->n_rep = loc->total;
-    }
-    g->n_local = loc->total;
-    return 0;
+static float *gpu_grad(const GpuModel *gm, int layer, ParamKind k) {
+    return gm->grads + layout_offset(&gm->local_lay, layer, k);
 }
 
 // Where local tensor i's elements live in the whole model's flat buffer.
-static int64_t gpu_global_offset(const GpuState *g, int i) {
-    const ParamTensor *t = &g->lay.t[g->lglob[i]];
-    int64_t off = t->offset;
-    if (is_expert_kind(t->kind)) off += (int64_t)g->dist.ep_rank * g->El * (t->numel / t->shape[0]);
-    return off;
+static int64_t gpu_whole_offset(const GpuModel *gm, int i) {
+    int64_t offset, len;
+    ep_owned_range(&gm->lay.t[gm->local_to_whole[i]], &gm->shard, &offset, &len);
+    return offset;
 }
 
 // A copy ordered on the model's stream, complete on return (pageable host
 // memory may be staged and return early with a plain cudaMemcpy).
-static void gpu_copy(const GpuState *g, void *dst, const void *src, size_t bytes, cudaMemcpyKind kind) {
+static void gpu_copy(const GpuModel *gm, void *dst, const void *src, size_t bytes, cudaMemcpyKind kind) {
     if (bytes == 0) return;
-    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, kind, g->stream));
-    CUDA_CHECK(cudaStreamSynchronize(g->stream));
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, kind, gm->stream));
+    CUDA_CHECK(cudaStreamSynchronize(gm->stream));
 }
 
 static size_t max3(size_t a, size_t b, size_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
@@ -360,59 +340,53 @@ static int gpu_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, i
     return gpu_backend_create(be, c, ro, B, T, &opt);
 }
 
-int gpu_backend_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, int B, int T,
-                       const GpuBackendOptions *opt) {
-    GpuState *g = (GpuState *)calloc(1, sizeof(GpuState));
-    if (!g) return -1;
-    be->ctx = g;
-    g->cfg = *c;
-    g->ro = *ro;
-    g->maxB = B;
-    g->maxT = T;
-    g->n_moe = config_n_moe(c);
+// ----------------------------------------------------------------------------
+// Creation, phase by phase: the ranks, the device, then the memory by category.
+
+static void gpu_destroy(Backend *be);
+
+// The ranks (one process holds every expert unless opt brings collectives),
+// checked for consistency, and this rank's expert shard. Returns 0 or -1.
+static int gpu_check_ranks(GpuModel *gm, const GpuBackendOptions *opt) {
+    const MoeConfig *c = &gm->cfg;
     if (opt && opt->comm) {
-        g->dist = *opt->comm;
-        g->has_comm = 1;
+        gm->ranks = *opt->comm;
+        gm->has_comm = 1;
     } else {
-        g->dist.world = g->dist.ep = g->dist.edp = 1;
+        gm->ranks.world = gm->ranks.ep = gm->ranks.edp = 1;
     }
-    g->P = g->dist.ep;
-    const GpuComm *dc = &g->dist;
-    if (g->P < 1 || dc->world % g->P != 0 || dc->edp != dc->world / g->P || dc->ep_rank != dc->rank % g->P ||
-        dc->edp_rank != dc->rank / g->P) {
+    const GpuComm *rk = &gm->ranks;
+    int P = rk->ep;
+    if (P < 1 || rk->world % P != 0 || rk->edp != rk->world / P || rk->ep_rank != rk->rank % P ||
+        rk->edp_rank != rk->rank / P) {
         fprintf(stderr, "error: inconsistent ranks: rank %d of %d, EP group of %d (position %d), EDP group of %d "
-                "(position %d)\n", dc->rank, dc->world, dc->ep, dc->ep_rank, dc->edp, dc->edp_rank);
+                "(position %d)\n", rk->rank, rk->world, rk->ep, rk->ep_rank, rk->edp, rk->edp_rank);
         return -1;
     }
-    if (c->n_routed % g->P != 0) {
-        fprintf(stderr, "error: --ep %d must divide n_routed (%d)\n", g->P, c->n_routed);
+    if (c->n_routed % P != 0) {
+        fprintf(stderr, "error: --ep %d must divide n_routed (%d)\n", P, c->n_routed);
         return -1;
     }
-    g->El = c->n_routed / g->P;
-    g->exchange = g->n_moe > 0 && (g->P > 1 || (opt && opt->force_exchange));
-    if (g->exchange && !g->has_comm) {
-        fprintf(stderr, "internal error: the expert-parallel exchange needs the ranks' collectives\n");
-        return -1;
-    }
-    layout_build(&g->lay, c);
-    if (gpu_build_local_layout(g) != 0 ||
-        decay_ranges_from_layout(&g->decay, &g->llay) != 0) {
-        fprintf(stderr, "error: out of memory building the parameter layout\n");
-        return -1;
-    }
-    be->n_params = g->lay.total;
-    if (g->n_moe > 0 && c->n_routed > 8192) {
+    if (gm->n_moe > 0 && c->n_routed > 8192) {
         fprintf(stderr, "error: the GPU routing kernels take at most 8192 routed experts (n_routed = %d)\n",
                 c->n_routed);
         return -1;
     }
+    gm->shard = ep_shard(c->n_routed, P, rk->ep_rank);
+    gm->exchange = gm->n_moe > 0 && (P > 1 || (opt && opt->force_exchange));
+    ASSERT(!gm->exchange || gm->has_comm, "the expert-parallel exchange needs the ranks' collectives");
+    return 0;
+}
 
+// The device: names it, refuses a GPU older than the build's architecture,
+// and opens the stream and the cuBLAS / cuBLASLt handles. Returns 0 or -1.
+static int gpu_open_device(GpuModel *gm) {
     int dev;
     cudaDeviceProp prop;
     CUDA_CHECK(cudaGetDevice(&dev));
     CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
     char who[32] = "";
-    if (dc->world > 1) snprintf(who, sizeof who, "rank %d: ", dc->rank);
+    if (gm->ranks.world > 1) snprintf(who, sizeof who, "rank %d: ", gm->ranks.rank);
     printf("%sGPU %d: %s (sm_%d%d, %d SMs, %.1f GiB), activations %s\n", who, dev, prop.name, prop.major, prop.minor,
            prop.multiProcessorCount, prop.totalGlobalMem / 1073741824.0, FLOATX_NAME);
 #ifdef MOE_GPU_ARCH
@@ -429,192 +403,246 @@ int gpu_backend_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, 
                "make train_moecu GPU_ARCH=sm_%d builds native code\n", who, MOE_GPU_ARCH, cc, cc);
 #endif
     // A blocking stream: the legacy default stream (cudaMemset in gpu_malloc) orders with it.
-    CUDA_CHECK(cudaStreamCreate(&g->stream));
-    CUBLAS_CHECK(cublasCreate(&g->cublas));
-    CUBLAS_CHECK(cublasSetStream(g->cublas, g->stream));
+    CUDA_CHECK(cudaStreamCreate(&gm->stream));
+    CUBLAS_CHECK(cublasCreate(&gm->cublas));
+    CUBLAS_CHECK(cublasSetStream(gm->cublas, gm->stream));
     // Plain fp32 accumulation, never TF32 (CUBLAS_COMPUTE_32F with the default math mode).
-    CUBLAS_CHECK(cublasSetMathMode(g->cublas, CUBLAS_DEFAULT_MATH));
-    matmul_init(&g->mm, g->stream);
+    CUBLAS_CHECK(cublasSetMathMode(gm->cublas, CUBLAS_DEFAULT_MATH));
+    matmul_init(&gm->mm, gm->stream);
+    return 0;
+}
 
-    size_t n = (size_t)g->n_local, N = (size_t)B * T, d = c->d_model, V = c->vocab_size, L = c->n_layers;
-    size_t H = c->n_heads, E = c->n_routed, K = c->top_k, de = c->d_expert, sh = (size_t)c->n_shared * de;
-    size_t NK = N * K, dff = c->n_dense > 0 ? (size_t)c->d_ff : 0, att = (size_t)B * H * T * T;
-    size_t nmoe = (size_t)g->n_moe, El = (size_t)g->El, P = (size_t)g->P;
-    // Expert-side rows: exactly N K without the exchange; under it their number
-    // varies with the routing (N K on average) and the buffers grow on demand.
-    size_t R0 = NK;
-
-    g->category = MEM_PARAMS;
-    g->params = DEV(float, n);
+// This rank's parameters (n_local: the replicated tensors and its experts'
+// slices), their floatX copy, gradients, AdamW moments, and the biases.
+static void gpu_alloc_params(GpuModel *gm) {
+    size_t n = (size_t)gm->n_local;
+    gm->category = MEM_PARAMS;
+    gm->params = DEV(float, n);
 #ifdef ENABLE_FP32
-    g->paramsX = g->params;
+    gm->paramsX = gm->params;
 #else
-    g->paramsX = DEV(floatX, n);
+    gm->paramsX = DEV(floatX, n);
 #endif
-    g->grads = DEV(float, n);
-    g->adam_m = DEV(float, n);
-    g->adam_v = DEV(float, n);
-    g->bias = DEV(float, nmoe * E);
+    gm->grads = DEV(float, n);
+    gm->adam_m = DEV(float, n);
+    gm->adam_v = DEV(float, n);
+    gm->bias = DEV(float, (size_t)gm->n_moe * gm->cfg.n_routed);
+}
 
-    g->category = MEM_ACTS;
-    g->tokens = DEV(int, N);
-    g->targets = DEV(int, N);
-    g->emb_uniq = DEV(int, N);
-    g->emb_off = DEV(int, N + 1);
-    g->emb_pos = DEV(int, N);
-    g->x = DEV(float, (L + 1) * N * d);
-    g->layer = (GpuLayer *)calloc(L, sizeof(GpuLayer));
-    if (!g->layer) return -1;
-    for (size_t l = 0; l < L; l++) {
-        GpuLayer *la = &g->layer[l];
-        la->rstd1 = DEV(float, N);
-        la->h1 = DEV(floatX, N * d);
-        la->qkv = DEV(floatX, N * 3 * d);
-        la->att = DEV(floatX, att);
-        la->a = DEV(floatX, N * d);
-        la->xmid = DEV(float, N * d);
-        la->rstd2 = DEV(float, N);
-        la->h2 = DEV(floatX, N * d);
-        if (!config_is_moe(c, (int)l)) {
-            la->f13 = DEV(floatX, N * 2 * c->d_ff);
-            la->fact = DEV(floatX, N * c->d_ff);
-            continue;
-        }
-        la->s = DEV(float, N * E);
-        la->zsum = DEV(double, N);
-        la->sel = DEV(int, NK);
-        la->gates = DEV(float, NK);
-        la->counts = DEV(int, E);
-        la->offsets = DEV(int, E + 1);
-        la->h_offsets = PINNED(int, E + 1);
-        la->row_of = DEV(int, NK);
-        la->slot_of = DEV(int, NK);
-        la->R_cap = (int)R0;
-        la->xe = DEV(floatX, R0 * d);
-        la->e13 = DEV(floatX, R0 * 2 * de);
-        la->eact = DEV(floatX, R0 * de);
-        la->eout = DEV(floatX, NK * d);
-        if (g->exchange) {
-            la->h_exp_off = PINNED(int, El + 1);
-            la->recv_cnt = DEV(int, E);
-            la->h_recv_cnt = PINNED(int, E);
-            la->exp_src = DEV(int, R0);
-            la->send_rows = PINNED(int, P);
-            la->recv_rows = PINNED(int, P);
-        } else {
-            la->h_exp_off = la->h_offsets;
-        }
-        if (sh > 0) {
-            la->s13 = DEV(floatX, N * 2 * sh);
-            la->sact = DEV(floatX, N * sh);
-        }
-        la->aux_f = DEV(int, (size_t)B * E);
+// Layer l's activations kept for the backward, for N = maxB maxT tokens.
+// Expert-side rows: exactly N K without the exchange; under it their number
+// varies with the routing (N K on average) and the buffers grow on demand
+// (gpu_reserve_rows).
+static void gpu_alloc_layer(GpuModel *gm, GpuLayer *la, int l) {
+    const MoeConfig *c = &gm->cfg;
+    size_t B = gm->maxB, T = gm->maxT, N = B * T, d = c->d_model, H = c->n_heads, E = c->n_routed;
+    size_t NK = N * c->top_k, de = c->d_expert, sh = (size_t)c->n_shared * de;
+    size_t El = gm->shard.n_local, P = gm->shard.size;
+    la->rstd1 = DEV(float, N);
+    la->h1 = DEV(floatX, N * d);
+    la->qkv = DEV(floatX, N * 3 * d);
+    la->att = DEV(floatX, B * H * T * T);
+    la->a = DEV(floatX, N * d);
+    la->xmid = DEV(float, N * d);
+    la->rstd2 = DEV(float, N);
+    la->h2 = DEV(floatX, N * d);
+    if (!config_is_moe(c, l)) {
+        la->f13 = DEV(floatX, N * 2 * c->d_ff);
+        la->fact = DEV(floatX, N * c->d_ff);
+        return;
     }
-    g->rstdf = DEV(float, N);
-    g->hf = DEV(floatX, N * d);
-    g->logits = DEV(floatX, N * V);
-    g->losses = DEV(double, N);
-    g->aux = DEV(double, nmoe + 1);
-    g->rope_cos = DEV(float, (size_t)T * (d / H / 2));
-    g->rope_sin = DEV(float, (size_t)T * (d / H / 2));
+    la->s = DEV(float, N * E);
+    la->zsum = DEV(double, N);
+    la->sel = DEV(int, NK);
+    la->gates = DEV(float, NK);
+    la->counts = DEV(int, E);
+    la->offsets = DEV(int, E + 1);
+    la->h_offsets = PINNED(int, E + 1);
+    la->row_of = DEV(int, NK);
+    la->slot_of = DEV(int, NK);
+    la->rows_cap = (int)NK;
+    la->xe = DEV(floatX, NK * d);
+    la->e13 = DEV(floatX, NK * 2 * de);
+    la->eact = DEV(floatX, NK * de);
+    la->eout = DEV(floatX, NK * d);
+    if (gm->exchange) {
+        la->h_exp_off = PINNED(int, El + 1);
+        la->recv_cnt = DEV(int, E);
+        la->h_recv_cnt = PINNED(int, E);
+        la->exp_src = DEV(int, NK);
+        la->send_rows = PINNED(int, P);
+        la->recv_rows = PINNED(int, P);
+    } else {
+        la->h_exp_off = la->h_offsets;
+    }
+    if (sh > 0) {
+        la->s13 = DEV(floatX, N * 2 * sh);
+        la->sact = DEV(floatX, N * sh);
+    }
+    la->aux_f = DEV(int, B * E);
+}
 
-    g->category = MEM_SCRATCH;
-    g->att_f32 = DEV(float, att);
-    g->dS = DEV(floatX, att);
-    g->dres = DEV(float, N * d);
-    g->dresX = DEV(floatX, N * d);
-    g->dh = DEV(float, N * d);
-    g->dbig = DEV(floatX, N * max3(3 * d, 2 * dff, 2 * sh));
-    g->dsmall = DEV(floatX, N * max3(d, dff, sh));
-    g->norm_scratch = DEV(float, rmsnorm_scratch_floats((int)N, (int)d));
-    g->gn_partials = DEV(double, gradnorm_partials((int64_t)n));
-    g->gn_out = DEV(double, P + 1);
-    g->row_f32 = DEV(float, V);
+// The inputs, the residual stream, every layer's activations, the head's.
+static void gpu_alloc_activations(GpuModel *gm) {
+    const MoeConfig *c = &gm->cfg;
+    size_t N = (size_t)gm->maxB * gm->maxT, d = c->d_model, L = c->n_layers, V = c->vocab_size;
+    gm->category = MEM_ACTS;
+    gm->tokens = DEV(int, N);
+    gm->targets = DEV(int, N);
+    gm->emb_uniq = DEV(int, N);
+    gm->emb_off = DEV(int, N + 1);
+    gm->emb_pos = DEV(int, N);
+    gm->x = DEV(float, (L + 1) * N * d);
+    gm->layer = (GpuLayer *)xcalloc(L, sizeof(GpuLayer));
+    for (size_t l = 0; l < L; l++) gpu_alloc_layer(gm, &gm->layer[l], (int)l);
+    gm->rstdf = DEV(float, N);
+    gm->hf = DEV(floatX, N * d);
+    gm->logits = DEV(floatX, N * V);
+    gm->losses = DEV(double, N);
+    gm->aux = DEV(double, (size_t)gm->n_moe + 1);
+    gm->rope_cos = DEV(float, (size_t)gm->maxT * (d / c->n_heads / 2));
+    gm->rope_sin = DEV(float, (size_t)gm->maxT * (d / c->n_heads / 2));
+}
+
+// Scratch the layers share (the backward's buffers, the EP exchange's rows,
+// reductions), and the pinned host staging of what crosses to the host.
+static void gpu_alloc_scratch(GpuModel *gm) {
+    const MoeConfig *c = &gm->cfg;
+    size_t B = gm->maxB, T = gm->maxT, N = B * T, d = c->d_model, V = c->vocab_size, H = c->n_heads;
+    size_t E = c->n_routed, NK = N * c->top_k, de = c->d_expert, sh = (size_t)c->n_shared * de;
+    size_t dff = c->n_dense > 0 ? (size_t)c->d_ff : 0, att = B * H * T * T;
+    size_t nmoe = gm->n_moe, El = gm->shard.n_local, P = gm->shard.size;
+    gm->category = MEM_SCRATCH;
+    gm->att_f32 = DEV(float, att);
+    gm->dS = DEV(floatX, att);
+    gm->dres = DEV(float, N * d);
+    gm->dresX = DEV(floatX, N * d);
+    gm->dh = DEV(float, N * d);
+    gm->dbig = DEV(floatX, N * max3(3 * d, 2 * dff, 2 * sh));
+    gm->dsmall = DEV(floatX, N * max3(d, dff, sh));
+    gm->norm_scratch = DEV(float, rmsnorm_scratch_floats((int)N, (int)d));
+    gm->gn_partials = DEV(double, gradnorm_partials(gm->n_local));
+    gm->gn_out = DEV(double, P + 1);
+    gm->row_f32 = DEV(float, V);
     if (nmoe > 0) {
-        g->R_cap = (int)R0;
-        g->dgates = DEV(float, NK);
-        g->deout = DEV(floatX, NK * d);
-        g->dact_e = DEV(floatX, R0 * de);
-        g->d13_e = DEV(floatX, R0 * 2 * de);
-        g->dxe = DEV(floatX, R0 * d);
-        g->dlr = DEV(floatX, N * E);
-        g->perm_scratch = DEV(int, moe_permute_scratch_ints((int64_t)NK, (int)E));
-        g->aux_P = DEV(double, (size_t)B * E);
-        if (g->exchange) {
-            g->xs = DEV(floatX, NK * d);
-            g->xr = DEV(floatX, R0 * d);
-            g->ye = DEV(floatX, R0 * d);
-            CUDA_CHECK(cudaMallocHost((void **)&g->h_exp_src, sizeof(int) * R0));
+        gm->scratch_rows = (int)NK;
+        gm->dgates = DEV(float, NK);
+        gm->deout = DEV(floatX, NK * d);
+        gm->dact_e = DEV(floatX, NK * de);
+        gm->d13_e = DEV(floatX, NK * 2 * de);
+        gm->dxe = DEV(floatX, NK * d);
+        gm->dlr = DEV(floatX, N * E);
+        gm->perm_scratch = DEV(int, moe_permute_scratch_ints((int64_t)NK, (int)E));
+        gm->aux_prob = DEV(double, B * E);
+        if (gm->exchange) {
+            gm->xs = DEV(floatX, NK * d);
+            gm->xr = DEV(floatX, NK * d);
+            gm->ye = DEV(floatX, NK * d);
+            // Not through PINNED: gpu_reserve_rows replaces it when the rows grow.
+            CUDA_CHECK(cudaMallocHost((void **)&gm->h_exp_src, sizeof(int) * NK));
         }
         if (P > 1) { // one expert per EP rank: the checkpoint gathers go through this
             size_t per = 0;
-            for (int i = 0; i < g->llay.n; i++)
-                if (is_expert_kind(g->llay.t[i].kind)) per = max3(per, (size_t)(g->llay.t[i].numel / El), 0);
-            g->gather_buf = DEV(float, P * per);
+            for (int i = 0; i < gm->local_lay.n; i++)
+                if (layout_is_expert(gm->local_lay.t[i].kind))
+                    per = max3(per, (size_t)(gm->local_lay.t[i].numel / El), 0);
+            gm->gather_buf = DEV(float, P * per);
         }
     }
+    gm->h_tokens = PINNED(int, N);
+    gm->h_targets = PINNED(int, N);
+    gm->h_emb_uniq = PINNED(int, N);
+    gm->h_emb_off = PINNED(int, N + 1);
+    gm->h_emb_pos = PINNED(int, N);
+    gm->h_losses = PINNED(double, N);
+    gm->h_aux = PINNED(double, nmoe + 1);
+    gm->h_gn = PINNED(double, P + 1);
+    gm->h_row = PINNED(float, V);
+    gm->h_count = (int *)xcalloc(V, sizeof(int));
+}
 
-    g->h_tokens = PINNED(int, N);
-    g->h_targets = PINNED(int, N);
-    g->h_emb_uniq = PINNED(int, N);
-    g->h_emb_off = PINNED(int, N + 1);
-    g->h_emb_pos = PINNED(int, N);
-    g->h_losses = PINNED(double, N);
-    g->h_aux = PINNED(double, nmoe + 1);
-    g->h_gn = PINNED(double, P + 1);
-    g->h_row = PINNED(float, V);
-    g->h_count = (int *)calloc(V, sizeof(int));
-    if (!g->h_count) return -1;
-
-    // RoPE tables, computed on the host exactly as the CPU model does.
-    size_t half = d / H / 2;
-    float *ct = (float *)malloc(sizeof(float) * T * half), *st = (float *)malloc(sizeof(float) * T * half);
-    if (!ct || !st) return -1;
-    rope_tables_host(ct, st, T, (int)(d / H), c->rope_theta);
-    gpu_copy(g, g->rope_cos, ct, sizeof(float) * T * half, cudaMemcpyHostToDevice);
-    gpu_copy(g, g->rope_sin, st, sizeof(float) * T * half, cudaMemcpyHostToDevice);
+// What stays constant: the RoPE tables (computed on the host exactly as the
+// CPU model does), and the grouped GEMMs' staging over this rank's experts.
+static void gpu_upload_constants(GpuModel *gm) {
+    const MoeConfig *c = &gm->cfg;
+    int T = gm->maxT, hd = c->d_model / c->n_heads;
+    size_t half = (size_t)hd / 2;
+    float *ct = (float *)xmalloc(sizeof(float) * T * half), *st = (float *)xmalloc(sizeof(float) * T * half);
+    rope_tables_host(ct, st, T, hd, c->rope_theta);
+    gpu_copy(gm, gm->rope_cos, ct, sizeof(float) * T * half, cudaMemcpyHostToDevice);
+    gpu_copy(gm, gm->rope_sin, st, sizeof(float) * T * half, cudaMemcpyHostToDevice);
     free(ct);
     free(st);
+    if (gm->n_moe > 0)
+        grouped_gemm_init(&gm->gg, gm->cublas, gm->stream, gm->shard.n_local, gm->n_moe * GG_PER_LAYER);
+}
 
-    // The grouped GEMMs run over this rank's El experts.
-    if (g->n_moe > 0) grouped_gemm_init(&g->gg, g->cublas, g->stream, (int)El, g->n_moe * GG_PER_LAYER);
-    if (dc->rank == 0) {
-        printf("GPU memory%s: %.2f GiB parameters + gradients + AdamW, %.2f GiB activations, %.2f GiB scratch "
-               "(micro-batch %d x %d)\n", dc->world > 1 ? " of rank 0" : "",
-               g->bytes[MEM_PARAMS] / 1073741824.0, g->bytes[MEM_ACTS] / 1073741824.0,
-               g->bytes[MEM_SCRATCH] / 1073741824.0, B, T);
-        if (dc->world > 1 || g->exchange)
-            printf("ranks: %d (EP groups of %d: %d of %d routed experts per rank, %.1f%% of the parameters held; "
-                   "EDP groups of %d)%s\n", dc->world, g->P, g->El, c->n_routed,
-                   100.0 * (double)g->n_local / (double)g->lay.total, dc->edp,
-                   g->exchange ? ", MoE rows through the EP all-to-all" : "");
+static void gpu_print_memory(const GpuModel *gm) {
+    const GpuComm *rk = &gm->ranks;
+    if (rk->rank != 0) return;
+    printf("GPU memory%s: %.2f GiB parameters + gradients + AdamW, %.2f GiB activations, %.2f GiB scratch "
+           "(micro-batch %d x %d)\n", rk->world > 1 ? " of rank 0" : "", gm->bytes[MEM_PARAMS] / 1073741824.0,
+           gm->bytes[MEM_ACTS] / 1073741824.0, gm->bytes[MEM_SCRATCH] / 1073741824.0, gm->maxB, gm->maxT);
+    if (rk->world > 1 || gm->exchange)
+        printf("ranks: %d (EP groups of %d: %d of %d routed experts per rank, %.1f%% of the parameters held; "
+               "EDP groups of %d)%s\n", rk->world, gm->shard.size, gm->shard.n_local, gm->cfg.n_routed,
+               100.0 * (double)gm->n_local / (double)gm->lay.total, rk->edp,
+               gm->exchange ? ", MoE rows through the EP all-to-all" : "");
+}
+
+int gpu_backend_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, int B, int T,
+                       const GpuBackendOptions *opt) {
+    GpuModel *gm = (GpuModel *)xcalloc(1, sizeof(GpuModel));
+    be->ctx = gm;
+    gm->cfg = *c;
+    gm->ro = *ro;
+    gm->maxB = B;
+    gm->maxT = T;
+    gm->n_moe = config_n_moe(c);
+    if (gpu_check_ranks(gm, opt) != 0 || gpu_open_device(gm) != 0) {
+        gpu_destroy(be);
+        return -1;
     }
+    // The whole model's layout, and this rank's part of it (parallel/ep_layout.h).
+    layout_build(&gm->lay, c);
+    gm->n_replicated = ep_local_layout(&gm->lay, &gm->shard, &gm->local_lay, &gm->local_to_whole);
+    gm->n_local = gm->local_lay.total;
+    if (decay_ranges_from_layout(&gm->decay, &gm->local_lay) != 0) {
+        gpu_destroy(be);
+        return -1;
+    }
+    be->n_params = gm->lay.total;
+    gpu_alloc_params(gm);
+    gpu_alloc_activations(gm);
+    gpu_alloc_scratch(gm);
+    gpu_upload_constants(gm);
+    gpu_print_memory(gm);
     CUDA_CHECK(cudaDeviceSynchronize());
     return 0;
 }
 
 static void gpu_destroy(Backend *be) {
-    GpuState *g = gpu(be);
-    if (!g) return;
-    if (g->stream) CUDA_CHECK(cudaStreamSynchronize(g->stream));
-    if (g->n_moe > 0 && g->gg.handle) grouped_gemm_free(&g->gg);
-    for (int i = 0; i < g->n_dev; i++) CUDA_CHECK(cudaFree(g->dev_ptrs[i]));
-    for (int i = 0; i < g->n_host; i++) CUDA_CHECK(cudaFreeHost(g->host_ptrs[i]));
-    if (g->h_exp_src) CUDA_CHECK(cudaFreeHost(g->h_exp_src));
-    if (g->mm.lt) matmul_free(&g->mm);
-    if (g->cublas) CUBLAS_CHECK(cublasDestroy(g->cublas));
-    if (g->stream) CUDA_CHECK(cudaStreamDestroy(g->stream));
-    free(g->dev_ptrs);
-    free(g->dev_size);
-    free(g->dev_cat);
-    free(g->host_ptrs);
-    free(g->layer);
-    free(g->h_count);
-    free(g->lglob);
-    layout_free(&g->lay);
-    layout_free(&g->llay);
-    decay_ranges_free(&g->decay);
-    free(g);
+    GpuModel *gm = gpu_model(be);
+    if (!gm) return;
+    if (gm->stream) CUDA_CHECK(cudaStreamSynchronize(gm->stream));
+    if (gm->n_moe > 0 && gm->gg.handle) grouped_gemm_free(&gm->gg);
+    for (int i = 0; i < gm->n_dev; i++) CUDA_CHECK(cudaFree(gm->dev_ptrs[i]));
+    for (int i = 0; i < gm->n_host; i++) CUDA_CHECK(cudaFreeHost(gm->host_ptrs[i]));
+    if (gm->h_exp_src) CUDA_CHECK(cudaFreeHost(gm->h_exp_src));
+    if (gm->mm.lt) matmul_free(&gm->mm);
+    if (gm->cublas) CUBLAS_CHECK(cublasDestroy(gm->cublas));
+    if (gm->stream) CUDA_CHECK(cudaStreamDestroy(gm->stream));
+    free(gm->dev_ptrs);
+    free(gm->dev_size);
+    free(gm->dev_cat);
+    free(gm->host_ptrs);
+    free(gm->layer);
+    free(gm->h_count);
+    free(gm->local_to_whole);
+    layout_free(&gm->lay);
+    layout_free(&gm->local_lay);
+    decay_ranges_free(&gm->decay);
+    free(gm);
     be->ctx = NULL;
 }
 
@@ -623,13 +651,13 @@ static void gpu_destroy(Backend *be) {
 // model in layout order (n_params); this rank holds its local part.
 
 // dev (n_local) = this rank's part of the whole-model buffer host (n_params).
-static void gpu_scatter_local(GpuState *g, float *dev, const float *host) {
-    for (int i = 0; i < g->llay.n; i++) {
-        const ParamTensor *t = &g->llay.t[i];
-        CUDA_CHECK(cudaMemcpyAsync(dev + t->offset, host + gpu_global_offset(g, i), sizeof(float) * t->numel,
-                                   cudaMemcpyHostToDevice, g->stream));
+static void gpu_scatter_local(GpuModel *gm, float *dev, const float *host) {
+    for (int i = 0; i < gm->local_lay.n; i++) {
+        const ParamTensor *t = &gm->local_lay.t[i];
+        CUDA_CHECK(cudaMemcpyAsync(dev + t->offset, host + gpu_whole_offset(gm, i), sizeof(float) * t->numel,
+                                   cudaMemcpyHostToDevice, gm->stream));
     }
-    CUDA_CHECK(cudaStreamSynchronize(g->stream));
+    CUDA_CHECK(cudaStreamSynchronize(gm->stream));
 }
 
 // host (n_params) = the whole model from every rank's dev (n_local). The
@@ -638,25 +666,25 @@ static void gpu_scatter_local(GpuState *g, float *dev, const float *host) {
 // does: each rank puts its expert j into its slot of a zeroed (P, expert)
 // buffer, a sum over the group fills every slot (x + 0 is exact), and slot q
 // is expert q El + j. Collective over the EP group.
-static void gpu_gather_whole(GpuState *g, const float *dev, float *host) {
-    cudaStream_t st = g->stream;
-    for (int i = 0; i < g->llay.n; i++) {
-        const ParamTensor *t = &g->llay.t[i];
-        const ParamTensor *whole = &g->lay.t[g->lglob[i]];
-        if (!is_expert_kind(t->kind) || g->P == 1) {
-            CUDA_CHECK(cudaMemcpyAsync(host + gpu_global_offset(g, i), dev + t->offset, sizeof(float) * t->numel,
+static void gpu_gather_whole(GpuModel *gm, const float *dev, float *host) {
+    cudaStream_t st = gm->stream;
+    for (int i = 0; i < gm->local_lay.n; i++) {
+        const ParamTensor *t = &gm->local_lay.t[i];
+        const ParamTensor *whole = &gm->lay.t[gm->local_to_whole[i]];
+        if (!layout_is_expert(t->kind) || gm->shard.size == 1) {
+            CUDA_CHECK(cudaMemcpyAsync(host + gpu_whole_offset(gm, i), dev + t->offset, sizeof(float) * t->numel,
                                        cudaMemcpyDeviceToHost, st));
             continue;
         }
-        int64_t per = t->numel / g->El;
-        for (int j = 0; j < g->El; j++) {
-            CUDA_CHECK(cudaMemsetAsync(g->gather_buf, 0, sizeof(float) * per * g->P, st));
-            CUDA_CHECK(cudaMemcpyAsync(g->gather_buf + (int64_t)g->dist.ep_rank * per, dev + t->offset + j * per,
+        int64_t per = t->numel / gm->shard.n_local;
+        for (int j = 0; j < gm->shard.n_local; j++) {
+            CUDA_CHECK(cudaMemsetAsync(gm->gather_buf, 0, sizeof(float) * per * gm->shard.size, st));
+            CUDA_CHECK(cudaMemcpyAsync(gm->gather_buf + (int64_t)gm->ranks.ep_rank * per, dev + t->offset + j * per,
                                        sizeof(float) * per, cudaMemcpyDeviceToDevice, st));
-            g->dist.allreduce_f32(g->dist.ctx, COMM_EP, g->gather_buf, (size_t)(per * g->P), st);
-            for (int q = 0; q < g->P; q++)
-                CUDA_CHECK(cudaMemcpyAsync(host + whole->offset + ((int64_t)q * g->El + j) * per,
-                                           g->gather_buf + q * per, sizeof(float) * per, cudaMemcpyDeviceToHost, st));
+            gm->ranks.allreduce_f32(gm->ranks.ctx, COMM_EP, gm->gather_buf, (size_t)(per * gm->shard.size), st);
+            for (int q = 0; q < gm->shard.size; q++)
+                CUDA_CHECK(cudaMemcpyAsync(host + whole->offset + ((int64_t)q * gm->shard.n_local + j) * per,
+                                           gm->gather_buf + q * per, sizeof(float) * per, cudaMemcpyDeviceToHost, st));
             CUDA_CHECK(cudaStreamSynchronize(st)); // before the buffer is zeroed again (and the host reads)
         }
     }
@@ -664,43 +692,43 @@ static void gpu_gather_whole(GpuState *g, const float *dev, float *host) {
 }
 
 static void gpu_set_params(Backend *be, const float *p) {
-    GpuState *g = gpu(be);
-    gpu_scatter_local(g, g->params, p);
+    GpuModel *gm = gpu_model(be);
+    gpu_scatter_local(gm, gm->params, p);
 #ifndef ENABLE_FP32
-    convert_f32_to_x(g->paramsX, g->params, g->n_local, g->stream);
+    convert_f32_to_x(gm->paramsX, gm->params, gm->n_local, gm->stream);
 #endif
-    CUDA_CHECK(cudaStreamSynchronize(g->stream));
+    CUDA_CHECK(cudaStreamSynchronize(gm->stream));
 }
 
 static void gpu_get_params(Backend *be, float *p) {
-    GpuState *g = gpu(be);
-    gpu_gather_whole(g, g->params, p);
+    GpuModel *gm = gpu_model(be);
+    gpu_gather_whole(gm, gm->params, p);
 }
 
 static void gpu_set_opt_state(Backend *be, const float *m, const float *v) {
-    GpuState *g = gpu(be);
-    gpu_scatter_local(g, g->adam_m, m);
-    gpu_scatter_local(g, g->adam_v, v);
+    GpuModel *gm = gpu_model(be);
+    gpu_scatter_local(gm, gm->adam_m, m);
+    gpu_scatter_local(gm, gm->adam_v, v);
 }
 
 static void gpu_get_opt_state(Backend *be, float *m, float *v) {
-    GpuState *g = gpu(be);
-    gpu_gather_whole(g, g->adam_m, m);
-    gpu_gather_whole(g, g->adam_v, v);
+    GpuModel *gm = gpu_model(be);
+    gpu_gather_whole(gm, gm->adam_m, m);
+    gpu_gather_whole(gm, gm->adam_v, v);
 }
 
 static void gpu_set_bias(Backend *be, const float *bias) {
-    GpuState *g = gpu(be);
-    size_t nb = (size_t)g->n_moe * g->cfg.n_routed;
+    GpuModel *gm = gpu_model(be);
+    size_t nb = (size_t)gm->n_moe * gm->cfg.n_routed;
     // No wait: a copy from pageable host memory has taken the data when it
     // returns, and the routing kernels that read the biases follow on this stream.
-    if (nb) CUDA_CHECK(cudaMemcpyAsync(g->bias, bias, sizeof(float) * nb, cudaMemcpyHostToDevice, g->stream));
+    if (nb) CUDA_CHECK(cudaMemcpyAsync(gm->bias, bias, sizeof(float) * nb, cudaMemcpyHostToDevice, gm->stream));
 }
 
 static void gpu_zero_grad(Backend *be) {
-    GpuState *g = gpu(be);
+    GpuModel *gm = gpu_model(be);
     // No wait: everything that reads the gradients is later on this stream.
-    CUDA_CHECK(cudaMemsetAsync(g->grads, 0, sizeof(float) * (size_t)g->n_local, g->stream));
+    CUDA_CHECK(cudaMemsetAsync(gm->grads, 0, sizeof(float) * (size_t)gm->n_local, gm->stream));
 }
 
 // ----------------------------------------------------------------------------
@@ -717,58 +745,71 @@ static int grow_rows(int R, int cap) {
 // Makes layer la's expert-side buffers and the shared expert-side scratch
 // hold R rows. Called right after the layer's host synchronisation (the
 // stream is idle, and no earlier content is needed).
-static void gpu_reserve_rows(GpuState *g, GpuLayer *la, int l, int R) {
-    size_t d = g->cfg.d_model, de = g->cfg.d_expert;
-    if (R > la->R_cap) {
-        int cap = grow_rows(R, la->R_cap);
-        la->xe = (floatX *)gpu_regrow(g, la->xe, sizeof(floatX) * cap * d);
-        la->e13 = (floatX *)gpu_regrow(g, la->e13, sizeof(floatX) * cap * 2 * de);
-        la->eact = (floatX *)gpu_regrow(g, la->eact, sizeof(floatX) * cap * de);
-        la->exp_src = (int *)gpu_regrow(g, la->exp_src, sizeof(int) * cap);
-        la->R_cap = cap;
+static void gpu_reserve_rows(GpuModel *gm, GpuLayer *la, int l, int R) {
+    size_t d = gm->cfg.d_model, de = gm->cfg.d_expert;
+    if (R > la->rows_cap) {
+        int cap = grow_rows(R, la->rows_cap);
+        la->xe = (floatX *)gpu_regrow(gm, la->xe, sizeof(floatX) * cap * d);
+        la->e13 = (floatX *)gpu_regrow(gm, la->e13, sizeof(floatX) * cap * 2 * de);
+        la->eact = (floatX *)gpu_regrow(gm, la->eact, sizeof(floatX) * cap * de);
+        la->exp_src = (int *)gpu_regrow(gm, la->exp_src, sizeof(int) * cap);
+        la->rows_cap = cap;
         char who[32] = "";
-        if (g->dist.world > 1) snprintf(who, sizeof who, "rank %d: ", g->dist.rank);
+        if (gm->ranks.world > 1) snprintf(who, sizeof who, "rank %d: ", gm->ranks.rank);
         printf("%sexpert-side rows of layer %d: capacity now %d (%.2f x the micro-batch's N K) for %d rows received\n",
-               who, l, cap, (double)cap / ((double)g->maxB * g->maxT * g->cfg.top_k), R);
+               who, l, cap, (double)cap / ((double)gm->maxB * gm->maxT * gm->cfg.top_k), R);
     }
-    if (R > g->R_cap) {
-        int cap = grow_rows(R, g->R_cap);
-        g->dact_e = (floatX *)gpu_regrow(g, g->dact_e, sizeof(floatX) * cap * de);
-        g->d13_e = (floatX *)gpu_regrow(g, g->d13_e, sizeof(floatX) * cap * 2 * de);
-        g->dxe = (floatX *)gpu_regrow(g, g->dxe, sizeof(floatX) * cap * d);
-        g->xr = (floatX *)gpu_regrow(g, g->xr, sizeof(floatX) * cap * d);
-        g->ye = (floatX *)gpu_regrow(g, g->ye, sizeof(floatX) * cap * d);
-        CUDA_CHECK(cudaFreeHost(g->h_exp_src));
-        CUDA_CHECK(cudaMallocHost((void **)&g->h_exp_src, sizeof(int) * cap));
-        g->R_cap = cap;
+    if (R > gm->scratch_rows) {
+        int cap = grow_rows(R, gm->scratch_rows);
+        gm->dact_e = (floatX *)gpu_regrow(gm, gm->dact_e, sizeof(floatX) * cap * de);
+        gm->d13_e = (floatX *)gpu_regrow(gm, gm->d13_e, sizeof(floatX) * cap * 2 * de);
+        gm->dxe = (floatX *)gpu_regrow(gm, gm->dxe, sizeof(floatX) * cap * d);
+        gm->xr = (floatX *)gpu_regrow(gm, gm->xr, sizeof(floatX) * cap * d);
+        gm->ye = (floatX *)gpu_regrow(gm, gm->ye, sizeof(floatX) * cap * d);
+        CUDA_CHECK(cudaFreeHost(gm->h_exp_src));
+        CUDA_CHECK(cudaMallocHost((void **)&gm->h_exp_src, sizeof(int) * cap));
+        gm->scratch_rows = cap;
     }
 }
 
 // ----------------------------------------------------------------------------
 // Forward
 
-// The MoE FFN of layer l (k-th MoE layer): xout (N, d) fp32 = xmid + moe(h2).
-static void gpu_moe_forward(GpuState *g, int l, int k, int B, int T, float *xout) {
-    const MoeConfig *c = &g->cfg;
-    GpuLayer *la = &g->layer[l];
+// The routed experts of this rank on their expert-major rows (la->xe, R
+// rows, la->h_exp_off on the host): ye (R, d) = W2_e (silu(g) * u) with
+// [g | u] = la->e13 = W13_e x, expert by expert through the grouped GEMMs.
+// The GPU counterpart of model/moe.c's expert_ffn_forward, for all local experts at once.
+static void expert_ffn_forward(GpuModel *gm, GpuLayer *la, int l, int moe_idx, floatX *ye) {
+    int d = gm->cfg.d_model, de = gm->cfg.d_expert, slot = moe_idx * GG_PER_LAYER;
+    grouped_matmul_forward(&gm->gg, slot + GG_FWD13, la->e13, la->xe, gpu_paramX(gm, l, P_EXPERTS_W13), la->h_exp_off,
+                           d, 2 * de);
+    swiglu_forward(la->eact, la->e13, la->R, de, gm->stream);
+    grouped_matmul_forward(&gm->gg, slot + GG_FWD2, ye, la->eact, gpu_paramX(gm, l, P_EXPERTS_W2), la->h_exp_off, de,
+                           d);
+}
+
+// The MoE FFN of layer l (the moe_idx-th MoE layer): xout (N, d) fp32 = xmid + moe(h2).
+static void gpu_moe_forward(GpuModel *gm, int l, int moe_idx, int B, int T, float *xout) {
+    const MoeConfig *c = &gm->cfg;
+    GpuLayer *la = &gm->layer[l];
+    RouteParams rp = route_params(c, &gm->ro);
     int N = B * T, E = c->n_routed, K = c->top_k, d = c->d_model, de = c->d_expert, sh = c->n_shared * de;
     int NK = N * K;
-    cudaStream_t st = g->stream;
+    cudaStream_t st = gm->stream;
 
     // Router logits (N, E) in fp32, then the fused routing epilogue and the permutation.
-    matmul_forward(&g->mm, la->s, CUDA_R_32F, la->h2, gpu_paramX(g, l, P_ROUTER), N, d, E, NULL);
+    matmul_forward(&gm->mm, la->s, CUDA_R_32F, la->h2, gpu_paramX(gm, l, P_ROUTER), N, d, E, NULL);
     CUDA_CHECK(cudaMemsetAsync(la->counts, 0, sizeof(int) * E, st));
-    moe_route(la->s, la->zsum, la->sel, la->gates, la->counts, g->bias + (size_t)k * E, N, E, K, c->gate,
-              c->norm_topk, c->route_scale, g->ro.bias_mult, st);
-    moe_permute(la->offsets, la->row_of, la->slot_of, g->perm_scratch, la->sel, la->counts, NK, E, st);
-    const GpuComm *dc = &g->dist;
-    int P = g->P, El = g->El;
+    moe_route(la->s, la->zsum, la->sel, la->gates, la->counts, gm->bias + (size_t)moe_idx * E, N, &rp, st);
+    moe_permute(la->offsets, la->row_of, la->slot_of, gm->perm_scratch, la->sel, la->counts, NK, E, st);
+    const GpuComm *rk = &gm->ranks;
+    const EpShard *ep = &gm->shard;
     size_t rb = sizeof(floatX) * d; // bytes per row
-    if (g->exchange) {
+    if (gm->exchange) {
         // This rank's rows in expert order (the rows of EP rank p's experts are
         // contiguous), and every expert's count to the rank that holds it.
-        moe_gather(g->xs, la->h2, la->slot_of, NK, K, d, st);
-        dc->alltoall_i32(dc->ctx, la->counts, la->recv_cnt, El, st);
+        moe_gather(gm->xs, la->h2, la->slot_of, NK, K, d, st);
+        rk->alltoall_i32(rk->ctx, la->counts, la->recv_cnt, ep->n_local, st);
         CUDA_CHECK(cudaMemcpyAsync(la->h_recv_cnt, la->recv_cnt, sizeof(int) * E, cudaMemcpyDeviceToHost, st));
     }
 
@@ -779,228 +820,222 @@ static void gpu_moe_forward(GpuState *g, int l, int k, int B, int T, float *xout
     // can be enqueued. They also give the host its exact per-expert counts.
     CUDA_CHECK(cudaMemcpyAsync(la->h_offsets, la->offsets, sizeof(int) * (E + 1), cudaMemcpyDeviceToHost, st));
     CUDA_CHECK(cudaStreamSynchronize(st));
-    if (la->h_offsets[E] != NK) {
-        fprintf(stderr, "internal error: layer %d routed %d slots, expected %d (routing counts and permutation "
-                "disagree)\n", l, la->h_offsets[E], NK);
-        exit(1);
-    }
+    ASSERT(la->h_offsets[E] == NK, "layer %d routed %d slots, expected %d (routing counts and permutation disagree)",
+           l, la->h_offsets[E], NK);
 
-    if (g->exchange) {
-        // Sizes and order of the expert side (model/moe.c's moe_dispatch),
-        // then the rows travel to their experts' ranks and are put expert-major.
+    if (gm->exchange) {
+        // Sizes and order of the expert side (parallel/ep_layout.h), then the
+        // rows travel to their experts' ranks and are put expert-major.
         for (int i = 0; i < E; i++)
-            if (la->h_recv_cnt[i] < 0 || la->h_recv_cnt[i] > NK * P) {
-                fprintf(stderr, "internal error: layer %d: EP rank %d announces %d rows for local expert %d\n", l,
-                        i / El, la->h_recv_cnt[i], i % El);
-                exit(1);
-            }
-        int R = moe_ep_rows(P, El, la->h_offsets, la->h_recv_cnt, la->send_rows, la->recv_rows);
-        gpu_reserve_rows(g, la, l, R);
-        moe_ep_order(P, El, la->h_recv_cnt, la->recv_rows, la->h_exp_off, g->h_exp_src);
+            ASSERT(la->h_recv_cnt[i] >= 0 && la->h_recv_cnt[i] <= NK * ep->size,
+                   "layer %d: EP rank %d announces %d rows for local expert %d", l, i / ep->n_local, la->h_recv_cnt[i],
+                   i % ep->n_local);
+        int R = ep_exchange_rows(ep, la->h_offsets, la->h_recv_cnt, la->send_rows, la->recv_rows);
+        gpu_reserve_rows(gm, la, l, R);
+        ep_expert_major_order(ep, la->h_recv_cnt, la->recv_rows, la->h_exp_off, gm->h_exp_src);
         la->R = R;
         // From pinned memory, asynchronously: the next writer of h_exp_src is the
         // next MoE layer, after its own synchronisation.
         if (R > 0)
-            CUDA_CHECK(cudaMemcpyAsync(la->exp_src, g->h_exp_src, sizeof(int) * R, cudaMemcpyHostToDevice, st));
-        dc->alltoallv(dc->ctx, g->xs, la->send_rows, g->xr, la->recv_rows, rb, st);
-        moe_rows_gather(la->xe, g->xr, la->exp_src, R, rb, st);
+            CUDA_CHECK(cudaMemcpyAsync(la->exp_src, gm->h_exp_src, sizeof(int) * R, cudaMemcpyHostToDevice, st));
+        rk->alltoallv(rk->ctx, gm->xs, la->send_rows, gm->xr, la->recv_rows, rb, st);
+        moe_rows_gather(la->xe, gm->xr, la->exp_src, R, rb, st);
     } else {
         la->R = NK;
         moe_gather(la->xe, la->h2, la->slot_of, NK, K, d, st);
     }
 
-    // This rank's routed experts on their expert-major rows.
-    floatX *ye = g->exchange ? g->ye : la->eout;
-    grouped_matmul_forward(&g->gg, k * GG_PER_LAYER + GG_FWD13, la->e13, la->xe, gpu_paramX(g, l, P_EXPERTS_W13),
-                           la->h_exp_off, d, 2 * de);
-    swiglu_forward(la->eact, la->e13, la->R, de, st);
-    grouped_matmul_forward(&g->gg, k * GG_PER_LAYER + GG_FWD2, ye, la->eact, gpu_paramX(g, l, P_EXPERTS_W2),
-                           la->h_exp_off, de, d);
-    if (g->exchange) {
-        // Back to received order, and to the tokens' ranks (model/moe.c's moe_return).
-        moe_rows_scatter(g->xr, g->ye, la->exp_src, la->R, rb, st);
-        dc->alltoallv(dc->ctx, g->xr, la->recv_rows, la->eout, la->send_rows, rb, st);
+    // This rank's routed experts; their outputs back to received order and to
+    // the tokens' ranks (model/moe.c's moe_return).
+    expert_ffn_forward(gm, la, l, moe_idx, gm->exchange ? gm->ye : la->eout);
+    if (gm->exchange) {
+        moe_rows_scatter(gm->xr, gm->ye, la->exp_src, la->R, rb, st);
+        rk->alltoallv(rk->ctx, gm->xr, la->recv_rows, la->eout, la->send_rows, rb, st);
     }
 
     // xout = xmid + shared(h2) + sum_j g_j expert_j(h2). The shared experts'
     // last matmul adds xmid (fused); without them it is copied.
     if (sh > 0) {
-        matmul_forward(&g->mm, la->s13, CUDA_R_FLOATX, la->h2, gpu_paramX(g, l, P_SHARED_W13), N, d, 2 * sh, NULL);
+        matmul_forward(&gm->mm, la->s13, CUDA_R_FLOATX, la->h2, gpu_paramX(gm, l, P_SHARED_W13), N, d, 2 * sh, NULL);
         swiglu_forward(la->sact, la->s13, N, sh, st);
-        matmul_forward(&g->mm, xout, CUDA_R_32F, la->sact, gpu_paramX(g, l, P_SHARED_W2), N, sh, d, la->xmid);
+        matmul_forward(&gm->mm, xout, CUDA_R_32F, la->sact, gpu_paramX(gm, l, P_SHARED_W2), N, sh, d, la->xmid);
     } else {
         CUDA_CHECK(cudaMemcpyAsync(xout, la->xmid, sizeof(float) * (size_t)N * d, cudaMemcpyDeviceToDevice, st));
     }
     moe_combine_forward(xout, la->eout, la->gates, la->row_of, N, K, d, st);
-    moe_aux_forward(g->aux + k, la->aux_f, g->aux_P, la->s, la->zsum, la->sel, B, T, E, K, g->ro.aux_kind,
-                    g->ro.aux_alpha, st);
+    moe_aux_forward(gm->aux + moe_idx, la->aux_f, gm->aux_prob, la->s, la->zsum, la->sel, B, T, &rp, st);
 }
 
 // Forward of tokens (B, T); with targets also the per-position losses, and
 // with want_grad the logits' gradient (grad_scale / N scaled) in place and the
 // embedding-backward index.
-static void gpu_forward(GpuState *g, const int *tokens, const int *targets, int B, int T, int want_grad,
+static void gpu_forward(GpuModel *gm, const int *tokens, const int *targets, int B, int T, int want_grad,
                         float grad_scale) {
-    const MoeConfig *c = &g->cfg;
-    if (B > g->maxB || T > g->maxT || B < 1 || T < 1) {
-        fprintf(stderr, "internal error: forward of %d x %d exceeds the allocated %d x %d\n", B, T, g->maxB, g->maxT);
-        abort();
-    }
+    const MoeConfig *c = &gm->cfg;
+    ASSERT(B >= 1 && T >= 1 && B <= gm->maxB && T <= gm->maxT, "forward of %d x %d exceeds the allocated %d x %d",
+           B, T, gm->maxB, gm->maxT);
     int N = B * T, d = c->d_model, H = c->n_heads, V = c->vocab_size, L = c->n_layers;
     size_t Nd = (size_t)N * d;
-    cudaStream_t st = g->stream;
-    g->B = B;
-    g->T = T;
+    cudaStream_t st = gm->stream;
+    gm->B = B;
+    gm->T = T;
 
     // Inputs through the pinned staging (free: every backend call ends synchronised).
-    memcpy(g->h_tokens, tokens, sizeof(int) * N);
-    CUDA_CHECK(cudaMemcpyAsync(g->tokens, g->h_tokens, sizeof(int) * N, cudaMemcpyHostToDevice, st));
+    memcpy(gm->h_tokens, tokens, sizeof(int) * N);
+    CUDA_CHECK(cudaMemcpyAsync(gm->tokens, gm->h_tokens, sizeof(int) * N, cudaMemcpyHostToDevice, st));
     if (targets) {
-        memcpy(g->h_targets, targets, sizeof(int) * N);
-        CUDA_CHECK(cudaMemcpyAsync(g->targets, g->h_targets, sizeof(int) * N, cudaMemcpyHostToDevice, st));
+        memcpy(gm->h_targets, targets, sizeof(int) * N);
+        CUDA_CHECK(cudaMemcpyAsync(gm->targets, gm->h_targets, sizeof(int) * N, cudaMemcpyHostToDevice, st));
     }
     if (want_grad) {
-        g->n_uniq = embedding_backward_index(tokens, N, V, g->h_count, g->h_emb_uniq, g->h_emb_off, g->h_emb_pos);
-        CUDA_CHECK(cudaMemcpyAsync(g->emb_uniq, g->h_emb_uniq, sizeof(int) * g->n_uniq, cudaMemcpyHostToDevice, st));
-        CUDA_CHECK(cudaMemcpyAsync(g->emb_off, g->h_emb_off, sizeof(int) * (g->n_uniq + 1), cudaMemcpyHostToDevice,
+        gm->n_uniq = embedding_backward_index(tokens, N, V, gm->h_count, gm->h_emb_uniq, gm->h_emb_off, gm->h_emb_pos);
+        CUDA_CHECK(cudaMemcpyAsync(gm->emb_uniq, gm->h_emb_uniq, sizeof(int) * gm->n_uniq, cudaMemcpyHostToDevice, st));
+        CUDA_CHECK(cudaMemcpyAsync(gm->emb_off, gm->h_emb_off, sizeof(int) * (gm->n_uniq + 1), cudaMemcpyHostToDevice,
                                    st));
-        CUDA_CHECK(cudaMemcpyAsync(g->emb_pos, g->h_emb_pos, sizeof(int) * N, cudaMemcpyHostToDevice, st));
+        CUDA_CHECK(cudaMemcpyAsync(gm->emb_pos, gm->h_emb_pos, sizeof(int) * N, cudaMemcpyHostToDevice, st));
     }
 
-    embedding_forward(g->x, g->tokens, gpu_param(g, -1, P_TOK_EMB), N, d, st);
+    embedding_forward(gm->x, gm->tokens, gpu_param(gm, -1, P_TOK_EMB), N, d, st);
     for (int l = 0; l < L; l++) {
-        GpuLayer *la = &g->layer[l];
-        const float *x = g->x + (size_t)l * Nd;
-        float *xout = g->x + (size_t)(l + 1) * Nd;
+        GpuLayer *la = &gm->layer[l];
+        const float *x = gm->x + (size_t)l * Nd;
+        float *xout = gm->x + (size_t)(l + 1) * Nd;
         // Attention block: xmid = x + wo(attention(rope(wqkv(norm(x))))).
-        rmsnorm_forward(la->h1, la->rstd1, x, gpu_param(g, l, P_ATTN_NORM), N, d, c->rms_eps, st);
-        matmul_forward(&g->mm, la->qkv, CUDA_R_FLOATX, la->h1, gpu_paramX(g, l, P_WQKV), N, d, 3 * d, NULL);
-        rope_apply(la->qkv, g->rope_cos, g->rope_sin, B, T, d, H, 0, st);
-        attention_forward(g->cublas, la->a, la->att, g->att_f32, la->qkv, B, T, d, H, st);
-        matmul_forward(&g->mm, la->xmid, CUDA_R_32F, la->a, gpu_paramX(g, l, P_WO), N, d, d, x); // + x: fused
+        rmsnorm_forward(la->h1, la->rstd1, x, gpu_param(gm, l, P_ATTN_NORM), N, d, c->rms_eps, st);
+        matmul_forward(&gm->mm, la->qkv, CUDA_R_FLOATX, la->h1, gpu_paramX(gm, l, P_WQKV), N, d, 3 * d, NULL);
+        rope_apply(la->qkv, gm->rope_cos, gm->rope_sin, B, T, d, H, 0, st);
+        attention_forward(gm->cublas, la->a, la->att, gm->att_f32, la->qkv, B, T, d, H, st);
+        matmul_forward(&gm->mm, la->xmid, CUDA_R_32F, la->a, gpu_paramX(gm, l, P_WO), N, d, d, x); // + x: fused
         // FFN block: xout = xmid + ffn(norm(xmid)).
-        rmsnorm_forward(la->h2, la->rstd2, la->xmid, gpu_param(g, l, P_FFN_NORM), N, d, c->rms_eps, st);
+        rmsnorm_forward(la->h2, la->rstd2, la->xmid, gpu_param(gm, l, P_FFN_NORM), N, d, c->rms_eps, st);
         if (!config_is_moe(c, l)) {
-            matmul_forward(&g->mm, la->f13, CUDA_R_FLOATX, la->h2, gpu_paramX(g, l, P_FFN_W13), N, d, 2 * c->d_ff,
+            matmul_forward(&gm->mm, la->f13, CUDA_R_FLOATX, la->h2, gpu_paramX(gm, l, P_FFN_W13), N, d, 2 * c->d_ff,
                            NULL);
             swiglu_forward(la->fact, la->f13, N, c->d_ff, st);
-            matmul_forward(&g->mm, xout, CUDA_R_32F, la->fact, gpu_paramX(g, l, P_FFN_W2), N, c->d_ff, d, la->xmid);
+            matmul_forward(&gm->mm, xout, CUDA_R_32F, la->fact, gpu_paramX(gm, l, P_FFN_W2), N, c->d_ff, d, la->xmid);
         } else {
-            gpu_moe_forward(g, l, l - c->n_dense, B, T, xout);
+            gpu_moe_forward(gm, l, l - c->n_dense, B, T, xout);
         }
     }
-    rmsnorm_forward(g->hf, g->rstdf, g->x + (size_t)L * Nd, gpu_param(g, -1, P_FINAL_NORM), N, d, c->rms_eps, st);
-    const floatX *head = gpu_paramX(g, -1, c->tie_embeddings ? P_TOK_EMB : P_LM_HEAD);
-    matmul_forward(&g->mm, g->logits, CUDA_R_FLOATX, g->hf, head, N, d, V, NULL);
+    rmsnorm_forward(gm->hf, gm->rstdf, gm->x + (size_t)L * Nd, gpu_param(gm, -1, P_FINAL_NORM), N, d, c->rms_eps, st);
+    const floatX *head = gpu_paramX(gm, -1, c->tie_embeddings ? P_TOK_EMB : P_LM_HEAD);
+    matmul_forward(&gm->mm, gm->logits, CUDA_R_FLOATX, gm->hf, head, N, d, V, NULL);
     if (targets) {
-        classifier_forward(g->logits, g->losses, g->targets, N, V, grad_scale / (float)N, want_grad, st);
-        CUDA_CHECK(cudaMemcpyAsync(g->h_losses, g->losses, sizeof(double) * N, cudaMemcpyDeviceToHost, st));
+        classifier_forward(gm->logits, gm->losses, gm->targets, N, V, grad_scale / (float)N, want_grad, st);
+        CUDA_CHECK(cudaMemcpyAsync(gm->h_losses, gm->losses, sizeof(double) * N, cudaMemcpyDeviceToHost, st));
     }
-    if (g->n_moe > 0)
-        CUDA_CHECK(cudaMemcpyAsync(g->h_aux, g->aux, sizeof(double) * g->n_moe, cudaMemcpyDeviceToHost, st));
+    if (gm->n_moe > 0)
+        CUDA_CHECK(cudaMemcpyAsync(gm->h_aux, gm->aux, sizeof(double) * gm->n_moe, cudaMemcpyDeviceToHost, st));
 }
 
 // ----------------------------------------------------------------------------
 // Backward
 
+// Backward of expert_ffn_forward for the local experts: from dye (R, d), the
+// gradient of their outputs, adds the weight gradients of W13_e and W2_e and
+// leaves the input gradient in gm->dxe (R, d).
+static void expert_ffn_backward(GpuModel *gm, GpuLayer *la, int l, int moe_idx, const floatX *dye) {
+    int d = gm->cfg.d_model, de = gm->cfg.d_expert, slot = moe_idx * GG_PER_LAYER;
+    const int *off = la->h_exp_off; // the forward's expert-side row counts, still on the host
+    grouped_matmul_backward_weight(&gm->gg, slot + GG_BWD_W2, gpu_grad(gm, l, P_EXPERTS_W2), dye, la->eact, off, de,
+                                   d);
+    grouped_matmul_backward_input(&gm->gg, slot + GG_BWD_IN2, gm->dact_e, dye, gpu_paramX(gm, l, P_EXPERTS_W2), off,
+                                  de, d);
+    swiglu_backward(gm->d13_e, gm->dact_e, la->e13, la->R, de, gm->stream);
+    grouped_matmul_backward_weight(&gm->gg, slot + GG_BWD_W13, gpu_grad(gm, l, P_EXPERTS_W13), gm->d13_e, la->xe, off,
+                                   d, 2 * de);
+    grouped_matmul_backward_input(&gm->gg, slot + GG_BWD_IN13, gm->dxe, gm->d13_e, gpu_paramX(gm, l, P_EXPERTS_W13),
+                                  off, d, 2 * de);
+}
+
 // The MoE FFN of layer l: from dres (the gradient at xout), dh (N, d) fp32 =
 // gradient of h2 (overwritten), and the layer's parameter gradients.
-static void gpu_moe_backward(GpuState *g, int l, int k, int B, int T, float grad_scale) {
-    const MoeConfig *c = &g->cfg;
-    GpuLayer *la = &g->layer[l];
+static void gpu_moe_backward(GpuModel *gm, int l, int moe_idx, int B, int T, float grad_scale) {
+    const MoeConfig *c = &gm->cfg;
+    GpuLayer *la = &gm->layer[l];
+    RouteParams rp = route_params(c, &gm->ro);
     int N = B * T, E = c->n_routed, K = c->top_k, d = c->d_model, de = c->d_expert, sh = c->n_shared * de;
-    cudaStream_t st = g->stream;
-    const int *off = la->h_exp_off; // the forward's expert-side row counts, still on the host
-    int s0 = k * GG_PER_LAYER;
-    const GpuComm *dc = &g->dist;
+    cudaStream_t st = gm->stream;
+    const GpuComm *rk = &gm->ranks;
     size_t rb = sizeof(floatX) * d;
 
-    // Combine backward: the gates get dout . y, the expert outputs g * dout.
-    moe_combine_backward(g->deout, g->dgates, g->dres, la->eout, la->gates, la->row_of, N, K, d, st);
+    // Combine backward: the gates get dout . y, the expert outputs gate * dout.
+    moe_combine_backward(gm->deout, gm->dgates, gm->dres, la->eout, la->gates, la->row_of, N, K, d, st);
     // The output gradients travel to the experts' ranks (model/moe.c's moe_send).
-    const floatX *dye = g->deout;
-    if (g->exchange) {
-        dc->alltoallv(dc->ctx, g->deout, la->send_rows, g->xr, la->recv_rows, rb, st);
-        moe_rows_gather(g->ye, g->xr, la->exp_src, la->R, rb, st);
-        dye = g->ye;
+    const floatX *dye = gm->deout;
+    if (gm->exchange) {
+        rk->alltoallv(rk->ctx, gm->deout, la->send_rows, gm->xr, la->recv_rows, rb, st);
+        moe_rows_gather(gm->ye, gm->xr, la->exp_src, la->R, rb, st);
+        dye = gm->ye;
     }
-    // This rank's routed experts.
-    grouped_matmul_backward_weight(&g->gg, s0 + GG_BWD_W2, gpu_grad(g, l, P_EXPERTS_W2), dye, la->eact, off, de, d);
-    grouped_matmul_backward_input(&g->gg, s0 + GG_BWD_IN2, g->dact_e, dye, gpu_paramX(g, l, P_EXPERTS_W2), off, de,
-                                  d);
-    swiglu_backward(g->d13_e, g->dact_e, la->e13, la->R, de, st);
-    grouped_matmul_backward_weight(&g->gg, s0 + GG_BWD_W13, gpu_grad(g, l, P_EXPERTS_W13), g->d13_e, la->xe, off, d,
-                                   2 * de);
-    grouped_matmul_backward_input(&g->gg, s0 + GG_BWD_IN13, g->dxe, g->d13_e, gpu_paramX(g, l, P_EXPERTS_W13), off,
-                                  d, 2 * de);
+    expert_ffn_backward(gm, la, l, moe_idx, dye);
     // The input gradients come back to the tokens' ranks (moe_return).
-    const floatX *dxs = g->dxe;
-    if (g->exchange) {
-        moe_rows_scatter(g->xr, g->dxe, la->exp_src, la->R, rb, st);
-        dc->alltoallv(dc->ctx, g->xr, la->recv_rows, g->xs, la->send_rows, rb, st);
-        dxs = g->xs;
+    const floatX *dxs = gm->dxe;
+    if (gm->exchange) {
+        moe_rows_scatter(gm->xr, gm->dxe, la->exp_src, la->R, rb, st);
+        rk->alltoallv(rk->ctx, gm->xr, la->recv_rows, gm->xs, la->send_rows, rb, st);
+        dxs = gm->xs;
     }
-    moe_scatter(g->dh, dxs, la->row_of, N, K, d, st);
+    moe_scatter(gm->dh, dxs, la->row_of, N, K, d, st);
     // Shared experts.
     if (sh > 0) {
-        matmul_backward_weight(&g->mm, gpu_grad(g, l, P_SHARED_W2), g->dresX, la->sact, N, sh, d);
-        matmul_backward_input(&g->mm, g->dsmall, CUDA_R_FLOATX, g->dresX, gpu_paramX(g, l, P_SHARED_W2), N, sh, d,
+        matmul_backward_weight(&gm->mm, gpu_grad(gm, l, P_SHARED_W2), gm->dresX, la->sact, N, sh, d);
+        matmul_backward_input(&gm->mm, gm->dsmall, CUDA_R_FLOATX, gm->dresX, gpu_paramX(gm, l, P_SHARED_W2), N, sh, d,
                               0);
-        swiglu_backward(g->dbig, g->dsmall, la->s13, N, sh, st);
-        matmul_backward_weight(&g->mm, gpu_grad(g, l, P_SHARED_W13), g->dbig, la->h2, N, d, 2 * sh);
-        matmul_backward_input(&g->mm, g->dh, CUDA_R_32F, g->dbig, gpu_paramX(g, l, P_SHARED_W13), N, d, 2 * sh, 1);
+        swiglu_backward(gm->dbig, gm->dsmall, la->s13, N, sh, st);
+        matmul_backward_weight(&gm->mm, gpu_grad(gm, l, P_SHARED_W13), gm->dbig, la->h2, N, d, 2 * sh);
+        matmul_backward_input(&gm->mm, gm->dh, CUDA_R_32F, gm->dbig, gpu_paramX(gm, l, P_SHARED_W13), N, d, 2 * sh, 1);
     }
     // Gate values and auxiliary loss -> affinities -> router logits -> router.
-    moe_route_backward(g->dlr, la->s, la->zsum, la->sel, g->dgates, la->aux_f, B, T, E, K, c->gate, c->norm_topk,
-                       c->route_scale, g->ro.aux_kind, g->ro.aux_alpha, grad_scale, st);
-    matmul_backward_weight(&g->mm, gpu_grad(g, l, P_ROUTER), g->dlr, la->h2, N, d, E);
-    matmul_backward_input(&g->mm, g->dh, CUDA_R_32F, g->dlr, gpu_paramX(g, l, P_ROUTER), N, d, E, 1);
+    moe_route_backward(gm->dlr, la->s, la->zsum, la->sel, gm->dgates, la->aux_f, B, T, &rp, grad_scale, st);
+    matmul_backward_weight(&gm->mm, gpu_grad(gm, l, P_ROUTER), gm->dlr, la->h2, N, d, E);
+    matmul_backward_input(&gm->mm, gm->dh, CUDA_R_32F, gm->dlr, gpu_paramX(gm, l, P_ROUTER), N, d, E, 1);
 }
 
 // Accumulates into grads the gradient of grad_scale * (loss + aux) of the
 // last forward, which ran with want_grad (the logits hold their gradient).
-static void gpu_backward(GpuState *g, float grad_scale) {
-    const MoeConfig *c = &g->cfg;
-    int B = g->B, T = g->T, N = B * T, d = c->d_model, H = c->n_heads, V = c->vocab_size, L = c->n_layers;
+static void gpu_backward(GpuModel *gm, float grad_scale) {
+    const MoeConfig *c = &gm->cfg;
+    int B = gm->B, T = gm->T, N = B * T, d = c->d_model, H = c->n_heads, V = c->vocab_size, L = c->n_layers;
     size_t Nd = (size_t)N * d;
-    cudaStream_t st = g->stream;
+    cudaStream_t st = gm->stream;
 
     // LM head and final norm.
     ParamKind head = c->tie_embeddings ? P_TOK_EMB : P_LM_HEAD;
-    matmul_backward_weight(&g->mm, gpu_grad(g, -1, head), g->logits, g->hf, N, d, V);
-    matmul_backward_input(&g->mm, g->dh, CUDA_R_32F, g->logits, gpu_paramX(g, -1, head), N, d, V, 0);
-    rmsnorm_backward(g->dres, g->dresX, gpu_grad(g, -1, P_FINAL_NORM), g->norm_scratch, g->dh,
-                     g->x + (size_t)L * Nd, gpu_param(g, -1, P_FINAL_NORM), g->rstdf, N, d, 0, st);
+    matmul_backward_weight(&gm->mm, gpu_grad(gm, -1, head), gm->logits, gm->hf, N, d, V);
+    matmul_backward_input(&gm->mm, gm->dh, CUDA_R_32F, gm->logits, gpu_paramX(gm, -1, head), N, d, V, 0);
+    rmsnorm_backward(gm->dres, gm->dresX, gpu_grad(gm, -1, P_FINAL_NORM), gm->norm_scratch, gm->dh,
+                     gm->x + (size_t)L * Nd, gpu_param(gm, -1, P_FINAL_NORM), gm->rstdf, N, d, 0, st);
 
     for (int l = L - 1; l >= 0; l--) {
-        GpuLayer *la = &g->layer[l];
+        GpuLayer *la = &gm->layer[l];
         // FFN block: dres flows through the residual unchanged and through the FFN.
         if (!config_is_moe(c, l)) {
-            floatX *dact = g->dsmall, *d13 = g->dbig;
-            matmul_backward_weight(&g->mm, gpu_grad(g, l, P_FFN_W2), g->dresX, la->fact, N, c->d_ff, d);
-            matmul_backward_input(&g->mm, dact, CUDA_R_FLOATX, g->dresX, gpu_paramX(g, l, P_FFN_W2), N, c->d_ff, d,
+            floatX *dact = gm->dsmall, *d13 = gm->dbig;
+            matmul_backward_weight(&gm->mm, gpu_grad(gm, l, P_FFN_W2), gm->dresX, la->fact, N, c->d_ff, d);
+            matmul_backward_input(&gm->mm, dact, CUDA_R_FLOATX, gm->dresX, gpu_paramX(gm, l, P_FFN_W2), N, c->d_ff, d,
                                   0);
             swiglu_backward(d13, dact, la->f13, N, c->d_ff, st);
-            matmul_backward_weight(&g->mm, gpu_grad(g, l, P_FFN_W13), d13, la->h2, N, d, 2 * c->d_ff);
-            matmul_backward_input(&g->mm, g->dh, CUDA_R_32F, d13, gpu_paramX(g, l, P_FFN_W13), N, d, 2 * c->d_ff,
+            matmul_backward_weight(&gm->mm, gpu_grad(gm, l, P_FFN_W13), d13, la->h2, N, d, 2 * c->d_ff);
+            matmul_backward_input(&gm->mm, gm->dh, CUDA_R_32F, d13, gpu_paramX(gm, l, P_FFN_W13), N, d, 2 * c->d_ff,
                                   0);
         } else {
-            gpu_moe_backward(g, l, l - c->n_dense, B, T, grad_scale);
+            gpu_moe_backward(gm, l, l - c->n_dense, B, T, grad_scale);
         }
-        rmsnorm_backward(g->dres, g->dresX, gpu_grad(g, l, P_FFN_NORM), g->norm_scratch, g->dh, la->xmid,
-                         gpu_param(g, l, P_FFN_NORM), la->rstd2, N, d, 1, st);
+        rmsnorm_backward(gm->dres, gm->dresX, gpu_grad(gm, l, P_FFN_NORM), gm->norm_scratch, gm->dh, la->xmid,
+                         gpu_param(gm, l, P_FFN_NORM), la->rstd2, N, d, 1, st);
         // Attention block.
-        floatX *da = g->dsmall, *dqkv = g->dbig;
-        matmul_backward_weight(&g->mm, gpu_grad(g, l, P_WO), g->dresX, la->a, N, d, d);
-        matmul_backward_input(&g->mm, da, CUDA_R_FLOATX, g->dresX, gpu_paramX(g, l, P_WO), N, d, d, 0);
-        attention_backward(g->cublas, dqkv, da, la->qkv, la->att, g->att_f32, g->dS, B, T, d, H, st);
-        rope_apply(dqkv, g->rope_cos, g->rope_sin, B, T, d, H, 1, st);
-        matmul_backward_weight(&g->mm, gpu_grad(g, l, P_WQKV), dqkv, la->h1, N, d, 3 * d);
-        matmul_backward_input(&g->mm, g->dh, CUDA_R_32F, dqkv, gpu_paramX(g, l, P_WQKV), N, d, 3 * d, 0);
-        rmsnorm_backward(g->dres, g->dresX, gpu_grad(g, l, P_ATTN_NORM), g->norm_scratch, g->dh,
-                         g->x + (size_t)l * Nd, gpu_param(g, l, P_ATTN_NORM), la->rstd1, N, d, 1, st);
+        floatX *da = gm->dsmall, *dqkv = gm->dbig;
+        matmul_backward_weight(&gm->mm, gpu_grad(gm, l, P_WO), gm->dresX, la->a, N, d, d);
+        matmul_backward_input(&gm->mm, da, CUDA_R_FLOATX, gm->dresX, gpu_paramX(gm, l, P_WO), N, d, d, 0);
+        attention_backward(gm->cublas, dqkv, da, la->qkv, la->att, gm->att_f32, gm->dS, B, T, d, H, st);
+        rope_apply(dqkv, gm->rope_cos, gm->rope_sin, B, T, d, H, 1, st);
+        matmul_backward_weight(&gm->mm, gpu_grad(gm, l, P_WQKV), dqkv, la->h1, N, d, 3 * d);
+        matmul_backward_input(&gm->mm, gm->dh, CUDA_R_32F, dqkv, gpu_paramX(gm, l, P_WQKV), N, d, 3 * d, 0);
+        rmsnorm_backward(gm->dres, gm->dresX, gpu_grad(gm, l, P_ATTN_NORM), gm->norm_scratch, gm->dh,
+                         gm->x + (size_t)l * Nd, gpu_param(gm, l, P_ATTN_NORM), la->rstd1, N, d, 1, st);
     }
-    embedding_backward(gpu_grad(g, -1, P_TOK_EMB), g->dres, g->emb_uniq, g->emb_off, g->emb_pos, g->n_uniq, d, st);
+    embedding_backward(gpu_grad(gm, -1, P_TOK_EMB), gm->dres, gm->emb_uniq, gm->emb_off, gm->emb_pos, gm->n_uniq, d, st);
 }
 
 // ----------------------------------------------------------------------------
@@ -1008,27 +1043,25 @@ static void gpu_backward(GpuState *g, float grad_scale) {
 
 static void gpu_micro_batch(Backend *be, const int *tokens, const int *targets, int B, int T, int train,
                             float grad_scale, int64_t *counts, double *loss, double *aux) {
-    GpuState *g = gpu(be);
-    const MoeConfig *c = &g->cfg;
-    if (train && !targets) {
-        fprintf(stderr, "internal error: a training micro-batch without targets\n");
-        abort();
-    }
-    gpu_forward(g, tokens, targets, B, T, train, grad_scale);
-    if (train) gpu_backward(g, grad_scale);
-    CUDA_CHECK(cudaStreamSynchronize(g->stream));
+    GpuModel *gm = gpu_model(be);
+    const MoeConfig *c = &gm->cfg;
+    ASSERT(!train || targets, "a training micro-batch without targets");
+    gpu_forward(gm, tokens, targets, B, T, train, grad_scale);
+    if (train) gpu_backward(gm, grad_scale);
+    CUDA_CHECK(cudaStreamSynchronize(gm->stream));
 
     int N = B * T, E = c->n_routed;
     double sum = 0.0;
     if (targets)
-        for (int i = 0; i < N; i++) sum += g->h_losses[i];
+        for (int i = 0; i < N; i++) sum += gm->h_losses[i];
     *loss = targets ? sum / N : 0.0;
-    double a = 0.0;
-    for (int k = 0; k < g->n_moe; k++) a += g->h_aux[k];
-    *aux = a;
-    for (int k = 0; k < g->n_moe; k++) {
-        const int *off = g->layer[c->n_dense + k].h_offsets;
-        for (int e = 0; e < E; e++) counts[(size_t)k * E + e] = off[e + 1] - off[e];
+    double aux_sum = 0.0;
+    for (int m = 0; m < gm->n_moe; m++) aux_sum += gm->h_aux[m];
+    *aux = aux_sum;
+    // Counts from the offsets the forward brought to the host (row m: the m-th MoE layer).
+    for (int m = 0; m < gm->n_moe; m++) {
+        const int *off = gm->layer[c->n_dense + m].h_offsets;
+        for (int e = 0; e < E; e++) counts[(size_t)m * E + e] = off[e + 1] - off[e];
     }
 }
 
@@ -1040,12 +1073,12 @@ static void gpu_micro_batch(Backend *be, const int *tokens, const int *targets, 
 // divided by the number of ranks. NCCL gives every rank the same sums, so
 // the replicated weights stay identical bit for bit.
 static void gpu_sync_grads(Backend *be) {
-    GpuState *g = gpu(be);
-    if (!g->has_comm) return; // one process holds every parameter: nothing to average
-    const GpuComm *dc = &g->dist;
-    dc->allreduce_f32(dc->ctx, COMM_WORLD, g->grads, (size_t)g->n_rep, g->stream);
-    dc->allreduce_f32(dc->ctx, COMM_EDP, g->grads + g->n_rep, (size_t)(g->n_local - g->n_rep), g->stream);
-    scale_f32(g->grads, g->n_local, 1.0f / (float)dc->world, g->stream);
+    GpuModel *gm = gpu_model(be);
+    if (!gm->has_comm) return; // one process holds every parameter: nothing to average
+    const GpuComm *dc = &gm->ranks;
+    dc->allreduce_f32(dc->ctx, COMM_WORLD, gm->grads, (size_t)gm->n_replicated, gm->stream);
+    dc->allreduce_f32(dc->ctx, COMM_EDP, gm->grads + gm->n_replicated, (size_t)(gm->n_local - gm->n_replicated), gm->stream);
+    scale_f32(gm->grads, gm->n_local, 1.0f / (float)dc->world, gm->stream);
     // No wait: the gradient norm and AdamW read the result later on this stream.
 }
 
@@ -1060,44 +1093,44 @@ static void gpu_sync_grads(Backend *be) {
 // whose clipping factors differ in the last bit would let their replicated
 // weights drift apart.
 static float gpu_grad_norm(Backend *be) {
-    GpuState *g = gpu(be);
-    cudaStream_t st = g->stream;
-    gradnorm_sumsq(g->gn_out, g->gn_partials, g->grads, g->n_rep, st);
-    CUDA_CHECK(cudaMemsetAsync(g->gn_out + 1, 0, sizeof(double) * g->P, st));
-    gradnorm_sumsq(g->gn_out + 1 + g->dist.ep_rank, g->gn_partials, g->grads + g->n_rep, g->n_local - g->n_rep, st);
-    if (g->has_comm) g->dist.allreduce_f64(g->dist.ctx, COMM_EP, g->gn_out + 1, (size_t)g->P, st);
-    CUDA_CHECK(cudaMemcpyAsync(g->h_gn, g->gn_out, sizeof(double) * (g->P + 1), cudaMemcpyDeviceToHost, st));
+    GpuModel *gm = gpu_model(be);
+    cudaStream_t st = gm->stream;
+    gradnorm_sumsq(gm->gn_out, gm->gn_partials, gm->grads, gm->n_replicated, st);
+    CUDA_CHECK(cudaMemsetAsync(gm->gn_out + 1, 0, sizeof(double) * gm->shard.size, st));
+    gradnorm_sumsq(gm->gn_out + 1 + gm->ranks.ep_rank, gm->gn_partials, gm->grads + gm->n_replicated, gm->n_local - gm->n_replicated, st);
+    if (gm->has_comm) gm->ranks.allreduce_f64(gm->ranks.ctx, COMM_EP, gm->gn_out + 1, (size_t)gm->shard.size, st);
+    CUDA_CHECK(cudaMemcpyAsync(gm->h_gn, gm->gn_out, sizeof(double) * (gm->shard.size + 1), cudaMemcpyDeviceToHost, st));
     CUDA_CHECK(cudaStreamSynchronize(st));
     double experts = 0;
-    for (int p = 0; p < g->P; p++) experts += g->h_gn[1 + p];
-    return (float)sqrt(g->h_gn[0] + experts);
+    for (int p = 0; p < gm->shard.size; p++) experts += gm->h_gn[1 + p];
+    return (float)sqrt(gm->h_gn[0] + experts);
 }
 
 static void gpu_update(Backend *be, const AdamWConfig *opt, double lr, int64_t t, float grad_mult) {
-    GpuState *g = gpu(be);
-    AdamWScalars s = adamw_scalars(opt, lr, t);
+    GpuModel *gm = gpu_model(be);
+    AdamWScalars scal = adamw_scalars(opt, lr, t); // the step's bias corrections and rates
 #ifdef ENABLE_FP32
     floatX *px = NULL; // the matmuls read the master weights directly
 #else
-    floatX *px = g->paramsX;
+    floatX *px = gm->paramsX;
 #endif
-    for (int i = 0; i < g->decay.n; i++) {
-        const DecayRange *r = &g->decay.r[i];
-        adamw_update(g->params, px, g->grads, g->adam_m, g->adam_v, r->offset, r->len, r->decay, s, grad_mult,
-                     g->stream);
+    for (int i = 0; i < gm->decay.n; i++) {
+        const DecayRange *r = &gm->decay.r[i];
+        adamw_update(gm->params, px, gm->grads, gm->adam_m, gm->adam_v, r->offset, r->len, r->decay, scal, grad_mult,
+                     gm->stream);
     }
     // No wait: the next step's kernels follow on this stream, and the host
     // reads parameters or moments only through synchronising copies (gpu_copy).
 }
 
 static void gpu_last_logits(Backend *be, const int *tokens, int n, float *logits) {
-    GpuState *g = gpu(be);
-    int V = g->cfg.vocab_size;
-    gpu_forward(g, tokens, NULL, 1, n, 0, 0.0f);
-    convert_x_to_f32(g->row_f32, g->logits + (size_t)(n - 1) * V, V, g->stream);
-    CUDA_CHECK(cudaMemcpyAsync(g->h_row, g->row_f32, sizeof(float) * V, cudaMemcpyDeviceToHost, g->stream));
-    CUDA_CHECK(cudaStreamSynchronize(g->stream));
-    memcpy(logits, g->h_row, sizeof(float) * V);
+    GpuModel *gm = gpu_model(be);
+    int V = gm->cfg.vocab_size;
+    gpu_forward(gm, tokens, NULL, 1, n, 0, 0.0f);
+    convert_x_to_f32(gm->row_f32, gm->logits + (size_t)(n - 1) * V, V, gm->stream);
+    CUDA_CHECK(cudaMemcpyAsync(gm->h_row, gm->row_f32, sizeof(float) * V, cudaMemcpyDeviceToHost, gm->stream));
+    CUDA_CHECK(cudaStreamSynchronize(gm->stream));
+    memcpy(logits, gm->h_row, sizeof(float) * V);
 }
 
 void gpu_backend_init(Backend *be) {
@@ -1122,33 +1155,35 @@ void gpu_backend_init(Backend *be) {
 // Read-back hooks for the tests (kernels/gpu_backend.cuh)
 
 void gpu_debug_get_grads(Backend *be, float *grads) {
-    GpuState *g = gpu(be);
+    GpuModel *gm = gpu_model(be);
     memset(grads, 0, sizeof(float) * (size_t)be->n_params);
-    for (int i = 0; i < g->llay.n; i++) {
-        const ParamTensor *t = &g->llay.t[i];
-        gpu_copy(g, grads + gpu_global_offset(g, i), g->grads + t->offset, sizeof(float) * t->numel,
+    for (int i = 0; i < gm->local_lay.n; i++) {
+        const ParamTensor *t = &gm->local_lay.t[i];
+        gpu_copy(gm, grads + gpu_whole_offset(gm, i), gm->grads + t->offset, sizeof(float) * t->numel,
                  cudaMemcpyDeviceToHost);
     }
 }
 
-int gpu_debug_expert_rows(Backend *be, int k) { return gpu(be)->layer[gpu(be)->cfg.n_dense + k].R; }
+int gpu_debug_expert_rows(Backend *be, int moe_idx) {
+    return gpu_model(be)->layer[gpu_model(be)->cfg.n_dense + moe_idx].R;
+}
 
 void gpu_debug_get_logits(Backend *be, float *logits) {
-    GpuState *g = gpu(be);
-    size_t n = (size_t)g->B * g->T * g->cfg.vocab_size;
+    GpuModel *gm = gpu_model(be);
+    size_t n = (size_t)gm->B * gm->T * gm->cfg.vocab_size;
     float *tmp;
     CUDA_CHECK(cudaMalloc(&tmp, sizeof(float) * n));
-    convert_x_to_f32(tmp, g->logits, (int64_t)n, g->stream);
-    gpu_copy(g, logits, tmp, sizeof(float) * n, cudaMemcpyDeviceToHost);
+    convert_x_to_f32(tmp, gm->logits, (int64_t)n, gm->stream);
+    gpu_copy(gm, logits, tmp, sizeof(float) * n, cudaMemcpyDeviceToHost);
     CUDA_CHECK(cudaFree(tmp));
 }
 
-void gpu_debug_get_routing(Backend *be, int k, int *sel, float *gates) {
-    GpuState *g = gpu(be);
-    const GpuLayer *la = &g->layer[g->cfg.n_dense + k];
-    size_t nk = (size_t)g->B * g->T * g->cfg.top_k;
-    gpu_copy(g, sel, la->sel, sizeof(int) * nk, cudaMemcpyDeviceToHost);
-    gpu_copy(g, gates, la->gates, sizeof(float) * nk, cudaMemcpyDeviceToHost);
+void gpu_debug_get_routing(Backend *be, int moe_idx, int *sel, float *gates) {
+    GpuModel *gm = gpu_model(be);
+    const GpuLayer *la = &gm->layer[gm->cfg.n_dense + moe_idx];
+    size_t nk = (size_t)gm->B * gm->T * gm->cfg.top_k;
+    gpu_copy(gm, sel, la->sel, sizeof(int) * nk, cudaMemcpyDeviceToHost);
+    gpu_copy(gm, gates, la->gates, sizeof(float) * nk, cudaMemcpyDeviceToHost);
 }
 
 #ifndef TRAIN_MOECU_NO_MAIN

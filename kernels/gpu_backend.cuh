@@ -31,14 +31,14 @@ int gpu_backend_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, 
 // After a micro_batch: the accumulated fp32 gradient (n_params), in layout
 // order; under expert parallelism the rows of experts held by other ranks are 0.
 void gpu_debug_get_grads(Backend *be, float *grads);
-// After a forward: the rows MoE layer k's local experts received (N K
-// without the EP exchange).
-int gpu_debug_expert_rows(Backend *be, int k);
+// After a forward: the rows the local experts of the moe_idx-th MoE layer
+// received (N K without the EP exchange).
+int gpu_debug_expert_rows(Backend *be, int moe_idx);
 // After a micro_batch with train = 0 (the classifier then leaves the logits
 // alone): the logits (B*T, V) of that forward, as fp32.
 void gpu_debug_get_logits(Backend *be, float *logits);
-// After a micro_batch: MoE layer k's (0 = first MoE layer) selection (B*T, K)
-// and gate values (B*T, K).
-void gpu_debug_get_routing(Backend *be, int k, int *sel, float *gates);
+// After a micro_batch: the moe_idx-th MoE layer's (0 = the first) selection
+// (B*T, K) and gate values (B*T, K).
+void gpu_debug_get_routing(Backend *be, int moe_idx, int *sel, float *gates);
 
 #endif

@@ -64,10 +64,7 @@ static void grouped_set(GroupedGemm *gg, int slot, int g, cublasOperation_t ta, 
 }
 
 static void grouped_check_slot(const GroupedGemm *gg, int slot) {
-    if (slot < 0 || slot >= gg->n_slots) {
-        fprintf(stderr, "internal error: grouped GEMM slot %d outside 0..%d\n", slot, gg->n_slots - 1);
-        exit(1);
-    }
+    ASSERT(slot >= 0 && slot < gg->n_slots, "grouped GEMM slot %d outside 0..%d", slot, gg->n_slots - 1);
 }
 
 // The index of gg->grouped for an output type.

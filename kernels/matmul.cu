@@ -113,10 +113,7 @@ static void lt_matmul(Matmul *mm, cublasOperation_t ta, cublasOperation_t tb, in
 
 void matmul_forward(Matmul *mm, void *out, cudaDataType_t out_type, const floatX *inp, const floatX *W, int N, int IC,
                     int OC, const float *residual) {
-    if (residual && out_type != CUDA_R_32F) {
-        fprintf(stderr, "internal error: matmul_forward adds an fp32 residual into a non-fp32 output\n");
-        exit(1);
-    }
+    ASSERT(!residual || out_type == CUDA_R_32F, "matmul_forward adds an fp32 residual into a non-fp32 output");
     // Column-major: out^T (OC, N) = W (OC, IC) [stored as (IC, OC), transposed] @ inp^T (IC, N) [+ residual^T].
     lt_matmul(mm, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, W, IC, inp, IC, CUDA_R_FLOATX, residual, out, OC, out_type,
               residual ? 1.0f : 0.0f);

@@ -19,9 +19,9 @@ static int routing_warps(size_t bytes_per_warp, const char *what, int E) {
 
 // One warp per token. Shared memory per warp: score (E) fp32, taken (E) bytes.
 static __global__ void moe_route_kernel(float *s, double *zsum, int *sel, float *gates, int *counts,
-                                        const float *bias, int N, int E, int K, int gate, int norm_topk,
-                                        float route_scale, int bias_mult) {
+                                        const float *bias, int N, RouteParams rp) {
     extern __shared__ float route_smem[];
+    const int E = rp.n_experts, K = rp.top_k;
     int nwarps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     float *score = route_smem + (size_t)warp * E;                                      // (E)
     unsigned char *taken = (unsigned char *)(route_smem + (size_t)nwarps * E) + (size_t)warp * E; // (E)
@@ -30,7 +30,7 @@ static __global__ void moe_route_kernel(float *s, double *zsum, int *sel, float 
     float *row = s + (int64_t)t * E;
 
     // Affinities, in place over the logits.
-    if (gate == GATE_SIGMOID) {
+    if (rp.gate == GATE_SIGMOID) {
         for (int e = lane; e < E; e += 32) row[e] = 1.0f / (1.0f + expf(-row[e]));
     } else {
         float mx = -INFINITY;
@@ -52,7 +52,7 @@ static __global__ void moe_route_kernel(float *s, double *zsum, int *sel, float 
 
     // Selection scores (a NaN would break the ordering; it ranks last instead).
     for (int e = lane; e < E; e += 32) {
-        float sc = bias_mult ? row[e] * bias[e] : row[e] + bias[e];
+        float sc = ROUTE_SCORE(row[e], bias[e], rp.bias_mult);
         score[e] = sc != sc ? -INFINITY : sc;
         taken[e] = 0;
     }
@@ -94,19 +94,18 @@ static __global__ void moe_route_kernel(float *s, double *zsum, int *sel, float 
         float zk = 0.0f;
         for (int j = 0; j < K; j++) zk += row[st[j]];
         for (int j = 0; j < K; j++) {
-            float g = row[st[j]];
-            gates[(int64_t)t * K + j] = (norm_topk ? g / zk : g) * route_scale;
+            float sj = row[st[j]];
+            gates[(int64_t)t * K + j] = (rp.norm_topk ? sj / zk : sj) * rp.route_scale;
         }
     }
 }
 
-void moe_route(float *s, double *zsum, int *sel, float *gates, int *counts, const float *bias, int N, int E, int K,
-               int gate, int norm_topk, float route_scale, int bias_mult, cudaStream_t stream) {
-    size_t per_warp = (size_t)E * (sizeof(float) + 1);
-    int warps = routing_warps(per_warp, "moe_route", E);
+void moe_route(float *s, double *zsum, int *sel, float *gates, int *counts, const float *bias, int N,
+               const RouteParams *rp, cudaStream_t stream) {
+    size_t per_warp = (size_t)rp->n_experts * (sizeof(float) + 1);
+    int warps = routing_warps(per_warp, "moe_route", rp->n_experts);
     size_t smem = (size_t)warps * per_warp;
-    moe_route_kernel<<<cdiv_u(N, warps), warps * 32, smem, stream>>>(s, zsum, sel, gates, counts, bias, N, E, K, gate,
-                                                                     norm_topk, route_scale, bias_mult);
+    moe_route_kernel<<<cdiv_u(N, warps), warps * 32, smem, stream>>>(s, zsum, sel, gates, counts, bias, N, *rp);
     KERNEL_CHECK();
 }
 
@@ -118,7 +117,7 @@ enum { AUX_ROWS = 8 }; // token slices per block of the statistics kernel
 // grid (groups, ceil(E / 32)), block (32, AUX_ROWS): lane x owns expert
 // e = blockIdx.y * 32 + x, row y takes tokens y, y + AUX_ROWS, ... of group q;
 // the AUX_ROWS partial sums are then added in row order.
-static __global__ void moe_aux_stats_kernel(int *f, double *P, const float *s, const double *zsum, const int *sel,
+static __global__ void moe_aux_stats_kernel(int *f, double *prob_sum, const float *s, const double *zsum, const int *sel,
                                             int len, int E, int K, int seqwise) {
     __shared__ double sp[AUX_ROWS][32];
     __shared__ int sf[AUX_ROWS][32];
@@ -137,41 +136,42 @@ static __global__ void moe_aux_stats_kernel(int *f, double *P, const float *s, c
     sf[y][x] = cnt;
     __syncthreads();
     if (y == 0 && e < E) {
-        double Pq = 0.0;
+        double pq = 0.0;
         int fq = 0;
         for (int r = 0; r < AUX_ROWS; r++) {
-            Pq += sp[r][x];
+            pq += sp[r][x];
             fq += sf[r][x];
         }
-        P[(int64_t)q * E + e] = Pq;
+        prob_sum[(int64_t)q * E + e] = pq;
         f[(int64_t)q * E + e] = fq;
     }
 }
 
-// One thread: the loss from f and P, in model/moe.c's order of operations.
-static __global__ void moe_aux_loss_kernel(double *aux, const int *f, const double *P, int groups, int len, int E,
+// One thread: the loss from f and prob_sum, in model/moe.c's order of operations.
+static __global__ void moe_aux_loss_kernel(double *aux, const int *f, const double *prob_sum, int groups, int len, int E,
                                            int K, float aux_alpha) {
     double total = 0.0;
     for (int q = 0; q < groups; q++) {
         double lq = 0.0;
         for (int e = 0; e < E; e++)
-            lq += ((double)E / ((double)K * len) * f[(int64_t)q * E + e]) * (P[(int64_t)q * E + e] / len);
+            lq += ((double)E / ((double)K * len) * f[(int64_t)q * E + e]) * (prob_sum[(int64_t)q * E + e] / len);
         total += lq;
     }
     aux[0] = aux_alpha * total / groups;
 }
 
-void moe_aux_forward(double *aux, int *f, double *P, const float *s, const double *zsum, const int *sel, int B, int T,
-                     int E, int K, int aux_kind, float aux_alpha, cudaStream_t stream) {
-    if (aux_kind == AUX_NONE) {
+void moe_aux_forward(double *aux, int *f, double *prob_sum, const float *s, const double *zsum, const int *sel, int B,
+                     int T, const RouteParams *rp, cudaStream_t stream) {
+    if (rp->aux_kind == AUX_NONE) {
         CUDA_CHECK(cudaMemsetAsync(aux, 0, sizeof(double), stream));
         return;
     }
-    int groups = moe_aux_groups(aux_kind, B), len = B * T / groups;
+    int E = rp->n_experts, K = rp->top_k;
+    int groups = route_aux_groups(rp->aux_kind, B), len = B * T / groups;
     dim3 grid(groups, cdiv_u(E, 32)), block(32, AUX_ROWS);
-    moe_aux_stats_kernel<<<grid, block, 0, stream>>>(f, P, s, zsum, sel, len, E, K, aux_kind == AUX_SEQ);
+    moe_aux_stats_kernel<<<grid, block, 0, stream>>>(f, prob_sum, s, zsum, sel, len, E, K, rp->aux_kind == AUX_SEQ);
     KERNEL_CHECK();
-    moe_aux_loss_kernel<<<1, 1, 0, stream>>>(aux, f, P, groups, len, E, K, aux_alpha);
+    moe_aux_loss_kernel<<<1, 1, 0, stream>>>(aux, f, prob_sum, groups, len, E, K, rp->aux_alpha);
     KERNEL_CHECK();
 }
 
@@ -181,10 +181,10 @@ void moe_aux_forward(double *aux, int *f, double *P, const float *s, const doubl
 // One warp per token; shared memory per warp: ds (E) fp32, the gradient of
 // the affinities. coef = grad_scale * aux_alpha / groups / len (as model/moe.c).
 static __global__ void moe_route_backward_kernel(floatX *dlogits, const float *s, const double *zsum, const int *sel,
-                                                 const float *dgates, const int *f, int N, int E, int K, int gate,
-                                                 int norm_topk, float route_scale, int aux_kind, double coef,
-                                                 int len) {
+                                                 const float *dgates, const int *f, int N, RouteParams rp,
+                                                 double coef, int len) {
     extern __shared__ float ds_smem[];
+    const int E = rp.n_experts, K = rp.top_k;
     int nwarps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     float *ds = ds_smem + (size_t)warp * E; // (E)
     int t = blockIdx.x * nwarps + warp;
@@ -198,23 +198,23 @@ static __global__ void moe_route_backward_kernel(floatX *dlogits, const float *s
     if (lane == 0) {
         const int *sl = sel + (int64_t)t * K;
         const float *dg = dgates + (int64_t)t * K;
-        if (norm_topk) {
+        if (rp.norm_topk) {
             float z = 0.0f, dot = 0.0f;
             for (int j = 0; j < K; j++) {
                 z += st[sl[j]];
                 dot += dg[j] * st[sl[j]];
             }
-            for (int j = 0; j < K; j++) ds[sl[j]] += route_scale * (dg[j] / z - dot / (z * z));
+            for (int j = 0; j < K; j++) ds[sl[j]] += rp.route_scale * (dg[j] / z - dot / (z * z));
         } else {
-            for (int j = 0; j < K; j++) ds[sl[j]] += route_scale * dg[j];
+            for (int j = 0; j < K; j++) ds[sl[j]] += rp.route_scale * dg[j];
         }
     }
     __syncwarp();
 
     // Auxiliary loss: dL/dP_e = coef * E / (K len) * f_e, per group.
-    if (aux_kind != AUX_NONE) {
+    if (rp.aux_kind != AUX_NONE) {
         const int *fq = f + (int64_t)(t / len) * E;
-        if (aux_kind == AUX_EXPERT) {
+        if (rp.aux_kind == AUX_EXPERT) {
             for (int e = lane; e < E; e += 32) ds[e] += (float)(coef * (double)E / ((double)K * len) * fq[e]);
         } else {
             // s' = s / z: ds_e += (fe_e - sum_i fe_i s'_i) / z.
@@ -231,7 +231,7 @@ static __global__ void moe_route_backward_kernel(floatX *dlogits, const float *s
 
     // Affinities -> logits.
     floatX *out = dlogits + (int64_t)t * E;
-    if (gate == GATE_SIGMOID) {
+    if (rp.gate == GATE_SIGMOID) {
         for (int e = lane; e < E; e += 32) out[e] = to_x(ds[e] * (st[e] * (1.0f - st[e])));
     } else {
         float dot = 0.0f;
@@ -242,13 +242,12 @@ static __global__ void moe_route_backward_kernel(floatX *dlogits, const float *s
 }
 
 void moe_route_backward(floatX *dlogits, const float *s, const double *zsum, const int *sel, const float *dgates,
-                        const int *f, int B, int T, int E, int K, int gate, int norm_topk, float route_scale,
-                        int aux_kind, float aux_alpha, float grad_scale, cudaStream_t stream) {
-    int N = B * T, groups = moe_aux_groups(aux_kind, B), len = N / groups;
-    double coef = (double)grad_scale * aux_alpha / groups / len;
-    size_t per_warp = (size_t)E * sizeof(float);
-    int warps = routing_warps(per_warp, "moe_route_backward", E);
-    moe_route_backward_kernel<<<cdiv_u(N, warps), warps * 32, warps * per_warp, stream>>>(
-        dlogits, s, zsum, sel, dgates, f, N, E, K, gate, norm_topk, route_scale, aux_kind, coef, len);
+                        const int *f, int B, int T, const RouteParams *rp, float grad_scale, cudaStream_t stream) {
+    int N = B * T, groups = route_aux_groups(rp->aux_kind, B), len = N / groups;
+    double coef = (double)grad_scale * rp->aux_alpha / groups / len;
+    size_t per_warp = (size_t)rp->n_experts * sizeof(float);
+    int warps = routing_warps(per_warp, "moe_route_backward", rp->n_experts);
+    moe_route_backward_kernel<<<cdiv_u(N, warps), warps * 32, warps * per_warp, stream>>>(dlogits, s, zsum, sel,
+                                                                                          dgates, f, N, *rp, coef, len);
     KERNEL_CHECK();
 }

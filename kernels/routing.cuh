@@ -26,33 +26,28 @@
 
 extern "C" {
 #include "../model/config.h"
-#include "../model/moe.h"
+#include "../model/route.h"
 }
 
 // s (N, E) fp32: router logits in, affinities out. zsum (N) double = row sums
 // of s. sel (N, K) int and gates (N, K) fp32 as in model/moe.c. counts (E) int
-// += tokens per expert (the caller zeroes it). bias (E) fp32. gate:
-// GATE_SIGMOID / GATE_SOFTMAX; bias_mult: 1 selects on s * b.
-void moe_route(float *s, double *zsum, int *sel, float *gates, int *counts, const float *bias, int N, int E, int K,
-               int gate, int norm_topk, float route_scale, int bias_mult, cudaStream_t stream);
+// += tokens per expert (the caller zeroes it). bias (E) fp32. rp: the layer's
+// routing (model/route.h).
+void moe_route(float *s, double *zsum, int *sel, float *gates, int *counts, const float *bias, int N,
+               const RouteParams *rp, cudaStream_t stream);
 
-// Groups of the auxiliary loss: AUX_EXPERT one group of all B*T tokens,
-// AUX_SEQ one group per sequence. Returns the number of groups (1 or B).
-inline int moe_aux_groups(int aux_kind, int B) { return aux_kind == AUX_SEQ ? B : 1; }
-
-// Auxiliary loss of one layer: aux (1) double on the device = aux_alpha * the
-// mean over groups of sum_e (E / (K len) f_e) (P_e / len). f (groups, E) int
-// is kept for the backward; P (groups, E) double is scratch. Nothing to do
-// for AUX_NONE (aux is set to 0).
-void moe_aux_forward(double *aux, int *f, double *P, const float *s, const double *zsum, const int *sel, int B, int T,
-                     int E, int K, int aux_kind, float aux_alpha, cudaStream_t stream);
+// Auxiliary loss of one layer (groups: route_aux_groups): aux (1) double on the
+// device = aux_alpha * the mean over groups of sum_e (E / (K len) f_e)
+// (P_e / len). f (groups, E) int is kept for the backward; prob_sum (groups,
+// E) double (the P_e len) is scratch. For AUX_NONE aux is set to 0.
+void moe_aux_forward(double *aux, int *f, double *prob_sum, const float *s, const double *zsum, const int *sel, int B,
+                     int T, const RouteParams *rp, cudaStream_t stream);
 
 // dlogits (N, E) floatX = gradient of the router logits, from dgates (N, K)
-// fp32 (the gradient of the gate values) and, when aux_kind != AUX_NONE, the
-// auxiliary loss times grad_scale (f from moe_aux_forward). s, zsum, sel as
-// the forward left them.
+// fp32 (the gradient of the gate values) and, when rp->aux_kind != AUX_NONE,
+// the auxiliary loss times grad_scale (f from moe_aux_forward). s, zsum, sel
+// as the forward left them.
 void moe_route_backward(floatX *dlogits, const float *s, const double *zsum, const int *sel, const float *dgates,
-                        const int *f, int B, int T, int E, int K, int gate, int norm_topk, float route_scale,
-                        int aux_kind, float aux_alpha, float grad_scale, cudaStream_t stream);
+                        const int *f, int B, int T, const RouteParams *rp, float grad_scale, cudaStream_t stream);
 
 #endif

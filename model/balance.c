@@ -21,19 +21,19 @@ static const double BALANCE_PI = 3.14159265358979323846;
 typedef struct {
     const char *name;
     int uses_bias;        // routing selects by TopK of the biased score
-    int aux_kind;         // BALANCE_AUX_*
+    int aux_kind;         // an AuxKind (model/route.h)
     double default_alpha; // used when --aux-alpha is not given
     const char *help;
 } BalanceMethod;
 
 static const BalanceMethod balance_methods[] = {
-    {"none", 0, BALANCE_AUX_NONE, 0.0, "no balancing: plain TopK of the affinities"},
+    {"none", 0, AUX_NONE, 0.0, "no balancing: plain TopK of the affinities"},
     // alpha 0.001: the aux-loss baseline of arXiv 2408.15664.
-    {"aux", 0, BALANCE_AUX_EXPERT, 1e-3, "expert-level auxiliary loss (DeepSeekMoE, arXiv 2401.06066)"},
+    {"aux", 0, AUX_EXPERT, 1e-3, "expert-level auxiliary loss (DeepSeekMoE, arXiv 2401.06066)"},
     // alpha 0.0001: DeepSeek-V3's value, the only published one for this loss.
-    {"seqaux", 0, BALANCE_AUX_SEQUENCE, 1e-4, "sequence-wise auxiliary loss alone (arXiv 2412.19437)"},
-    {"alf", 1, BALANCE_AUX_NONE, 0.0, "auxiliary-loss-free bias (Wang et al. arXiv 2408.15664)"},
-    {"alf+seqaux", 1, BALANCE_AUX_SEQUENCE, 1e-4, "bias plus sequence-wise loss, as DeepSeek-V3 (arXiv 2412.19437)"},
+    {"seqaux", 0, AUX_SEQ, 1e-4, "sequence-wise auxiliary loss alone (arXiv 2412.19437)"},
+    {"alf", 1, AUX_NONE, 0.0, "auxiliary-loss-free bias (Wang et al. arXiv 2408.15664)"},
+    {"alf+seqaux", 1, AUX_SEQ, 1e-4, "bias plus sequence-wise loss, as DeepSeek-V3 (arXiv 2412.19437)"},
 };
 
 // ----------------------------------------------------------------------------
@@ -177,8 +177,13 @@ int balance_aux_kind(const BalanceConfig *c) { return balance_methods[c->method]
 
 double balance_aux_alpha(const BalanceConfig *c) {
     const BalanceMethod *m = &balance_methods[c->method];
-    if (m->aux_kind == BALANCE_AUX_NONE) return 0.0;
+    if (m->aux_kind == AUX_NONE) return 0.0;
     return c->aux_alpha >= 0.0 ? c->aux_alpha : m->default_alpha;
+}
+
+RouteOptions balance_route_options(const BalanceConfig *c) {
+    RouteOptions ro = { balance_bias_is_multiplicative(c), balance_aux_kind(c), (float)balance_aux_alpha(c) };
+    return ro;
 }
 
 void balance_bias_init(const BalanceConfig *c, float *bias, int n_layers, int E) {
@@ -369,7 +374,7 @@ int balance_validate(const BalanceConfig *c, char *err, size_t errlen) {
             return -1;
         }
     }
-    if (c->aux_alpha > 0.0 && balance_aux_kind(c) == BALANCE_AUX_NONE) {
+    if (c->aux_alpha > 0.0 && balance_aux_kind(c) == AUX_NONE) {
         // An alpha the method ignores is most likely a mistake (e.g. alf meant
         // as alf+seqaux): refuse rather than run something else than asked.
         // 0 is allowed: it is what balance_print_config writes for such methods.
@@ -420,7 +425,7 @@ void balance_print_help(FILE *f) {
         if (o->kind == OPT_ALPHA) {
             fprintf(f, "per method:");
             for (int m = 0; m < COUNT_OF(balance_methods); m++)
-                if (balance_methods[m].aux_kind != BALANCE_AUX_NONE)
+                if (balance_methods[m].aux_kind != AUX_NONE)
                     fprintf(f, " %s %g", balance_methods[m].name, balance_methods[m].default_alpha);
         } else {
             Sink out = {f, NULL, 0, 0, 0};

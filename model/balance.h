@@ -8,8 +8,8 @@
 // layer, counted over one whole global batch (all micro-batches, all ranks); its
 // output is the updated fp32 bias, one vector of E per MoE layer. The model's
 // forward does the routing with that bias and computes the auxiliary losses; it
-// asks this module only balance_uses_bias, balance_bias_is_multiplicative,
-// balance_bias_init_value, balance_aux_kind and balance_aux_alpha.
+// asks this module only how to route (balance_route_options) and where the
+// biases start (balance_bias_init).
 //
 // Array shapes: counts and bias are (n_layers, E) row-major, one row per MoE layer
 // (layer 0 is the first MoE layer, not the first transformer layer).
@@ -20,6 +20,8 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+
+#include "route.h"
 
 // ----------------------------------------------------------------------------
 // Configuration and options
@@ -64,19 +66,20 @@ const char *balance_schedule_name(const BalanceConfig *c);
 // ----------------------------------------------------------------------------
 // What the model's forward needs
 
-enum { BALANCE_AUX_NONE = 0, BALANCE_AUX_EXPERT = 1, BALANCE_AUX_SEQUENCE = 2 };
-
 // 1 when routing selects by a bias (the alf methods), 0 otherwise.
 int balance_uses_bias(const BalanceConfig *c);
 // 1 when selection is TopK of s * b (rule mult), 0 for TopK of s + b.
 int balance_bias_is_multiplicative(const BalanceConfig *c);
 // The value every bias starts at: 1 for the multiplicative rule, else 0.
 float balance_bias_init_value(const BalanceConfig *c);
-// BALANCE_AUX_NONE, BALANCE_AUX_EXPERT (DeepSeekMoE, arXiv 2401.06066) or
-// BALANCE_AUX_SEQUENCE (DeepSeek-V3, arXiv 2412.19437).
+// AUX_NONE, AUX_EXPERT (DeepSeekMoE, arXiv 2401.06066) or AUX_SEQ
+// (DeepSeek-V3, arXiv 2412.19437); see model/route.h.
 int balance_aux_kind(const BalanceConfig *c);
 // The auxiliary-loss weight: --aux-alpha, or the method's default; 0 without aux loss.
 double balance_aux_alpha(const BalanceConfig *c);
+// The routing behaviour this policy asks of the model: additive or
+// multiplicative bias, the auxiliary loss and its weight.
+RouteOptions balance_route_options(const BalanceConfig *c);
 // Fills bias (n_layers, E) with balance_bias_init_value.
 void balance_bias_init(const BalanceConfig *c, float *bias, int n_layers, int E);
 

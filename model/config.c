@@ -75,6 +75,24 @@ int config_set(MoeConfig *c, const char *key, const char *value) {
     return 0;
 }
 
+int config_diff(const MoeConfig *a, const MoeConfig *b, const char *ignore, char *out, size_t outlen) {
+    int n = 0;
+    size_t used = 0;
+    if (outlen) out[0] = '\0';
+    for (int i = 0; i < N_FIELDS; i++) {
+        const ConfigField *fd = &config_fields[i];
+        if (ignore && strcmp(ignore, fd->name) == 0) continue;
+        // Every field is an int or a float of 4 bytes: compare the bytes.
+        if (memcmp((const char *)a + fd->offset, (const char *)b + fd->offset, 4) == 0) continue;
+        n++;
+        if (used < outlen) {
+            int w = snprintf(out + used, outlen - used, "%s%s", used ? ", " : "", fd->name);
+            used += w > 0 ? (size_t)w : 0;
+        }
+    }
+    return n;
+}
+
 void config_write(const MoeConfig *c, FILE *f) {
     for (int i = 0; i < N_FIELDS; i++) {
         const ConfigField *fd = &config_fields[i];

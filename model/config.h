@@ -44,6 +44,9 @@ int config_load_file(MoeConfig *c, const char *path, char *err, size_t errlen);
 // Checks that the sizes can work together. On error writes a message naming
 // the offending fields into err and returns -1.
 int config_validate(const MoeConfig *c, char *err, size_t errlen);
+// The fields in which a and b differ (except the field named `ignore`, when
+// not NULL), as a comma-separated list of names in out. Returns their number.
+int config_diff(const MoeConfig *a, const MoeConfig *b, const char *ignore, char *out, size_t outlen);
 // Writes every field as key=value lines (the file format config_load_file reads).
 void config_write(const MoeConfig *c, FILE *f);
 // The names of the presets, NULL-terminated.

@@ -81,10 +81,7 @@ int layout_find(const ParamLayout *lay, int layer, ParamKind kind) {
 
 int64_t layout_offset(const ParamLayout *lay, int layer, ParamKind kind) {
     int i = layout_find(lay, layer, kind);
-    if (i < 0) {
-        fprintf(stderr, "internal error: layer %d has no tensor %s\n", layer, layout_kind_names[kind]);
-        abort();
-    }
+    ASSERT(i >= 0, "layer %d has no tensor %s", layer, layout_kind_names[kind]);
     return lay->t[i].offset;
 }
 

@@ -47,6 +47,11 @@ typedef struct {
     int n_layers;
 } ParamLayout;
 
+// Routed-expert weights (E, ...): under expert parallelism each rank holds
+// only its experts' rows of these (parallel/ep_layout.h); all other tensors
+// are replicated.
+static inline int layout_is_expert(ParamKind kind) { return kind == P_EXPERTS_W13 || kind == P_EXPERTS_W2; }
+
 // Builds the table for a validated config (out of memory exits with a message).
 void layout_build(ParamLayout *lay, const MoeConfig *c);
 void layout_free(ParamLayout *lay);

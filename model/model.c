@@ -131,11 +131,8 @@ static const real *model_head(const Model *m) {
 
 void model_forward(Model *m, const int *tokens, const int *targets, int B, int T) {
     const MoeConfig *c = &m->cfg;
-    if (B > m->maxB || T > m->maxT) {
-        fprintf(stderr, "internal error: forward of %d x %d exceeds the allocated %d x %d\n", B, T,
-                m->maxB, m->maxT);
-        abort();
-    }
+    ASSERT(B <= m->maxB && T <= m->maxT, "forward of %d x %d exceeds the allocated %d x %d", B, T, m->maxB,
+           m->maxT);
     int N = B * T, d = c->d_model, H = c->n_heads, V = c->vocab_size, E = c->n_routed;
     size_t Nd = (size_t)N * d;
     m->B = B;
@@ -165,10 +162,10 @@ void model_forward(Model *m, const int *tokens, const int *targets, int B, int T
             memcpy(xout, la->xmid, sizeof(real) * Nd);
             matmul_forward(xout, la->fact, model_param(m, l, P_FFN_W2), N, c->d_ff, d, 1);
         } else {
-            int k = l - c->n_dense; // index among the MoE layers
+            int moe_idx = l - c->n_dense; // index among the MoE layers: row of bias and counts
             MoeWeights w = model_moe_weights(m, l);
-            moe_forward(c, &m->route, m->ep, &w, m->bias + (size_t)k * E, la->h2, B, T, &la->moe, xout,
-                        m->counts + (size_t)k * E);
+            moe_forward(c, &m->route, m->ep, &w, m->bias + (size_t)moe_idx * E, la->h2, B, T, &la->moe, xout,
+                        m->counts + (size_t)moe_idx * E);
             for (size_t i = 0; i < Nd; i++) xout[i] += la->xmid[i];
             m->aux_loss += la->moe.aux;
         }
@@ -184,10 +181,7 @@ void model_forward(Model *m, const int *tokens, const int *targets, int B, int T
 
 void model_backward(Model *m, real grad_scale) {
     const MoeConfig *c = &m->cfg;
-    if (!m->has_targets) {
-        fprintf(stderr, "internal error: backward without a loss (forward had no targets)\n");
-        abort();
-    }
+    ASSERT(m->has_targets, "backward without a loss (the forward had no targets)");
     int B = m->B, T = m->T, N = B * T, d = c->d_model, H = c->n_heads, V = c->vocab_size;
     size_t Nd = (size_t)N * d;
     real *dx = xcalloc(Nd, sizeof(real));       // (N, d) gradient of the residual stream
@@ -218,9 +212,9 @@ void model_backward(Model *m, real grad_scale) {
             matmul_backward_input(dh, d13, model_param(m, l, P_FFN_W13), N, d, 2 * c->d_ff, 0);
         } else {
             MoeWeights w = model_moe_weights(m, l);
-            MoeGrads g = model_moe_grads(m, l);
+            MoeGrads dw = model_moe_grads(m, l);
             memset(dh, 0, sizeof(real) * Nd);
-            moe_backward(c, &m->route, m->ep, &w, la->h2, dx, B, T, &la->moe, dh, &g, grad_scale);
+            moe_backward(c, &m->route, m->ep, &w, la->h2, dx, B, T, &la->moe, dh, &dw, grad_scale);
         }
         rmsnorm_backward(dx, model_grad(m, l, P_FFN_NORM), dh, la->xmid, model_param(m, l, P_FFN_NORM),
                          la->rstd2, N, d);

@@ -7,17 +7,10 @@
 
 #include <stdint.h>
 
+#include "../parallel/ep_layout.h"
 #include "config.h"
 #include "real.h"
-
-enum { AUX_NONE = 0, AUX_EXPERT = 1, AUX_SEQ = 2 };
-
-// How routing and the auxiliary losses behave; set by the balancing policy.
-typedef struct {
-    int bias_mult;   // 1: select on s * b (multiplicative rule), 0: on s + b
-    int aux_kind;    // AUX_NONE, AUX_EXPERT (DeepSeekMoE) or AUX_SEQ (DeepSeek-V3)
-    float aux_alpha; // weight of the auxiliary loss
-} RouteOptions;
+#include "route.h"
 
 typedef struct {
     const real *router; // (E, d)
@@ -31,12 +24,12 @@ typedef struct {
     real *router, *sh13, *sh2, *ex13, *ex2; // gradients, same shapes as MoeWeights
 } MoeGrads;
 
-// Expert parallelism: the routed experts are split over the P ranks of an
-// expert-parallel group; rank r holds experts [r E/P, (r+1) E/P). Tokens reach
-// the rank of their expert by an all-to-all-v and come back by another. With
-// size 1 (the default) every expert is local and no exchange happens.
+// Expert parallelism (parallel/ep_layout.h): the routed experts are split
+// over the P ranks of an expert-parallel group. Tokens reach the rank of their
+// expert by an all-to-all-v and come back by another. Without an exchange
+// (NULL) every expert is local and no rows move.
 typedef struct {
-    int size, rank; // P and this rank's index in the group
+    EpShard shard;  // the group's size, this rank's position, experts per rank
     void *ctx;      // the communicator behind the two exchanges
     // recv (P n) = all-to-all of send (P n): block p of n ints goes to rank p.
     void (*alltoall_int)(void *ctx, const int *send, int *recv, int n);
@@ -51,7 +44,8 @@ typedef struct {
 // expert order (all of expert 0's slots, then expert 1's, ... by token).
 // Rows sent to the experts of each EP rank are contiguous in this order. On
 // the expert side, the R rows received from all ranks are kept "expert-major":
-// local expert 0's rows from rank 0, from rank 1, ..., then local expert 1's.
+// local expert 0's rows from rank 0, from rank 1, ..., then local expert 1's
+// (parallel/ep_layout.h).
 typedef struct {
     real *s;       // (N, E) affinities
     int *sel;      // (N, K) selected experts, by decreasing score
@@ -68,7 +62,8 @@ typedef struct {
     int *recv_cnt;              // (P, E/P) rows from rank q for local expert j
     int *exp_offsets;           // (E/P + 1) first expert-major row of each local expert
     int *exp_src;               // (R) received-order index of each expert-major row
-    int R, R_cap;               // rows on the expert side; capacity of the buffers below
+    int R;                      // rows on the expert side
+    int rows_cap;               // rows the expert-side buffers below can hold
     real *xe;      // (R, d) expert inputs, expert-major
     real *e13;     // (R, 2 de) expert pre-activations [g | u]
     real *eact;    // (R, de) silu(g) * u
@@ -80,16 +75,19 @@ void moe_acts_free(MoeActs *a);
 
 // out (N, d) = the MoE layer applied to h (N, d), N = B*T. bias (E) fp32.
 // counts (E) receives the number of this rank's tokens routed to each expert.
-// ex: the expert-parallel group (NULL: all experts local).
+// ex: the expert-parallel group (NULL: all experts local). Reading order:
+// route (affinities, TopK, gates), permute into expert order, dispatch to the
+// experts' ranks, expert_ffn_forward per local expert, return, shared
+// experts, gated combine, auxiliary loss.
 void moe_forward(const MoeConfig *c, const RouteOptions *ro, const MoeExchange *ex, const MoeWeights *w,
                  const float *bias, const real *h, int B, int T, MoeActs *a, real *out, int64_t *counts);
 
 // Backward for the last forward: dout (N, d) the output gradient; dh (N, d)
-// += the input gradient; g += the parameter gradients (of the local experts
+// += the input gradient; dw += the parameter gradients (of the local experts
 // only, under expert parallelism). grad_scale multiplies the auxiliary loss's
 // own gradient, as the caller's loss scaling does for dout.
 void moe_backward(const MoeConfig *c, const RouteOptions *ro, const MoeExchange *ex, const MoeWeights *w,
-                  const real *h, const real *dout, int B, int T, MoeActs *a, real *dh, MoeGrads *g,
+                  const real *h, const real *dout, int B, int T, MoeActs *a, real *dh, MoeGrads *dw,
                   real grad_scale);
 
 #endif

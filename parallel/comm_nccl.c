@@ -54,8 +54,7 @@ static void nccl_fail(ncclResult_t r, const char *call, const char *file, int li
 static ncclComm_t group_comm(CommGroup g) {
     if (g != COMM_WORLD && !ns.split_ep) {
         if (g == COMM_EDP) return ns.comm[COMM_WORLD];
-        fprintf(stderr, "internal error: the NCCL EP communicator is used before comm_set_ep / comm_nccl_open\n");
-        exit(1);
+        ASSERT(0, "the NCCL EP communicator is used before comm_set_ep / comm_nccl_open");
     }
     return ns.comm[g];
 }
@@ -93,10 +92,7 @@ static int nccl_set_device(int rank, int local_rank, char *err, size_t errlen) {
 // EP groups: consecutive ranks (color rank / ep); EDP groups: rank % ep. Collective over WORLD.
 static void nccl_split(const Comm *c) {
     if (ns.split_ep == c->ep) return;
-    if (ns.split_ep) {
-        fprintf(stderr, "internal error: NCCL groups split for --ep %d, now asked for %d\n", ns.split_ep, c->ep);
-        exit(1);
-    }
+    ASSERT(!ns.split_ep, "NCCL groups split for --ep %d, now asked for %d", ns.split_ep, c->ep);
     NCCL_CHECK(ncclCommSplit(ns.comm[COMM_WORLD], c->rank / c->ep, c->rank, &ns.comm[COMM_EP], NULL));
     NCCL_CHECK(ncclCommSplit(ns.comm[COMM_WORLD], c->rank % c->ep, c->rank, &ns.comm[COMM_EDP], NULL));
     ns.split_ep = c->ep;

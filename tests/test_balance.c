@@ -338,19 +338,19 @@ static void test_options(void) {
           strcmp(balance_schedule_name(&c), "const") == 0 && c.gamma == 1e-3 && c.center == 0,
           "defaults alf / sign / const / gamma 0.001", "gamma %.3g center %.0f", c.gamma, c.center);
     check_int("alf uses bias", balance_uses_bias(&c), 1);
-    check_int("alf has no aux loss", balance_aux_kind(&c), BALANCE_AUX_NONE);
+    check_int("alf has no aux loss", balance_aux_kind(&c), AUX_NONE);
     check_near("alf bias starts at 0", balance_bias_init_value(&c), 0.0, 0);
 
     check_int("--balance aux", set(&c, "--balance", "aux", err, sizeof(err)), 0);
-    check(balance_aux_kind(&c) == BALANCE_AUX_EXPERT && balance_aux_alpha(&c) == 1e-3 &&
+    check(balance_aux_kind(&c) == AUX_EXPERT && balance_aux_alpha(&c) == 1e-3 &&
           !balance_uses_bias(&c), "aux: expert-level, alpha 0.001, no bias", "alpha %.3g kind %.0f",
           balance_aux_alpha(&c), balance_aux_kind(&c));
     set(&c, "balance", "seqaux", err, sizeof(err)); // key without dashes
-    check(balance_aux_kind(&c) == BALANCE_AUX_SEQUENCE && balance_aux_alpha(&c) == 1e-4,
+    check(balance_aux_kind(&c) == AUX_SEQ && balance_aux_alpha(&c) == 1e-4,
           "seqaux: sequence-wise, alpha 0.0001", "alpha %.3g kind %.0f", balance_aux_alpha(&c),
           balance_aux_kind(&c));
     set(&c, "--balance", "alf+seqaux", err, sizeof(err));
-    check(balance_uses_bias(&c) && balance_aux_kind(&c) == BALANCE_AUX_SEQUENCE &&
+    check(balance_uses_bias(&c) && balance_aux_kind(&c) == AUX_SEQ &&
           balance_aux_alpha(&c) == 1e-4, "alf+seqaux: bias and sequence-wise", "alpha %.3g kind %.0f",
           balance_aux_alpha(&c), balance_aux_kind(&c));
     set(&c, "--aux-alpha", "0.003", err, sizeof(err));

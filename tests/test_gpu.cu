@@ -457,8 +457,8 @@ static void test_route_case(const RouteCase *rc, uint64_t seed) {
     double *d_z = (double *)device_zeros(sizeof(double) * N);
     int *d_sel = (int *)device_zeros(sizeof(int) * N * K), *d_counts = (int *)device_zeros(sizeof(int) * E);
     float *d_gates = (float *)device_zeros(sizeof(float) * N * K);
-    moe_route(d_s, d_z, d_sel, d_gates, d_counts, d_bias, N, E, K, rc->gate, rc->norm_topk, rc->route_scale,
-              rc->bias_mult, 0);
+    RouteParams rp = { E, K, rc->gate, rc->norm_topk, rc->route_scale, rc->bias_mult, AUX_NONE, 0.0f };
+    moe_route(d_s, d_z, d_sel, d_gates, d_counts, d_bias, N, &rp, 0);
     float *s = (float *)xmalloc(sizeof(float) * N * E), *gates = (float *)xmalloc(sizeof(float) * N * K);
     double *z = (double *)xmalloc(sizeof(double) * N);
     int *sel = (int *)xmalloc(sizeof(int) * N * K), *counts = (int *)xmalloc(sizeof(int) * E);

@@ -1,7 +1,7 @@
 // GPU tests of the multi-GPU code on ONE GPU (make test-gpu; make test-emu on the CPU emulator).
 // One line per check with the measured error; exit status 1 on any failure.
 //
-//  1. dispatch: the EP bookkeeping (moe_ep_rows / moe_ep_order) and the row
+//  1. dispatch: the EP bookkeeping (parallel/ep_layout.h: ep_exchange_rows / ep_expert_major_order) and the row
 //     kernels (moe_rows_gather / moe_rows_scatter) with P virtual ranks whose
 //     all-to-alls are cudaMemcpy's: every expert rank must hold exactly
 //     [local expert][source rank][token] rows, model/moe.c's order, and the
@@ -40,6 +40,7 @@
 
 extern "C" {
 #include "parallel/comm.h"
+#include "parallel/ep_layout.h"
 #include "model/balance.h"
 #include "model/config.h"
 #include "model/layout.h"
@@ -135,10 +136,11 @@ static void test_dispatch_case(const char *name, int P, int El, int K, const int
         std::vector<int> recv_cnt(E); // (P, El): what the counts all-to-all delivers to rank p
         for (int q = 0; q < P; q++)
             for (int j = 0; j < El; j++) recv_cnt[q * El + j] = cnt[q][p * El + j];
-        Rp[p] = moe_ep_rows(P, El, off[p].data(), recv_cnt.data(), send_rows[p].data(), recv_rows[p].data());
+        EpShard ep = { P, p, El };
+        Rp[p] = ep_exchange_rows(&ep, off[p].data(), recv_cnt.data(), send_rows[p].data(), recv_rows[p].data());
         empty_ranks += Rp[p] == 0;
         std::vector<int> exp_off(El + 1), exp_src(Rp[p] + 1);
-        moe_ep_order(P, El, recv_cnt.data(), recv_rows[p].data(), exp_off.data(), exp_src.data());
+        ep_expert_major_order(&ep, recv_cnt.data(), recv_rows[p].data(), exp_off.data(), exp_src.data());
         // The all-to-all-v, simulated: rank q's block for p starts at its row off[q][p El].
         unsigned char *xr;
         CUDA_CHECK(cudaMalloc(&xr, (size_t)Rp[p] * rb + 1));
@@ -655,7 +657,7 @@ static double max_abs(const float *a, const float *b, int64_t n) {
 
 static void test_virtual_case(const Problem &pb, int W, int ep) {
     const MoeConfig &c = pb.c;
-    int nmoe = config_n_moe(&c), E = c.n_routed, S = pb.S, El = E / ep;
+    int nmoe = config_n_moe(&c), E = c.n_routed, S = pb.S;
     ParamLayout lay;
     layout_build(&lay, &c);
     int64_t n = lay.total;
@@ -678,15 +680,16 @@ static void test_virtual_case(const Problem &pb, int W, int ep) {
     std::vector<float> g(n); // the whole synchronised gradient: replicated from rank 0, experts from their owners
     for (int i = 0; i < lay.n; i++) {
         const ParamTensor *t = &lay.t[i];
-        int expert = t->kind == P_EXPERTS_W13 || t->kind == P_EXPERTS_W2;
-        int64_t per = t->numel / t->shape[0];
+        int expert = layout_is_expert(t->kind);
         for (int r = 0; r < W; r++) {
             const float *gr = &o.grads[(size_t)r * n];
             if (!expert) {
                 rep_same &= memcmp(gr + t->offset, &o.grads[t->offset], sizeof(float) * t->numel) == 0;
                 continue;
             }
-            int64_t own = t->offset + (int64_t)(r % ep) * El * per, len = (int64_t)El * per;
+            EpShard shard = ep_shard(E, ep, r % ep);
+            int64_t own, len;
+            ep_owned_range(t, &shard, &own, &len);
             if (r < ep) memcpy(&g[own], gr + own, sizeof(float) * len);
             else edp_same &= memcmp(gr + own, &o.grads[(size_t)(r % ep) * n + own], sizeof(float) * len) == 0;
         }

@@ -364,8 +364,28 @@ static void test_lr_options(void) {
     check(rc == -2 && s.n_rates == 0, "lr-rates '1e-4,abc' rejected: '%s'", err);
     rc = lr_set_option(&s, "lr-steps", "", err, sizeof err);
     check(rc == 0 && s.n_steps == 0, "lr-steps '' clears the list");
-    s.lr = 0;
-    check(lr_validate(&s, 100, err, sizeof err) == -1, "lr 0 rejected: '%s'", err);
+    s.lr = -1e-3;
+    check(lr_validate(&s, 100, err, sizeof err) == -1, "lr -1e-3 rejected: '%s'", err);
+    // --lr 0 (probing a checkpoint without moving it): accepted whatever lr-min
+    // says, and every step's rate is exactly 0 in every schedule.
+    {
+        LrSchedule z;
+        lr_schedule_default(&z);
+        z.lr = 0;
+        z.warmup_steps = 10;
+        int zero_ok = lr_validate(&z, 100, err, sizeof err) == 0;
+        const char *kinds[] = { "cosine", "const", "wsd", "multistep" };
+        for (int k = 0; k < 4; k++) {
+            lr_set_option(&z, "lr-schedule", kinds[k], err, sizeof err);
+            if (z.kind == LR_MULTISTEP) {
+                lr_set_option(&z, "lr-steps", "50", err, sizeof err);
+                lr_set_option(&z, "lr-rates", "1e-4", err, sizeof err);
+            }
+            zero_ok &= lr_validate(&z, 100, err, sizeof err) == 0;
+            for (int64_t t = 0; t < 100; t++) zero_ok &= lr_at(&z, t, 100) == 0.0;
+        }
+        check(zero_ok, "lr 0 accepted, every rate 0 (cosine, const, wsd, multistep)");
+    }
 
     // Writing the options and setting them back gives the same schedule.
     LrSchedule w;

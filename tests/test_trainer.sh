@@ -6,7 +6,8 @@
 #  3. SIGTERM: the run finishes its step, writes a checkpoint, exits 0;
 #  4. a corrupt checkpoint is rejected by --resume, naming the file, and
 #     nothing in the directory changes;
-#  5. bad options and impossible configs are rejected with a message.
+#  5. --lr 0 moves nothing; --init-from accepts another seq_len only;
+#  6. bad options and impossible configs are rejected with a message.
 set -u
 cd "$(dirname "$0")/.."
 BIN=./train_moe
@@ -114,7 +115,37 @@ else
     ok "truncated checkpoint rejected: $(grep -m1 error "$TMP/t.out" | cut -c1-160)"
 fi
 
-# 5. bad input.
+# 5. options a user probing a model needs.
+# --lr 0 moves no parameter (AdamW's decoupled weight decay is lr-scaled too),
+# while the balancing biases still follow the counts: 1 step and 3 steps at
+# lr 0 from the same start hold the same parameters, different biases.
+params_of() { ./moe_ckpt info "$1" | awk '$1 == "params" || $1 == "bias" { print $1, $NF }'; }
+$BIN "${COMMON[@]}" --lr 0 --warmup-steps 0 --steps 1 --ckpt-dir "$TMP/z1" --keep-last 0 > "$TMP/z1.out" 2>&1 || { bad "--lr 0 run failed"; cat "$TMP/z1.out"; }
+$BIN "${COMMON[@]}" --lr 0 --warmup-steps 0 --steps 3 --ckpt-dir "$TMP/z3" --keep-last 0 > "$TMP/z3.out" 2>&1 || { bad "--lr 0 run failed"; cat "$TMP/z3.out"; }
+p1=$(params_of "$TMP/z1/ckpt_00000001.bin" | grep params); p3=$(params_of "$TMP/z3/ckpt_00000003.bin" | grep params)
+b1=$(params_of "$TMP/z1/ckpt_00000001.bin" | grep bias); b3=$(params_of "$TMP/z3/ckpt_00000003.bin" | grep bias)
+if [ -n "$p1" ] && [ "$p1" = "$p3" ] && [ "$b1" != "$b3" ]; then
+    ok "--lr 0 accepted: parameters after 1 and 3 steps identical ($p1), biases updated"
+else
+    bad "--lr 0: params '$p1' vs '$p3', biases '$b1' vs '$b3'"
+fi
+# --init-from a checkpoint trained at another sequence length: accepted (no
+# parameter depends on it); a different d_model is refused, naming the field.
+if $BIN "${COMMON[@]}" --steps 6 --seq-len 8 --init-from "$TMP/a/ckpt_00000030.bin" > "$TMP/sl.out" 2>&1 \
+    && grep -q "initialised from" "$TMP/sl.out"; then
+    ok "--init-from with a different seq_len (16 -> 8) accepted"
+else
+    bad "--init-from with another seq_len refused:"; cat "$TMP/sl.out"
+fi
+if $BIN "${COMMON[@]}" --steps 6 --d-model 48 --init-from "$TMP/a/ckpt_00000030.bin" > "$TMP/dm.out" 2>&1; then
+    bad "--init-from with another d_model accepted"
+elif grep -q "d_model differ" "$TMP/dm.out"; then
+    ok "--init-from with another d_model refused: $(grep -m1 error "$TMP/dm.out" | cut -c1-150)"
+else
+    bad "--init-from with another d_model: message does not name d_model:"; cat "$TMP/dm.out"
+fi
+
+# 6. bad input.
 expect_fail() {
     local what="$1"; shift
     if out=$("$@" 2>&1); then bad "$what: accepted"; else ok "$what rejected: $(echo "$out" | grep -m1 error | cut -c1-150)"; fi

@@ -165,8 +165,9 @@ static int check_multistep(const LrSchedule *s, char *err, size_t errlen) {
 }
 
 int lr_validate(const LrSchedule *s, int64_t total_steps, char *err, size_t errlen) {
-    if (!(s->lr > 0)) {
-        snprintf(err, errlen, "lr = %g must be > 0", s->lr);
+    // lr 0 is allowed: a run that evaluates or probes a checkpoint without moving it.
+    if (!(s->lr >= 0) || !isfinite(s->lr)) {
+        snprintf(err, errlen, "lr = %g must be >= 0", s->lr);
         return -1;
     }
     if (s->warmup_steps < 0) {
@@ -178,7 +179,7 @@ int lr_validate(const LrSchedule *s, int64_t total_steps, char *err, size_t errl
                  lr_kind_names[s->kind]);
         return -1;
     }
-    if (s->kind == LR_COSINE || s->kind == LR_WSD) {
+    if ((s->kind == LR_COSINE || s->kind == LR_WSD) && s->lr > 0) {
         if (!(s->lr_min >= 0 && s->lr_min <= s->lr)) {
             snprintf(err, errlen, "lr-min = %g must be in [0, lr = %g]", s->lr_min, s->lr);
             return -1;
@@ -213,7 +214,7 @@ void lr_print_help(FILE *f) {
     lr_schedule_default(&d);
     fprintf(f, "Learning rate (0-based step s; warmup: s < W uses lr*(s+1)/W):\n");
     fprintf(f, "  --lr-schedule NAME   const | cosine | multistep | wsd (default %s)\n", lr_kind_names[d.kind]);
-    fprintf(f, "  --lr X               peak rate after warmup (default %g)\n", d.lr);
+    fprintf(f, "  --lr X               peak rate after warmup; 0 trains nothing (every rate 0) (default %g)\n", d.lr);
     fprintf(f, "  --lr-min X           final rate of cosine and wsd (default %g)\n", d.lr_min);
     fprintf(f, "  --warmup-steps W     linear warmup length, 0 for none (default %lld)\n",
             (long long)d.warmup_steps);
@@ -252,6 +253,7 @@ static double progress(int64_t num, int64_t den) {
 }
 
 double lr_at(const LrSchedule *s, int64_t step, int64_t total_steps) {
+    if (s->lr == 0) return 0; // --lr 0: nothing moves, whatever lr-min or lr-rates say
     int64_t W = s->warmup_steps;
     if (step < W) return s->lr * (double)(step + 1) / (double)W;
     switch (s->kind) {

@@ -42,7 +42,7 @@ static const TrainOption train_options[] = {
     OPT("ckpt-every", NULL, O_INT, ckpt_every, "0", "steps between checkpoints (0: only at the end)"),
     OPT("keep-last", NULL, O_INT, keep_last, "3", "checkpoints to keep (0: all)"),
     OPT("resume", NULL, O_FLAG, resume, "0", "continue from the newest checkpoint in --ckpt-dir"),
-    OPT("init-from", NULL, O_STR, init_from, "", "start from the parameters and biases of this checkpoint"),
+    OPT("init-from", NULL, O_STR, init_from, "", "start from the parameters and biases of this checkpoint (same model; seq_len may differ)"),
     OPT("log", NULL, O_STR, log, "", "JSON-lines log file (appended to)"),
     OPT("log-loads-every", NULL, O_INT, log_loads_every, "10", "steps between per-layer expert counts in the log (0: never)"),
     OPT("print-every", NULL, O_INT, print_every, "1", "steps between human log lines"),

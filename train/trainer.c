@@ -21,6 +21,7 @@
 #include "../tokenizer/bpe.h"
 #include "../util/util.h"
 #include "ckpt.h"
+#include "ckpt_sections.h"
 #include "lr.h"
 
 // ----------------------------------------------------------------------------
@@ -34,15 +35,6 @@ static double now_seconds(void) {
 
 static volatile sig_atomic_t stop_requested;
 static void on_signal(int sig) { stop_requested = sig; }
-
-// The routing behaviour the balancing policy asks of the model.
-static RouteOptions trainer_route_options(const BalanceConfig *b) {
-    RouteOptions ro = { 0 };
-    ro.bias_mult = balance_bias_is_multiplicative(b);
-    ro.aux_kind = balance_aux_kind(b); // BALANCE_AUX_* equal AUX_* by design
-    ro.aux_alpha = (float)balance_aux_alpha(b);
-    return ro;
-}
 
 static void fmt_duration(char *buf, size_t n, double s) {
     if (s < 0 || !isfinite(s)) snprintf(buf, n, "?");
@@ -69,6 +61,8 @@ typedef struct {
     int *tokens, *targets;  // (B, T)
     Loader *train, *val;
     BalanceAccum eval_acc;  // counts over an evaluation pass
+    int has_eval_acc;       // eval_acc was initialised
+    int created;            // the backend's model exists (be->destroy is due)
     FILE *log;              // JSON lines, or NULL
     uint64_t rng;           // sampling RNG state
 } Run;
@@ -125,15 +119,14 @@ static int trainer_save_main(Run *r, const float *params, const float *adam_m, c
     int rc = w ? 0 : -1;
     if (w) {
         size_t nb = (size_t)r->n_moe * r->E;
-        rc |= ckpt_write_section(w, "model_config", CKPT_TEXT, cfg_text, cfg_len);
-        rc |= ckpt_write_section(w, "options", CKPT_TEXT, opt_text, opt_len);
-        rc |= ckpt_write_section(w, "step", CKPT_I64, &r->step, sizeof r->step);
-        rc |= ckpt_write_section(w, "loader", CKPT_U64, loader_state, sizeof loader_state);
-        rc |= ckpt_write_section(w, "rng", CKPT_U64, &r->rng, sizeof r->rng);
-        rc |= ckpt_write_section(w, "bias", CKPT_F32, r->bias, nb * sizeof(float));
-        rc |= ckpt_write_section(w, "params", CKPT_F32, params, (uint64_t)n * sizeof(float));
-        rc |= ckpt_write_section(w, "adam_m", CKPT_F32, adam_m, (uint64_t)n * sizeof(float));
-        rc |= ckpt_write_section(w, "adam_v", CKPT_F32, adam_v, (uint64_t)n * sizeof(float));
+        // Every section of train/ckpt_sections.h, in its order.
+        const void *data[SEC_COUNT] = { cfg_text, opt_text, &r->step, loader_state, &r->rng,
+                                        r->bias, params, adam_m, adam_v };
+        uint64_t bytes[SEC_COUNT] = { cfg_len, opt_len, sizeof r->step, sizeof loader_state, sizeof r->rng,
+                                      nb * sizeof(float), (uint64_t)n * sizeof(float), (uint64_t)n * sizeof(float),
+                                      (uint64_t)n * sizeof(float) };
+        for (int i = 0; i < SEC_COUNT; i++)
+            rc |= ckpt_write_section(w, ckpt_sections[i].name, ckpt_sections[i].dtype, data[i], bytes[i]);
         if (rc != 0) {
             fprintf(stderr, "error: %s\n", ckpt_writer_error(w));
             ckpt_writer_abort(w);
@@ -153,11 +146,14 @@ static int trainer_save_main(Run *r, const float *params, const float *adam_m, c
 }
 
 // Reads the model config of a checkpoint and checks it equals `want` (when
-// not NULL). Returns 0 or -1 with a message.
-static int trainer_ckpt_config(Ckpt *ck, const char *path, MoeConfig *out, const MoeConfig *want) {
+// not NULL) in every field but `ignore` (when not NULL). Returns 0 or -1 with
+// a message.
+static int trainer_ckpt_config(Ckpt *ck, const char *path, MoeConfig *out, const MoeConfig *want,
+                               const char *ignore) {
     char err[1024];
     uint64_t len;
-    char *text = ckpt_read_alloc(ck, "model_config", CKPT_TEXT, &len, err, sizeof err);
+    const CkptSectionDef *sec = &ckpt_sections[SEC_MODEL_CONFIG];
+    char *text = ckpt_read_alloc(ck, sec->name, sec->dtype, &len, err, sizeof err);
     if (!text) {
         fprintf(stderr, "error: %s\n", err);
         return -1;
@@ -173,8 +169,10 @@ static int trainer_ckpt_config(Ckpt *ck, const char *path, MoeConfig *out, const
         }
     }
     free(text);
-    if (want && memcmp(out, want, sizeof *out) != 0) {
-        fprintf(stderr, "error: %s holds a different model than the options ask for; its model is:\n", path);
+    char fields[512];
+    if (want && config_diff(out, want, ignore, fields, sizeof fields) > 0) {
+        fprintf(stderr, "error: %s holds a different model than the options ask for (%s differ); its model is:\n",
+                path, fields);
         config_write(out, stderr);
         return -1;
     }
@@ -184,7 +182,7 @@ static int trainer_ckpt_config(Ckpt *ck, const char *path, MoeConfig *out, const
 // Loads parameters and biases (and, when full, the optimizer state, step,
 // loader and RNG state) from a checkpoint file.
 static int trainer_load(Run *r, const char *path, int full) {
-    char err[1024];
+    char err[1024] = ""; // stays empty when a callee printed its own message
     Ckpt *ck = ckpt_open(path, err, sizeof err);
     if (!ck) {
         fprintf(stderr, "error: %s\n", err);
@@ -195,17 +193,20 @@ static int trainer_load(Run *r, const char *path, int full) {
     size_t nb = (size_t)r->n_moe * r->E;
     float *buf = xcalloc((size_t)n, sizeof(float));
     float *buf2 = full ? xcalloc((size_t)n, sizeof(float)) : NULL;
-    int rc = trainer_ckpt_config(ck, path, &saved, &r->cfg);
-    if (rc == 0) rc = ckpt_read(ck, "params", CKPT_F32, buf, (uint64_t)n * sizeof(float), err, sizeof err);
-    if (rc == 0) rc = ckpt_read(ck, "bias", CKPT_F32, r->bias, nb * sizeof(float), err, sizeof err);
+    // A model to start from (not resume) may have been trained at another
+    // sequence length: no parameter depends on it (the RoPE tables are rebuilt).
+    int rc = trainer_ckpt_config(ck, path, &saved, &r->cfg, full ? NULL : "seq_len");
+#define READ(id, dst, bytes) ckpt_read(ck, ckpt_sections[id].name, ckpt_sections[id].dtype, dst, bytes, err, sizeof err)
+    if (rc == 0) rc = READ(SEC_PARAMS, buf, (uint64_t)n * sizeof(float));
+    if (rc == 0) rc = READ(SEC_BIAS, r->bias, nb * sizeof(float));
     if (rc == 0) r->be->set_params(r->be, buf);
     if (rc == 0 && full) {
         uint64_t ls[3];
-        rc = ckpt_read(ck, "adam_m", CKPT_F32, buf, (uint64_t)n * sizeof(float), err, sizeof err);
-        if (rc == 0) rc = ckpt_read(ck, "adam_v", CKPT_F32, buf2, (uint64_t)n * sizeof(float), err, sizeof err);
-        if (rc == 0) rc = ckpt_read(ck, "step", CKPT_I64, &r->step, sizeof r->step, err, sizeof err);
-        if (rc == 0) rc = ckpt_read(ck, "loader", CKPT_U64, ls, sizeof ls, err, sizeof err);
-        if (rc == 0) rc = ckpt_read(ck, "rng", CKPT_U64, &r->rng, sizeof r->rng, err, sizeof err);
+        rc = READ(SEC_ADAM_M, buf, (uint64_t)n * sizeof(float));
+        if (rc == 0) rc = READ(SEC_ADAM_V, buf2, (uint64_t)n * sizeof(float));
+        if (rc == 0) rc = READ(SEC_STEP, &r->step, sizeof r->step);
+        if (rc == 0) rc = READ(SEC_LOADER, ls, sizeof ls);
+        if (rc == 0) rc = READ(SEC_RNG, &r->rng, sizeof r->rng);
         if (rc == 0) r->be->set_opt_state(r->be, buf, buf2);
         if (rc == 0) {
             LoaderState st = { ls[0], ls[1], ls[2] };
@@ -216,6 +217,7 @@ static int trainer_load(Run *r, const char *path, int full) {
             }
         }
     }
+#undef READ
     if (rc != 0 && err[0]) fprintf(stderr, "error: %s\n", err);
     r->be->set_bias(r->be, r->bias);
     free(buf);
@@ -340,7 +342,6 @@ static void trainer_sample(const TrainOptions *o, Backend *be, const MoeConfig *
         free(ids);
     }
     if (n == 0) ctx[n++] = tok && tok_eot_id(tok) >= 0 ? tok_eot_id(tok) : 0;
-    int start = n;
     float *logits = xcalloc((size_t)c->vocab_size, sizeof(float));
     if (main_rank)
         printf("sample (%d tokens, temperature %.2f, top-k %d):\n---\n%s", o->sample_tokens, o->temperature,
@@ -362,7 +363,6 @@ static void trainer_sample(const TrainOptions *o, Backend *be, const MoeConfig *
         fflush(stdout);
     }
     if (main_rank) printf("\n---\n");
-    (void)start;
     free(ctx);
     free(logits);
     if (tok) tok_free(tok);
@@ -450,7 +450,7 @@ static int trainer_step(Run *r, StepResult *res) {
     return 0;
 }
 
-static void trainer_log_step(Run *r, const StepResult *s, double dt, double elapsed, int64_t steps_done) {
+static void trainer_log_step(Run *r, const StepResult *res, double dt, double elapsed, int64_t steps_done) {
     const TrainOptions *o = r->o;
     if (!r->main) return;
     int64_t tokens = r->accum * (int64_t)o->micro_batch * r->cfg.seq_len * r->comm->world;
@@ -459,11 +459,11 @@ static void trainer_log_step(Run *r, const StepResult *s, double dt, double elap
     if (r->step % o->print_every == 0 || r->step == o->steps) {
         char eta_s[32];
         fmt_duration(eta_s, sizeof eta_s, eta);
-        printf("step %5lld/%lld | loss %.4f", (long long)r->step, (long long)o->steps, s->loss);
-        if (s->aux != 0) printf(" (aux %.5f)", s->aux);
-        printf(" | lr %.2e | gamma %.2e | gnorm %.3f | maxvio %.3f", s->lr, s->gamma, s->grad_norm,
-               s->bm.maxvio_batch);
-        if (s->bm.idle_total > 0) printf(" (%d idle)", s->bm.idle_total);
+        printf("step %5lld/%lld | loss %.4f", (long long)r->step, (long long)o->steps, res->loss);
+        if (res->aux != 0) printf(" (aux %.5f)", res->aux);
+        printf(" | lr %.2e | gamma %.2e | gnorm %.3f | maxvio %.3f", res->lr, res->gamma, res->grad_norm,
+               res->bm.maxvio_batch);
+        if (res->bm.idle_total > 0) printf(" (%d idle)", res->bm.idle_total);
         printf(" | %.0f tok/s | eta %s\n", tps, eta_s);
         fflush(stdout);
     }
@@ -471,11 +471,11 @@ static void trainer_log_step(Run *r, const StepResult *s, double dt, double elap
     fprintf(r->log,
             "{\"type\":\"step\",\"step\":%lld,\"loss\":%.6f,\"aux_loss\":%.6g,\"lr\":%.6g,\"gamma\":%.6g,"
             "\"grad_norm\":%.6g,\"tokens\":%lld,\"tokens_per_s\":%.1f,\"step_time_s\":%.4f,\"time_s\":%.2f",
-            (long long)r->step, s->loss, s->aux, s->lr, s->gamma, s->grad_norm, (long long)(tokens * r->step), tps,
+            (long long)r->step, res->loss, res->aux, res->lr, res->gamma, res->grad_norm, (long long)(tokens * r->step), tps,
             dt, elapsed);
     if (r->n_moe > 0) {
         fputc(',', r->log);
-        balance_metrics_json_file(&s->bm, r->log);
+        balance_metrics_json_file(&res->bm, r->log);
         if (o->log_loads_every > 0 && (r->step % o->log_loads_every == 0 || r->step == o->steps)) {
             // Per-layer expert counts of this step: "loads":[[c_0,...,c_E-1],...]
             fprintf(r->log, ",\"loads\":[");
@@ -538,39 +538,13 @@ static void trainer_log_header(Run *r) {
     fflush(r->log);
 }
 
-int trainer_run(const TrainOptions *o, Backend *be) {
+// The training and validation loaders: each rank reads its own share of
+// every epoch. Returns 0, or 1 with a message.
+static int trainer_open_data(Run *r) {
+    const TrainOptions *o = r->o;
+    const Comm *comm = r->comm;
     char err[1024];
-    const Comm *comm = be->comm;
-    if (options_validate(o, comm->world, err, sizeof err) != 0) {
-        if (comm->rank == 0) fprintf(stderr, "error: %s\n", err);
-        return 1;
-    }
-#ifdef _OPENMP
-    if (o->threads > 0) omp_set_num_threads(o->threads);
-#endif
-    Run run = { 0 }, *r = &run;
-    r->o = o;
-    r->be = be;
-    r->comm = comm;
-    r->main = comm->rank == 0;
-    r->cfg = o->model;
-    r->n_moe = config_n_moe(&r->cfg);
-    r->E = r->cfg.n_routed;
     int B = o->micro_batch, T = r->cfg.seq_len;
-    r->accum = o->batch_tokens > 0 ? options_accum_steps(o, comm->world) : 1;
-    r->rng = o->seed ^ 0x5DEECE66DULL;
-
-    if (r->main) {
-        options_print_table(o, stdout);
-        printf("model: %lld parameters (%lld active per token), %.3g training FLOPs per token\n",
-               (long long)config_total_params(&r->cfg), (long long)config_active_params(&r->cfg),
-               config_train_flops_per_token(&r->cfg, T));
-        printf("batch: %d rank(s) (expert parallel groups of %d) x %lld micro-batches of %d x %d = %lld tokens "
-               "per step\n", comm->world, comm->ep, (long long)r->accum, B, T,
-               (long long)(r->accum * B * T * comm->world));
-    }
-
-    // Data: each rank reads its own share of every epoch.
     r->train = loader_open(o->train_data, B, T, comm->rank, comm->world, o->seed, 1, err, sizeof err);
     if (!r->train) {
         fprintf(stderr, "error: --train-data: %s\n", err);
@@ -593,10 +567,21 @@ int trainer_run(const TrainOptions *o, Backend *be) {
             return 1;
         }
     }
+    return 0;
+}
 
+// The model on the backend, the biases, and the starting point: a resumed
+// checkpoint, or fresh parameters (then optionally a checkpoint's). Returns 0,
+// or 1 with a message.
+static int trainer_init_model(Run *r) {
+    const TrainOptions *o = r->o;
+    Backend *be = r->be;
+    char err[1024];
+    int B = o->micro_batch, T = r->cfg.seq_len;
     // Model, biases and optimizer.
-    RouteOptions ro = trainer_route_options(&o->balance);
+    RouteOptions ro = balance_route_options(&o->balance);
     if (be->create(be, &r->cfg, &ro, B, T) != 0) return 1;
+    r->created = 1;
     size_t nb = (size_t)r->n_moe * r->E;
     r->bias = xcalloc(nb, sizeof(float));
     r->counts = xcalloc(nb, sizeof(int64_t));
@@ -607,6 +592,7 @@ int trainer_run(const TrainOptions *o, Backend *be) {
         fprintf(stderr, "error: out of memory\n");
         return 1;
     }
+    r->has_eval_acc = r->n_moe > 0;
     if (o->resume) {
         // Rank 0 finds and verifies the newest checkpoint; the others take its
         // choice (each rank verifying the whole file would multiply the reads
@@ -641,6 +627,26 @@ int trainer_run(const TrainOptions *o, Backend *be) {
             if (r->main) printf("initialised from %s\n", o->init_from);
         }
     }
+    return 0;
+}
+
+// Everything before the first step: data, the model and its parameters, the
+// log. Returns 0, or 1 with a message; what it acquired is in r either way,
+// for trainer_teardown.
+static int trainer_setup(Run *r) {
+    const TrainOptions *o = r->o;
+    const Comm *comm = r->comm;
+    int B = o->micro_batch, T = r->cfg.seq_len;
+    if (r->main) {
+        options_print_table(o, stdout);
+        printf("model: %lld parameters (%lld active per token), %.3g training FLOPs per token\n",
+               (long long)config_total_params(&r->cfg), (long long)config_active_params(&r->cfg),
+               config_train_flops_per_token(&r->cfg, T));
+        printf("batch: %d rank(s) (expert parallel groups of %d) x %lld micro-batches of %d x %d = %lld tokens "
+               "per step\n", comm->world, comm->ep, (long long)r->accum, B, T,
+               (long long)(r->accum * B * T * comm->world));
+    }
+    if (trainer_open_data(r) != 0 || trainer_init_model(r) != 0) return 1;
     if (o->log[0] && r->main) {
         r->log = fopen(o->log, "a");
         if (!r->log) {
@@ -649,21 +655,26 @@ int trainer_run(const TrainOptions *o, Backend *be) {
         }
     }
     trainer_log_header(r);
-    signal(SIGINT, on_signal);
-    signal(SIGTERM, on_signal);
+    return 0;
+}
 
+// The steps, each followed by its log line, evaluation and checkpoint when
+// due; stops early (with a checkpoint) on a signal or at --run-steps.
+// Returns the exit code.
+static int trainer_loop(Run *r) {
+    const TrainOptions *o = r->o;
     int rc = 0;
     double t_start = now_seconds();
     int64_t first = r->step;
     while (r->step < o->steps) {
         double t0 = now_seconds();
-        StepResult s;
-        if (trainer_step(r, &s) != 0) {
+        StepResult res;
+        if (trainer_step(r, &res) != 0) {
             rc = 1;
             break;
         }
         double t1 = now_seconds();
-        trainer_log_step(r, &s, t1 - t0, t1 - t_start, r->step - first);
+        trainer_log_step(r, &res, t1 - t0, t1 - t_start, r->step - first);
         int last = r->step == o->steps;
         // --run-steps ends this invocation early, as a signal does, with a checkpoint.
         if (o->run_steps > 0 && r->step - first >= o->run_steps && !last && !stop_requested) {
@@ -674,7 +685,7 @@ int trainer_run(const TrainOptions *o, Backend *be) {
         }
         // A signal may reach some ranks only: stop when any rank was asked to.
         int64_t stop = stop_requested;
-        comm_allreduce_max_i64(comm, COMM_WORLD, &stop, 1);
+        comm_allreduce_max_i64(r->comm, COMM_WORLD, &stop, 1);
         if (stop && !stop_requested) stop_requested = (sig_atomic_t)stop;
         if (r->val && ((o->eval_every > 0 && r->step % o->eval_every == 0) || last)) {
             double vl;
@@ -696,24 +707,58 @@ int trainer_run(const TrainOptions *o, Backend *be) {
         }
         if (stop_requested) break;
     }
-    if (rc == 0 && !stop_requested) trainer_sample(o, be, &r->cfg, &r->rng);
-    if (rc == 0) {
-        // For tests and for the record: every rank's final biases, by checksum.
-        size_t nb2 = (size_t)r->n_moe * r->E * sizeof(float);
-        printf("rank %d: final bias xxh64 %016llx\n", comm->rank,
-               (unsigned long long)ckpt_hash(r->bias, nb2));
-    }
+    return rc;
+}
 
+// Releases whatever trainer_setup acquired, however far it got.
+static void trainer_teardown(Run *r) {
     if (r->log) fclose(r->log);
     loader_close(r->train);
     loader_close(r->val);
-    if (r->n_moe > 0) balance_accum_free(&r->eval_acc);
+    if (r->has_eval_acc) balance_accum_free(&r->eval_acc);
     free(r->bias);
     free(r->counts);
     free(r->micro_counts);
     free(r->tokens);
     free(r->targets);
-    be->destroy(be);
+    if (r->created) r->be->destroy(r->be);
+    memset(r, 0, sizeof *r);
+}
+
+int trainer_run(const TrainOptions *o, Backend *be) {
+    char err[1024];
+    const Comm *comm = be->comm;
+    if (options_validate(o, comm->world, err, sizeof err) != 0) {
+        if (comm->rank == 0) fprintf(stderr, "error: %s\n", err);
+        return 1;
+    }
+#ifdef _OPENMP
+    if (o->threads > 0) omp_set_num_threads(o->threads);
+#endif
+    Run run = { 0 }, *r = &run;
+    r->o = o;
+    r->be = be;
+    r->comm = comm;
+    r->main = comm->rank == 0;
+    r->cfg = o->model;
+    r->n_moe = config_n_moe(&r->cfg);
+    r->E = r->cfg.n_routed;
+    r->accum = o->batch_tokens > 0 ? options_accum_steps(o, comm->world) : 1;
+    r->rng = o->seed ^ 0x5DEECE66DULL;
+
+    int rc = trainer_setup(r);
+    if (rc == 0) {
+        signal(SIGINT, on_signal);
+        signal(SIGTERM, on_signal);
+        rc = trainer_loop(r);
+    }
+    if (rc == 0 && !stop_requested) trainer_sample(o, be, &r->cfg, &r->rng);
+    if (rc == 0) {
+        // For tests and for the record: every rank's final biases, by checksum.
+        size_t nb = (size_t)r->n_moe * r->E * sizeof(float);
+        printf("rank %d: final bias xxh64 %016llx\n", comm->rank, (unsigned long long)ckpt_hash(r->bias, nb));
+    }
+    trainer_teardown(r);
     return rc;
 }
 
@@ -729,12 +774,13 @@ int trainer_sample_from_checkpoint(const TrainOptions *o, Backend *be, const cha
     r->be = be;
     r->comm = be->comm;
     r->main = be->comm->rank == 0;
-    int rc = trainer_ckpt_config(ck, ckpt_path, &r->cfg, NULL);
+    int rc = trainer_ckpt_config(ck, ckpt_path, &r->cfg, NULL, NULL);
     // The routing must be the one the model was trained with (a multiplicative
     // or additive bias): read the balancing options saved with it.
     BalanceConfig bal = o->balance;
     uint64_t len;
-    char *text = rc == 0 ? ckpt_read_alloc(ck, "options", CKPT_TEXT, &len, err, sizeof err) : NULL;
+    const CkptSectionDef *sec = &ckpt_sections[SEC_OPTIONS];
+    char *text = rc == 0 ? ckpt_read_alloc(ck, sec->name, sec->dtype, &len, err, sizeof err) : NULL;
     for (char *line = text ? strtok(text, "\n") : NULL; line; line = strtok(NULL, "\n")) {
         char *eq = strstr(line, " = "); // options_write's "key = value"
         if (!eq) continue;
@@ -746,15 +792,17 @@ int trainer_sample_from_checkpoint(const TrainOptions *o, Backend *be, const cha
     if (rc != 0) return 1;
     r->n_moe = config_n_moe(&r->cfg);
     r->E = r->cfg.n_routed;
-    RouteOptions ro = trainer_route_options(&bal);
+    RouteOptions ro = balance_route_options(&bal);
     if (be->create(be, &r->cfg, &ro, 1, r->cfg.seq_len) != 0) return 1;
+    r->created = 1;
     r->bias = xcalloc((size_t)r->n_moe * r->E + 1, sizeof(float));
-    if (trainer_load(r, ckpt_path, 0) != 0) return 1;
-    uint64_t rng = o->seed;
-    trainer_sample(o, be, &r->cfg, &rng);
-    free(r->bias);
-    be->destroy(be);
-    return 0;
+    rc = trainer_load(r, ckpt_path, 0);
+    if (rc == 0) {
+        uint64_t rng = o->seed;
+        trainer_sample(o, be, &r->cfg, &rng);
+    }
+    trainer_teardown(r);
+    return rc == 0 ? 0 : 1;
 }
 
 static int trainer_dispatch(int argc, char **argv, const char *prog, Backend *be) {
