@@ -49,7 +49,7 @@ endif
 GPU_LDLIBS = -lcublas -lcublasLt -lnccl -lgomp -lm $(if $(NCCL_HOME),-L$(NCCL_HOME)/lib)
 
 GPU_KERNELS = embedding rmsnorm rope matmul attention swiglu classifier convert adamw gradnorm routing permute \
-              grouped_gemm dispatch
+              grouped_gemm dispatch profiler
 GPU_KOBJ = $(patsubst %,$(GPU_BUILD)/kernels/%.o,$(GPU_KERNELS))
 # The CPU model's compute files are not needed: the GPU runs its own.
 GPU_HOST_BASE = $(patsubst %.c,$(BUILD)/f32/%.o,$(MODEL_SRC) $(DATA_SRC) $(TOK_SRC) $(TRAIN_SRC))

@@ -77,6 +77,7 @@ extern "C" {
 #include "kernels/grouped_gemm.cuh" // defines: GroupedGemm, grouped_matmul_forward / _backward_*
 #include "kernels/matmul.cuh"       // defines: Matmul (cuBLASLt plans), matmul_forward / _backward_*
 #include "kernels/permute.cuh"      // defines: moe_permute, moe_gather, moe_combine_*, moe_scatter
+#include "kernels/profiler.cuh"     // defines: GpuProfiler (--profile: per-phase CUDA events)
 #include "kernels/rmsnorm.cuh"      // defines: rmsnorm_forward, rmsnorm_backward
 #include "kernels/rope.cuh"         // defines: rope_tables_host, rope_apply
 #include "kernels/routing.cuh"      // defines: moe_route, moe_aux_forward, moe_route_backward
@@ -140,6 +141,8 @@ typedef struct {
     cublasHandle_t cublas; // attention's batched GEMMs, the expert GEMMs
     Matmul mm;             // the dense matmuls (cuBLASLt)
     GroupedGemm gg;
+    GpuProfiler prof;      // --profile: CUDA events at the phase boundaries
+    char device_name[256]; // cudaDeviceProp.name
     // every allocation, for destroy, and the bytes per category (printed at create)
     void **dev_ptrs, **host_ptrs;
     size_t *dev_size;          // (n_dev) bytes of each device allocation
@@ -209,6 +212,10 @@ typedef struct {
 } GpuModel;
 
 static GpuModel *gpu_model(Backend *be) { return (GpuModel *)be->ctx; }
+
+// Marks the start of a profiling phase on the model's stream (kernels/profiler.cuh);
+// nothing unless --profile is timing.
+#define PHASE(ph) profiler_mark(&gm->prof, (ph), gm->stream)
 
 // ----------------------------------------------------------------------------
 // Allocation
@@ -389,6 +396,7 @@ static int gpu_open_device(GpuModel *gm) {
     if (gm->ranks.world > 1) snprintf(who, sizeof who, "rank %d: ", gm->ranks.rank);
     printf("%sGPU %d: %s (sm_%d%d, %d SMs, %.1f GiB), activations %s\n", who, dev, prop.name, prop.major, prop.minor,
            prop.multiProcessorCount, prop.totalGlobalMem / 1073741824.0, FLOATX_NAME);
+    snprintf(gm->device_name, sizeof gm->device_name, "%s", prop.name);
 #ifdef MOE_GPU_ARCH
     // The kernels are compiled for one architecture (GPU_ARCH in gpu.mk): an
     // older GPU cannot run them; a newer one compiles their PTX at start-up.
@@ -409,6 +417,7 @@ static int gpu_open_device(GpuModel *gm) {
     // Plain fp32 accumulation, never TF32 (CUBLAS_COMPUTE_32F with the default math mode).
     CUBLAS_CHECK(cublasSetMathMode(gm->cublas, CUBLAS_DEFAULT_MATH));
     matmul_init(&gm->mm, gm->stream);
+    profiler_init(&gm->prof, 4096);
     return 0;
 }
 
@@ -630,6 +639,7 @@ static void gpu_destroy(Backend *be) {
     for (int i = 0; i < gm->n_host; i++) CUDA_CHECK(cudaFreeHost(gm->host_ptrs[i]));
     if (gm->h_exp_src) CUDA_CHECK(cudaFreeHost(gm->h_exp_src));
     if (gm->mm.lt) matmul_free(&gm->mm);
+    if (gm->prof.cap) profiler_free(&gm->prof);
     if (gm->cublas) CUBLAS_CHECK(cublasDestroy(gm->cublas));
     if (gm->stream) CUDA_CHECK(cudaStreamDestroy(gm->stream));
     free(gm->dev_ptrs);
@@ -722,12 +732,15 @@ static void gpu_set_bias(Backend *be, const float *bias) {
     size_t nb = (size_t)gm->n_moe * gm->cfg.n_routed;
     // No wait: a copy from pageable host memory has taken the data when it
     // returns, and the routing kernels that read the biases follow on this stream.
+    PHASE(PH_OPTIMIZER);
     if (nb) CUDA_CHECK(cudaMemcpyAsync(gm->bias, bias, sizeof(float) * nb, cudaMemcpyHostToDevice, gm->stream));
+    PHASE(PH_HOST); // until the next step's first work
 }
 
 static void gpu_zero_grad(Backend *be) {
     GpuModel *gm = gpu_model(be);
     // No wait: everything that reads the gradients is later on this stream.
+    PHASE(PH_OPTIMIZER);
     CUDA_CHECK(cudaMemsetAsync(gm->grads, 0, sizeof(float) * (size_t)gm->n_local, gm->stream));
 }
 
@@ -798,9 +811,11 @@ static void gpu_moe_forward(GpuModel *gm, int l, int moe_idx, int B, int T, floa
     cudaStream_t st = gm->stream;
 
     // Router logits (N, E) in fp32, then the fused routing epilogue and the permutation.
+    PHASE(PH_ROUTER);
     matmul_forward(&gm->mm, la->s, CUDA_R_32F, la->h2, gpu_paramX(gm, l, P_ROUTER), N, d, E, NULL);
     CUDA_CHECK(cudaMemsetAsync(la->counts, 0, sizeof(int) * E, st));
     moe_route(la->s, la->zsum, la->sel, la->gates, la->counts, gm->bias + (size_t)moe_idx * E, N, &rp, st);
+    PHASE(PH_PERMUTE);
     moe_permute(la->offsets, la->row_of, la->slot_of, gm->perm_scratch, la->sel, la->counts, NK, E, st);
     const GpuComm *rk = &gm->ranks;
     const EpShard *ep = &gm->shard;
@@ -819,7 +834,9 @@ static void gpu_moe_forward(GpuModel *gm, int l, int moe_idx, int B, int T, floa
     // which size the all-to-all-v) must reach the host before the expert GEMMs
     // can be enqueued. They also give the host its exact per-expert counts.
     CUDA_CHECK(cudaMemcpyAsync(la->h_offsets, la->offsets, sizeof(int) * (E + 1), cudaMemcpyDeviceToHost, st));
+    PHASE(PH_HOST);
     CUDA_CHECK(cudaStreamSynchronize(st));
+    PHASE(PH_PERMUTE);
     ASSERT(la->h_offsets[E] == NK, "layer %d routed %d slots, expected %d (routing counts and permutation disagree)",
            l, la->h_offsets[E], NK);
 
@@ -847,7 +864,9 @@ static void gpu_moe_forward(GpuModel *gm, int l, int moe_idx, int B, int T, floa
 
     // This rank's routed experts; their outputs back to received order and to
     // the tokens' ranks (model/moe.c's moe_return).
+    PHASE(PH_EXPERT_GEMM);
     expert_ffn_forward(gm, la, l, moe_idx, gm->exchange ? gm->ye : la->eout);
+    PHASE(PH_PERMUTE);
     if (gm->exchange) {
         moe_rows_scatter(gm->xr, gm->ye, la->exp_src, la->R, rb, st);
         rk->alltoallv(rk->ctx, gm->xr, la->recv_rows, la->eout, la->send_rows, rb, st);
@@ -855,6 +874,7 @@ static void gpu_moe_forward(GpuModel *gm, int l, int moe_idx, int B, int T, floa
 
     // xout = xmid + shared(h2) + sum_j g_j expert_j(h2). The shared experts'
     // last matmul adds xmid (fused); without them it is copied.
+    PHASE(PH_SHARED);
     if (sh > 0) {
         matmul_forward(&gm->mm, la->s13, CUDA_R_FLOATX, la->h2, gpu_paramX(gm, l, P_SHARED_W13), N, d, 2 * sh, NULL);
         swiglu_forward(la->sact, la->s13, N, sh, st);
@@ -862,7 +882,9 @@ static void gpu_moe_forward(GpuModel *gm, int l, int moe_idx, int B, int T, floa
     } else {
         CUDA_CHECK(cudaMemcpyAsync(xout, la->xmid, sizeof(float) * (size_t)N * d, cudaMemcpyDeviceToDevice, st));
     }
+    PHASE(PH_PERMUTE);
     moe_combine_forward(xout, la->eout, la->gates, la->row_of, N, K, d, st);
+    PHASE(PH_ROUTER);
     moe_aux_forward(gm->aux + moe_idx, la->aux_f, gm->aux_prob, la->s, la->zsum, la->sel, B, T, &rp, st);
 }
 
@@ -881,6 +903,7 @@ static void gpu_forward(GpuModel *gm, const int *tokens, const int *targets, int
     gm->T = T;
 
     // Inputs through the pinned staging (free: every backend call ends synchronised).
+    PHASE(PH_EMBEDDING);
     memcpy(gm->h_tokens, tokens, sizeof(int) * N);
     CUDA_CHECK(cudaMemcpyAsync(gm->tokens, gm->h_tokens, sizeof(int) * N, cudaMemcpyHostToDevice, st));
     if (targets) {
@@ -901,25 +924,37 @@ static void gpu_forward(GpuModel *gm, const int *tokens, const int *targets, int
         const float *x = gm->x + (size_t)l * Nd;
         float *xout = gm->x + (size_t)(l + 1) * Nd;
         // Attention block: xmid = x + wo(attention(rope(wqkv(norm(x))))).
+        PHASE(PH_ELEMENTWISE);
         rmsnorm_forward(la->h1, la->rstd1, x, gpu_param(gm, l, P_ATTN_NORM), N, d, c->rms_eps, st);
+        PHASE(PH_DENSE_MATMUL);
         matmul_forward(&gm->mm, la->qkv, CUDA_R_FLOATX, la->h1, gpu_paramX(gm, l, P_WQKV), N, d, 3 * d, NULL);
+        PHASE(PH_ELEMENTWISE);
         rope_apply(la->qkv, gm->rope_cos, gm->rope_sin, B, T, d, H, 0, st);
+        PHASE(PH_ATTENTION);
         attention_forward(gm->cublas, la->a, la->att, gm->att_f32, la->qkv, B, T, d, H, st);
+        PHASE(PH_DENSE_MATMUL);
         matmul_forward(&gm->mm, la->xmid, CUDA_R_32F, la->a, gpu_paramX(gm, l, P_WO), N, d, d, x); // + x: fused
         // FFN block: xout = xmid + ffn(norm(xmid)).
+        PHASE(PH_ELEMENTWISE);
         rmsnorm_forward(la->h2, la->rstd2, la->xmid, gpu_param(gm, l, P_FFN_NORM), N, d, c->rms_eps, st);
         if (!config_is_moe(c, l)) {
+            PHASE(PH_DENSE_MATMUL);
             matmul_forward(&gm->mm, la->f13, CUDA_R_FLOATX, la->h2, gpu_paramX(gm, l, P_FFN_W13), N, d, 2 * c->d_ff,
                            NULL);
+            PHASE(PH_ELEMENTWISE);
             swiglu_forward(la->fact, la->f13, N, c->d_ff, st);
+            PHASE(PH_DENSE_MATMUL);
             matmul_forward(&gm->mm, xout, CUDA_R_32F, la->fact, gpu_paramX(gm, l, P_FFN_W2), N, c->d_ff, d, la->xmid);
         } else {
             gpu_moe_forward(gm, l, l - c->n_dense, B, T, xout);
         }
     }
+    PHASE(PH_ELEMENTWISE);
     rmsnorm_forward(gm->hf, gm->rstdf, gm->x + (size_t)L * Nd, gpu_param(gm, -1, P_FINAL_NORM), N, d, c->rms_eps, st);
     const floatX *head = gpu_paramX(gm, -1, c->tie_embeddings ? P_TOK_EMB : P_LM_HEAD);
+    PHASE(PH_DENSE_MATMUL);
     matmul_forward(&gm->mm, gm->logits, CUDA_R_FLOATX, gm->hf, head, N, d, V, NULL);
+    PHASE(PH_CLASSIFIER);
     if (targets) {
         classifier_forward(gm->logits, gm->losses, gm->targets, N, V, grad_scale / (float)N, want_grad, st);
         CUDA_CHECK(cudaMemcpyAsync(gm->h_losses, gm->losses, sizeof(double) * N, cudaMemcpyDeviceToHost, st));
@@ -960,6 +995,7 @@ static void gpu_moe_backward(GpuModel *gm, int l, int moe_idx, int B, int T, flo
     size_t rb = sizeof(floatX) * d;
 
     // Combine backward: the gates get dout . y, the expert outputs gate * dout.
+    PHASE(PH_PERMUTE);
     moe_combine_backward(gm->deout, gm->dgates, gm->dres, la->eout, la->gates, la->row_of, N, K, d, st);
     // The output gradients travel to the experts' ranks (model/moe.c's moe_send).
     const floatX *dye = gm->deout;
@@ -968,8 +1004,10 @@ static void gpu_moe_backward(GpuModel *gm, int l, int moe_idx, int B, int T, flo
         moe_rows_gather(gm->ye, gm->xr, la->exp_src, la->R, rb, st);
         dye = gm->ye;
     }
+    PHASE(PH_EXPERT_GEMM);
     expert_ffn_backward(gm, la, l, moe_idx, dye);
     // The input gradients come back to the tokens' ranks (moe_return).
+    PHASE(PH_PERMUTE);
     const floatX *dxs = gm->dxe;
     if (gm->exchange) {
         moe_rows_scatter(gm->xr, gm->dxe, la->exp_src, la->R, rb, st);
@@ -978,6 +1016,7 @@ static void gpu_moe_backward(GpuModel *gm, int l, int moe_idx, int B, int T, flo
     }
     moe_scatter(gm->dh, dxs, la->row_of, N, K, d, st);
     // Shared experts.
+    PHASE(PH_SHARED);
     if (sh > 0) {
         matmul_backward_weight(&gm->mm, gpu_grad(gm, l, P_SHARED_W2), gm->dresX, la->sact, N, sh, d);
         matmul_backward_input(&gm->mm, gm->dsmall, CUDA_R_FLOATX, gm->dresX, gpu_paramX(gm, l, P_SHARED_W2), N, sh, d,
@@ -987,6 +1026,7 @@ static void gpu_moe_backward(GpuModel *gm, int l, int moe_idx, int B, int T, flo
         matmul_backward_input(&gm->mm, gm->dh, CUDA_R_32F, gm->dbig, gpu_paramX(gm, l, P_SHARED_W13), N, d, 2 * sh, 1);
     }
     // Gate values and auxiliary loss -> affinities -> router logits -> router.
+    PHASE(PH_ROUTER);
     moe_route_backward(gm->dlr, la->s, la->zsum, la->sel, gm->dgates, la->aux_f, B, T, &rp, grad_scale, st);
     matmul_backward_weight(&gm->mm, gpu_grad(gm, l, P_ROUTER), gm->dlr, la->h2, N, d, E);
     matmul_backward_input(&gm->mm, gm->dh, CUDA_R_32F, gm->dlr, gpu_paramX(gm, l, P_ROUTER), N, d, E, 1);
@@ -1002,8 +1042,10 @@ static void gpu_backward(GpuModel *gm, float grad_scale) {
 
     // LM head and final norm.
     ParamKind head = c->tie_embeddings ? P_TOK_EMB : P_LM_HEAD;
+    PHASE(PH_DENSE_MATMUL);
     matmul_backward_weight(&gm->mm, gpu_grad(gm, -1, head), gm->logits, gm->hf, N, d, V);
     matmul_backward_input(&gm->mm, gm->dh, CUDA_R_32F, gm->logits, gpu_paramX(gm, -1, head), N, d, V, 0);
+    PHASE(PH_ELEMENTWISE);
     rmsnorm_backward(gm->dres, gm->dresX, gpu_grad(gm, -1, P_FINAL_NORM), gm->norm_scratch, gm->dh,
                      gm->x + (size_t)L * Nd, gpu_param(gm, -1, P_FINAL_NORM), gm->rstdf, N, d, 0, st);
 
@@ -1012,29 +1054,39 @@ static void gpu_backward(GpuModel *gm, float grad_scale) {
         // FFN block: dres flows through the residual unchanged and through the FFN.
         if (!config_is_moe(c, l)) {
             floatX *dact = gm->dsmall, *d13 = gm->dbig;
+            PHASE(PH_DENSE_MATMUL);
             matmul_backward_weight(&gm->mm, gpu_grad(gm, l, P_FFN_W2), gm->dresX, la->fact, N, c->d_ff, d);
             matmul_backward_input(&gm->mm, dact, CUDA_R_FLOATX, gm->dresX, gpu_paramX(gm, l, P_FFN_W2), N, c->d_ff, d,
                                   0);
+            PHASE(PH_ELEMENTWISE);
             swiglu_backward(d13, dact, la->f13, N, c->d_ff, st);
+            PHASE(PH_DENSE_MATMUL);
             matmul_backward_weight(&gm->mm, gpu_grad(gm, l, P_FFN_W13), d13, la->h2, N, d, 2 * c->d_ff);
             matmul_backward_input(&gm->mm, gm->dh, CUDA_R_32F, d13, gpu_paramX(gm, l, P_FFN_W13), N, d, 2 * c->d_ff,
                                   0);
         } else {
             gpu_moe_backward(gm, l, l - c->n_dense, B, T, grad_scale);
         }
+        PHASE(PH_ELEMENTWISE);
         rmsnorm_backward(gm->dres, gm->dresX, gpu_grad(gm, l, P_FFN_NORM), gm->norm_scratch, gm->dh, la->xmid,
                          gpu_param(gm, l, P_FFN_NORM), la->rstd2, N, d, 1, st);
         // Attention block.
         floatX *da = gm->dsmall, *dqkv = gm->dbig;
+        PHASE(PH_DENSE_MATMUL);
         matmul_backward_weight(&gm->mm, gpu_grad(gm, l, P_WO), gm->dresX, la->a, N, d, d);
         matmul_backward_input(&gm->mm, da, CUDA_R_FLOATX, gm->dresX, gpu_paramX(gm, l, P_WO), N, d, d, 0);
+        PHASE(PH_ATTENTION);
         attention_backward(gm->cublas, dqkv, da, la->qkv, la->att, gm->att_f32, gm->dS, B, T, d, H, st);
+        PHASE(PH_ELEMENTWISE);
         rope_apply(dqkv, gm->rope_cos, gm->rope_sin, B, T, d, H, 1, st);
+        PHASE(PH_DENSE_MATMUL);
         matmul_backward_weight(&gm->mm, gpu_grad(gm, l, P_WQKV), dqkv, la->h1, N, d, 3 * d);
         matmul_backward_input(&gm->mm, gm->dh, CUDA_R_32F, dqkv, gpu_paramX(gm, l, P_WQKV), N, d, 3 * d, 0);
+        PHASE(PH_ELEMENTWISE);
         rmsnorm_backward(gm->dres, gm->dresX, gpu_grad(gm, l, P_ATTN_NORM), gm->norm_scratch, gm->dh,
                          gm->x + (size_t)l * Nd, gpu_param(gm, l, P_ATTN_NORM), la->rstd1, N, d, 1, st);
     }
+    PHASE(PH_EMBEDDING);
     embedding_backward(gpu_grad(gm, -1, P_TOK_EMB), gm->dres, gm->emb_uniq, gm->emb_off, gm->emb_pos, gm->n_uniq, d, st);
 }
 
@@ -1048,7 +1100,9 @@ static void gpu_micro_batch(Backend *be, const int *tokens, const int *targets, 
     ASSERT(!train || targets, "a training micro-batch without targets");
     gpu_forward(gm, tokens, targets, B, T, train, grad_scale);
     if (train) gpu_backward(gm, grad_scale);
+    PHASE(PH_HOST); // the host takes the losses and counts, and prepares the next micro-batch
     CUDA_CHECK(cudaStreamSynchronize(gm->stream));
+    profiler_flush(&gm->prof); // free while the stream is idle
 
     int N = B * T, E = c->n_routed;
     double sum = 0.0;
@@ -1076,6 +1130,7 @@ static void gpu_sync_grads(Backend *be) {
     GpuModel *gm = gpu_model(be);
     if (!gm->has_comm) return; // one process holds every parameter: nothing to average
     const GpuComm *dc = &gm->ranks;
+    PHASE(PH_COMM);
     dc->allreduce_f32(dc->ctx, COMM_WORLD, gm->grads, (size_t)gm->n_replicated, gm->stream);
     dc->allreduce_f32(dc->ctx, COMM_EDP, gm->grads + gm->n_replicated, (size_t)(gm->n_local - gm->n_replicated), gm->stream);
     scale_f32(gm->grads, gm->n_local, 1.0f / (float)dc->world, gm->stream);
@@ -1095,11 +1150,13 @@ static void gpu_sync_grads(Backend *be) {
 static float gpu_grad_norm(Backend *be) {
     GpuModel *gm = gpu_model(be);
     cudaStream_t st = gm->stream;
+    PHASE(PH_OPTIMIZER);
     gradnorm_sumsq(gm->gn_out, gm->gn_partials, gm->grads, gm->n_replicated, st);
     CUDA_CHECK(cudaMemsetAsync(gm->gn_out + 1, 0, sizeof(double) * gm->shard.size, st));
     gradnorm_sumsq(gm->gn_out + 1 + gm->ranks.ep_rank, gm->gn_partials, gm->grads + gm->n_replicated, gm->n_local - gm->n_replicated, st);
     if (gm->has_comm) gm->ranks.allreduce_f64(gm->ranks.ctx, COMM_EP, gm->gn_out + 1, (size_t)gm->shard.size, st);
     CUDA_CHECK(cudaMemcpyAsync(gm->h_gn, gm->gn_out, sizeof(double) * (gm->shard.size + 1), cudaMemcpyDeviceToHost, st));
+    PHASE(PH_HOST); // the host computes the clipping factor
     CUDA_CHECK(cudaStreamSynchronize(st));
     double experts = 0;
     for (int p = 0; p < gm->shard.size; p++) experts += gm->h_gn[1 + p];
@@ -1109,6 +1166,7 @@ static float gpu_grad_norm(Backend *be) {
 static void gpu_update(Backend *be, const AdamWConfig *opt, double lr, int64_t t, float grad_mult) {
     GpuModel *gm = gpu_model(be);
     AdamWScalars scal = adamw_scalars(opt, lr, t); // the step's bias corrections and rates
+    PHASE(PH_OPTIMIZER);
 #ifdef ENABLE_FP32
     floatX *px = NULL; // the matmuls read the master weights directly
 #else
@@ -1133,6 +1191,20 @@ static void gpu_last_logits(Backend *be, const int *tokens, int n, float *logits
     memcpy(logits, gm->h_row, sizeof(float) * V);
 }
 
+// --profile (train/profile.h): device time per phase between start and stop.
+static void gpu_profile_start(Backend *be) {
+    GpuModel *gm = gpu_model(be);
+    profiler_start(&gm->prof);
+    PHASE(PH_HOST); // the first interval: until the step's first work
+}
+
+static void gpu_profile_stop(Backend *be, double *ms, char *device, size_t len) {
+    GpuModel *gm = gpu_model(be);
+    PHASE(PH_HOST); // closes the last interval
+    profiler_stop(&gm->prof, ms);
+    snprintf(device, len, "%s", gm->device_name);
+}
+
 void gpu_backend_init(Backend *be) {
     memset(be, 0, sizeof *be);
     be->name = "gpu-" FLOATX_NAME;
@@ -1149,6 +1221,8 @@ void gpu_backend_init(Backend *be) {
     be->grad_norm = gpu_grad_norm;
     be->update = gpu_update;
     be->last_logits = gpu_last_logits;
+    be->profile_start = gpu_profile_start;
+    be->profile_stop = gpu_profile_stop;
 }
 
 // ----------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 #ifndef MOE_BACKEND_H
 #define MOE_BACKEND_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "../parallel/comm.h"
@@ -53,6 +54,14 @@ struct Backend {
     void (*update)(Backend *be, const AdamWConfig *opt, double lr, int64_t t, float grad_mult);
     // Logits (V) of the last position of tokens (n), n <= T (for sampling).
     void (*last_logits)(Backend *be, const int *tokens, int n, float *logits);
+
+    // Optional (NULL: no phase timers; --profile then reports the host clock
+    // only). profile_start begins accumulating device time per phase
+    // (train/profile.h); profile_stop ends it, writes the milliseconds of
+    // each phase since the start into ms (PH_COUNT) and the device's name
+    // into device (len bytes).
+    void (*profile_start)(Backend *be);
+    void (*profile_stop)(Backend *be, double *ms, char *device, size_t len);
 };
 
 #endif

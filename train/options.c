@@ -50,6 +50,7 @@ static const TrainOption train_options[] = {
     OPT("temperature", NULL, O_FLOAT, temperature, "1.0", "sampling temperature"),
     OPT("sample-top-k", NULL, O_INT, sample_top_k, "40", "sample among the k most likely tokens (0: all)"),
     OPT("prompt", NULL, O_STR, prompt, "", "text the sample continues (empty: starts after end-of-text)"),
+    OPT("profile", NULL, O_INT, profile, "0", "time N steps per phase after 2 warm-up steps, print the table and stop (0: off; per-phase times need train_moecu)"),
 };
 #undef OPT
 #define N_OPTIONS ((int)(sizeof(train_options) / sizeof(train_options[0])))
@@ -266,6 +267,11 @@ int options_validate(const TrainOptions *o, int world, char *err, size_t errlen)
     CHECK(o->temperature > 0, "--temperature must be > 0 (got %g)", o->temperature);
     CHECK(o->sample_top_k >= 0, "--sample-top-k must be >= 0");
     CHECK(o->threads >= 0, "--threads must be >= 0");
+    CHECK(o->profile >= 0, "--profile must be >= 0");
+    CHECK(o->profile == 0 || o->steps >= o->profile + TRAINER_PROFILE_WARMUP,
+          "--profile %d runs %d warm-up steps first: --steps (%lld) must be at least %d", o->profile,
+          TRAINER_PROFILE_WARMUP, (long long)o->steps, o->profile + TRAINER_PROFILE_WARMUP);
+    CHECK(o->profile == 0 || !o->resume, "--profile and --resume exclude each other (a profile starts fresh)");
     CHECK(o->ep >= 1 && world % o->ep == 0, "--ep %d must divide the number of ranks (%d)", o->ep, world);
 #undef CHECK
     return 0;

@@ -15,6 +15,8 @@
 #include "optim.h"
 
 #define OPT_PATH 1024
+// Steps --profile runs before it starts timing (first-call costs: cuBLASLt plans, allocations).
+#define TRAINER_PROFILE_WARMUP 2
 
 typedef struct {
     // model
@@ -51,6 +53,8 @@ typedef struct {
     float temperature;
     int sample_top_k;           // 0: sample from the whole distribution
     char prompt[OPT_PATH];      // text to continue ("" = start from end-of-text)
+    // profiling
+    int profile;                // > 0: time this many steps per phase after 2 warm-up steps, then stop
     // owned by other modules
     BalanceConfig balance;
     LrSchedule lr;

@@ -23,6 +23,7 @@
 #include "ckpt.h"
 #include "ckpt_sections.h"
 #include "lr.h"
+#include "profile.h"
 
 // ----------------------------------------------------------------------------
 // Small helpers
@@ -710,6 +711,42 @@ static int trainer_loop(Run *r) {
     return rc;
 }
 
+// --profile N: TRAINER_PROFILE_WARMUP steps, then N steps timed by the host
+// clock and, per phase, by the backend's timers (train/profile.h); prints the
+// table and writes it to the log. No checkpoint, evaluation or sample.
+static int trainer_profile(Run *r) {
+    const TrainOptions *o = r->o;
+    Backend *be = r->be;
+    StepResult res;
+    for (int i = 0; i < TRAINER_PROFILE_WARMUP; i++)
+        if (trainer_step(r, &res) != 0) return 1;
+    ProfileReport rep = { 0 };
+    char device[256] = "";
+    rep.backend = be->name;
+    rep.device = device;
+    rep.steps = o->profile;
+    rep.warmup = TRAINER_PROFILE_WARMUP;
+    rep.tokens_per_step = (double)r->accum * o->micro_batch * r->cfg.seq_len * r->comm->world;
+    if (be->profile_start) be->profile_start(be);
+    double t0 = now_seconds();
+    for (int i = 0; i < o->profile; i++)
+        if (trainer_step(r, &res) != 0) return 1;
+    double t1 = now_seconds();
+    if (be->profile_stop) be->profile_stop(be, rep.ms, device, sizeof device);
+    rep.step_ms = (t1 - t0) * 1e3 / o->profile;
+    profile_phase_flops(&r->cfg, r->cfg.seq_len, rep.flops);
+    for (int i = 0; i < PH_COUNT; i++) {
+        rep.ms[i] /= o->profile;
+        rep.flops[i] *= rep.tokens_per_step;
+    }
+    if (r->main) {
+        if (!be->profile_stop) printf("(the %s backend has no phase timers: the host clock only)\n", be->name);
+        profile_print(&rep, stdout);
+        profile_json(&rep, r->log);
+    }
+    return 0;
+}
+
 // Releases whatever trainer_setup acquired, however far it got.
 static void trainer_teardown(Run *r) {
     if (r->log) fclose(r->log);
@@ -750,9 +787,9 @@ int trainer_run(const TrainOptions *o, Backend *be) {
     if (rc == 0) {
         signal(SIGINT, on_signal);
         signal(SIGTERM, on_signal);
-        rc = trainer_loop(r);
+        rc = o->profile > 0 ? trainer_profile(r) : trainer_loop(r);
     }
-    if (rc == 0 && !stop_requested) trainer_sample(o, be, &r->cfg, &r->rng);
+    if (rc == 0 && !stop_requested && o->profile == 0) trainer_sample(o, be, &r->cfg, &r->rng);
     if (rc == 0) {
         // For tests and for the record: every rank's final biases, by checksum.
         size_t nb = (size_t)r->n_moe * r->E * sizeof(float);

@@ -59,6 +59,14 @@ void order_from_env();
 // emu_nccl.cc: tells the other ranks of this process's communicators that it stops.
 void nccl_mark_aborted();
 
+// emu_memory.cc: the number of the next piece of stream-ordered work, and
+// completing a stream's pending copies enqueued before such a number.
+unsigned long work_seq();
+void complete_pending_before(cudaStream_t stream, unsigned long seq);
+// emu_event.cc: the host synchronised with a stream (NULL: with every
+// stream): the events recorded on it so far are complete.
+void events_synced(cudaStream_t stream);
+
 } // namespace emu
 
 #endif

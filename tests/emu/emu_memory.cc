@@ -40,6 +40,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <map>
 #include <mutex>
 #include <string>
@@ -194,6 +195,7 @@ static Pinned *pinned_of_locked(const void *p) {
 
 struct PendingCopy {
     cudaStream_t stream;
+    unsigned long seq;      // emu::work_seq() when it was enqueued (events order against it)
     int d2h;                // 1: data lands in host at the sync; 0: host is the source of an H2D copy
     char *host;
     size_t bytes;
@@ -209,13 +211,14 @@ static void pinned_protect_locked(uintptr_t key, Pinned *pn) {
     if (mprotect((void *)key, pn->map_len, prot) != 0) emu_fail("mprotect of pinned memory: %s", strerror(errno));
 }
 
-// Completes the pending copies of a stream (all streams: all = 1), in order.
-static void complete_pending(cudaStream_t stream, int all) {
+// Completes the pending copies of a stream (all streams: all = 1), in order;
+// only those enqueued before `before` (an emu::work_seq() value; ~0ul: all).
+static void complete_pending(cudaStream_t stream, int all, unsigned long before = ~0ul) {
     std::lock_guard<std::mutex> lock(g_mem_mutex);
     std::vector<PendingCopy> keep;
     std::vector<uintptr_t> touched;
     for (auto &pc : g_pending) {
-        if (!all && pc.stream != stream) {
+        if ((!all && pc.stream != stream) || pc.seq >= before) {
             keep.push_back(std::move(pc));
             continue;
         }
@@ -412,6 +415,8 @@ extern "C" const char *cudaGetErrorName(cudaError_t err) {
     case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
     case cudaErrorNoDevice: return "cudaErrorNoDevice";
     case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
+    case cudaErrorNotReady: return "cudaErrorNotReady";
     }
     return "cudaErrorUnknown";
 }
@@ -424,6 +429,8 @@ extern "C" const char *cudaGetErrorString(cudaError_t err) {
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     case cudaErrorNoDevice: return "no CUDA-capable device is detected";
     case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorInvalidResourceHandle: return "invalid resource handle";
+    case cudaErrorNotReady: return "device not ready";
     }
     return "unknown error";
 }
@@ -468,8 +475,15 @@ extern "C" cudaError_t cudaGetDeviceProperties(cudaDeviceProp *prop, int device)
 extern "C" cudaError_t cudaDeviceSynchronize(void) {
     prof_count(PROF_DEVICE_SYNC);
     complete_pending(NULL, 1);
+    events_synced(NULL);
     return cudaSuccess;
 }
+
+// Stream-ordered work gets increasing numbers, so that an event (emu_event.cc)
+// knows which pending copies precede it.
+static std::atomic<unsigned long> g_work_seq{1};
+unsigned long emu::work_seq() { return g_work_seq.fetch_add(1); }
+void emu::complete_pending_before(cudaStream_t stream, unsigned long seq) { complete_pending(stream, 0, seq); }
 
 // ----------------------------------------------------------------------------
 // Runtime: memory
@@ -586,6 +600,7 @@ extern "C" cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes,
     if (!d2h_pinned && !h2d_pinned) return memcpy_checked(dst, src, bytes, kind);
     PendingCopy pc;
     pc.stream = stream;
+    pc.seq = work_seq();
     pc.d2h = d2h_pinned;
     pc.host = (char *)(d2h_pinned ? dst : src);
     pc.bytes = bytes;
@@ -640,6 +655,7 @@ extern "C" cudaError_t cudaStreamDestroy(cudaStream_t stream) {
 extern "C" cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
     prof_count(PROF_STREAM_SYNC);
     complete_pending(stream, 0);
+    events_synced(stream);
     return cudaSuccess;
 }
 

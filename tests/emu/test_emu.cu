@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cublasLt.h>
@@ -497,6 +498,75 @@ static void test_async(void) {
     CK(cudaStreamDestroy(st));
 }
 
+// Events: timestamps in stream order; reading one before the host has
+// synchronised with it is cudaErrorNotReady (a GPU may not have reached it),
+// an unrecorded one cudaErrorInvalidResourceHandle; cudaEventSynchronize
+// lands the copies enqueued before the record and not those after it.
+static __global__ void spin_kernel(float *x, int n) {
+    float v = 0.0f;
+    for (int i = 0; i < n; i++) v += sinf((float)i);
+    if (threadIdx.x == 0) x[0] = v;
+}
+
+static void test_events(void) {
+    cudaStream_t st;
+    cudaEvent_t a, b, never;
+    float *d, *h1, *h2, ms = -1.0f, ms_early = -1.0f;
+    CK(cudaStreamCreate(&st));
+    CK(cudaEventCreate(&a));
+    CK(cudaEventCreate(&b));
+    CK(cudaEventCreate(&never));
+    CK(cudaMalloc(&d, sizeof(float)));
+    CK(cudaMallocHost(&h1, sizeof(float)));
+    CK(cudaMallocHost(&h2, sizeof(float)));
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    CK(cudaEventRecord(a, st));
+    spin_kernel<<<4, 32, 0, st>>>(d, 20000);
+    CK(cudaGetLastError());
+    CK(cudaMemcpyAsync(h1, d, sizeof(float), cudaMemcpyDeviceToHost, st));
+    CK(cudaEventRecord(b, st));
+    CK(cudaMemcpyAsync(h2, d, sizeof(float), cudaMemcpyDeviceToHost, st)); // after b
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double host_ms = (t1.tv_sec - t0.tv_sec) * 1e3 + (t1.tv_nsec - t0.tv_nsec) * 1e-6;
+    cudaError_t early = cudaEventElapsedTime(&ms_early, a, b);
+    cudaError_t query = cudaEventQuery(b);
+    cudaError_t unrec = cudaEventElapsedTime(&ms, a, never);
+    CK(cudaEventSynchronize(b));
+    int h1_readable = *h1 != 0.0f; // the copy before b has landed
+    CK(cudaEventElapsedTime(&ms, a, b));
+    check(early == cudaErrorNotReady && query == cudaErrorNotReady && unrec == cudaErrorInvalidResourceHandle,
+          "events before the host synchronised with them: elapsed %s, query %s; never recorded: %s",
+          cudaGetErrorName(early), cudaGetErrorName(query), cudaGetErrorName(unrec));
+    check(h1_readable && ms > 0.0f && ms <= host_ms + 0.01,
+          "cudaEventSynchronize lands the copy before the event; elapsed %.3f ms within the host's %.3f ms", ms,
+          host_ms);
+    CK(cudaStreamSynchronize(st)); // the copy after b
+    CK(cudaEventDestroy(a));
+    check(cudaEventElapsedTime(&ms, a, b) == cudaErrorInvalidResourceHandle, "a destroyed event is refused");
+    CK(cudaEventDestroy(b));
+    CK(cudaEventDestroy(never));
+    CK(cudaFreeHost(h1));
+    CK(cudaFreeHost(h2));
+    CK(cudaFree(d));
+    CK(cudaStreamDestroy(st));
+}
+
+// The copy after an event is still pending after cudaEventSynchronize.
+static void bug_read_after_event(void) {
+    cudaStream_t st;
+    cudaEvent_t ev;
+    float *d, *h;
+    cudaStreamCreate(&st);
+    cudaEventCreate(&ev);
+    cudaMalloc(&d, 64);
+    cudaMallocHost(&h, 64);
+    cudaEventRecord(ev, st);
+    cudaMemcpyAsync(h, d, 64, cudaMemcpyDeviceToHost, st);
+    cudaEventSynchronize(ev);
+    printf("%g\n", h[0]); // not synchronised with the copy
+}
+
 // Runs fn in a child; the child must die and its stderr must contain want.
 static void expect_stop(const char *what, void (*fn)(void), const char *want) {
     int fds[2];
@@ -542,6 +612,9 @@ int main(void) {
     expect_stop("host reading a pinned buffer a pending copy fills", bug_read_before_sync,
                 "before the stream was synchronised");
     expect_stop("host writing a pinned buffer a pending copy reads", bug_write_before_sync,
+                "before the stream was synchronised");
+    test_events();
+    expect_stop("host reading a copy enqueued after the event it synchronised with", bug_read_after_event,
                 "before the stream was synchronised");
     return check_summary("test_emu");
 }
