@@ -28,7 +28,7 @@ MODEL_SRC = model/config.c model/layout.c model/balance.c parallel/ep_layout.c
 COMPUTE_SRC = model/matmul.c model/ops.c model/moe.c model/model.c
 DATA_SRC = data/shard.c data/loader.c
 TOK_SRC = $(filter-out tokenizer/tok_main.c,$(wildcard tokenizer/*.c))
-TRAIN_SRC = train/options.c train/optim.c train/lr.c train/ckpt.c train/trainer.c train/profile.c
+TRAIN_SRC = train/options.c train/optim.c train/lr.c train/ckpt.c train/trainer.c train/profile.c train/memplan.c
 
 f32 = $(patsubst %.c,$(BUILD)/f32/%.o,$(1))
 f64 = $(patsubst %.c,$(BUILD)/f64/%.o,$(1))
@@ -144,6 +144,7 @@ test-run: test-build
 	$(MAKE) --no-print-directory -j$(JOBS) emu-build
 	$(MAKE) --no-print-directory test-emu
 	bash tests/test_profile.sh $(BUILD)/emu/FP32/train_moecu
+	$(if $(NVCC_FOUND),bash tests/test_memplan.sh ./train_moecu,@echo "skip test_memplan.sh: no nvcc, no train_moecu")
 
 # ---------------------------------------------------------------- benchmarks
 

@@ -60,6 +60,7 @@ extern "C" {
 #include "parallel/ep_layout.h"  // defines: EpShard, ep_local_layout, ep_exchange_rows, ep_expert_major_order
 #include "parallel/launch.h"     // defines: launch_from_env (ranks from torchrun / srun variables)
 #include "train/backend.h"       // defines: Backend, the interface the training loop calls
+#include "train/memplan.h"       // defines: MemoryPlan, MemCategory (--print-memory)
 #include "train/optim.h"         // defines: AdamWConfig, DecayRanges, adamw_scalars
 #include "train/trainer.h"       // defines: trainer_main, the shared training loop
 #include "util/util.h"           // defines: xcalloc, xmalloc, ASSERT
@@ -148,8 +149,9 @@ typedef struct {
     size_t *dev_size;          // (n_dev) bytes of each device allocation
     int *dev_cat;              // (n_dev) its category
     int n_dev, n_host, cap_dev, cap_host;
-    size_t bytes[3];           // parameters + optimizer, activations, scratch
-    int category;
+    size_t bytes[MEM_COUNT];   // device bytes per category (train/memplan.h)
+    int category;              // the category of the allocations being made
+    int dry;                   // 1: --print-memory: count the allocations, make none
     // the ranks (parallel/comm_nccl.h): without comm, one process holds everything
     GpuComm ranks;             // ranks and group sizes (1 each without comm), and the collectives
     int has_comm;              // 1: ranks' collectives are used (sync_grads, grad_norm, gathers)
@@ -220,16 +222,23 @@ static GpuModel *gpu_model(Backend *be) { return (GpuModel *)be->ctx; }
 // ----------------------------------------------------------------------------
 // Allocation
 
-enum { MEM_PARAMS, MEM_ACTS, MEM_SCRATCH };
-
 // Device memory, zeroed, counted in the current category, freed by destroy.
+// In a dry run (gm->dry, --print-memory) only the bytes are counted and NULL
+// comes back: nothing may use the buffers then.
 static void *gpu_malloc(GpuModel *gm, size_t bytes) {
     void *p = NULL;
     if (bytes == 0) bytes = 16;
+    if (gm->dry) {
+        gm->bytes[gm->category] += bytes;
+        return NULL;
+    }
     cudaError_t err = cudaMalloc(&p, bytes);
     if (err != cudaSuccess) {
-        fprintf(stderr, "error: out of GPU memory allocating %.1f MiB (%.2f GiB allocated so far): %s\n",
-                bytes / 1048576.0, (gm->bytes[0] + gm->bytes[1] + gm->bytes[2]) / 1073741824.0, cudaGetErrorString(err));
+        size_t so_far = 0;
+        for (int i = 0; i < MEM_COUNT; i++) so_far += gm->bytes[i];
+        fprintf(stderr, "error: out of GPU memory allocating %.1f MiB (%.2f GiB allocated so far; `--print-memory` "
+                "shows what a micro-batch needs and the largest that fits): %s\n", bytes / 1048576.0,
+                so_far / 1073741824.0, cudaGetErrorString(err));
         exit(1);
     }
     CUDA_CHECK(cudaMemset(p, 0, bytes));
@@ -265,9 +274,10 @@ static void *gpu_regrow(GpuModel *gm, void *old, size_t bytes) {
     return p;
 }
 
-// Pinned host memory, zeroed, freed by destroy.
+// Pinned host memory, zeroed, freed by destroy (NULL in a dry run).
 static void *gpu_malloc_host(GpuModel *gm, size_t bytes) {
     void *p = NULL;
+    if (gm->dry) return NULL;
     if (bytes == 0) bytes = 16;
     CUDA_CHECK(cudaMallocHost(&p, bytes));
     memset(p, 0, bytes);
@@ -425,12 +435,14 @@ static int gpu_open_device(GpuModel *gm) {
 // slices), their floatX copy, gradients, AdamW moments, and the biases.
 static void gpu_alloc_params(GpuModel *gm) {
     size_t n = (size_t)gm->n_local;
-    gm->category = MEM_PARAMS;
+    gm->category = MEM_MASTER;
     gm->params = DEV(float, n);
 #ifdef ENABLE_FP32
     gm->paramsX = gm->params;
 #else
+    gm->category = MEM_WEIGHTS_X;
     gm->paramsX = DEV(floatX, n);
+    gm->category = MEM_MASTER;
 #endif
     gm->grads = DEV(float, n);
     gm->adam_m = DEV(float, n);
@@ -495,7 +507,7 @@ static void gpu_alloc_layer(GpuModel *gm, GpuLayer *la, int l) {
 static void gpu_alloc_activations(GpuModel *gm) {
     const MoeConfig *c = &gm->cfg;
     size_t N = (size_t)gm->maxB * gm->maxT, d = c->d_model, L = c->n_layers, V = c->vocab_size;
-    gm->category = MEM_ACTS;
+    gm->category = MEM_ACTIVATIONS;
     gm->tokens = DEV(int, N);
     gm->targets = DEV(int, N);
     gm->emb_uniq = DEV(int, N);
@@ -548,7 +560,7 @@ static void gpu_alloc_scratch(GpuModel *gm) {
             gm->xr = DEV(floatX, NK * d);
             gm->ye = DEV(floatX, NK * d);
             // Not through PINNED: gpu_reserve_rows replaces it when the rows grow.
-            CUDA_CHECK(cudaMallocHost((void **)&gm->h_exp_src, sizeof(int) * NK));
+            if (!gm->dry) CUDA_CHECK(cudaMallocHost((void **)&gm->h_exp_src, sizeof(int) * NK));
         }
         if (P > 1) { // one expert per EP rank: the checkpoint gathers go through this
             size_t per = 0;
@@ -572,8 +584,13 @@ static void gpu_alloc_scratch(GpuModel *gm) {
 
 // What stays constant: the RoPE tables (computed on the host exactly as the
 // CPU model does), and the grouped GEMMs' staging over this rank's experts.
+// The library workspaces are counted here (allocated by their own modules).
 static void gpu_upload_constants(GpuModel *gm) {
     const MoeConfig *c = &gm->cfg;
+    gm->bytes[MEM_WORKSPACE] += MATMUL_WORKSPACE_BYTES;
+    if (gm->n_moe > 0)
+        gm->bytes[MEM_WORKSPACE] += grouped_gemm_device_bytes(gm->shard.n_local, gm->n_moe * GG_PER_LAYER);
+    if (gm->dry) return;
     int T = gm->maxT, hd = c->d_model / c->n_heads;
     size_t half = (size_t)hd / 2;
     float *ct = (float *)xmalloc(sizeof(float) * T * half), *st = (float *)xmalloc(sizeof(float) * T * half);
@@ -589,9 +606,11 @@ static void gpu_upload_constants(GpuModel *gm) {
 static void gpu_print_memory(const GpuModel *gm) {
     const GpuComm *rk = &gm->ranks;
     if (rk->rank != 0) return;
-    printf("GPU memory%s: %.2f GiB parameters + gradients + AdamW, %.2f GiB activations, %.2f GiB scratch "
-           "(micro-batch %d x %d)\n", rk->world > 1 ? " of rank 0" : "", gm->bytes[MEM_PARAMS] / 1073741824.0,
-           gm->bytes[MEM_ACTS] / 1073741824.0, gm->bytes[MEM_SCRATCH] / 1073741824.0, gm->maxB, gm->maxT);
+    const double GiB = 1073741824.0;
+    printf("GPU memory%s: %.2f GiB parameters + gradients + AdamW, %.2f GiB weight copy, %.2f GiB activations, "
+           "%.2f GiB scratch, %.2f GiB workspaces (micro-batch %d x %d)\n", rk->world > 1 ? " of rank 0" : "",
+           gm->bytes[MEM_MASTER] / GiB, gm->bytes[MEM_WEIGHTS_X] / GiB, gm->bytes[MEM_ACTIVATIONS] / GiB,
+           gm->bytes[MEM_SCRATCH] / GiB, gm->bytes[MEM_WORKSPACE] / GiB, gm->maxB, gm->maxT);
     if (rk->world > 1 || gm->exchange)
         printf("ranks: %d (EP groups of %d: %d of %d routed experts per rank, %.1f%% of the parameters held; "
                "EDP groups of %d)%s\n", rk->world, gm->shard.size, gm->shard.n_local, gm->cfg.n_routed,
@@ -1191,6 +1210,48 @@ static void gpu_last_logits(Backend *be, const int *tokens, int n, float *logits
     memcpy(logits, gm->h_row, sizeof(float) * V);
 }
 
+// --print-memory (train/memplan.h): the creation phases of gpu_backend_create
+// in a dry run, which count every allocation and make none, for rank 0 of an
+// EP group of ep ranks; and the device, when there is one.
+static int gpu_plan_memory(Backend *be, const MoeConfig *c, const RouteOptions *ro, int B, int T, int ep,
+                           MemoryPlan *plan) {
+    memset(plan, 0, sizeof *plan);
+    int ndev = 0;
+    cudaDeviceProp prop;
+    if (cudaGetDeviceCount(&ndev) == cudaSuccess && ndev > 0 && cudaGetDeviceProperties(&prop, 0) == cudaSuccess) {
+        plan->device_bytes = prop.totalGlobalMem;
+        snprintf(plan->device, sizeof plan->device, "%s", prop.name);
+    }
+    (void)cudaGetLastError(); // no device (or no driver) is an answer here, not an error
+    GpuComm ranks;
+    memset(&ranks, 0, sizeof ranks); // sizes only: a dry run calls no collective
+    ranks.world = ranks.ep = ep;
+    ranks.edp = 1;
+    GpuBackendOptions opt = { &ranks, 0 };
+    GpuModel *gm = (GpuModel *)xcalloc(1, sizeof(GpuModel));
+    Backend dry = *be;
+    dry.ctx = gm;
+    gm->dry = 1;
+    gm->cfg = *c;
+    gm->ro = *ro;
+    gm->maxB = B;
+    gm->maxT = T;
+    gm->n_moe = config_n_moe(c);
+    int rc = gpu_check_ranks(gm, &opt);
+    if (rc == 0) {
+        layout_build(&gm->lay, c);
+        gm->n_replicated = ep_local_layout(&gm->lay, &gm->shard, &gm->local_lay, &gm->local_to_whole);
+        gm->n_local = gm->local_lay.total;
+        gpu_alloc_params(gm);
+        gpu_alloc_activations(gm);
+        gpu_alloc_scratch(gm);
+        gpu_upload_constants(gm);
+        memcpy(plan->bytes, gm->bytes, sizeof plan->bytes);
+    }
+    gpu_destroy(&dry);
+    return rc;
+}
+
 // --profile (train/profile.h): device time per phase between start and stop.
 static void gpu_profile_start(Backend *be) {
     GpuModel *gm = gpu_model(be);
@@ -1223,6 +1284,7 @@ void gpu_backend_init(Backend *be) {
     be->last_logits = gpu_last_logits;
     be->profile_start = gpu_profile_start;
     be->profile_stop = gpu_profile_stop;
+    be->plan_memory = gpu_plan_memory;
 }
 
 // ----------------------------------------------------------------------------
@@ -1237,6 +1299,8 @@ void gpu_debug_get_grads(Backend *be, float *grads) {
                  cudaMemcpyDeviceToHost);
     }
 }
+
+void gpu_debug_memory(Backend *be, size_t *bytes) { memcpy(bytes, gpu_model(be)->bytes, sizeof gpu_model(be)->bytes); }
 
 int gpu_debug_expert_rows(Backend *be, int moe_idx) {
     return gpu_model(be)->layer[gpu_model(be)->cfg.n_dense + moe_idx].R;

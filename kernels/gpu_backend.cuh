@@ -28,6 +28,9 @@ typedef struct {
 int gpu_backend_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, int B, int T,
                        const GpuBackendOptions *opt);
 
+// The device bytes allocated per category (train/memplan.h) by create.
+void gpu_debug_memory(Backend *be, size_t *bytes);
+
 // After a micro_batch: the accumulated fp32 gradient (n_params), in layout
 // order; under expert parallelism the rows of experts held by other ranks are 0.
 void gpu_debug_get_grads(Backend *be, float *grads);

@@ -171,6 +171,11 @@ static void grouped_probe(GroupedGemm *gg, int kind) {
     CUDA_CHECK(cudaFree(out_l));
 }
 
+size_t grouped_gemm_device_bytes(int E, int n_slots) {
+    // The same sizes as grouped_gemm_init: 3 pointers per group per call site.
+    return sizeof(void *) * (size_t)(n_slots > 1 ? n_slots : 1) * 3 * (E > 2 ? E : 2);
+}
+
 void grouped_gemm_init(GroupedGemm *gg, cublasHandle_t handle, cudaStream_t stream, int E, int n_slots) {
     memset(gg, 0, sizeof *gg);
     gg->handle = handle;

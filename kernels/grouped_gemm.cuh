@@ -42,6 +42,8 @@ typedef struct {
 // Allocates the staging for n_slots call sites of up to E groups, and probes
 // which path each type combination takes (prints one line).
 void grouped_gemm_init(GroupedGemm *gg, cublasHandle_t handle, cudaStream_t stream, int E, int n_slots);
+// The device memory grouped_gemm_init allocates (the pointer arrays).
+size_t grouped_gemm_device_bytes(int E, int n_slots);
 void grouped_gemm_free(GroupedGemm *gg);
 
 // For each expert e with rows [offsets[e], offsets[e+1]) (offsets (E + 1) on

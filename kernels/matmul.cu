@@ -3,9 +3,6 @@
 
 #include <string.h>
 
-// 32 MiB: what cuBLASLt's Hopper kernels may use; more buys nothing.
-#define MATMUL_WORKSPACE_BYTES ((size_t)32 << 20)
-
 void matmul_init(Matmul *mm, cudaStream_t stream) {
     memset(mm, 0, sizeof *mm);
     mm->stream = stream;

@@ -21,6 +21,10 @@
 
 #include "common.cuh"
 
+// The cuBLASLt workspace: 32 MiB, the size the cuBLAS documentation recommends
+// for Hopper (cublasSetWorkspace); more buys nothing.
+#define MATMUL_WORKSPACE_BYTES ((size_t)32 << 20)
+
 // One problem's cuBLASLt descriptors and the algorithm its heuristic chose.
 typedef struct {
     cublasOperation_t ta, tb;

@@ -909,6 +909,31 @@ static void test_backend(void) {
 
 // ----------------------------------------------------------------------------
 
+// --print-memory's plan (a dry run of the creation) against what creating the
+// model really allocates, category by category, byte for byte.
+static void test_memory_plan(void) {
+    printf("memory plan (--print-memory) vs the allocations of create:\n");
+    const int cases[][3] = { { 8, 2, 2 }, { 16, 1, 0 }, { 8, 4, 1 } }; // E, K, shared experts
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        MoeConfig c = gpu_test_config(cases[i][0], cases[i][1], GATE_SIGMOID, cases[i][2]);
+        RouteOptions ro = { 0, AUX_SEQ, 0.01f };
+        Backend be;
+        gpu_backend_init(&be);
+        MemoryPlan plan;
+        int B = 3, T = c.seq_len;
+        int planned = be.plan_memory(&be, &c, &ro, B, T, 1, &plan) == 0;
+        size_t actual[MEM_COUNT] = { 0 };
+        int created = be.create(&be, &c, &ro, B, T) == 0;
+        if (created) gpu_debug_memory(&be, actual);
+        char detail[256];
+        int same = planned && created && memcmp(plan.bytes, actual, sizeof actual) == 0;
+        snprintf(detail, sizeof detail, "(E=%d K=%d S=%d: planned %zu bytes, allocated %zu)", cases[i][0], cases[i][1],
+                 cases[i][2], memplan_total(&plan), actual[0] + actual[1] + actual[2] + actual[3] + actual[4]);
+        report_bool("plan == allocation, every category", same, detail);
+        if (created) be.destroy(&be);
+    }
+}
+
 int main(int argc, char **argv) {
     const char *dir = "tests/fixtures";
     int unit_only = 0;
@@ -924,6 +949,7 @@ int main(int argc, char **argv) {
     printf("GPU tests (activations %s)\n", FLOATX_NAME);
     test_routing();
     test_permutation();
+    test_memory_plan();
     if (!unit_only) {
         const char *cases[] = { "ref_base", "ref_softmax_tied", "ref_softmax_aux_expert", "ref_sigmoid_aux_seq",
                                 "ref_mult_bias", "ref_top1_noshared", "ref_softmax_mult_seq" };

@@ -12,6 +12,7 @@
 #include "../parallel/comm.h"
 #include "../model/config.h"
 #include "../model/moe.h"
+#include "memplan.h"
 #include "optim.h"
 
 typedef struct Backend Backend;
@@ -62,6 +63,14 @@ struct Backend {
     // into device (len bytes).
     void (*profile_start)(Backend *be);
     void (*profile_stop)(Backend *be, double *ms, char *device, size_t len);
+
+    // Optional (NULL: not available): the device memory per rank that create
+    // would allocate for this config and micro-batch B x T in an
+    // expert-parallel group of ep ranks, by category, computed without
+    // allocating and without needing a device; also the detected device, if
+    // any. Returns 0, or -1 with a message.
+    int (*plan_memory)(Backend *be, const MoeConfig *c, const RouteOptions *ro, int B, int T, int ep,
+                       MemoryPlan *plan);
 };
 
 #endif

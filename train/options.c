@@ -26,6 +26,8 @@ typedef struct {
 static const TrainOption train_options[] = {
     OPT("config", NULL, O_STR, config, "tiny", "model preset (tiny, small, 1b, 3b) or key=value model file"),
     OPT("print-config", NULL, O_FLAG, print_config, "0", "print the model, its parameter counts and FLOPs, and exit"),
+    OPT("print-memory", NULL, O_FLAG, print_memory, "0", "print the device memory per rank for this model, micro-batch and --ep, the largest micro-batch that fits --gpu-mem, and exit (train_moecu; needs no GPU)"),
+    OPT("gpu-mem", NULL, O_FLOAT, gpu_mem, "0", "GiB of device memory --print-memory fits micro-batches into (0: the detected GPU's, or 80 without one)"),
     OPT("train-data", NULL, O_STR, train_data, "", "training shards: a glob, or several separated by commas"),
     OPT("val-data", NULL, O_STR, val_data, "", "validation shards (empty: no evaluation)"),
     OPT("tokenizer", NULL, O_STR, tokenizer, "", "tokenizer file, to decode samples (empty: print token ids)"),
@@ -260,7 +262,7 @@ int options_validate(const TrainOptions *o, int world, char *err, size_t errlen)
     CHECK(o->ckpt_every >= 0 && o->keep_last >= 0, "--ckpt-every and --keep-last must be >= 0");
     CHECK(!o->resume || o->ckpt_dir[0], "--resume needs --ckpt-dir");
     CHECK(!(o->resume && o->init_from[0]), "--resume and --init-from exclude each other");
-    CHECK(o->train_data[0] || o->print_config, "--train-data is required (a glob of token shards)");
+    CHECK(o->train_data[0] || o->print_config || o->print_memory, "--train-data is required (a glob of token shards)");
     CHECK(o->print_every >= 1, "--print-every must be >= 1");
     CHECK(o->log_loads_every >= 0, "--log-loads-every must be >= 0");
     CHECK(o->sample_tokens >= 0, "--sample-tokens must be >= 0");
@@ -309,7 +311,10 @@ static void options_write_lines(FILE *f, const char *text, int dashes) {
 
 void options_write(const TrainOptions *o, FILE *f) {
     for (int i = 0; i < N_OPTIONS; i++) {
-        if (train_options[i].offset == offsetof(TrainOptions, print_config)) continue;
+        // What a command does, not a setting of the run: not saved with it.
+        if (train_options[i].offset == offsetof(TrainOptions, print_config) ||
+            train_options[i].offset == offsetof(TrainOptions, print_memory))
+            continue;
         fprintf(f, "%s = ", train_options[i].name);
         options_write_value(o, &train_options[i], f);
         fputc('\n', f);

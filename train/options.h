@@ -23,6 +23,8 @@ typedef struct {
     char config[OPT_PATH];      // preset name or key=value model file
     MoeConfig model;            // the resolved model (preset/file, then field options)
     int print_config;           // print the model and exit
+    int print_memory;           // print the device memory the run would use and exit
+    float gpu_mem;              // GiB --print-memory fits micro-batches into (0: the device's, or 80)
     // data
     char train_data[OPT_PATH];  // glob(s) of training shards
     char val_data[OPT_PATH];    // glob(s) of validation shards ("" = none)

@@ -842,6 +842,64 @@ int trainer_sample_from_checkpoint(const TrainOptions *o, Backend *be, const cha
     return rc == 0 ? 0 : 1;
 }
 
+// --print-memory: the backend's memory plan for the options' micro-batch, and
+// the largest micro-batch whose plan fits --gpu-mem (doubling, then bisection:
+// the plan grows with B). Needs no device.
+static int trainer_print_memory(const TrainOptions *o, Backend *be) {
+    char err[512];
+    if (config_validate(&o->model, err, sizeof err) != 0) {
+        fprintf(stderr, "error: invalid model: %s\n", err);
+        return 1;
+    }
+    if (!be->plan_memory) {
+        fprintf(stderr, "error: --print-memory: the %s backend has no device memory to plan (use train_moecu)\n",
+                be->name);
+        return 1;
+    }
+    if (o->ep < 1 || o->model.n_routed % o->ep != 0) {
+        fprintf(stderr, "error: --ep %d must divide n_routed (%d)\n", o->ep, o->model.n_routed);
+        return 1;
+    }
+    RouteOptions ro = balance_route_options(&o->balance);
+    int T = o->model.seq_len;
+    MemoryPlan plan;
+    if (be->plan_memory(be, &o->model, &ro, o->micro_batch, T, o->ep, &plan) != 0) return 1;
+    const double GiB = 1073741824.0;
+    double budget = o->gpu_mem > 0 ? o->gpu_mem : plan.device_bytes > 0 ? plan.device_bytes / GiB : 80.0;
+    printf("model: %lld parameters (%lld active per token), --ep %d: this rank holds %d of %d routed experts per "
+           "layer\n", (long long)config_total_params(&o->model), (long long)config_active_params(&o->model), o->ep,
+           o->model.n_routed / o->ep, o->model.n_routed);
+    memplan_print(&plan, o->micro_batch, T, stdout);
+    printf("not counted: the CUDA context (some hundreds of MiB), cuBLAS's and NCCL's own buffers, fragmentation\n");
+    // The largest B that fits.
+    int lo = 0, hi = 1;
+    for (;;) {
+        MemoryPlan p;
+        if (be->plan_memory(be, &o->model, &ro, hi, T, o->ep, &p) != 0) return 1;
+        if (memplan_total(&p) / GiB > budget) break;
+        lo = hi;
+        if (hi > (1 << 20)) break;
+        hi *= 2;
+    }
+    while (hi - lo > 1) {
+        int mid = lo + (hi - lo) / 2;
+        MemoryPlan p;
+        if (be->plan_memory(be, &o->model, &ro, mid, T, o->ep, &p) != 0) return 1;
+        if (memplan_total(&p) / GiB > budget) hi = mid;
+        else lo = mid;
+    }
+    const char *source = o->gpu_mem > 0 ? "--gpu-mem" : plan.device_bytes > 0 ? plan.device : "no GPU detected: 80 GiB";
+    if (lo == 0) {
+        printf("no micro-batch of sequences of %d tokens fits %.1f GiB (%s)\n", T, budget, source);
+    } else {
+        MemoryPlan p;
+        be->plan_memory(be, &o->model, &ro, lo, T, o->ep, &p);
+        printf("largest micro-batch that fits %.1f GiB (%s): -b %d (%.2f GiB)\n", budget, source, lo,
+               memplan_total(&p) / GiB);
+    }
+    return 0;
+}
+
 static int trainer_dispatch(int argc, char **argv, const char *prog, Backend *be) {
     TrainOptions o;
     options_default(&o);
@@ -878,6 +936,7 @@ static int trainer_dispatch(int argc, char **argv, const char *prog, Backend *be
                config_train_flops_per_token(&o.model, o.model.seq_len));
         return 0;
     }
+    if (o.print_memory) return main_rank ? trainer_print_memory(&o, be) : 0;
     char err[512];
     if (o.ep > 1 && o.model.n_routed % o.ep != 0) {
         if (main_rank) fprintf(stderr, "error: --ep %d must divide n_routed (%d)\n", o.ep, o.model.n_routed);

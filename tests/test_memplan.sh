@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# --print-memory from the command line, on a machine with or without a GPU:
+# the table and the largest micro-batch; linear growth in the micro-batch;
+# the CPU trainer refuses it, naming the GPU trainer. (That the plan equals
+# the real allocations byte for byte is tests/test_gpu.cu's.)
+#   tests/test_memplan.sh TRAIN_MOECU
+set -u
+cd "$(dirname "$0")/.."
+GPU=${1:?usage: tests/test_memplan.sh TRAIN_MOECU}
+fails=0
+ok() { echo "ok   test_memplan: $*"; }
+bad() { echo "FAIL test_memplan: $*"; fails=$((fails + 1)); }
+total() { "$GPU" "$@" --print-memory | sed -n 's/^  total  *\([0-9.]*\) GiB$/\1/p'; }
+
+out=$("$GPU" --config 1b -b 4 --print-memory 2>&1) || bad "--print-memory failed: $out"
+if grep -q "activations kept for the backward" <<< "$out" && grep -q "^largest micro-batch that fits" <<< "$out"; then
+    ok "1b, 4 x 2048: total $(sed -n 's/^  total  *//p' <<< "$out"); $(grep '^largest' <<< "$out")"
+else
+    bad "no table or no largest micro-batch:"; echo "$out"
+fi
+t1=$(total --config small -b 8); t2=$(total --config small -b 16); t3=$(total --config small -b 24)
+if awk -v a="$t1" -v b="$t2" -v c="$t3" 'BEGIN { d1 = b - a; d2 = c - b; exit !(a > 0 && d1 > 0 && (d1 - d2) < 0.002 && (d2 - d1) < 0.002) }'; then
+    ok "small: $t1, $t2, $t3 GiB at -b 8, 16, 24: linear in the micro-batch"
+else
+    bad "small: $t1, $t2, $t3 GiB at -b 8, 16, 24 is not linear"
+fi
+fit=$("$GPU" --config 1b -b 4 --gpu-mem 30 --print-memory | sed -n 's/.*: -b \([0-9]*\) .*/\1/p')
+at=$(total --config 1b -b "${fit:-1}"); above=$(total --config 1b -b $((${fit:-1} + 1)))
+if [ -n "$fit" ] && awk -v a="$at" -v b="$above" 'BEGIN { exit !(a <= 30 && b > 30) }'; then
+    ok "--gpu-mem 30: the largest 1b micro-batch is $fit ($at GiB; $((fit + 1)) needs $above)"
+else
+    bad "--gpu-mem 30: largest micro-batch '$fit' ($at GiB, next $above GiB)"
+fi
+if out=$(./train_moe --config tiny --print-memory 2>&1); then bad "train_moe --print-memory accepted"
+elif grep -q "train_moecu" <<< "$out"; then ok "train_moe --print-memory refused: $(grep -m1 error <<< "$out" | cut -c1-110)"
+else bad "train_moe --print-memory: message does not name train_moecu: $out"; fi
+
+[ $fails = 0 ] && echo "test_memplan.sh: all passed" || { echo "test_memplan.sh: $fails failure(s)"; exit 1; }
