@@ -46,6 +46,17 @@ RUN=(--config tiny --train-data "$TMP/train_*.bin" --val-data "$TMP/val_*.bin" -
      --keep-last 0 --threads 1)
 "$B/train_moecu" "${RUN[@]}" --ckpt-dir "$TMP/gpu" --log "$TMP/gpu.jsonl" > "$TMP/gpu.out" 2>&1 \
     || { bad "train_moecu (emulated) failed:"; cat "$TMP/gpu.out"; }
+# The grouped-GEMM probe gives the answer of the cuBLAS documentation's type
+# table (tests/emu/emu_blas.cc): the grouped call when A, B and C have one
+# type, the per-expert fallback for bf16 inputs with an fp32 C.
+if [ "$(basename "$B")" = BF16 ]; then
+    want_probe="expert GEMMs: C bf16 via cublasGemmGroupedBatchedEx; C fp32 (weight gradients) via per-expert cublasGemmEx"
+else
+    want_probe="expert GEMMs: C fp32 via cublasGemmGroupedBatchedEx; C fp32 (weight gradients) via cublasGemmGroupedBatchedEx"
+fi
+if grep -qxF "$want_probe" "$TMP/gpu.out"; then ok "train_moecu: $want_probe"
+else bad "train_moecu: grouped-GEMM probe: want '$want_probe', got '$(grep 'expert GEMMs' "$TMP/gpu.out")'"; fi
+
 if [ "$(basename "$B")" = BF16 ]; then
     echo "skip train_moecu vs train_moe step by step: bf16 activations (test_gpu compares with bf16 tolerances)"
 else

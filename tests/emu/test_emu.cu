@@ -17,7 +17,9 @@
 //     a host pointer given to a kernel, a warp split between __syncthreads
 //     and __syncwarp, a shuffle from an exited lane, a copy with the wrong kind, a
 //     GEMM on host memory, a kernel on freed memory, host code reading or
-//     writing pinned memory that an unfinished cudaMemcpyAsync uses.
+//     writing pinned memory that an unfinished cudaMemcpyAsync uses;
+//  3. cuBLAS type combinations: each GEMM entry point accepts the rows of its
+//     table in the cuBLAS documentation and refuses the others.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -406,6 +408,108 @@ static void test_lt(void) {
     cudaFree(dD);
 }
 
+// Type combinations: each entry point accepts the rows of its table in the
+// cuBLAS documentation (emu_blas.cc) and answers CUBLAS_STATUS_NOT_SUPPORTED
+// to the others, as a GPU does -- in particular the grouped GEMM refuses bf16
+// inputs with an fp32 C, which cublasGemmEx accepts.
+static void test_gemm_types(void) {
+    cublasHandle_t h;
+    CK(cublasCreate(&h));
+    const int n = 4; // n x n matrices of ones: every result is n
+    float one = 1.0f, zero = 0.0f, ones[n * n], got[n * n];
+    __nv_bfloat16 ones_b[n * n];
+    for (int i = 0; i < n * n; i++) {
+        ones[i] = 1.0f;
+        ones_b[i] = __float2bfloat16_rn(1.0f);
+    }
+    float *dA = dev_copy(ones, n * n), *dC;
+    __nv_bfloat16 *dAb, *dCb;
+    CK(cudaMalloc(&dC, sizeof got));
+    CK(cudaMalloc(&dAb, sizeof ones_b));
+    CK(cudaMalloc(&dCb, sizeof got)); // room for an fp32 C: a wrongly accepted bf16 -> fp32 call fails a check, not the run
+    CK(cudaMemcpy(dAb, ones_b, sizeof ones_b, cudaMemcpyHostToDevice));
+
+    // cublasGemmEx: bf16 x bf16 -> fp32 is listed; fp32 x fp32 -> bf16, mixed A/B
+    // types and fp32 data with the fp64 compute type are not.
+    CK(cudaMemset(dC, 0, sizeof got));
+    cublasStatus_t mixed_ok = cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, dAb, CUDA_R_16BF, n, dAb,
+                                           CUDA_R_16BF, n, &zero, dC, CUDA_R_32F, n, CUBLAS_COMPUTE_32F,
+                                           CUBLAS_GEMM_DEFAULT);
+    CK(cudaMemcpy(got, dC, sizeof got, cudaMemcpyDeviceToHost));
+    cublasStatus_t e1 = cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, dA, CUDA_R_32F, n, dA, CUDA_R_32F, n,
+                                     &zero, dCb, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    cublasStatus_t e2 = cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, dAb, CUDA_R_16BF, n, dA, CUDA_R_32F,
+                                     n, &zero, dC, CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    cublasStatus_t e3 = cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, dA, CUDA_R_32F, n, dA, CUDA_R_32F, n,
+                                     &zero, dC, CUDA_R_32F, n, CUBLAS_COMPUTE_64F, CUBLAS_GEMM_DEFAULT);
+    check(mixed_ok == CUBLAS_STATUS_SUCCESS && got[0] == n && got[n * n - 1] == n &&
+              e1 == CUBLAS_STATUS_NOT_SUPPORTED && e2 == CUBLAS_STATUS_NOT_SUPPORTED &&
+              e3 == CUBLAS_STATUS_NOT_SUPPORTED,
+          "cublasGemmEx: bf16 x bf16 -> fp32 runs (%s, C = %g); fp32 -> bf16 C, bf16 x fp32, fp32 with the fp64 "
+          "compute type refused (%s, %s, %s)", cublasGetStatusName(mixed_ok), got[0], cublasGetStatusName(e1),
+          cublasGetStatusName(e2), cublasGetStatusName(e3));
+
+    cublasStatus_t s1 = cublasGemmStridedBatchedEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, dA, CUDA_R_32F, n, 0,
+                                                   dA, CUDA_R_32F, n, 0, &zero, dCb, CUDA_R_16BF, n, 0, 1,
+                                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    check(s1 == CUBLAS_STATUS_NOT_SUPPORTED, "cublasGemmStridedBatchedEx: fp32 -> bf16 C refused (%s)",
+          cublasGetStatusName(s1));
+
+    // The grouped GEMM: bf16 -> bf16 runs, bf16 -> fp32 (what the trainer's
+    // weight gradients would need) is refused, so its probe picks the fallback.
+    cublasOperation_t op = CUBLAS_OP_N;
+    int dims[1] = {n}, size1[1] = {1};
+    const void *hptr[3] = {dAb, dAb, dCb};
+    const void **dptr;
+    CK(cudaMalloc(&dptr, sizeof hptr));
+    CK(cudaMemcpy(dptr, hptr, sizeof hptr, cudaMemcpyHostToDevice));
+    cublasStatus_t g1 = cublasGemmGroupedBatchedEx(h, &op, &op, dims, dims, dims, &one, dptr, CUDA_R_16BF, dims,
+                                                   dptr + 1, CUDA_R_16BF, dims, &zero, (void *const *)(dptr + 2),
+                                                   CUDA_R_16BF, dims, 1, size1, CUBLAS_COMPUTE_32F);
+    __nv_bfloat16 gotb[n * n];
+    CK(cudaMemcpy(gotb, dCb, sizeof gotb, cudaMemcpyDeviceToHost));
+    cublasStatus_t g2 = cublasGemmGroupedBatchedEx(h, &op, &op, dims, dims, dims, &one, dptr, CUDA_R_16BF, dims,
+                                                   dptr + 1, CUDA_R_16BF, dims, &zero, (void *const *)(dptr + 2),
+                                                   CUDA_R_32F, dims, 1, size1, CUBLAS_COMPUTE_32F);
+    check(g1 == CUBLAS_STATUS_SUCCESS && __bfloat162float(gotb[0]) == n && g2 == CUBLAS_STATUS_NOT_SUPPORTED,
+          "cublasGemmGroupedBatchedEx: bf16 -> bf16 runs (%s, C = %g), bf16 -> fp32 refused (%s)",
+          cublasGetStatusName(g1), __bfloat162float(gotb[0]), cublasGetStatusName(g2));
+
+    // cuBLASLt: the descriptor's scale type counts too (fp64 alpha with the
+    // fp32 compute type is not a row), and D must have C's type.
+    cublasLtHandle_t lt;
+    cublasLtMatmulDesc_t d32, d64;
+    cublasLtMatrixLayout_t lf, lb;
+    cublasLtMatmulPreference_t pref;
+    cublasLtMatmulHeuristicResult_t res;
+    int found = 0;
+    CK(cublasLtCreate(&lt));
+    CK(cublasLtMatmulDescCreate(&d32, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    CK(cublasLtMatmulDescCreate(&d64, CUBLAS_COMPUTE_32F, CUDA_R_64F));
+    CK(cublasLtMatrixLayoutCreate(&lf, CUDA_R_32F, n, n, n));
+    CK(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, n, n, n));
+    CK(cublasLtMatmulPreferenceCreate(&pref));
+    cublasStatus_t l1 = cublasLtMatmulAlgoGetHeuristic(lt, d32, lb, lb, lf, lf, pref, 1, &res, &found);
+    cublasStatus_t l2 = cublasLtMatmulAlgoGetHeuristic(lt, d64, lf, lf, lf, lf, pref, 1, &res, &found);
+    cublasStatus_t l3 = cublasLtMatmulAlgoGetHeuristic(lt, d32, lb, lb, lb, lf, pref, 1, &res, &found);
+    check(l1 == CUBLAS_STATUS_SUCCESS && l2 == CUBLAS_STATUS_NOT_SUPPORTED && l3 == CUBLAS_STATUS_NOT_SUPPORTED,
+          "cublasLtMatmul: bf16 x bf16 -> fp32 has an algorithm (%s); an fp64 scale type with the fp32 compute type, "
+          "a D type other than C's are refused (%s, %s)", cublasGetStatusName(l1), cublasGetStatusName(l2),
+          cublasGetStatusName(l3));
+    cublasLtMatmulPreferenceDestroy(pref);
+    cublasLtMatrixLayoutDestroy(lf);
+    cublasLtMatrixLayoutDestroy(lb);
+    cublasLtMatmulDescDestroy(d32);
+    cublasLtMatmulDescDestroy(d64);
+    cublasLtDestroy(lt);
+    cudaFree(dptr);
+    cudaFree(dA);
+    cudaFree(dC);
+    cudaFree(dAb);
+    cudaFree(dCb);
+    cublasDestroy(h);
+}
+
 // ----------------------------------------------------------------------------
 // Detection: each bug in a child process
 
@@ -450,6 +554,15 @@ static void bug_gemm_host(void) {
     cudaMalloc(&c, sizeof a);
     cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 2, &one, a, CUDA_R_32F, 2, b, CUDA_R_32F, 2, &one, c,
                  CUDA_R_32F, 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+}
+// fp64 GEMMs are a listed combination, but the emulator does not compute them.
+static void bug_gemm_fp64(void) {
+    cublasHandle_t handle;
+    cublasCreate(&handle);
+    double *a, one = 1.0;
+    cudaMalloc(&a, 4 * sizeof(double));
+    cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 2, &one, a, CUDA_R_64F, 2, a, CUDA_R_64F, 2, &one, a,
+                 CUDA_R_64F, 2, CUBLAS_COMPUTE_64F, CUBLAS_GEMM_DEFAULT);
 }
 static void bug_use_after_free(void) {
     float *d;
@@ -529,6 +642,7 @@ int main(void) {
     test_kernels();
     test_gemm();
     test_lt();
+    test_gemm_types();
     expect_stop("host code writing device memory", bug_host_deref, "host code dereferenced device memory");
     expect_stop("a kernel writing into the guard page", bug_guard_page, "out-of-bounds access at byte offset 4096 of device allocation");
     expect_stop("a kernel writing into the slack after 100 bytes", bug_slack, "out-of-bounds write at byte offset 100");
@@ -538,6 +652,7 @@ int main(void) {
     expect_stop("cudaMemcpyHostToDevice from device to host memory", bug_copy_kind, "cudaMemcpyHostToDevice");
     expect_stop("a GEMM on host matrices", bug_gemm_host, "is not device memory");
     expect_stop("a kernel on freed memory", bug_use_after_free, "is a host pointer");
+    expect_stop("an fp64 GEMM (listed by cuBLAS, not emulated)", bug_gemm_fp64, "supported by cuBLAS but not emulated");
     test_async();
     expect_stop("host reading a pinned buffer a pending copy fills", bug_read_before_sync,
                 "before the stream was synchronised");
