@@ -19,7 +19,12 @@
 //     GEMM on host memory, a kernel on freed memory, host code reading or
 //     writing pinned memory that an unfinished cudaMemcpyAsync uses;
 //  3. cuBLAS type combinations: each GEMM entry point accepts the rows of its
-//     table in the cuBLAS documentation and refuses the others.
+//     table in the cuBLAS documentation and refuses the others;
+//  4. warp masks: a __syncwarp or shuffle waits for the lanes its mask names
+//     and no others (shuffles excuse exited lanes, __syncwarp does not), and
+//     the misuses stop: a lane outside its own mask, a shuffle and a
+//     __syncwarp mixed in one warp, half a warp gone from a __syncwarp, one
+//     __syncthreads reached from two places.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -103,6 +108,66 @@ __global__ void diverged_sync_kernel(float *p) {
 __global__ void exited_lane_kernel(float *p) {
     if (threadIdx.x >= 16) return;
     p[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 16);
+}
+
+// Each half of a warp synchronises only with itself, then reads what lane
+// lane ^ 1 (its own half: ordered) or lane ^ 16 (the other half: a race) wrote.
+__global__ void half_syncwarp_kernel(float *out, int cross) {
+    __shared__ float v[32];
+    int lane = threadIdx.x;
+    v[lane] = (float)lane;
+    __syncwarp(lane < 16 ? 0x0000ffffu : 0xffff0000u);
+    out[lane] = v[cross ? lane ^ 16 : lane ^ 1];
+}
+
+// Lanes 16-31 leave; lanes 0-15 shuffle among themselves, with a mask naming only them.
+__global__ void masked_shuffle_kernel(int *got) {
+    int lane = threadIdx.x;
+    if (lane >= 16) return;
+    got[lane] = __shfl_xor_sync(0x0000ffffu, lane * 10, 1);
+}
+
+// Half of every warp leaves after a __syncwarp that passed its writes to the
+// other half, which reaches the __syncthreads: the writes are ordered before
+// the reads after it (the barrier is cumulative).
+__global__ void publish_then_exit_kernel(float *out) {
+    __shared__ float v[64];
+    v[threadIdx.x] = (float)threadIdx.x;
+    __syncwarp();
+    if (threadIdx.x % 32 >= 16) return;
+    __syncthreads();
+    out[threadIdx.x] = v[63 - threadIdx.x];
+}
+
+// One barrier, two __syncthreads: each warp reaches a different one.
+__global__ void divergent_barrier_kernel(float *out) {
+    if (threadIdx.x < 32)
+        __syncthreads();
+    else
+        __syncthreads();
+    out[threadIdx.x] = 1.0f;
+}
+
+// __syncwarp() names all 32 lanes, but half of them have left.
+__global__ void half_warp_exits_kernel(float *out) {
+    if (threadIdx.x >= 16) return;
+    __syncwarp();
+    out[threadIdx.x] = 1.0f;
+}
+
+__global__ void syncwarp_not_in_mask_kernel(float *out) {
+    __syncwarp(0xfffffffeu); // lane 0 is not in it
+    out[threadIdx.x] = 1.0f;
+}
+
+// Half a warp at __syncwarp, the other half at a shuffle.
+__global__ void syncwarp_shuffle_mixed_kernel(float *out) {
+    float v = (float)threadIdx.x;
+    if (threadIdx.x < 16)
+        __syncwarp();
+    else
+        v = __shfl_xor_sync(0xffffffffu, v, 1);
+    out[threadIdx.x] = v;
 }
 
 // ----------------------------------------------------------------------------
@@ -510,6 +575,60 @@ static void test_gemm_types(void) {
     cublasDestroy(h);
 }
 
+static void expect_stop(const char *what, void (*fn)(void), const char *want);
+
+// Warp masks: a __syncwarp or shuffle with a partial mask waits only for the
+// lanes it names.
+static void test_warp_masks(void) {
+    float *d_out, h_out[64];
+    int *d_got, h_got[16];
+    CK(cudaMalloc(&d_out, sizeof h_out));
+    CK(cudaMalloc(&d_got, sizeof h_got));
+    half_syncwarp_kernel<<<1, 32>>>(d_out, 0);
+    CK(cudaGetLastError());
+    CK(cudaMemcpy(h_out, d_out, 32 * sizeof(float), cudaMemcpyDeviceToHost));
+    int bad = 0;
+    for (int l = 0; l < 32; l++) bad += h_out[l] != (float)(l ^ 1);
+    check(bad == 0, "__syncwarp with the masks 0x0000ffff and 0xffff0000: each half exchanges values (%d wrong)", bad);
+
+    masked_shuffle_kernel<<<1, 32>>>(d_got);
+    CK(cudaGetLastError());
+    CK(cudaMemcpy(h_got, d_got, sizeof h_got, cudaMemcpyDeviceToHost));
+    bad = 0;
+    for (int l = 0; l < 16; l++) bad += h_got[l] != (l ^ 1) * 10;
+    check(bad == 0, "a shuffle with the mask 0x0000ffff while lanes 16-31 have exited (%d wrong)", bad);
+
+    publish_then_exit_kernel<<<1, 64>>>(d_out);
+    CK(cudaGetLastError());
+    CK(cudaMemcpy(h_out, d_out, 16 * sizeof(float), cudaMemcpyDeviceToHost));
+    bad = 0;
+    for (int t = 0; t < 16; t++) bad += h_out[t] != (float)(63 - t);
+    check(bad == 0, "values passed by __syncwarp to lanes that reach a __syncthreads, from lanes that exit (%d wrong)",
+          bad);
+    cudaFree(d_out);
+    cudaFree(d_got);
+}
+
+static float *small_buffer(void) {
+    float *d;
+    cudaMalloc(&d, 64 * sizeof(float));
+    return d;
+}
+static void bug_divergent_barrier(void) { divergent_barrier_kernel<<<1, 64>>>(small_buffer()); }
+static void bug_half_warp_exits(void) { half_warp_exits_kernel<<<1, 32>>>(small_buffer()); }
+static void bug_not_in_mask(void) { syncwarp_not_in_mask_kernel<<<1, 32>>>(small_buffer()); }
+static void bug_syncwarp_shuffle_mixed(void) { syncwarp_shuffle_mixed_kernel<<<1, 32>>>(small_buffer()); }
+
+// Barriers and warp operations that a GPU would hang on or get wrong: every build.
+static void test_barrier_misuse(void) {
+    expect_stop("one barrier reached from two __syncthreads", bug_divergent_barrier, "divergent __syncthreads");
+    expect_stop("a __syncwarp() half of whose lanes have exited", bug_half_warp_exits,
+                "in warp 0, lanes 0-15 wait at __syncwarp with mask 0xffffffff for lane 16, which has exited");
+    expect_stop("a lane calling __syncwarp with a mask without it", bug_not_in_mask, "which is not in its mask");
+    expect_stop("a shuffle and a __syncwarp in one warp", bug_syncwarp_shuffle_mixed,
+                "a shuffle and a __syncwarp mixed in one warp");
+}
+
 // ----------------------------------------------------------------------------
 // Detection: each bug in a child process
 
@@ -653,6 +772,8 @@ int main(void) {
     expect_stop("a GEMM on host matrices", bug_gemm_host, "is not device memory");
     expect_stop("a kernel on freed memory", bug_use_after_free, "is a host pointer");
     expect_stop("an fp64 GEMM (listed by cuBLAS, not emulated)", bug_gemm_fp64, "supported by cuBLAS but not emulated");
+    test_warp_masks();
+    test_barrier_misuse();
     test_async();
     expect_stop("host reading a pinned buffer a pending copy fills", bug_read_before_sync,
                 "before the stream was synchronised");
