@@ -143,6 +143,8 @@ test-run: test-build
 	bash tests/test_deps.sh
 	$(MAKE) --no-print-directory -j$(JOBS) emu-build
 	$(MAKE) --no-print-directory test-emu
+	$(MAKE) --no-print-directory -j$(JOBS) emu-race-build
+	$(MAKE) --no-print-directory test-emu-race
 
 # ---------------------------------------------------------------- benchmarks
 

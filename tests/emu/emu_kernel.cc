@@ -331,6 +331,7 @@ static int release_warps(Block *b) {
             if (!ok) continue;
             for (int m = 0; m < 32; m++)
                 if (members >> m & 1u) b->threads[w * 32 + m].state = T_RUN;
+            if (kind == W_SYNC) race_warp_sync(w, members); // a shuffle does not order memory, a __syncwarp does
             released = 1;
         }
     }
@@ -351,6 +352,7 @@ static void release_block(Block *b) {
         if (!first) first = t;
         t->state = T_RUN;
     }
+    race_block_barrier();
 }
 
 // Nothing can move: says which warp operation waits for which lane, and why it never comes.
@@ -398,7 +400,9 @@ static void run_block(Block *b) {
             int i = order[k];
             if (b->threads[i].state != T_RUN) continue;
             b->cur = &b->threads[i];
+            race_enter(i, t_pool.stacks[i], t_pool.stacks[i] + STACK_BYTES);
             emu_switch(&b->sched_sp, b->threads[i].sp);
+            race_leave(b->threads[i].state == T_DONE);
         }
         b->cur = NULL;
         if (release_warps(b)) continue;
@@ -482,6 +486,7 @@ void launch(const char *name, dim3 grid, dim3 block, size_t smem, cudaStream_t s
                                        (unsigned long long)nblocks);
     prof_kernel(name, (long long)(nthreads * nblocks));
     make_order(block_order, (int)nblocks);
+    race_launch_begin(name, grid, block, b.smem, smem);
     for (uint64_t k = 0; k < nblocks; k++) {
         unsigned int q = (unsigned int)block_order[k];
         b.bidx = uint3{q % grid.x, q / grid.x % grid.y, q / (grid.x * grid.y)};
@@ -489,8 +494,10 @@ void launch(const char *name, dim3 grid, dim3 block, size_t smem, cudaStream_t s
         uintptr_t sh0 = (uintptr_t)__start_emu_shared, sh1 = (uintptr_t)__stop_emu_shared;
         if (sh0 && sh1 > sh0) memset(__start_emu_shared, 0xff, sh1 - sh0);
         for (int i = 0; i < n; i++) start_thread(&b, i);
+        race_block_begin(q);
         run_block(&b);
     }
+    race_launch_end();
     t_blk = NULL;
     exit_device();
 }

@@ -24,7 +24,13 @@
 //     and no others (shuffles excuse exited lanes, __syncwarp does not), and
 //     the misuses stop: a lane outside its own mask, a shuffle and a
 //     __syncwarp mixed in one warp, half a warp gone from a __syncwarp, one
-//     __syncthreads reached from two places.
+//     __syncthreads reached from two places;
+//  5. in the race build (make test-emu-race) only: the kernels above run with
+//     every access checked and are clean, and each race below is caught -- a
+//     missing atomic within a block and between blocks, a missing
+//     __syncthreads, a __syncwarp whose mask leaves out the lane that wrote,
+//     a __syncthreads the writing threads never reached (they exited), a read
+//     in an allocation's rounding slack.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -139,6 +145,25 @@ __global__ void publish_then_exit_kernel(float *out) {
     out[threadIdx.x] = v[63 - threadIdx.x];
 }
 
+// A plain read-modify-write of one counter by every thread of a block: a
+// missing atomic (a lost update on a GPU).
+__global__ void plain_count_kernel(int *counter) { counter[0] += 1; }
+
+// The same by one thread of each block: a missing atomic between blocks.
+__global__ void plain_count_blocks_kernel(int *counter) {
+    if (threadIdx.x == 0) counter[0] += 1;
+}
+
+// The threads of the second warp write and leave; the first warp's barrier
+// completes without them and it reads what they wrote: nothing orders it.
+__global__ void partial_barrier_kernel(float *out) {
+    __shared__ float v[64];
+    v[threadIdx.x] = (float)threadIdx.x;
+    if (threadIdx.x >= 32) return;
+    __syncthreads();
+    out[threadIdx.x] = v[threadIdx.x + 32];
+}
+
 // One barrier, two __syncthreads: each warp reaches a different one.
 __global__ void divergent_barrier_kernel(float *out) {
     if (threadIdx.x < 32)
@@ -169,6 +194,8 @@ __global__ void syncwarp_shuffle_mixed_kernel(float *out) {
         v = __shfl_xor_sync(0xffffffffu, v, 1);
     out[threadIdx.x] = v;
 }
+
+__global__ void read_kernel(float *out, const float *p, int i) { out[0] = p[i]; }
 
 // ----------------------------------------------------------------------------
 // Semantics
@@ -239,22 +266,29 @@ static void test_kernels(void) {
           "fresh device memory and dynamic shared memory read as 0xffffffff (NaN / -1)");
 
     // Thread and block order: a correct kernel gives the same bits in every
-    // order; the racy one does not (so the order really changes).
+    // order; the racy one does not (so the order really changes). The race
+    // build stops on the racy one instead (test_race_detection).
     float h_rev[nb];
     unsigned int racy_fwd[64], racy_rev[64];
     unsigned int *d_racy;
     CK(cudaMalloc(&d_racy, sizeof racy_fwd));
-    racy_kernel<<<1, 64>>>(d_racy);
-    CK(cudaMemcpy(racy_fwd, d_racy, sizeof racy_fwd, cudaMemcpyDeviceToHost));
+    if (!emu::race_on()) {
+        racy_kernel<<<1, 64>>>(d_racy);
+        CK(cudaMemcpy(racy_fwd, d_racy, sizeof racy_fwd, cudaMemcpyDeviceToHost));
+    }
     emu::set_order("reverse");
     block_sum_kernel<<<nb, dim3(bx, by)>>>(d_out, d_dis, d_in);
     CK(cudaMemcpy(h_rev, d_out, sizeof h_rev, cudaMemcpyDeviceToHost));
-    racy_kernel<<<1, 64>>>(d_racy);
-    CK(cudaMemcpy(racy_rev, d_racy, sizeof racy_rev, cudaMemcpyDeviceToHost));
+    if (!emu::race_on()) {
+        racy_kernel<<<1, 64>>>(d_racy);
+        CK(cudaMemcpy(racy_rev, d_racy, sizeof racy_rev, cudaMemcpyDeviceToHost));
+    }
     emu::set_order("forward");
-    check(memcmp(h_rev, h_out, sizeof h_out) == 0 && memcmp(racy_fwd, racy_rev, sizeof racy_fwd) != 0,
-          "reverse order: block sums bitwise equal, a missing barrier changes the result (%u vs %u in the last thread)",
-          racy_fwd[63], racy_rev[63]);
+    check(memcmp(h_rev, h_out, sizeof h_out) == 0, "reverse order: block sums bitwise equal");
+    if (!emu::race_on())
+        check(memcmp(racy_fwd, racy_rev, sizeof racy_fwd) != 0,
+              "reverse order: a missing barrier changes the result (%u vs %u in the last thread)", racy_fwd[63],
+              racy_rev[63]);
     cudaFree(d_racy);
 
     write_kernel<<<0, 32>>>(d_in, 0);
@@ -578,7 +612,9 @@ static void test_gemm_types(void) {
 static void expect_stop(const char *what, void (*fn)(void), const char *want);
 
 // Warp masks: a __syncwarp or shuffle with a partial mask waits only for the
-// lanes it names.
+// lanes it names, and orders memory only among them (in the race build these
+// kernels also run with every access checked: they must be clean, as must
+// the atomics and barriers of test_kernels).
 static void test_warp_masks(void) {
     float *d_out, h_out[64];
     int *d_got, h_got[16];
@@ -627,6 +663,48 @@ static void test_barrier_misuse(void) {
     expect_stop("a lane calling __syncwarp with a mask without it", bug_not_in_mask, "which is not in its mask");
     expect_stop("a shuffle and a __syncwarp in one warp", bug_syncwarp_shuffle_mixed,
                 "a shuffle and a __syncwarp mixed in one warp");
+}
+
+static int *zero_counter(void) {
+    int *d;
+    cudaMalloc(&d, sizeof(int));
+    cudaMemset(d, 0, sizeof(int));
+    return d;
+}
+static void bug_plain_count(void) { plain_count_kernel<<<1, 64>>>(zero_counter()); }
+static void bug_plain_count_blocks(void) { plain_count_blocks_kernel<<<4, 32>>>(zero_counter()); }
+static void bug_missing_syncthreads(void) {
+    unsigned int *d;
+    cudaMalloc(&d, 64 * sizeof(unsigned int));
+    racy_kernel<<<1, 64>>>(d);
+}
+static void bug_half_syncwarp(void) { half_syncwarp_kernel<<<1, 32>>>(small_buffer(), 1); }
+static void bug_partial_barrier(void) { partial_barrier_kernel<<<1, 64>>>(small_buffer()); }
+static void bug_slack_read(void) {
+    float *d;
+    cudaMalloc(&d, 100);
+    cudaMemset(d, 0, 100);
+    read_kernel<<<1, 1>>>(small_buffer(), d, 25); // bytes 100..103: in the allocation's page, past its size
+}
+
+// Races a GPU would have and the plain emulator cannot see: the race build only.
+static void test_race_detection(void) {
+    if (!emu::race_on()) {
+        printf("skip race detection: not the race build (make test-emu-race runs it)\n");
+        return;
+    }
+    expect_stop("a plain += by 64 threads of a block (a missing atomic)", bug_plain_count,
+                "data race in kernel plain_count_kernel");
+    expect_stop("a plain += by one thread of each of 4 blocks", bug_plain_count_blocks,
+                "in another block of the same launch");
+    expect_stop("a shared-memory write read by other threads with no __syncthreads", bug_missing_syncthreads,
+                "data race in kernel racy_kernel");
+    expect_stop("__syncwarp masks that leave out the lane that wrote", bug_half_syncwarp,
+                "with no __syncwarp naming both lanes");
+    expect_stop("a __syncthreads the writing threads never reached", bug_partial_barrier,
+                "exited before the __syncthreads between them");
+    expect_stop("a kernel reading the rounding slack after 100 bytes", bug_slack_read,
+                "out-of-bounds read at byte offset 100 of device allocation");
 }
 
 // ----------------------------------------------------------------------------
@@ -763,7 +841,7 @@ int main(void) {
     test_lt();
     test_gemm_types();
     expect_stop("host code writing device memory", bug_host_deref, "host code dereferenced device memory");
-    expect_stop("a kernel writing into the guard page", bug_guard_page, "out-of-bounds access at byte offset 4096 of device allocation");
+    expect_stop("a kernel writing into the guard page", bug_guard_page, "at byte offset 4096 of device allocation");
     expect_stop("a kernel writing into the slack after 100 bytes", bug_slack, "out-of-bounds write at byte offset 100");
     expect_stop("a host pointer as kernel argument", bug_host_pointer_arg, "is a host pointer");
     expect_stop("half a warp at __syncthreads, half at __syncwarp", bug_diverged_sync, "deadlock");
@@ -774,6 +852,7 @@ int main(void) {
     expect_stop("an fp64 GEMM (listed by cuBLAS, not emulated)", bug_gemm_fp64, "supported by cuBLAS but not emulated");
     test_warp_masks();
     test_barrier_misuse();
+    test_race_detection();
     test_async();
     expect_stop("host reading a pinned buffer a pending copy fills", bug_read_before_sync,
                 "before the stream was synchronised");

@@ -6,7 +6,8 @@
 // names -- and a barrier that cannot complete is reported (emu_kernel.cc).
 // __shared__ variables are statics, shared by the block being run. Launches
 // are rewritten from `k<<<cfg>>>(args)` to `emu::Cfg("k", cfg).run(k)(args)`
-// by tests/emu/cu2cc.sed. Atomics are real atomic instructions.
+// by tests/emu/cu2cc.sed. Atomics are real atomic instructions, so that the
+// race build (emu_race.cc) sees them as atomic accesses.
 #ifndef EMU_DEVICE_H
 #define EMU_DEVICE_H
 
@@ -55,6 +56,9 @@ void *dyn_smem();
 // The order blocks and threads run in: "forward", "reverse" or "shuffle"
 // (the environment's EMU_ORDER at start-up; this is for the emulator's test).
 void set_order(const char *order);
+// Whether this program is the race build (make test-emu-race), whose kernels
+// have every memory access checked (emu_race.cc).
+bool race_on();
 // file and line: where the __syncthreads is, to tell one barrier reached from
 // two places (a divergent __syncthreads).
 void syncthreads(const char *file, int line);
