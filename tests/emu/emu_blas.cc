@@ -93,20 +93,17 @@ struct TypeRow {
 #define ROWS_64F(ct) {ct, CUDA_R_64F, CUDA_R_64F, CUDA_R_64F}, {ct, CUDA_C_64F, CUDA_C_64F, CUDA_C_64F}
 
 // cuBLAS documentation, cublasGemmEx(): the table after the parameter list.
-// cublasGemmStridedBatchedEx() (and cublasGemmBatchedEx()) document the same one.
-static const TypeRow GEMM_EX_TYPES[] = {
-    {CUBLAS_COMPUTE_16F, CUDA_R_16F, CUDA_R_16F, CUDA_R_16F},
-    {CUBLAS_COMPUTE_16F_PEDANTIC, CUDA_R_16F, CUDA_R_16F, CUDA_R_16F},
-    {CUBLAS_COMPUTE_32I, CUDA_R_32I, CUDA_R_8I, CUDA_R_32I},
-    {CUBLAS_COMPUTE_32I_PEDANTIC, CUDA_R_32I, CUDA_R_8I, CUDA_R_32I},
-    ROWS_32F(CUBLAS_COMPUTE_32F),
-    ROWS_32F(CUBLAS_COMPUTE_32F_PEDANTIC),
-    ROWS_FAST(CUBLAS_COMPUTE_32F_FAST_16F),
-    ROWS_FAST(CUBLAS_COMPUTE_32F_FAST_16BF),
-    ROWS_FAST(CUBLAS_COMPUTE_32F_FAST_TF32),
-    ROWS_64F(CUBLAS_COMPUTE_64F),
-    ROWS_64F(CUBLAS_COMPUTE_64F_PEDANTIC),
-};
+// cublasGemmStridedBatchedEx() (and cublasGemmBatchedEx()) document the same
+// one, and cublasLtMatmul()'s non-FP8 table has all its rows too.
+#define ROWS_GEMM_EX                                                                                        \
+    {CUBLAS_COMPUTE_16F, CUDA_R_16F, CUDA_R_16F, CUDA_R_16F},                                               \
+        {CUBLAS_COMPUTE_16F_PEDANTIC, CUDA_R_16F, CUDA_R_16F, CUDA_R_16F},                                  \
+        {CUBLAS_COMPUTE_32I, CUDA_R_32I, CUDA_R_8I, CUDA_R_32I},                                            \
+        {CUBLAS_COMPUTE_32I_PEDANTIC, CUDA_R_32I, CUDA_R_8I, CUDA_R_32I}, ROWS_32F(CUBLAS_COMPUTE_32F),     \
+        ROWS_32F(CUBLAS_COMPUTE_32F_PEDANTIC), ROWS_FAST(CUBLAS_COMPUTE_32F_FAST_16F),                      \
+        ROWS_FAST(CUBLAS_COMPUTE_32F_FAST_16BF), ROWS_FAST(CUBLAS_COMPUTE_32F_FAST_TF32),                   \
+        ROWS_64F(CUBLAS_COMPUTE_64F), ROWS_64F(CUBLAS_COMPUTE_64F_PEDANTIC)
+static const TypeRow GEMM_EX_TYPES[] = {ROWS_GEMM_EX};
 
 // cuBLAS documentation, cublasGemmGroupedBatchedEx() (cuBLAS >= 12.5): a much
 // shorter table -- one type for A, B and C, except the fp32 compute types; in
@@ -120,23 +117,15 @@ static const TypeRow GROUPED_TYPES[] = {
 };
 
 // cuBLAS documentation, cublasLtMatmul(): the table of non-FP8 types (the
-// scale type is the descriptor's; D has C's type). The FP8 tables are left
-// out: the emulator has no FP8 types.
+// scale type is the descriptor's; D has C's type): cublasGemmEx's rows and
+// int8 output with the 32I compute types. The FP8 tables are left out: the
+// emulator has no FP8 types.
 static const TypeRow LT_TYPES[] = {
-    {CUBLAS_COMPUTE_16F, CUDA_R_16F, CUDA_R_16F, CUDA_R_16F},
-    {CUBLAS_COMPUTE_16F_PEDANTIC, CUDA_R_16F, CUDA_R_16F, CUDA_R_16F},
-    {CUBLAS_COMPUTE_32I, CUDA_R_32I, CUDA_R_8I, CUDA_R_32I},
+    ROWS_GEMM_EX,
     {CUBLAS_COMPUTE_32I, CUDA_R_32F, CUDA_R_8I, CUDA_R_8I},
-    {CUBLAS_COMPUTE_32I_PEDANTIC, CUDA_R_32I, CUDA_R_8I, CUDA_R_32I},
     {CUBLAS_COMPUTE_32I_PEDANTIC, CUDA_R_32F, CUDA_R_8I, CUDA_R_8I},
-    ROWS_32F(CUBLAS_COMPUTE_32F),
-    ROWS_32F(CUBLAS_COMPUTE_32F_PEDANTIC),
-    ROWS_FAST(CUBLAS_COMPUTE_32F_FAST_16F),
-    ROWS_FAST(CUBLAS_COMPUTE_32F_FAST_16BF),
-    ROWS_FAST(CUBLAS_COMPUTE_32F_FAST_TF32),
-    ROWS_64F(CUBLAS_COMPUTE_64F),
-    ROWS_64F(CUBLAS_COMPUTE_64F_PEDANTIC),
 };
+#undef ROWS_GEMM_EX
 #undef ROWS_32F
 #undef ROWS_FAST
 #undef ROWS_64F

@@ -64,6 +64,7 @@ enum { ACC_PLAIN = 1, ACC_MULTI_WARP = 2, ACC_MULTI_BLOCK = 4 }; // PLAIN: not a
 struct Cell {
     Acc w, r;
 };
+static_assert(sizeof(Cell) == 32, "the shadow is 32 bytes per byte (docs/gpu.md)");
 
 // One thread of the block being run.
 struct RThread {
