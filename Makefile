@@ -145,6 +145,8 @@ test-run: test-build
 	$(MAKE) --no-print-directory test-emu
 	bash tests/test_profile.sh $(BUILD)/emu/FP32/train_moecu
 	$(if $(NVCC_FOUND),bash tests/test_memplan.sh ./train_moecu,@echo "skip test_memplan.sh: no nvcc, no train_moecu")
+	$(MAKE) --no-print-directory -j$(JOBS) emu-race-build
+	$(MAKE) --no-print-directory test-emu-race
 
 # ---------------------------------------------------------------- benchmarks
 

@@ -18,11 +18,18 @@
 # only a GPU run can show.
 #
 #   tests/test_emu.sh [EMU_BUILD_DIR]     (default build/emu/FP32)
+#   tests/test_emu.sh --race [DIR]        the race build (default build/emu-race; make test-emu-race)
 # A BF16 build (a directory named .../BF16) runs 1, 2 and the bitwise checks of 3:
 # its comparison with the fp32 CPU trainer is test_gpu's, with bf16 tolerances.
+# The race build, whose kernels have every memory access checked for races
+# and out-of-bounds bytes (tests/emu/emu_race.cc), runs 1 (its race
+# detections included), test_gpu, and a 10-step train_moecu run through
+# one-rank NCCL with the EP exchange: any race stops them.
 set -u
 cd "$(dirname "$0")/.."
-B=${1:-build/emu/FP32}
+RACE=0
+if [ "${1:-}" = --race ]; then RACE=1; shift; fi
+B=${1:-$([ $RACE = 1 ] && echo build/emu-race || echo build/emu/FP32)}
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 fails=0
@@ -30,7 +37,9 @@ ok() { echo "ok   $*"; }
 bad() { echo "FAIL $*"; fails=$((fails + 1)); }
 
 # 1 and 2: the test programs print their own checks.
-for t in "$B/test_emu" "$B/test_gpu tests/fixtures" "$B/test_gpu_dist"; do
+PROGS=("$B/test_emu" "$B/test_gpu tests/fixtures")
+[ $RACE = 1 ] || PROGS+=("$B/test_gpu_dist")
+for t in "${PROGS[@]}"; do
     if $t > "$TMP/out" 2>&1; then
         ok "$t: $(tail -1 "$TMP/out")"
     else
@@ -44,8 +53,34 @@ done
 RUN=(--config tiny --train-data "$TMP/train_*.bin" --val-data "$TMP/val_*.bin" -b 4 --steps 10 --warmup-steps 2
      --lr 1e-2 --gamma 1e-2 --eval-every 5 --eval-batches 2 --print-every 5 --sample-tokens 12 --ckpt-every 10
      --keep-last 0 --threads 1)
+summary() { # prints the outcome and ends the script
+    if [ "$fails" -eq 0 ]; then echo "test_emu.sh: all passed"; exit 0; fi
+    echo "test_emu.sh: $fails failure(s)"
+    exit 1
+}
+if [ $RACE = 1 ]; then
+    # Every kernel of a training step, evaluation and sampling, and the EP
+    # exchange's copy kernels.
+    if MOE_NCCL=1 MOE_EP_EXCHANGE=1 "$B/train_moecu" "${RUN[@]}" --ckpt-dir "$TMP/race" > "$TMP/race.out" 2>&1; then
+        ok "train_moecu (race build, through NCCL with the EP exchange): 10 steps, no race: $(grep -o 'loss [0-9.]*' "$TMP/race.out" | tail -1)"
+    else
+        bad "train_moecu (race build):"; grep -A3 'emulator:' "$TMP/race.out" || tail -5 "$TMP/race.out"
+    fi
+    summary
+fi
 "$B/train_moecu" "${RUN[@]}" --ckpt-dir "$TMP/gpu" --log "$TMP/gpu.jsonl" > "$TMP/gpu.out" 2>&1 \
     || { bad "train_moecu (emulated) failed:"; cat "$TMP/gpu.out"; }
+# The grouped-GEMM probe gives the answer of the cuBLAS documentation's type
+# table (tests/emu/emu_blas.cc): the grouped call when A, B and C have one
+# type, the per-expert fallback for bf16 inputs with an fp32 C.
+if [ "$(basename "$B")" = BF16 ]; then
+    want_probe="expert GEMMs: C bf16 via cublasGemmGroupedBatchedEx; C fp32 (weight gradients) via per-expert cublasGemmEx"
+else
+    want_probe="expert GEMMs: C fp32 via cublasGemmGroupedBatchedEx; C fp32 (weight gradients) via cublasGemmGroupedBatchedEx"
+fi
+if grep -qxF "$want_probe" "$TMP/gpu.out"; then ok "train_moecu: $want_probe"
+else bad "train_moecu: grouped-GEMM probe: want '$want_probe', got '$(grep 'expert GEMMs' "$TMP/gpu.out")'"; fi
+
 if [ "$(basename "$B")" = BF16 ]; then
     echo "skip train_moecu vs train_moe step by step: bf16 activations (test_gpu compares with bf16 tolerances)"
 else
@@ -196,4 +231,4 @@ else
     fi
 fi
 
-if [ "$fails" -eq 0 ]; then echo "test_emu.sh: all passed"; else echo "test_emu.sh: $fails failure(s)"; exit 1; fi
+summary

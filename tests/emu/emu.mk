@@ -4,6 +4,8 @@
 #   make test-emu          the GPU tests (kernels, fixtures, 10 training steps) and a tiny
 #                          train_moecu run, FP32, with the emulator's memory checks; part of `make test`
 #   make test-emu EMU_PRECISION=BF16   the same with bf16 activations
+#   make test-emu-race     the race build: the CUDA code compiled with -fsanitize=thread, every memory
+#                          access of a kernel checked for races and exact bounds (emu_race.cc); part of `make test`
 #
 # Needs only a C++17 compiler: the emulator's headers stand in for the CUDA
 # runtime, cuBLAS and NCCL. It checks logic, not a GPU: see docs/gpu.md.
@@ -63,3 +65,44 @@ test-emu: emu-build $(BUILD)/gen_shards train_moe moe_ckpt
 	bash tests/test_emu.sh $(EMU_BUILD)
 	$(MAKE) --no-print-directory -j$(JOBS) EMU_PRECISION=BF16 emu-build
 	bash tests/test_emu.sh $(BUILD)/emu/BF16
+
+# The race build (docs/gpu.md, "Races and exact bounds"): the same CUDA code,
+# FP32, compiled with -fsanitize=thread so that every memory access calls the
+# emulator's checker (tests/emu/emu_race.cc; ThreadSanitizer's own runtime is
+# not linked, the emulator's objects are the plain build's). No function
+# entry hooks (not needed), no loops turned into memset/memcpy calls (the
+# checker would not see those), DWARF 4 (binutils' addr2line, which names
+# the source line of a race, reads #line directives wrongly in DWARF 5).
+EMU_RACE_BUILD = $(BUILD)/emu-race
+EMU_RACE_CXXFLAGS = $(filter-out -DENABLE_FP32,$(EMU_CXXFLAGS)) -DENABLE_FP32 -gdwarf-4 -fsanitize=thread \
+                    --param=tsan-instrument-func-entry-exit=0 -fno-tree-loop-distribute-patterns
+EMU_RACE_KOBJ = $(patsubst %,$(EMU_RACE_BUILD)/kernels/%.o,$(GPU_KERNELS))
+EMU_RACE_COMMON = $(EMU_RACE_KOBJ) $(GPU_HOST_BASE) $(EMU_COMM) $(EMU_LIB)
+
+.PHONY: test-emu-race emu-race-build
+.PRECIOUS: $(EMU_RACE_BUILD)/%.cc
+
+$(EMU_RACE_BUILD)/%.cc: %.cu tests/emu/cu2cc.sed
+	@mkdir -p $(dir $@)
+	@{ echo '#line 1 "$<"'; sed -f tests/emu/cu2cc.sed $<; } > $@
+
+$(EMU_RACE_BUILD)/%.o: $(EMU_RACE_BUILD)/%.cc $(EMU_HEADERS)
+	$(CXX) $(EMU_RACE_CXXFLAGS) -I$(dir $*) -c $< -o $@
+
+$(EMU_RACE_BUILD)/train_moe_lib.o: $(EMU_RACE_BUILD)/train_moe.cc $(EMU_HEADERS)
+	$(CXX) $(EMU_RACE_CXXFLAGS) -DTRAIN_MOECU_NO_MAIN -c $< -o $@
+
+$(EMU_RACE_BUILD)/test_emu: $(EMU_RACE_BUILD)/tests/emu/test_emu.o $(EMU_LIB)
+	$(CXX) $^ -o $@ $(EMU_LIBS)
+
+$(EMU_RACE_BUILD)/test_gpu: $(EMU_RACE_BUILD)/tests/test_gpu.o $(EMU_RACE_BUILD)/train_moe_lib.o $(EMU_RACE_COMMON) \
+                            $(BUILD)/f32/tests/fixture.o
+	$(CXX) $^ -o $@ $(EMU_LIBS)
+
+$(EMU_RACE_BUILD)/train_moecu: $(EMU_RACE_BUILD)/train_moe.o $(EMU_RACE_COMMON)
+	$(CXX) $^ -o $@ $(EMU_LIBS)
+
+emu-race-build: $(EMU_RACE_BUILD)/test_emu $(EMU_RACE_BUILD)/test_gpu $(EMU_RACE_BUILD)/train_moecu
+
+test-emu-race: emu-race-build $(BUILD)/gen_shards
+	bash tests/test_emu.sh --race $(EMU_RACE_BUILD)

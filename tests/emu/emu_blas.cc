@@ -70,14 +70,89 @@ static void store_elem(void *p, cudaDataType t, size_t i, float v) {
         ((__nv_bfloat16 *)p)[i] = __float2bfloat16_rn(v);
 }
 
-// The type combinations cuBLAS supports with CUBLAS_COMPUTE_32F that this
-// project can use: fp32 everywhere, or bf16 inputs with a bf16 or fp32 output.
-static int types_ok(cudaDataType at, cudaDataType bt, cudaDataType ct, cublasComputeType_t compute) {
-    if (compute != CUBLAS_COMPUTE_32F && compute != CUBLAS_COMPUTE_32F_FAST_TF32) return 0;
+// ----------------------------------------------------------------------------
+// Type combinations. Each GEMM entry point accepts only the (compute type,
+// scale type, A/B type, C type) rows its section of the cuBLAS documentation
+// lists ("... supports the following Compute Type, Scale Type, Atype/Btype,
+// and Ctype"); anything else is CUBLAS_STATUS_NOT_SUPPORTED, as on a GPU, so
+// that a caller's fallback runs here as it would there. A listed combination
+// the emulator does not compute (fp16, int8, fp64, complex) stops the run:
+// it is legal, but nothing here could check its numbers.
+
+struct TypeRow {
+    cublasComputeType_t compute;
+    cudaDataType_t scale, ab, c; // scale: alpha and beta; ab: A and B (one type); c: C (and D)
+};
+
+#define ROWS_32F(ct)                                                                                        \
+    {ct, CUDA_R_32F, CUDA_R_16BF, CUDA_R_16BF}, {ct, CUDA_R_32F, CUDA_R_16F, CUDA_R_16F},                  \
+        {ct, CUDA_R_32F, CUDA_R_8I, CUDA_R_32F}, {ct, CUDA_R_32F, CUDA_R_16BF, CUDA_R_32F},                 \
+        {ct, CUDA_R_32F, CUDA_R_16F, CUDA_R_32F}, {ct, CUDA_R_32F, CUDA_R_32F, CUDA_R_32F},                 \
+        {ct, CUDA_C_32F, CUDA_C_8I, CUDA_C_32F}, {ct, CUDA_C_32F, CUDA_C_32F, CUDA_C_32F}
+#define ROWS_FAST(ct) {ct, CUDA_R_32F, CUDA_R_32F, CUDA_R_32F}, {ct, CUDA_C_32F, CUDA_C_32F, CUDA_C_32F}
+#define ROWS_64F(ct) {ct, CUDA_R_64F, CUDA_R_64F, CUDA_R_64F}, {ct, CUDA_C_64F, CUDA_C_64F, CUDA_C_64F}
+
+// cuBLAS documentation, cublasGemmEx(): the table after the parameter list.
+// cublasGemmStridedBatchedEx() (and cublasGemmBatchedEx()) document the same
+// one, and cublasLtMatmul()'s non-FP8 table has all its rows too.
+#define ROWS_GEMM_EX                                                                                        \
+    {CUBLAS_COMPUTE_16F, CUDA_R_16F, CUDA_R_16F, CUDA_R_16F},                                               \
+        {CUBLAS_COMPUTE_16F_PEDANTIC, CUDA_R_16F, CUDA_R_16F, CUDA_R_16F},                                  \
+        {CUBLAS_COMPUTE_32I, CUDA_R_32I, CUDA_R_8I, CUDA_R_32I},                                            \
+        {CUBLAS_COMPUTE_32I_PEDANTIC, CUDA_R_32I, CUDA_R_8I, CUDA_R_32I}, ROWS_32F(CUBLAS_COMPUTE_32F),     \
+        ROWS_32F(CUBLAS_COMPUTE_32F_PEDANTIC), ROWS_FAST(CUBLAS_COMPUTE_32F_FAST_16F),                      \
+        ROWS_FAST(CUBLAS_COMPUTE_32F_FAST_16BF), ROWS_FAST(CUBLAS_COMPUTE_32F_FAST_TF32),                   \
+        ROWS_64F(CUBLAS_COMPUTE_64F), ROWS_64F(CUBLAS_COMPUTE_64F_PEDANTIC)
+static const TypeRow GEMM_EX_TYPES[] = {ROWS_GEMM_EX};
+
+// cuBLAS documentation, cublasGemmGroupedBatchedEx() (cuBLAS >= 12.5): a much
+// shorter table -- one type for A, B and C, except the fp32 compute types; in
+// particular no bf16 (or fp16) inputs with an fp32 C.
+static const TypeRow GROUPED_TYPES[] = {
+    {CUBLAS_COMPUTE_32F, CUDA_R_32F, CUDA_R_16F, CUDA_R_16F},
+    {CUBLAS_COMPUTE_32F, CUDA_R_32F, CUDA_R_16BF, CUDA_R_16BF},
+    {CUBLAS_COMPUTE_32F, CUDA_R_32F, CUDA_R_32F, CUDA_R_32F},
+    {CUBLAS_COMPUTE_32F_FAST_TF32, CUDA_R_32F, CUDA_R_32F, CUDA_R_32F},
+    {CUBLAS_COMPUTE_64F, CUDA_R_64F, CUDA_R_64F, CUDA_R_64F},
+};
+
+// cuBLAS documentation, cublasLtMatmul(): the table of non-FP8 types (the
+// scale type is the descriptor's; D has C's type): cublasGemmEx's rows and
+// int8 output with the 32I compute types. The FP8 tables are left out: the
+// emulator has no FP8 types.
+static const TypeRow LT_TYPES[] = {
+    ROWS_GEMM_EX,
+    {CUBLAS_COMPUTE_32I, CUDA_R_32F, CUDA_R_8I, CUDA_R_8I},
+    {CUBLAS_COMPUTE_32I_PEDANTIC, CUDA_R_32F, CUDA_R_8I, CUDA_R_8I},
+};
+#undef ROWS_GEMM_EX
+#undef ROWS_32F
+#undef ROWS_FAST
+#undef ROWS_64F
+
+#define N_ROWS(table) ((int)(sizeof table / sizeof table[0]))
+
+// Whether a table lists the combination (scale < 0: any, for the cuBLAS
+// functions whose scale type follows from the compute type).
+static int types_listed(const TypeRow *table, int n, cublasComputeType_t compute, int scale, cudaDataType_t at,
+                        cudaDataType_t bt, cudaDataType_t ct) {
     if (at != bt) return 0;
-    if (at == CUDA_R_32F) return ct == CUDA_R_32F;
-    if (at == CUDA_R_16BF) return ct == CUDA_R_16BF || ct == CUDA_R_32F;
+    for (int i = 0; i < n; i++)
+        if (table[i].compute == compute && (scale < 0 || (int)table[i].scale == scale) && table[i].ab == at &&
+            table[i].c == ct)
+            return 1;
     return 0;
+}
+
+// A listed combination this emulator computes: fp32 arithmetic on fp32 or bf16 data.
+static void need_emulated(const char *who, cublasComputeType_t compute, cudaDataType_t at, cudaDataType_t ct) {
+    int fp32 = compute == CUBLAS_COMPUTE_32F || compute == CUBLAS_COMPUTE_32F_PEDANTIC ||
+               compute == CUBLAS_COMPUTE_32F_FAST_16F || compute == CUBLAS_COMPUTE_32F_FAST_16BF ||
+               compute == CUBLAS_COMPUTE_32F_FAST_TF32;
+    int data = (at == CUDA_R_32F || at == CUDA_R_16BF) && (ct == CUDA_R_32F || ct == CUDA_R_16BF);
+    if (!fp32 || !data)
+        emu_fail("%s: compute type %d with A/B type %d and C type %d is supported by cuBLAS but not emulated", who,
+                 (int)compute, (int)at, (int)ct);
 }
 
 // Bytes spanned by a column-major rows x cols matrix with leading dimension ld.
@@ -142,7 +217,9 @@ extern "C" cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t 
     (void)algo;
     prof_count(PROF_GEMM);
     if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
-    if (!types_ok(Atype, Btype, Ctype, computeType)) return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (!types_listed(GEMM_EX_TYPES, N_ROWS(GEMM_EX_TYPES), computeType, -1, Atype, Btype, Ctype))
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    need_emulated("cublasGemmEx", computeType, Atype, Ctype);
     need_host(alpha, "cublasGemmEx alpha (host pointer mode)");
     need_host(beta, "cublasGemmEx beta (host pointer mode)");
     return gemm_one("cublasGemmEx", transa, transb, m, n, k, *(const float *)alpha, A, Atype, lda, B, Btype, ldb,
@@ -159,7 +236,9 @@ extern "C" cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t handle, cubl
     (void)algo;
     prof_count(PROF_GEMM_STRIDED);
     if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
-    if (!types_ok(Atype, Btype, Ctype, computeType)) return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (!types_listed(GEMM_EX_TYPES, N_ROWS(GEMM_EX_TYPES), computeType, -1, Atype, Btype, Ctype))
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    need_emulated("cublasGemmStridedBatchedEx", computeType, Atype, Ctype);
     if (batchCount < 0) return CUBLAS_STATUS_INVALID_VALUE;
     need_host(alpha, "cublasGemmStridedBatchedEx alpha (host pointer mode)");
     need_host(beta, "cublasGemmStridedBatchedEx beta (host pointer mode)");
@@ -182,7 +261,9 @@ extern "C" cublasStatus_t cublasGemmGroupedBatchedEx(
     int group_count, const int group_size[], cublasComputeType_t computeType) {
     prof_count(PROF_GEMM_GROUPED);
     if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
-    if (!types_ok(Atype, Btype, Ctype, computeType)) return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (!types_listed(GROUPED_TYPES, N_ROWS(GROUPED_TYPES), computeType, -1, Atype, Btype, Ctype))
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    need_emulated("cublasGemmGroupedBatchedEx", computeType, Atype, Ctype);
     if (group_count < 0) return CUBLAS_STATUS_INVALID_VALUE;
     // The per-group parameters are host arrays; the matrix pointer arrays are device arrays.
     const char *who = "cublasGemmGroupedBatchedEx";
@@ -308,7 +389,7 @@ extern "C" cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPre
 static cublasStatus_t lt_shape(cublasLtMatmulDesc_t d, cublasLtMatrixLayout_t A, cublasLtMatrixLayout_t B,
                                cublasLtMatrixLayout_t C, cublasLtMatrixLayout_t D, int *m, int *n, int *k) {
     if (!d || !A || !B || !C || !D) return CUBLAS_STATUS_INVALID_VALUE;
-    if (d->epilogue != CUBLASLT_EPILOGUE_DEFAULT || d->scale != CUDA_R_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (d->epilogue != CUBLASLT_EPILOGUE_DEFAULT) return CUBLAS_STATUS_NOT_SUPPORTED;
     *m = (int)D->rows;
     *n = (int)D->cols;
     *k = (int)(d->ta == CUBLAS_OP_N ? A->cols : A->rows);
@@ -316,7 +397,9 @@ static cublasStatus_t lt_shape(cublasLtMatmulDesc_t d, cublasLtMatrixLayout_t A,
              b_cols = d->tb == CUBLAS_OP_N ? *n : *k;
     if (A->rows != a_rows || B->rows != b_rows || B->cols != b_cols || C->rows != D->rows || C->cols != D->cols)
         return CUBLAS_STATUS_INVALID_VALUE;
-    if (C->type != D->type || !types_ok(A->type, B->type, D->type, d->compute)) return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (C->type != D->type || !types_listed(LT_TYPES, N_ROWS(LT_TYPES), d->compute, d->scale, A->type, B->type, C->type))
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    need_emulated("cublasLtMatmul", d->compute, A->type, C->type);
     return CUBLAS_STATUS_SUCCESS;
 }
 

@@ -66,6 +66,33 @@ void complete_pending_before(cudaStream_t stream, unsigned long seq);
 // emu_event.cc: the host synchronised with a stream (NULL: with every
 // stream): the events recorded on it so far are complete.
 void events_synced(cudaStream_t stream);
+// emu_race.cc: the race build's access checker (docs/gpu.md, "Races and
+// exact bounds"). It is on when the program's CUDA code was compiled with
+// -fsanitize=thread (make test-emu-race), whose instrumentation reports every
+// memory access to it; otherwise these do nothing. The scheduler tells it
+// what orders the accesses: the launch, the block, the thread running, the
+// barriers that complete.
+bool race_on();
+void race_launch_begin(const char *name, dim3 grid, dim3 block, void *dyn_smem, size_t dyn_bytes);
+void race_block_begin(unsigned int linear_block);
+void race_enter(int tid, const void *stack_lo, const void *stack_hi); // thread tid runs until race_leave
+void race_leave(int exited);                                          // exited: it has returned
+void race_block_barrier();                                            // a __syncthreads completed
+void race_warp_sync(int warp, unsigned int lanes);                    // a __syncwarp completed for these lanes
+void race_launch_end();
+
+// emu_memory.cc, for the race checker: the device allocation whose mapping
+// (guard pages included) holds p; false if p is not device memory. With
+// cell_bytes > 0 also its shadow, cell_bytes per byte it was asked for,
+// created zero-filled on first use and freed with the allocation.
+struct DevRegion {
+    uintptr_t map_lo, map_hi; // the whole mapping
+    uintptr_t user;           // what cudaMalloc returned
+    size_t size;              // what was asked for
+    unsigned long id;
+    void *shadow;
+};
+bool device_region(const void *p, size_t cell_bytes, DevRegion *out);
 
 } // namespace emu
 

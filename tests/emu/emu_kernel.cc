@@ -2,6 +2,23 @@
 // A launch runs the grid block after block; the threads of a block are
 // coroutines with their own stacks that switch only at __syncthreads,
 // __syncwarp and warp shuffles.
+//
+// Barriers, as CUDA and PTX define them:
+//   - __syncthreads completes when every thread of the block that has not
+//     exited waits at it (exited threads count as arrived, as bar.sync
+//     defines); threads waiting at two different __syncthreads stop the run
+//     (a divergent barrier: the Programming Guide allows __syncthreads in
+//     conditional code only if the condition is the same for the whole block);
+//   - __syncwarp(mask) completes when every lane of the mask waits at a
+//     __syncwarp with the same mask (bar.warp.sync: "all threads in
+//     membermask"); the calling lane must be in the mask;
+//   - a shuffle with a mask completes when every lane of the mask that has
+//     not exited waits at a shuffle with the same mask (shfl.sync); the caller
+//     and the lane it reads must be in the mask, and the lane it reads must
+//     not have exited.
+// A state where nothing can move (lanes of a mask that never arrive, a
+// shuffle and a __syncwarp mixed in one warp, half a warp at __syncthreads)
+// stops with "deadlock" and says who waits for whom.
 #include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -65,13 +82,20 @@ void emu::order_from_env() {
 namespace emu {
 
 enum { T_RUN, T_AT_BLOCK, T_AT_WARP, T_DONE };
+// What a thread in T_AT_WARP waits at: a __syncwarp, a shuffle offering its
+// value, or a shuffle waiting for every lane to have read the offers.
+enum { W_SYNC, W_SHFL, W_SHFL_READ };
 
 struct Thread {
     void *sp;   // saved stack pointer while switched out
     uint3 idx;
     int state;
     int lane, warp;
-    uint64_t shfl; // the value this thread offers in a shuffle
+    uint64_t shfl;      // the value this thread offers in a shuffle
+    int wkind;          // T_AT_WARP: W_SYNC, W_SHFL or W_SHFL_READ
+    unsigned int wmask; // T_AT_WARP: the mask
+    const char *file;   // T_AT_BLOCK: where the __syncthreads is
+    int line;
 };
 
 struct Block {
@@ -193,6 +217,13 @@ static void wait_at(int state) {
     emu_switch(&t->sp, b->sched_sp);
 }
 
+static void wait_at_warp(int kind, unsigned int mask) {
+    emu::Thread *t = t_blk->cur;
+    t->wkind = kind;
+    t->wmask = mask;
+    wait_at(emu::T_AT_WARP);
+}
+
 namespace emu {
 
 static const uint3 &current_thread_idx() {
@@ -216,10 +247,18 @@ void *dyn_smem() {
     if (!t_blk) emu_fail("dynamic shared memory used outside a kernel");
     return t_blk->smem;
 }
-void syncthreads() { wait_at(T_AT_BLOCK); }
+void syncthreads(const char *file, int line) {
+    if (!t_blk) emu_fail("__syncthreads called outside a kernel");
+    t_blk->cur->file = file;
+    t_blk->cur->line = line;
+    wait_at(T_AT_BLOCK);
+}
+
 void syncwarp(unsigned int mask) {
-    (void)mask;
-    wait_at(T_AT_WARP);
+    if (!t_blk) emu_fail("__syncwarp called outside a kernel");
+    Thread *t = t_blk->cur;
+    if (!(mask >> t->lane & 1u)) emu_fail("__syncwarp(0x%08x) called by lane %d, which is not in its mask", mask, t->lane);
+    wait_at_warp(W_SYNC, mask);
 }
 
 uint64_t shfl_xor(unsigned int mask, uint64_t bits, int lane_mask, int width) {
@@ -228,17 +267,127 @@ uint64_t shfl_xor(unsigned int mask, uint64_t bits, int lane_mask, int width) {
     Thread *t = b->cur;
     if (width <= 0 || width > 32 || (width & (width - 1))) emu_fail("shuffle width %d is not a power of 2 <= 32", width);
     int src = (t->lane & ~(width - 1)) | ((t->lane ^ lane_mask) & (width - 1));
-    if (!(mask >> t->lane & 1u) || !(mask >> src & 1u))
-        emu_fail("shuffle by lane %d from lane %d outside its mask 0x%08x", t->lane, src, mask);
+    if (!(mask >> t->lane & 1u)) emu_fail("shuffle with mask 0x%08x by lane %d, which is not in its mask", mask, t->lane);
+    if (!(mask >> src & 1u)) emu_fail("shuffle by lane %d from lane %d outside its mask 0x%08x", t->lane, src, mask);
     t->shfl = bits;
-    wait_at(T_AT_WARP); // every live lane has offered its value
+    wait_at_warp(W_SHFL, mask); // every lane of the mask has offered its value (or exited)
     int si = t->warp * 32 + src;
     if (si >= b->nthreads || b->threads[si].state == T_DONE)
         emu_fail("shuffle by lane %d reads lane %d, which %s", t->lane, src,
                  si >= b->nthreads ? "does not exist (block size not a multiple of 32)" : "has exited");
     uint64_t r = b->threads[si].shfl;
-    wait_at(T_AT_WARP); // nobody offers the next value before every lane has read this one
+    wait_at_warp(W_SHFL_READ, mask); // nobody offers the next value before every lane has read this one
     return r;
+}
+
+// A set of lanes for messages: "lane 3", "lanes 0-15,17".
+static void lane_set(unsigned int lanes, char *buf, size_t size) {
+    size_t len = (size_t)snprintf(buf, size, __builtin_popcount(lanes) == 1 ? "lane " : "lanes ");
+    const char *sep = "";
+    for (int l = 0; l < 32 && len < size; l++) {
+        if (!(lanes >> l & 1u) || (l > 0 && (lanes >> (l - 1) & 1u))) continue; // not the start of a run
+        int e = l;
+        while (e < 31 && (lanes >> (e + 1) & 1u)) e++;
+        len += (size_t)snprintf(buf + len, size - len, e > l ? "%s%d-%d" : "%s%d", sep, l, e);
+        sep = ",";
+    }
+}
+
+static const char *warp_op(int kind) { return kind == W_SYNC ? "__syncwarp" : "a shuffle"; }
+
+// The lanes of warp w (a bit per lane) that exist in the block.
+static unsigned int warp_lanes(const Block *b, int w) {
+    int n = b->nthreads - w * 32;
+    return n >= 32 ? 0xffffffffu : (1u << n) - 1;
+}
+
+// Whether lane l of warp w is ready for the warp operation (kind, mask):
+// waiting at one with the same mask, or, for a shuffle, exited or absent.
+static int lane_ready(const Block *b, int w, int l, int kind, unsigned int mask) {
+    if (!(warp_lanes(b, w) >> l & 1u)) return kind != W_SYNC;
+    const Thread *x = &b->threads[w * 32 + l];
+    if (x->state == T_AT_WARP) return x->wkind == kind && x->wmask == mask;
+    return x->state == T_DONE && kind != W_SYNC;
+}
+
+// Completes every warp operation whose lanes are all there; returns whether one did.
+static int release_warps(Block *b) {
+    int released = 0;
+    for (int w = 0; w * 32 < b->nthreads; w++) {
+        unsigned int done = 0; // lanes already looked at
+        for (int l = 0; l < 32; l++) {
+            Thread *t = &b->threads[w * 32 + l];
+            if (!(warp_lanes(b, w) >> l & 1u) || t->state != T_AT_WARP || (done >> l & 1u)) continue;
+            int kind = t->wkind, ok = 1;
+            unsigned int mask = t->wmask, members = 0;
+            for (int m = 0; m < 32; m++) {
+                if (!(mask >> m & 1u)) continue;
+                int ready = lane_ready(b, w, m, kind, mask);
+                ok &= ready;
+                if (ready && (warp_lanes(b, w) >> m & 1u) && b->threads[w * 32 + m].state == T_AT_WARP)
+                    members |= 1u << m;
+            }
+            done |= members;
+            if (!ok) continue;
+            for (int m = 0; m < 32; m++)
+                if (members >> m & 1u) b->threads[w * 32 + m].state = T_RUN;
+            if (kind == W_SYNC) race_warp_sync(w, members); // a shuffle does not order memory, a __syncwarp does
+            released = 1;
+        }
+    }
+    return released;
+}
+
+// Completes the __syncthreads every live thread waits at; stops if they wait at different ones.
+static void release_block(Block *b) {
+    const Thread *first = NULL;
+    for (int i = 0; i < b->nthreads; i++) {
+        Thread *t = &b->threads[i];
+        if (t->state != T_AT_BLOCK) continue;
+        if (first && (first->line != t->line || strcmp(first->file, t->file) != 0))
+            emu_fail("divergent __syncthreads: thread (%u,%u,%u) waits at %s:%d and thread (%u,%u,%u) at %s:%d; one "
+                     "barrier reached from two places (__syncthreads in conditional code must be reached by the whole "
+                     "block)", first->idx.x, first->idx.y, first->idx.z, first->file, first->line, t->idx.x, t->idx.y,
+                     t->idx.z, t->file, t->line);
+        if (!first) first = t;
+        t->state = T_RUN;
+    }
+    race_block_barrier();
+}
+
+// Nothing can move: says which warp operation waits for which lane, and why it never comes.
+[[noreturn]] static void report_deadlock(const Block *b) {
+    for (int w = 0; w * 32 < b->nthreads; w++)
+        for (int l = 0; l < 32; l++) {
+            const Thread *t = &b->threads[w * 32 + l];
+            if (!(warp_lanes(b, w) >> l & 1u) || t->state != T_AT_WARP) continue;
+            unsigned int waiting = 0;
+            int missing = -1;
+            for (int m = 0; m < 32; m++) {
+                if (!(t->wmask >> m & 1u)) continue;
+                if ((warp_lanes(b, w) >> m & 1u) && b->threads[w * 32 + m].state == T_AT_WARP &&
+                    b->threads[w * 32 + m].wkind == t->wkind && b->threads[w * 32 + m].wmask == t->wmask)
+                    waiting |= 1u << m;
+                else if (missing < 0 && !lane_ready(b, w, m, t->wkind, t->wmask))
+                    missing = m;
+            }
+            char who[160], why[160];
+            lane_set(waiting, who, sizeof who);
+            const Thread *x = missing >= 0 && (warp_lanes(b, w) >> missing & 1u) ? &b->threads[w * 32 + missing] : NULL;
+            if (!x)
+                snprintf(why, sizeof why, "does not exist (the block has %d threads)", b->nthreads);
+            else if (x->state == T_DONE)
+                snprintf(why, sizeof why, "has exited (a __syncwarp waits for every lane of its mask)");
+            else if (x->state == T_AT_BLOCK)
+                snprintf(why, sizeof why, "waits at __syncthreads (%s:%d)", x->file, x->line);
+            else
+                snprintf(why, sizeof why, "waits at %s with mask 0x%08x%s", warp_op(x->wkind), x->wmask,
+                         x->wkind != t->wkind && (x->wkind == W_SYNC || t->wkind == W_SYNC)
+                             ? ": a shuffle and a __syncwarp mixed in one warp" : "");
+            emu_fail("deadlock: in warp %d, %s %s at %s with mask 0x%08x for lane %d, which %s", w, who,
+                     __builtin_popcount(waiting) == 1 ? "waits" : "wait", warp_op(t->wkind), t->wmask, missing, why);
+        }
+    emu_fail("deadlock: no thread can move"); // not reached: only warp operations can be incomplete
 }
 
 // Runs the live threads until each waits or ends, then releases barriers,
@@ -251,37 +400,23 @@ static void run_block(Block *b) {
             int i = order[k];
             if (b->threads[i].state != T_RUN) continue;
             b->cur = &b->threads[i];
+            race_enter(i, t_pool.stacks[i], t_pool.stacks[i] + STACK_BYTES);
             emu_switch(&b->sched_sp, b->threads[i].sp);
+            race_leave(b->threads[i].state == T_DONE);
         }
         b->cur = NULL;
-        int live = 0, at_block = 0, released = 0;
-        for (int w = 0; w * 32 < b->nthreads; w++) {
-            int wlive = 0, wat = 0, end = w * 32 + 32 < b->nthreads ? w * 32 + 32 : b->nthreads;
-            for (int i = w * 32; i < end; i++) {
-                int s = b->threads[i].state;
-                wlive += s != T_DONE;
-                wat += s == T_AT_WARP;
-                at_block += s == T_AT_BLOCK;
-            }
-            live += wlive;
-            if (wlive > 0 && wat == wlive) {
-                for (int i = w * 32; i < end; i++)
-                    if (b->threads[i].state == T_AT_WARP) b->threads[i].state = T_RUN;
-                released = 1;
-            }
+        if (release_warps(b)) continue;
+        int live = 0, at_block = 0;
+        for (int i = 0; i < b->nthreads; i++) {
+            live += b->threads[i].state != T_DONE;
+            at_block += b->threads[i].state == T_AT_BLOCK;
         }
-        if (released) continue;
         if (live == 0) return;
         if (at_block == live) {
-            for (int i = 0; i < b->nthreads; i++)
-                if (b->threads[i].state == T_AT_BLOCK) b->threads[i].state = T_RUN;
+            release_block(b);
             continue;
         }
-        int n_warp = 0;
-        for (int i = 0; i < b->nthreads; i++) n_warp += b->threads[i].state == T_AT_WARP;
-        emu_fail("deadlock: of %d live threads, %d wait at __syncthreads and %d at a warp barrier or shuffle "
-                 "whose warp has threads elsewhere",
-                 live, at_block, n_warp);
+        report_deadlock(b);
     }
 }
 
@@ -351,6 +486,7 @@ void launch(const char *name, dim3 grid, dim3 block, size_t smem, cudaStream_t s
                                        (unsigned long long)nblocks);
     prof_kernel(name, (long long)(nthreads * nblocks));
     make_order(block_order, (int)nblocks);
+    race_launch_begin(name, grid, block, b.smem, smem);
     for (uint64_t k = 0; k < nblocks; k++) {
         unsigned int q = (unsigned int)block_order[k];
         b.bidx = uint3{q % grid.x, q / grid.x % grid.y, q / (grid.x * grid.y)};
@@ -358,8 +494,10 @@ void launch(const char *name, dim3 grid, dim3 block, size_t smem, cudaStream_t s
         uintptr_t sh0 = (uintptr_t)__start_emu_shared, sh1 = (uintptr_t)__stop_emu_shared;
         if (sh0 && sh1 > sh0) memset(__start_emu_shared, 0xff, sh1 - sh0);
         for (int i = 0; i < n; i++) start_thread(&b, i);
+        race_block_begin(q);
         run_block(&b);
     }
+    race_launch_end();
     t_blk = NULL;
     exit_device();
 }

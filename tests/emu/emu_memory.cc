@@ -159,6 +159,8 @@ struct Alloc {
     size_t size;     // what was asked for
     unsigned long id;
     int open_count; // device work in progress on it, over all OS threads: pages readable while > 0
+    void *shadow;   // the race checker's record of its bytes (emu_race.cc), or NULL
+    size_t shadow_len;
 };
 
 static std::mutex g_mem_mutex;
@@ -390,6 +392,22 @@ Where emu::where_range(const void *p, size_t bytes, const char *what) {
     return WHERE_HOST;
 }
 
+bool emu::device_region(const void *p, size_t cell_bytes, DevRegion *out) {
+    std::lock_guard<std::mutex> lock(g_mem_mutex);
+    Alloc *al = alloc_of_locked(p);
+    if (!al) return false;
+    if (cell_bytes && !al->shadow) {
+        size_t len = round_up((al->size ? al->size : 1) * cell_bytes, page_size());
+        void *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) emu_fail("cannot map %zu bytes for the race checker: %s", len, strerror(errno));
+        al->shadow = m;
+        al->shadow_len = len;
+    }
+    *out = DevRegion{(uintptr_t)al->map, (uintptr_t)al->map + al->map_len, (uintptr_t)al->user, al->size, al->id,
+                     al->shadow};
+    return true;
+}
+
 void emu::need_device(const void *p, size_t bytes, const char *what) {
     if (bytes == 0) return;
     if (where_range(p, bytes, what) != WHERE_DEVICE) emu_fail("%s: %p is not device memory", what, p);
@@ -510,6 +528,8 @@ extern "C" cudaError_t cudaMalloc(void **ptr, size_t bytes) {
     al.user = al.data + data_len - round_up(bytes, 256);
     al.size = bytes;
     al.open_count = 0;
+    al.shadow = NULL;
+    al.shadow_len = 0;
     mprotect(al.data, data_len, PROT_READ | PROT_WRITE);
     memset(al.data, CANARY, data_len);
     memset(al.user, 0xff, bytes); // NaN / -1: reading what was never written shows
@@ -537,6 +557,7 @@ extern "C" cudaError_t cudaFree(void *ptr) {
     mprotect(al.data, al.data_len, PROT_READ);
     check_canary(&al);
     munmap(al.map, al.map_len);
+    if (al.shadow) munmap(al.shadow, al.shadow_len);
     return cudaSuccess;
 }
 

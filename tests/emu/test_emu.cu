@@ -17,7 +17,20 @@
 //     a host pointer given to a kernel, a warp split between __syncthreads
 //     and __syncwarp, a shuffle from an exited lane, a copy with the wrong kind, a
 //     GEMM on host memory, a kernel on freed memory, host code reading or
-//     writing pinned memory that an unfinished cudaMemcpyAsync uses.
+//     writing pinned memory that an unfinished cudaMemcpyAsync uses;
+//  3. cuBLAS type combinations: each GEMM entry point accepts the rows of its
+//     table in the cuBLAS documentation and refuses the others;
+//  4. warp masks: a __syncwarp or shuffle waits for the lanes its mask names
+//     and no others (shuffles excuse exited lanes, __syncwarp does not), and
+//     the misuses stop: a lane outside its own mask, a shuffle and a
+//     __syncwarp mixed in one warp, half a warp gone from a __syncwarp, one
+//     __syncthreads reached from two places;
+//  5. in the race build (make test-emu-race) only: the kernels above run with
+//     every access checked and are clean, and each race below is caught -- a
+//     missing atomic within a block and between blocks, a missing
+//     __syncthreads, a __syncwarp whose mask leaves out the lane that wrote,
+//     a __syncthreads the writing threads never reached (they exited), a read
+//     in an allocation's rounding slack.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -104,6 +117,87 @@ __global__ void exited_lane_kernel(float *p) {
     p[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 16);
 }
 
+// Each half of a warp synchronises only with itself, then reads what lane
+// lane ^ 1 (its own half: ordered) or lane ^ 16 (the other half: a race) wrote.
+__global__ void half_syncwarp_kernel(float *out, int cross) {
+    __shared__ float v[32];
+    int lane = threadIdx.x;
+    v[lane] = (float)lane;
+    __syncwarp(lane < 16 ? 0x0000ffffu : 0xffff0000u);
+    out[lane] = v[cross ? lane ^ 16 : lane ^ 1];
+}
+
+// Lanes 16-31 leave; lanes 0-15 shuffle among themselves, with a mask naming only them.
+__global__ void masked_shuffle_kernel(int *got) {
+    int lane = threadIdx.x;
+    if (lane >= 16) return;
+    got[lane] = __shfl_xor_sync(0x0000ffffu, lane * 10, 1);
+}
+
+// Half of every warp leaves after a __syncwarp that passed its writes to the
+// other half, which reaches the __syncthreads: the writes are ordered before
+// the reads after it (the barrier is cumulative).
+__global__ void publish_then_exit_kernel(float *out) {
+    __shared__ float v[64];
+    v[threadIdx.x] = (float)threadIdx.x;
+    __syncwarp();
+    if (threadIdx.x % 32 >= 16) return;
+    __syncthreads();
+    out[threadIdx.x] = v[63 - threadIdx.x];
+}
+
+// A plain read-modify-write of one counter by every thread of a block: a
+// missing atomic (a lost update on a GPU).
+__global__ void plain_count_kernel(int *counter) { counter[0] += 1; }
+
+// The same by one thread of each block: a missing atomic between blocks.
+__global__ void plain_count_blocks_kernel(int *counter) {
+    if (threadIdx.x == 0) counter[0] += 1;
+}
+
+// The threads of the second warp write and leave; the first warp's barrier
+// completes without them and it reads what they wrote: nothing orders it.
+__global__ void partial_barrier_kernel(float *out) {
+    __shared__ float v[64];
+    v[threadIdx.x] = (float)threadIdx.x;
+    if (threadIdx.x >= 32) return;
+    __syncthreads();
+    out[threadIdx.x] = v[threadIdx.x + 32];
+}
+
+// One barrier, two __syncthreads: each warp reaches a different one.
+__global__ void divergent_barrier_kernel(float *out) {
+    if (threadIdx.x < 32)
+        __syncthreads();
+    else
+        __syncthreads();
+    out[threadIdx.x] = 1.0f;
+}
+
+// __syncwarp() names all 32 lanes, but half of them have left.
+__global__ void half_warp_exits_kernel(float *out) {
+    if (threadIdx.x >= 16) return;
+    __syncwarp();
+    out[threadIdx.x] = 1.0f;
+}
+
+__global__ void syncwarp_not_in_mask_kernel(float *out) {
+    __syncwarp(0xfffffffeu); // lane 0 is not in it
+    out[threadIdx.x] = 1.0f;
+}
+
+// Half a warp at __syncwarp, the other half at a shuffle.
+__global__ void syncwarp_shuffle_mixed_kernel(float *out) {
+    float v = (float)threadIdx.x;
+    if (threadIdx.x < 16)
+        __syncwarp();
+    else
+        v = __shfl_xor_sync(0xffffffffu, v, 1);
+    out[threadIdx.x] = v;
+}
+
+__global__ void read_kernel(float *out, const float *p, int i) { out[0] = p[i]; }
+
 // ----------------------------------------------------------------------------
 // Semantics
 
@@ -173,22 +267,29 @@ static void test_kernels(void) {
           "fresh device memory and dynamic shared memory read as 0xffffffff (NaN / -1)");
 
     // Thread and block order: a correct kernel gives the same bits in every
-    // order; the racy one does not (so the order really changes).
+    // order; the racy one does not (so the order really changes). The race
+    // build stops on the racy one instead (test_race_detection).
     float h_rev[nb];
     unsigned int racy_fwd[64], racy_rev[64];
     unsigned int *d_racy;
     CK(cudaMalloc(&d_racy, sizeof racy_fwd));
-    racy_kernel<<<1, 64>>>(d_racy);
-    CK(cudaMemcpy(racy_fwd, d_racy, sizeof racy_fwd, cudaMemcpyDeviceToHost));
+    if (!emu::race_on()) {
+        racy_kernel<<<1, 64>>>(d_racy);
+        CK(cudaMemcpy(racy_fwd, d_racy, sizeof racy_fwd, cudaMemcpyDeviceToHost));
+    }
     emu::set_order("reverse");
     block_sum_kernel<<<nb, dim3(bx, by)>>>(d_out, d_dis, d_in);
     CK(cudaMemcpy(h_rev, d_out, sizeof h_rev, cudaMemcpyDeviceToHost));
-    racy_kernel<<<1, 64>>>(d_racy);
-    CK(cudaMemcpy(racy_rev, d_racy, sizeof racy_rev, cudaMemcpyDeviceToHost));
+    if (!emu::race_on()) {
+        racy_kernel<<<1, 64>>>(d_racy);
+        CK(cudaMemcpy(racy_rev, d_racy, sizeof racy_rev, cudaMemcpyDeviceToHost));
+    }
     emu::set_order("forward");
-    check(memcmp(h_rev, h_out, sizeof h_out) == 0 && memcmp(racy_fwd, racy_rev, sizeof racy_fwd) != 0,
-          "reverse order: block sums bitwise equal, a missing barrier changes the result (%u vs %u in the last thread)",
-          racy_fwd[63], racy_rev[63]);
+    check(memcmp(h_rev, h_out, sizeof h_out) == 0, "reverse order: block sums bitwise equal");
+    if (!emu::race_on())
+        check(memcmp(racy_fwd, racy_rev, sizeof racy_fwd) != 0,
+              "reverse order: a missing barrier changes the result (%u vs %u in the last thread)", racy_fwd[63],
+              racy_rev[63]);
     cudaFree(d_racy);
 
     write_kernel<<<0, 32>>>(d_in, 0);
@@ -407,6 +508,206 @@ static void test_lt(void) {
     cudaFree(dD);
 }
 
+// Type combinations: each entry point accepts the rows of its table in the
+// cuBLAS documentation (emu_blas.cc) and answers CUBLAS_STATUS_NOT_SUPPORTED
+// to the others, as a GPU does -- in particular the grouped GEMM refuses bf16
+// inputs with an fp32 C, which cublasGemmEx accepts.
+static void test_gemm_types(void) {
+    cublasHandle_t h;
+    CK(cublasCreate(&h));
+    const int n = 4; // n x n matrices of ones: every result is n
+    float one = 1.0f, zero = 0.0f, ones[n * n], got[n * n];
+    __nv_bfloat16 ones_b[n * n];
+    for (int i = 0; i < n * n; i++) {
+        ones[i] = 1.0f;
+        ones_b[i] = __float2bfloat16_rn(1.0f);
+    }
+    float *dA = dev_copy(ones, n * n), *dC;
+    __nv_bfloat16 *dAb, *dCb;
+    CK(cudaMalloc(&dC, sizeof got));
+    CK(cudaMalloc(&dAb, sizeof ones_b));
+    CK(cudaMalloc(&dCb, sizeof got)); // room for an fp32 C: a wrongly accepted bf16 -> fp32 call fails a check, not the run
+    CK(cudaMemcpy(dAb, ones_b, sizeof ones_b, cudaMemcpyHostToDevice));
+
+    // cublasGemmEx: bf16 x bf16 -> fp32 is listed; fp32 x fp32 -> bf16, mixed A/B
+    // types and fp32 data with the fp64 compute type are not.
+    CK(cudaMemset(dC, 0, sizeof got));
+    cublasStatus_t mixed_ok = cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, dAb, CUDA_R_16BF, n, dAb,
+                                           CUDA_R_16BF, n, &zero, dC, CUDA_R_32F, n, CUBLAS_COMPUTE_32F,
+                                           CUBLAS_GEMM_DEFAULT);
+    CK(cudaMemcpy(got, dC, sizeof got, cudaMemcpyDeviceToHost));
+    cublasStatus_t e1 = cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, dA, CUDA_R_32F, n, dA, CUDA_R_32F, n,
+                                     &zero, dCb, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    cublasStatus_t e2 = cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, dAb, CUDA_R_16BF, n, dA, CUDA_R_32F,
+                                     n, &zero, dC, CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    cublasStatus_t e3 = cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, dA, CUDA_R_32F, n, dA, CUDA_R_32F, n,
+                                     &zero, dC, CUDA_R_32F, n, CUBLAS_COMPUTE_64F, CUBLAS_GEMM_DEFAULT);
+    check(mixed_ok == CUBLAS_STATUS_SUCCESS && got[0] == n && got[n * n - 1] == n &&
+              e1 == CUBLAS_STATUS_NOT_SUPPORTED && e2 == CUBLAS_STATUS_NOT_SUPPORTED &&
+              e3 == CUBLAS_STATUS_NOT_SUPPORTED,
+          "cublasGemmEx: bf16 x bf16 -> fp32 runs (%s, C = %g); fp32 -> bf16 C, bf16 x fp32, fp32 with the fp64 "
+          "compute type refused (%s, %s, %s)", cublasGetStatusName(mixed_ok), got[0], cublasGetStatusName(e1),
+          cublasGetStatusName(e2), cublasGetStatusName(e3));
+
+    cublasStatus_t s1 = cublasGemmStridedBatchedEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, dA, CUDA_R_32F, n, 0,
+                                                   dA, CUDA_R_32F, n, 0, &zero, dCb, CUDA_R_16BF, n, 0, 1,
+                                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    check(s1 == CUBLAS_STATUS_NOT_SUPPORTED, "cublasGemmStridedBatchedEx: fp32 -> bf16 C refused (%s)",
+          cublasGetStatusName(s1));
+
+    // The grouped GEMM: bf16 -> bf16 runs, bf16 -> fp32 (what the trainer's
+    // weight gradients would need) is refused, so its probe picks the fallback.
+    cublasOperation_t op = CUBLAS_OP_N;
+    int dims[1] = {n}, size1[1] = {1};
+    const void *hptr[3] = {dAb, dAb, dCb};
+    const void **dptr;
+    CK(cudaMalloc(&dptr, sizeof hptr));
+    CK(cudaMemcpy(dptr, hptr, sizeof hptr, cudaMemcpyHostToDevice));
+    cublasStatus_t g1 = cublasGemmGroupedBatchedEx(h, &op, &op, dims, dims, dims, &one, dptr, CUDA_R_16BF, dims,
+                                                   dptr + 1, CUDA_R_16BF, dims, &zero, (void *const *)(dptr + 2),
+                                                   CUDA_R_16BF, dims, 1, size1, CUBLAS_COMPUTE_32F);
+    __nv_bfloat16 gotb[n * n];
+    CK(cudaMemcpy(gotb, dCb, sizeof gotb, cudaMemcpyDeviceToHost));
+    cublasStatus_t g2 = cublasGemmGroupedBatchedEx(h, &op, &op, dims, dims, dims, &one, dptr, CUDA_R_16BF, dims,
+                                                   dptr + 1, CUDA_R_16BF, dims, &zero, (void *const *)(dptr + 2),
+                                                   CUDA_R_32F, dims, 1, size1, CUBLAS_COMPUTE_32F);
+    check(g1 == CUBLAS_STATUS_SUCCESS && __bfloat162float(gotb[0]) == n && g2 == CUBLAS_STATUS_NOT_SUPPORTED,
+          "cublasGemmGroupedBatchedEx: bf16 -> bf16 runs (%s, C = %g), bf16 -> fp32 refused (%s)",
+          cublasGetStatusName(g1), __bfloat162float(gotb[0]), cublasGetStatusName(g2));
+
+    // cuBLASLt: the descriptor's scale type counts too (fp64 alpha with the
+    // fp32 compute type is not a row), and D must have C's type.
+    cublasLtHandle_t lt;
+    cublasLtMatmulDesc_t d32, d64;
+    cublasLtMatrixLayout_t lf, lb;
+    cublasLtMatmulPreference_t pref;
+    cublasLtMatmulHeuristicResult_t res;
+    int found = 0;
+    CK(cublasLtCreate(&lt));
+    CK(cublasLtMatmulDescCreate(&d32, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    CK(cublasLtMatmulDescCreate(&d64, CUBLAS_COMPUTE_32F, CUDA_R_64F));
+    CK(cublasLtMatrixLayoutCreate(&lf, CUDA_R_32F, n, n, n));
+    CK(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, n, n, n));
+    CK(cublasLtMatmulPreferenceCreate(&pref));
+    cublasStatus_t l1 = cublasLtMatmulAlgoGetHeuristic(lt, d32, lb, lb, lf, lf, pref, 1, &res, &found);
+    cublasStatus_t l2 = cublasLtMatmulAlgoGetHeuristic(lt, d64, lf, lf, lf, lf, pref, 1, &res, &found);
+    cublasStatus_t l3 = cublasLtMatmulAlgoGetHeuristic(lt, d32, lb, lb, lb, lf, pref, 1, &res, &found);
+    check(l1 == CUBLAS_STATUS_SUCCESS && l2 == CUBLAS_STATUS_NOT_SUPPORTED && l3 == CUBLAS_STATUS_NOT_SUPPORTED,
+          "cublasLtMatmul: bf16 x bf16 -> fp32 has an algorithm (%s); an fp64 scale type with the fp32 compute type, "
+          "a D type other than C's are refused (%s, %s)", cublasGetStatusName(l1), cublasGetStatusName(l2),
+          cublasGetStatusName(l3));
+    cublasLtMatmulPreferenceDestroy(pref);
+    cublasLtMatrixLayoutDestroy(lf);
+    cublasLtMatrixLayoutDestroy(lb);
+    cublasLtMatmulDescDestroy(d32);
+    cublasLtMatmulDescDestroy(d64);
+    cublasLtDestroy(lt);
+    cudaFree(dptr);
+    cudaFree(dA);
+    cudaFree(dC);
+    cudaFree(dAb);
+    cudaFree(dCb);
+    cublasDestroy(h);
+}
+
+static void expect_stop(const char *what, void (*fn)(void), const char *want);
+
+// Warp masks: a __syncwarp or shuffle with a partial mask waits only for the
+// lanes it names, and orders memory only among them (in the race build these
+// kernels also run with every access checked: they must be clean, as must
+// the atomics and barriers of test_kernels).
+static void test_warp_masks(void) {
+    float *d_out, h_out[64];
+    int *d_got, h_got[16];
+    CK(cudaMalloc(&d_out, sizeof h_out));
+    CK(cudaMalloc(&d_got, sizeof h_got));
+    half_syncwarp_kernel<<<1, 32>>>(d_out, 0);
+    CK(cudaGetLastError());
+    CK(cudaMemcpy(h_out, d_out, 32 * sizeof(float), cudaMemcpyDeviceToHost));
+    int bad = 0;
+    for (int l = 0; l < 32; l++) bad += h_out[l] != (float)(l ^ 1);
+    check(bad == 0, "__syncwarp with the masks 0x0000ffff and 0xffff0000: each half exchanges values (%d wrong)", bad);
+
+    masked_shuffle_kernel<<<1, 32>>>(d_got);
+    CK(cudaGetLastError());
+    CK(cudaMemcpy(h_got, d_got, sizeof h_got, cudaMemcpyDeviceToHost));
+    bad = 0;
+    for (int l = 0; l < 16; l++) bad += h_got[l] != (l ^ 1) * 10;
+    check(bad == 0, "a shuffle with the mask 0x0000ffff while lanes 16-31 have exited (%d wrong)", bad);
+
+    publish_then_exit_kernel<<<1, 64>>>(d_out);
+    CK(cudaGetLastError());
+    CK(cudaMemcpy(h_out, d_out, 16 * sizeof(float), cudaMemcpyDeviceToHost));
+    bad = 0;
+    for (int t = 0; t < 16; t++) bad += h_out[t] != (float)(63 - t);
+    check(bad == 0, "values passed by __syncwarp to lanes that reach a __syncthreads, from lanes that exit (%d wrong)",
+          bad);
+    cudaFree(d_out);
+    cudaFree(d_got);
+}
+
+static float *small_buffer(void) {
+    float *d;
+    cudaMalloc(&d, 64 * sizeof(float));
+    return d;
+}
+static void bug_divergent_barrier(void) { divergent_barrier_kernel<<<1, 64>>>(small_buffer()); }
+static void bug_half_warp_exits(void) { half_warp_exits_kernel<<<1, 32>>>(small_buffer()); }
+static void bug_not_in_mask(void) { syncwarp_not_in_mask_kernel<<<1, 32>>>(small_buffer()); }
+static void bug_syncwarp_shuffle_mixed(void) { syncwarp_shuffle_mixed_kernel<<<1, 32>>>(small_buffer()); }
+
+// Barriers and warp operations that a GPU would hang on or get wrong: every build.
+static void test_barrier_misuse(void) {
+    expect_stop("one barrier reached from two __syncthreads", bug_divergent_barrier, "divergent __syncthreads");
+    expect_stop("a __syncwarp() half of whose lanes have exited", bug_half_warp_exits,
+                "in warp 0, lanes 0-15 wait at __syncwarp with mask 0xffffffff for lane 16, which has exited");
+    expect_stop("a lane calling __syncwarp with a mask without it", bug_not_in_mask, "which is not in its mask");
+    expect_stop("a shuffle and a __syncwarp in one warp", bug_syncwarp_shuffle_mixed,
+                "a shuffle and a __syncwarp mixed in one warp");
+}
+
+static int *zero_counter(void) {
+    int *d;
+    cudaMalloc(&d, sizeof(int));
+    cudaMemset(d, 0, sizeof(int));
+    return d;
+}
+static void bug_plain_count(void) { plain_count_kernel<<<1, 64>>>(zero_counter()); }
+static void bug_plain_count_blocks(void) { plain_count_blocks_kernel<<<4, 32>>>(zero_counter()); }
+static void bug_missing_syncthreads(void) {
+    unsigned int *d;
+    cudaMalloc(&d, 64 * sizeof(unsigned int));
+    racy_kernel<<<1, 64>>>(d);
+}
+static void bug_half_syncwarp(void) { half_syncwarp_kernel<<<1, 32>>>(small_buffer(), 1); }
+static void bug_partial_barrier(void) { partial_barrier_kernel<<<1, 64>>>(small_buffer()); }
+static void bug_slack_read(void) {
+    float *d;
+    cudaMalloc(&d, 100);
+    cudaMemset(d, 0, 100);
+    read_kernel<<<1, 1>>>(small_buffer(), d, 25); // bytes 100..103: in the allocation's page, past its size
+}
+
+// Races a GPU would have and the plain emulator cannot see: the race build only.
+static void test_race_detection(void) {
+    if (!emu::race_on()) {
+        printf("skip race detection: not the race build (make test-emu-race runs it)\n");
+        return;
+    }
+    expect_stop("a plain += by 64 threads of a block (a missing atomic)", bug_plain_count,
+                "data race in kernel plain_count_kernel");
+    expect_stop("a plain += by one thread of each of 4 blocks", bug_plain_count_blocks,
+                "in another block of the same launch");
+    expect_stop("a shared-memory write read by other threads with no __syncthreads", bug_missing_syncthreads,
+                "data race in kernel racy_kernel");
+    expect_stop("__syncwarp masks that leave out the lane that wrote", bug_half_syncwarp,
+                "with no __syncwarp naming both lanes");
+    expect_stop("a __syncthreads the writing threads never reached", bug_partial_barrier,
+                "exited before the __syncthreads between them");
+    expect_stop("a kernel reading the rounding slack after 100 bytes", bug_slack_read,
+                "out-of-bounds read at byte offset 100 of device allocation");
+}
+
 // ----------------------------------------------------------------------------
 // Detection: each bug in a child process
 
@@ -451,6 +752,15 @@ static void bug_gemm_host(void) {
     cudaMalloc(&c, sizeof a);
     cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 2, &one, a, CUDA_R_32F, 2, b, CUDA_R_32F, 2, &one, c,
                  CUDA_R_32F, 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+}
+// fp64 GEMMs are a listed combination, but the emulator does not compute them.
+static void bug_gemm_fp64(void) {
+    cublasHandle_t handle;
+    cublasCreate(&handle);
+    double *a, one = 1.0;
+    cudaMalloc(&a, 4 * sizeof(double));
+    cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 2, &one, a, CUDA_R_64F, 2, a, CUDA_R_64F, 2, &one, a,
+                 CUDA_R_64F, 2, CUBLAS_COMPUTE_64F, CUBLAS_GEMM_DEFAULT);
 }
 static void bug_use_after_free(void) {
     float *d;
@@ -599,8 +909,9 @@ int main(void) {
     test_kernels();
     test_gemm();
     test_lt();
+    test_gemm_types();
     expect_stop("host code writing device memory", bug_host_deref, "host code dereferenced device memory");
-    expect_stop("a kernel writing into the guard page", bug_guard_page, "out-of-bounds access at byte offset 4096 of device allocation");
+    expect_stop("a kernel writing into the guard page", bug_guard_page, "at byte offset 4096 of device allocation");
     expect_stop("a kernel writing into the slack after 100 bytes", bug_slack, "out-of-bounds write at byte offset 100");
     expect_stop("a host pointer as kernel argument", bug_host_pointer_arg, "is a host pointer");
     expect_stop("half a warp at __syncthreads, half at __syncwarp", bug_diverged_sync, "deadlock");
@@ -608,6 +919,10 @@ int main(void) {
     expect_stop("cudaMemcpyHostToDevice from device to host memory", bug_copy_kind, "cudaMemcpyHostToDevice");
     expect_stop("a GEMM on host matrices", bug_gemm_host, "is not device memory");
     expect_stop("a kernel on freed memory", bug_use_after_free, "is a host pointer");
+    expect_stop("an fp64 GEMM (listed by cuBLAS, not emulated)", bug_gemm_fp64, "supported by cuBLAS but not emulated");
+    test_warp_masks();
+    test_barrier_misuse();
+    test_race_detection();
     test_async();
     expect_stop("host reading a pinned buffer a pending copy fills", bug_read_before_sync,
                 "before the stream was synchronised");

@@ -2,7 +2,9 @@
 // (tests/emu). Same names, types and argument order as cublas_api.h; the
 // GEMMs follow cuBLAS's documented semantics (column-major, op(A) is m x k,
 // beta == 0 means C is not read) and reject what cuBLAS rejects
-// (CUBLAS_STATUS_INVALID_VALUE for a bad size or leading dimension).
+// (CUBLAS_STATUS_INVALID_VALUE for a bad size or leading dimension,
+// CUBLAS_STATUS_NOT_SUPPORTED for a type combination its documentation does
+// not list for that function: the tables in emu_blas.cc).
 #ifndef EMU_CUBLAS_V2_H
 #define EMU_CUBLAS_V2_H
 
@@ -29,7 +31,19 @@ typedef enum {
     CUBLAS_PEDANTIC_MATH = 2,
     CUBLAS_TF32_TENSOR_OP_MATH = 3,
 } cublasMath_t;
-typedef enum { CUBLAS_COMPUTE_32F = 68, CUBLAS_COMPUTE_32F_FAST_TF32 = 77, CUBLAS_COMPUTE_64F = 70 } cublasComputeType_t;
+typedef enum {
+    CUBLAS_COMPUTE_16F = 64,
+    CUBLAS_COMPUTE_16F_PEDANTIC = 65,
+    CUBLAS_COMPUTE_32F = 68,
+    CUBLAS_COMPUTE_32F_PEDANTIC = 69,
+    CUBLAS_COMPUTE_32F_FAST_16F = 74,
+    CUBLAS_COMPUTE_32F_FAST_16BF = 75,
+    CUBLAS_COMPUTE_32F_FAST_TF32 = 77,
+    CUBLAS_COMPUTE_64F = 70,
+    CUBLAS_COMPUTE_64F_PEDANTIC = 71,
+    CUBLAS_COMPUTE_32I = 72,
+    CUBLAS_COMPUTE_32I_PEDANTIC = 73,
+} cublasComputeType_t;
 typedef enum { CUBLAS_GEMM_DEFAULT = -1, CUBLAS_GEMM_DEFAULT_TENSOR_OP = 99 } cublasGemmAlgo_t;
 
 typedef struct EmuCublas *cublasHandle_t;

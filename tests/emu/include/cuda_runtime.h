@@ -31,12 +31,18 @@ typedef enum cudaMemcpyKind {
     cudaMemcpyDefault = 4
 } cudaMemcpyKind;
 
-// Element types of cuBLAS and friends (library_types.h in the toolkit).
+// Element types of cuBLAS and friends (library_types.h in the toolkit; the
+// ones its GEMM type tables name, see emu_blas.cc).
 typedef enum cudaDataType_t {
     CUDA_R_16F = 2,
     CUDA_R_32F = 0,
     CUDA_R_64F = 1,
     CUDA_R_16BF = 14,
+    CUDA_R_8I = 3,
+    CUDA_R_32I = 10,
+    CUDA_C_32F = 4,
+    CUDA_C_64F = 5,
+    CUDA_C_8I = 7,
 } cudaDataType;
 typedef cudaDataType cudaDataType_t;
 

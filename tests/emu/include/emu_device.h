@@ -2,10 +2,12 @@
 // the emulated cuda_runtime.h). A kernel launch runs the grid block after
 // block; the threads of a block are coroutines that switch only at
 // __syncthreads, __syncwarp and warp shuffles, so barriers and shuffles have
-// CUDA's semantics and a barrier that some threads never reach is reported
-// as a deadlock. __shared__ variables are statics, shared by the block being
-// run. Launches are rewritten from `k<<<cfg>>>(args)` to
-// `emu::Cfg("k", cfg).run(k)(args)` by tests/emu/cu2cc.sed.
+// CUDA's semantics -- a __syncwarp or shuffle waits for the lanes its mask
+// names -- and a barrier that cannot complete is reported (emu_kernel.cc).
+// __shared__ variables are statics, shared by the block being run. Launches
+// are rewritten from `k<<<cfg>>>(args)` to `emu::Cfg("k", cfg).run(k)(args)`
+// by tests/emu/cu2cc.sed. Atomics are real atomic instructions, so that the
+// race build (emu_race.cc) sees them as atomic accesses.
 #ifndef EMU_DEVICE_H
 #define EMU_DEVICE_H
 
@@ -54,7 +56,12 @@ void *dyn_smem();
 // The order blocks and threads run in: "forward", "reverse" or "shuffle"
 // (the environment's EMU_ORDER at start-up; this is for the emulator's test).
 void set_order(const char *order);
-void syncthreads();
+// Whether this program is the race build (make test-emu-race), whose kernels
+// have every memory access checked (emu_race.cc).
+bool race_on();
+// file and line: where the __syncthreads is, to tell one barrier reached from
+// two places (a divergent __syncthreads).
+void syncthreads(const char *file, int line);
 void syncwarp(unsigned int mask);
 uint64_t shfl_xor(unsigned int mask, uint64_t bits, int lane_mask, int width);
 
@@ -98,7 +105,7 @@ struct Cfg {
 #define gridDim (emu::grid_dim())
 #define warpSize 32
 
-static inline void __syncthreads() { emu::syncthreads(); }
+#define __syncthreads() emu::syncthreads(__FILE__, __LINE__)
 static inline void __syncwarp(unsigned int mask = 0xffffffffu) { emu::syncwarp(mask); }
 
 template <class T> static inline T __shfl_xor_sync(unsigned int mask, T v, int lane_mask, int width = 32) {
@@ -111,15 +118,27 @@ template <class T> static inline T __shfl_xor_sync(unsigned int mask, T v, int l
     return out;
 }
 
-// Threads of one OS thread never run at the same time: plain read-modify-write.
+// Atomics as read-modify-writes of the __atomic builtins: integers by
+// fetch-and-add, floating point by compare-and-swap. (Threads of one OS
+// thread never run at the same time, so a plain update would compute the
+// same; the builtins are what lets the race build tell them from plain
+// accesses.)
 template <class T> static inline T atomicAdd(T *p, T v) {
-    T old = *p;
-    *p = old + v;
-    return old;
+    if constexpr (std::is_integral<T>::value) {
+        return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+    } else {
+        T old, sum;
+        __atomic_load(p, &old, __ATOMIC_RELAXED);
+        do sum = old + v;
+        while (!__atomic_compare_exchange(p, &old, &sum, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+        return old;
+    }
 }
 template <class T> static inline T atomicMax(T *p, T v) {
-    T old = *p;
-    if (v > old) *p = v;
+    T old;
+    __atomic_load(p, &old, __ATOMIC_RELAXED);
+    while (old < v && !__atomic_compare_exchange(p, &old, &v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
     return old;
 }
 
