@@ -42,7 +42,7 @@ COMM_OBJ = $(BUILD)/parallel/comm_mpi$(USE_MPI).o
 
 TESTS = $(BUILD)/test_model $(BUILD)/test_gradcheck $(BUILD)/test_reference $(BUILD)/test_reference64 \
         $(BUILD)/test_data $(BUILD)/test_train_infra $(BUILD)/test_balance $(BUILD)/test_tokenizer \
-        $(BUILD)/test_launch
+        $(BUILD)/test_launch $(BUILD)/test_safetensors
 
 .PHONY: all test test-build test-run bench run clean
 all: train_moe moe_ckpt moe_tok moe_prepare $(if $(NVCC_FOUND),train_moecu)
@@ -104,6 +104,9 @@ $(BUILD)/test_train_infra: tests/test_train_infra.c $(call f32,train/optim.c tra
 $(BUILD)/test_tokenizer: tests/test_tokenizer.c $(call f32,$(TOK_SRC))
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
+$(BUILD)/test_safetensors: tests/test_safetensors.c $(call f32,train/safetensors.c tokenizer/tok_json.c tokenizer/tok_util.c)
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
 $(BUILD)/test_balance: tests/test_balance.c $(call f32,model/balance.c)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
@@ -135,6 +138,7 @@ test-run: test-build
 	$(BUILD)/test_balance
 	$(BUILD)/test_tokenizer
 	$(BUILD)/test_launch
+	$(BUILD)/test_safetensors
 	bash tests/test_trainer.sh
 	bash tests/test_dist.sh
 	bash tests/test_report.sh
