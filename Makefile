@@ -75,7 +75,9 @@ moe_prepare: data/prepare.c $(call f32,data/shard.c $(TOK_SRC))
 run:
 	bash scripts/quickstart.sh
 
-moe_ckpt: train/ckpt_main.c $(call f32,train/ckpt.c)
+# Checkpoint inspection and the Hugging Face export/import (docs/hf.md).
+HF_SRC = train/hf_map.c train/hf_export.c train/hf_import.c train/safetensors.c train/ckpt_model.c train/ckpt.c
+moe_ckpt: train/ckpt_main.c $(call f32,$(HF_SRC) $(MODEL_SRC) $(TOK_SRC))
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
 # ---------------------------------------------------------------- tests
@@ -102,6 +104,10 @@ $(BUILD)/test_train_infra: tests/test_train_infra.c $(call f32,train/optim.c tra
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
 $(BUILD)/test_tokenizer: tests/test_tokenizer.c $(call f32,$(TOK_SRC))
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
+# The CPU model's logits and loss on a batch of a checkpoint (tests/test_hf.sh).
+$(BUILD)/hf_logits: tests/hf_logits.c $(CORE32) $(call f32,train/ckpt_model.c train/ckpt.c)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
 $(BUILD)/test_safetensors: tests/test_safetensors.c $(call f32,train/safetensors.c tokenizer/tok_json.c tokenizer/tok_util.c)

@@ -430,6 +430,14 @@ int tok_json_put_string(FILE *f, const char *s, size_t n) {
     return 0;
 }
 
+int tok_json_write_file(const char *path, const char *text, size_t len, char *err, size_t errlen) {
+    char jerr[200];
+    TokJson *check = tok_json_parse(text, len, jerr, sizeof jerr);
+    if (!check) return tok_fail(err, errlen, "%s: internal error: the text to write is not JSON: %s", path, jerr);
+    tok_json_free(check);
+    return tok_write_file_atomic(path, text, len, err, errlen);
+}
+
 const TokJson *tok_json_get(const TokJson *obj, const char *key) {
     if (!obj || obj->type != TOK_JSON_OBJECT) return NULL;
     size_t n = strlen(key);

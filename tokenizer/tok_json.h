@@ -37,6 +37,9 @@ const TokJson *tok_json_get(const TokJson *obj, const char *key);
 // '\\' and the control characters below 0x20. Returns 0, or -1 (nothing
 // written) when s is not valid UTF-8, which JSON text cannot hold.
 int tok_json_put_string(FILE *f, const char *s, size_t n);
+// Writes a JSON document to path atomically (path.tmp.<pid>, fsync, rename),
+// after checking that it parses. Returns 0, or -1 with a message naming path.
+int tok_json_write_file(const char *path, const char *text, size_t len, char *err, size_t errlen);
 // Short name of a type for messages ("string", "object", ...).
 const char *tok_json_type_name(TokJsonType t);
 
