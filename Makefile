@@ -126,13 +126,13 @@ JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 NO_INSTALL ?= 0
 # The Python environment with PyTorch and transformers (scripts/deps.sh venv).
 PY_VENV ?= build/venv
-TEST_DEPS = build test
+TEST_DEPS = build test venv
 test:
 	DEPS_VENV=$(PY_VENV) bash scripts/deps.sh $(if $(filter 1,$(NO_INSTALL)),--no-install) $(TEST_DEPS)
 	$(MAKE) --no-print-directory -j$(JOBS) test-build
 	$(MAKE) --no-print-directory test-run
 
-test-build: train_moe moe_ckpt moe_tok moe_prepare $(BUILD)/gen_shards $(TESTS) $(if $(NVCC_FOUND),gpu-build)
+test-build: train_moe moe_ckpt moe_tok moe_prepare $(BUILD)/gen_shards $(BUILD)/hf_logits $(TESTS) $(if $(NVCC_FOUND),gpu-build)
 
 test-run: test-build
 	$(BUILD)/test_model
@@ -149,6 +149,7 @@ test-run: test-build
 	bash tests/test_dist.sh
 	bash tests/test_report.sh
 	bash tests/test_prepare.sh
+	bash tests/test_hf.sh $(PY_VENV)
 	./train_moe --config 1b --print-config | grep total
 	bash tests/test_deps.sh
 	$(MAKE) --no-print-directory -j$(JOBS) emu-build

@@ -53,6 +53,7 @@ typedef struct {
     int n, cap;
 } HfList;
 
+// Appends tensor (rows, cols), or (rows) when cols is -1, named by fmt.
 static HfTensor *hf_add(HfList *l, float *data, int64_t rows, int64_t cols, const char *fmt, ...)
     UTIL_PRINTF(5, 6);
 static HfTensor *hf_add(HfList *l, float *data, int64_t rows, int64_t cols, const char *fmt, ...) {
@@ -66,10 +67,10 @@ static HfTensor *hf_add(HfList *l, float *data, int64_t rows, int64_t cols, cons
     va_start(ap, fmt);
     vsnprintf(t->name, sizeof t->name, fmt, ap);
     va_end(ap);
-    t->ndim = cols > 0 ? 2 : 1;
+    t->ndim = cols >= 0 ? 2 : 1;
     t->shape[0] = rows;
-    t->shape[1] = cols;
-    t->data = rows * (cols > 0 ? cols : 1) > 0 ? data : NULL;
+    t->shape[1] = cols >= 0 ? cols : 0;
+    t->data = rows * (cols >= 0 ? cols : 1) > 0 ? data : NULL;
     return t;
 }
 
@@ -91,7 +92,7 @@ HfTensor *hf_tensors(const MoeConfig *c, HfArch arch, const ParamLayout *lay, fl
         snprintf(p, sizeof p, "model.layers.%d", pt->layer);
         switch (pt->kind) {
         case P_TOK_EMB: hf_add(&l, w, pt->shape[0], d, "model.embed_tokens.weight"); break;
-        case P_ATTN_NORM: hf_add(&l, w, d, 0, "%s.input_layernorm.weight", p); break;
+        case P_ATTN_NORM: hf_add(&l, w, d, -1, "%s.input_layernorm.weight", p); break;
         case P_WQKV:
             // Rows [0, d) query, [d, 2d) key, [2d, 3d) value.
             hf_add(&l, w, d, d, "%s.self_attn.q_proj.weight", p)->rope_pairs = arch == HF_ERNIE4_5_MOE;
@@ -99,7 +100,7 @@ HfTensor *hf_tensors(const MoeConfig *c, HfArch arch, const ParamLayout *lay, fl
             hf_add(&l, w + 2 * d * d, d, d, "%s.self_attn.v_proj.weight", p);
             break;
         case P_WO: hf_add(&l, w, d, d, "%s.self_attn.o_proj.weight", p); break;
-        case P_FFN_NORM: hf_add(&l, w, d, 0, "%s.post_attention_layernorm.weight", p); break;
+        case P_FFN_NORM: hf_add(&l, w, d, -1, "%s.post_attention_layernorm.weight", p); break;
         case P_FFN_W13:
             snprintf(q, sizeof q, "%s.mlp", p);
             hf_add_swiglu(&l, q, w, params + layout_offset(lay, pt->layer, P_FFN_W2), c->d_ff, d);
@@ -107,7 +108,7 @@ HfTensor *hf_tensors(const MoeConfig *c, HfArch arch, const ParamLayout *lay, fl
         case P_ROUTER: {
             float *b = bias + (size_t)(pt->layer - c->n_dense) * E; // (E) this layer's selection bias
             hf_add(&l, w, E, d, "%s.mlp.gate.weight", p)->keep_fp32 = 1;
-            if (arch == HF_GLM4_MOE) hf_add(&l, b, E, 0, "%s.mlp.gate.e_score_correction_bias", p)->keep_fp32 = 1;
+            if (arch == HF_GLM4_MOE) hf_add(&l, b, E, -1, "%s.mlp.gate.e_score_correction_bias", p)->keep_fp32 = 1;
             else hf_add(&l, b, 1, E, "%s.mlp.moe_statics.e_score_correction_bias", p)->keep_fp32 = 1;
             // Glm4Moe always builds its shared experts: without any they are zero-size.
             snprintf(q, sizeof q, "%s.mlp.shared_experts", p);
@@ -127,7 +128,7 @@ HfTensor *hf_tensors(const MoeConfig *c, HfArch arch, const ParamLayout *lay, fl
             }
             break;
         }
-        case P_FINAL_NORM: hf_add(&l, w, d, 0, "model.norm.weight"); break;
+        case P_FINAL_NORM: hf_add(&l, w, d, -1, "model.norm.weight"); break;
         case P_LM_HEAD: hf_add(&l, w, pt->shape[0], d, "lm_head.weight"); break;
         case P_FFN_W2: case P_SHARED_W2: case P_EXPERTS_W2: break; // named with their w13
         case P_NKINDS: break;
