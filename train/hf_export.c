@@ -58,7 +58,7 @@ static int hf_write_shard(const char *path, const HfTensor *t, int first, int la
                           char *err, size_t errlen) {
     StSpec *specs = xcalloc((size_t)(last - first) + 1, sizeof *specs);
     for (int i = first; i < last; i++) specs[i - first] = hf_spec(&t[i], bf16);
-    const char *meta[] = { "format", "pt" }; // transformers reads only files that say they hold torch tensors
+    const char *meta[] = { "format", "pt" }; // as transformers' save_pretrained writes it; some readers check it
     StWriter *w = st_writer_open(path, specs, last - first, meta, 1, err, errlen);
     free(specs);
     if (!w) return -1;
@@ -176,6 +176,9 @@ int hf_export(const char *ckpt, const char *outdir, const HfExportOptions *o, Hf
         goto done;
     }
 
+    // The tokenizer first: a special token that JSON cannot hold is refused before any weights are written.
+    if (tok && tok_export_hf(tok, outdir, c->seq_len, err, errlen) != 0) goto done;
+
     // Shards: tensors in model order, a new shard when the next tensor would
     // overflow a non-empty one (a tensor larger than the limit gets its own).
     int n;
@@ -212,7 +215,6 @@ int hf_export(const char *ckpt, const char *outdir, const HfExportOptions *o, Hf
     }
     if (n_shards > 1 && hf_write_index(outdir, t, n, shard_of, n_shards, total, err, errlen) != 0) goto done;
     if (hf_write_configs(outdir, c, arch, o->bf16, tok ? tok_eot_id(tok) : -1, err, errlen) != 0) goto done;
-    if (tok && tok_export_hf(tok, outdir, c->seq_len, err, errlen) != 0) goto done;
     hf_remove_stale(outdir, n_shards);
     if (info) *info = (HfExportInfo){ arch, n, n_shards, total };
     rc = 0;
