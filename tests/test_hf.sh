@@ -186,6 +186,9 @@ refuse() { # NAME PATTERN TRAIN-ARGS...: a 1-step model that must not export
 refuse mult "gamma-rule mult" --gamma-rule mult
 refuse softmax_raw "norm_topk = 0 with gate = softmax" --gate softmax --norm-topk 0
 refuse softmax_scaled "route_scale = 2 with gate = softmax" --gate softmax --route-scale 2
+refuse one_expert "n_routed = 1" --n-routed 1 --top-k 1
+head -c 20000 "$CK_TINY" > "$TMP/trunc.bin"
+expect_fail "refuses a truncated checkpoint" "trunc.bin: truncated" ./moe_ckpt export "$TMP/trunc.bin" "$TMP/o0"
 expect_fail "tokenizer larger than the vocabulary" "vocab_size is 64" ./moe_ckpt export "$CK_TINY" "$TMP/o1" --tokenizer "$TMP/tok.tok"
 expect_status 2 "unknown option" "unknown option" ./moe_ckpt export "$CK_TINY" "$TMP/o2" --frobnicate 1
 expect_status 2 "bad dtype" "fp32 or bf16" ./moe_ckpt export "$CK_TINY" "$TMP/o3" --dtype fp16
