@@ -33,19 +33,29 @@ static int hf_write_text(const char *dir, const char *name, const char *text, si
     return tok_json_write_file(path, text, len, err, errlen);
 }
 
-// The bytes of tensor t as the file stores them: fp32 or bf16 (unless
-// keep_fp32), q/k rows in Ernie's pair order. buf holds numel floats.
-static size_t hf_tensor_bytes(const HfTensor *t, int bf16, int hd, float *buf) {
+// Scratch for one tensor's bytes: its rows in file order, and their bf16 form.
+typedef struct {
+    float *f32;    // (numel of the largest tensor)
+    uint16_t *b16; // (same)
+} HfBuf;
+
+// The bytes of tensor t as the file stores them: fp32, or bf16 unless
+// keep_fp32, q/k rows in Ernie's pair order. Returns a pointer into buf.
+static const void *hf_tensor_bytes(const HfTensor *t, int bf16, int hd, HfBuf *buf, size_t *nbytes) {
     int64_t rows = t->shape[0], cols = t->ndim == 2 ? t->shape[1] : 1;
-    if (!t->data) return 0;
+    *nbytes = 0;
+    if (!t->data) return buf->f32;
     for (int64_t r = 0; r < rows; r++) {
         int64_t src = t->rope_pairs ? hf_rope_row(r, hd) : r;
-        memcpy(buf + r * cols, t->data + src * cols, sizeof(float) * (size_t)cols);
+        memcpy(buf->f32 + r * cols, t->data + src * cols, sizeof(float) * (size_t)cols);
     }
-    if (!bf16 || t->keep_fp32) return sizeof(float) * (size_t)(rows * cols);
-    uint16_t *h = (uint16_t *)buf; // narrowing front to back never overwrites a float not yet read
-    for (int64_t i = 0; i < rows * cols; i++) h[i] = st_f32_to_bf16(buf[i]);
-    return sizeof(uint16_t) * (size_t)(rows * cols);
+    if (!bf16 || t->keep_fp32) {
+        *nbytes = sizeof(float) * (size_t)(rows * cols);
+        return buf->f32;
+    }
+    for (int64_t i = 0; i < rows * cols; i++) buf->b16[i] = st_f32_to_bf16(buf->f32[i]);
+    *nbytes = sizeof(uint16_t) * (size_t)(rows * cols);
+    return buf->b16;
 }
 
 static StSpec hf_spec(const HfTensor *t, int bf16) {
@@ -54,7 +64,7 @@ static StSpec hf_spec(const HfTensor *t, int bf16) {
 }
 
 // Writes tensors [first, last) as one safetensors file.
-static int hf_write_shard(const char *path, const HfTensor *t, int first, int last, int bf16, int hd, float *buf,
+static int hf_write_shard(const char *path, const HfTensor *t, int first, int last, int bf16, int hd, HfBuf *buf,
                           char *err, size_t errlen) {
     StSpec *specs = xcalloc((size_t)(last - first) + 1, sizeof *specs);
     for (int i = first; i < last; i++) specs[i - first] = hf_spec(&t[i], bf16);
@@ -63,8 +73,9 @@ static int hf_write_shard(const char *path, const HfTensor *t, int first, int la
     free(specs);
     if (!w) return -1;
     for (int i = first; i < last; i++) {
-        size_t n = hf_tensor_bytes(&t[i], bf16, hd, buf);
-        if (st_writer_append(w, buf, n) != 0) break;
+        size_t n;
+        const void *bytes = hf_tensor_bytes(&t[i], bf16, hd, buf, &n);
+        if (st_writer_append(w, bytes, n) != 0) break;
     }
     return st_writer_commit(w, err, errlen);
 }
@@ -142,6 +153,32 @@ static int hf_write_configs(const char *dir, const MoeConfig *c, HfArch arch, in
     return hf_write_text(dir, "generation_config.json", gen, (size_t)n, err, errlen);
 }
 
+// Assigns the tensors, in model order, to shards: a new shard when the next
+// tensor would overflow a non-empty one (a tensor larger than the limit gets
+// its own). Returns the number of shards; *total gets the bytes of all
+// tensors, *largest the most elements of one.
+static int hf_plan_shards(const HfTensor *t, int n, const HfExportOptions *o, int *shard_of, uint64_t *total,
+                          int64_t *largest) {
+    int n_shards = 1;
+    uint64_t in_shard = 0;
+    *total = 0;
+    *largest = 1;
+    for (int i = 0; i < n; i++) {
+        StSpec s = hf_spec(&t[i], o->bf16);
+        uint64_t b = st_spec_bytes(&s);
+        if (in_shard > 0 && in_shard + b > o->max_shard_bytes) {
+            n_shards++;
+            in_shard = 0;
+        }
+        shard_of[i] = n_shards - 1;
+        in_shard += b;
+        *total += b;
+        int64_t numel = t[i].shape[0] * (t[i].ndim == 2 ? t[i].shape[1] : 1);
+        *largest = numel > *largest ? numel : *largest;
+    }
+    return n_shards;
+}
+
 int hf_export(const char *ckpt, const char *outdir, const HfExportOptions *o, HfExportInfo *info, char *err,
               size_t errlen) {
     CkptModel m;
@@ -151,7 +188,7 @@ int hf_export(const char *ckpt, const char *outdir, const HfExportOptions *o, Hf
     Tokenizer *tok = NULL;
     HfTensor *t = NULL;
     int *shard_of = NULL, rc = -1;
-    float *buf = NULL;
+    HfBuf buf = { NULL, NULL };
     char why[512];
     if (hf_arch_for(c, m.bias_mult, &arch, why, sizeof why) != 0) {
         util_set_err(err, errlen, "%s cannot be exported: %s", ckpt, why);
@@ -179,28 +216,14 @@ int hf_export(const char *ckpt, const char *outdir, const HfExportOptions *o, Hf
     // The tokenizer first: a special token that JSON cannot hold is refused before any weights are written.
     if (tok && tok_export_hf(tok, outdir, c->seq_len, err, errlen) != 0) goto done;
 
-    // Shards: tensors in model order, a new shard when the next tensor would
-    // overflow a non-empty one (a tensor larger than the limit gets its own).
     int n;
     t = hf_tensors(c, arch, &m.lay, m.params, m.bias, &n);
     shard_of = xcalloc((size_t)n + 1, sizeof *shard_of);
-    int n_shards = 1;
-    uint64_t total = 0, in_shard = 0;
-    int64_t largest = 1;
-    for (int i = 0; i < n; i++) {
-        StSpec s = hf_spec(&t[i], o->bf16);
-        uint64_t b = st_spec_bytes(&s);
-        if (in_shard > 0 && in_shard + b > o->max_shard_bytes) {
-            n_shards++;
-            in_shard = 0;
-        }
-        shard_of[i] = n_shards - 1;
-        in_shard += b;
-        total += b;
-        int64_t numel = t[i].shape[0] * (t[i].ndim == 2 ? t[i].shape[1] : 1);
-        largest = numel > largest ? numel : largest;
-    }
-    buf = xmalloc(sizeof(float) * (size_t)largest);
+    uint64_t total;
+    int64_t largest;
+    int n_shards = hf_plan_shards(t, n, o, shard_of, &total, &largest);
+    buf.f32 = xmalloc(sizeof(float) * (size_t)largest);
+    buf.b16 = xmalloc(sizeof(uint16_t) * (size_t)largest);
     for (int k = 0, first = 0; k < n_shards; k++) {
         int last = first;
         while (last < n && shard_of[last] == k) last++;
@@ -210,7 +233,7 @@ int hf_export(const char *ckpt, const char *outdir, const HfExportOptions *o, Hf
             util_set_err(err, errlen, "%s: path too long", outdir);
             goto done;
         }
-        if (hf_write_shard(path, t, first, last, o->bf16, config_head_dim(c), buf, err, errlen) != 0) goto done;
+        if (hf_write_shard(path, t, first, last, o->bf16, config_head_dim(c), &buf, err, errlen) != 0) goto done;
         first = last;
     }
     if (n_shards > 1 && hf_write_index(outdir, t, n, shard_of, n_shards, total, err, errlen) != 0) goto done;
@@ -221,7 +244,8 @@ int hf_export(const char *ckpt, const char *outdir, const HfExportOptions *o, Hf
 done:
     free(t);
     free(shard_of);
-    free(buf);
+    free(buf.f32);
+    free(buf.b16);
     if (tok) tok_free(tok);
     ckpt_model_free(&m);
     return rc;
