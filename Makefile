@@ -42,7 +42,7 @@ COMM_OBJ = $(BUILD)/parallel/comm_mpi$(USE_MPI).o
 
 TESTS = $(BUILD)/test_model $(BUILD)/test_gradcheck $(BUILD)/test_reference $(BUILD)/test_reference64 \
         $(BUILD)/test_data $(BUILD)/test_train_infra $(BUILD)/test_balance $(BUILD)/test_tokenizer \
-        $(BUILD)/test_launch
+        $(BUILD)/test_launch $(BUILD)/test_safetensors
 
 .PHONY: all test test-build test-run bench run clean
 all: train_moe moe_ckpt moe_tok moe_prepare $(if $(NVCC_FOUND),train_moecu)
@@ -75,7 +75,9 @@ moe_prepare: data/prepare.c $(call f32,data/shard.c $(TOK_SRC))
 run:
 	bash scripts/quickstart.sh
 
-moe_ckpt: train/ckpt_main.c $(call f32,train/ckpt.c)
+# Checkpoint inspection and the Hugging Face export/import (docs/hf.md).
+HF_SRC = train/hf_map.c train/hf_export.c train/hf_import.c train/safetensors.c train/ckpt_model.c train/ckpt.c
+moe_ckpt: train/ckpt_main.c $(call f32,$(HF_SRC) $(MODEL_SRC) $(TOK_SRC))
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
 # ---------------------------------------------------------------- tests
@@ -104,6 +106,13 @@ $(BUILD)/test_train_infra: tests/test_train_infra.c $(call f32,train/optim.c tra
 $(BUILD)/test_tokenizer: tests/test_tokenizer.c $(call f32,$(TOK_SRC))
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
+# The CPU model's logits and loss on a batch of a checkpoint (tests/test_hf.sh).
+$(BUILD)/hf_logits: tests/hf_logits.c $(CORE32) $(call f32,train/ckpt_model.c train/ckpt.c)
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
+$(BUILD)/test_safetensors: tests/test_safetensors.c $(call f32,train/safetensors.c tokenizer/tok_json.c tokenizer/tok_util.c)
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
 $(BUILD)/test_balance: tests/test_balance.c $(call f32,model/balance.c)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
@@ -117,13 +126,13 @@ JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 NO_INSTALL ?= 0
 # The Python environment with PyTorch and transformers (scripts/deps.sh venv).
 PY_VENV ?= build/venv
-TEST_DEPS = build test
+TEST_DEPS = build test venv
 test:
 	DEPS_VENV=$(PY_VENV) bash scripts/deps.sh $(if $(filter 1,$(NO_INSTALL)),--no-install) $(TEST_DEPS)
 	$(MAKE) --no-print-directory -j$(JOBS) test-build
 	$(MAKE) --no-print-directory test-run
 
-test-build: train_moe moe_ckpt moe_tok moe_prepare $(BUILD)/gen_shards $(TESTS) $(if $(NVCC_FOUND),gpu-build)
+test-build: train_moe moe_ckpt moe_tok moe_prepare $(BUILD)/gen_shards $(BUILD)/hf_logits $(TESTS) $(if $(NVCC_FOUND),gpu-build)
 
 test-run: test-build
 	$(BUILD)/test_model
@@ -135,10 +144,12 @@ test-run: test-build
 	$(BUILD)/test_balance
 	$(BUILD)/test_tokenizer
 	$(BUILD)/test_launch
+	$(BUILD)/test_safetensors
 	bash tests/test_trainer.sh
 	bash tests/test_dist.sh
 	bash tests/test_report.sh
 	bash tests/test_prepare.sh
+	bash tests/test_hf.sh $(PY_VENV)
 	./train_moe --config 1b --print-config | grep total
 	bash tests/test_deps.sh
 	$(MAKE) --no-print-directory -j$(JOBS) emu-build

@@ -36,6 +36,13 @@ int tok_save(const Tokenizer *t, const char *path, char *err, size_t errlen);
 Tokenizer *tok_import_hf(const char *path, const char *eot, int *pretok_differs,
                          char *err, size_t errlen);
 
+// Writes dir/tokenizer.json and dir/tokenizer_config.json (written atomically)
+// so that transformers' AutoTokenizer gives the same ids and bytes as
+// tok_encode and tok_decode (docs/hf.md): the end-of-text token is the eos,
+// model_max_length the model's sequence length. Fails for a special token
+// that is not valid UTF-8.
+int tok_export_hf(const Tokenizer *t, const char *dir, int model_max_length, char *err, size_t errlen);
+
 // ---- construction and training -------------------------------------------
 
 // A tokenizer in the standard layout: ids 0..255 are the bytes, merge r

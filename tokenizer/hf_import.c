@@ -403,16 +403,8 @@ done:
 }
 
 Tokenizer *tok_import_hf(const char *path, const char *eot, int *pretok_differs, char *err, size_t errlen) {
-    size_t len;
-    char *text = tok_read_file(path, &len, err, errlen);
-    if (!text) return NULL;
-    char jerr[200];
-    TokJson *root = tok_json_parse(text, len, jerr, sizeof jerr);
-    free(text);
-    if (!root) {
-        tok_fail(err, errlen, "%s: invalid JSON: %s", path, jerr);
-        return NULL;
-    }
+    TokJson *root = tok_json_parse_file(path, err, errlen);
+    if (!root) return NULL;
     int differs = 1;
     Tokenizer *t = import_tree(root, path, eot, &differs, err, errlen);
     tok_json_free(root);

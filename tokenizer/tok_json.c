@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bpe_internal.h"
 #include "tok_json.h"
 
 #define MAX_DEPTH 256  // deeper nesting is rejected rather than risking the stack
@@ -383,6 +384,58 @@ TokJson *tok_json_parse(const char *text, size_t len, char *err, size_t errlen) 
     }
     tok_json_free(root);
     return NULL;
+}
+
+TokJson *tok_json_parse_file(const char *path, char *err, size_t errlen) {
+    size_t len;
+    char *text = tok_read_file(path, &len, err, errlen);
+    if (!text) return NULL;
+    char jerr[200];
+    TokJson *root = tok_json_parse(text, len, jerr, sizeof jerr);
+    free(text);
+    if (!root) tok_fail(err, errlen, "%s: invalid JSON: %s", path, jerr);
+    return root;
+}
+
+// ---- writing -------------------------------------------------------------
+
+// Length of the UTF-8 character at s[0..n), 0 if it is not one (a bad lead or
+// continuation byte, a truncated, overlong or surrogate form, or > U+10FFFF).
+static size_t utf8_char_len(const unsigned char *s, size_t n) {
+    unsigned c = s[0];
+    size_t k = c < 0x80 ? 1 : (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 0;
+    if (k == 0 || k > n) return 0;
+    uint32_t cp = k == 1 ? c : c & (0x7F >> k);
+    for (size_t i = 1; i < k; i++) {
+        if ((s[i] & 0xC0) != 0x80) return 0;
+        cp = cp << 6 | (s[i] & 0x3F);
+    }
+    static const uint32_t min_cp[5] = {0, 0, 0x80, 0x800, 0x10000};
+    if (cp < min_cp[k] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
+    return k;
+}
+
+int tok_json_put_string(FILE *f, const char *s, size_t n) {
+    const unsigned char *u = (const unsigned char *)s;
+    for (size_t i = 0, k; i < n; i += k)
+        if ((k = utf8_char_len(u + i, n - i)) == 0) return -1;
+    fputc('"', f);
+    for (size_t i = 0; i < n; i++) {
+        if (u[i] == '"' || u[i] == '\\') fprintf(f, "\\%c", u[i]);
+        else if (u[i] == '\n') fputs("\\n", f);
+        else if (u[i] < 0x20) fprintf(f, "\\u%04x", u[i]);
+        else fputc(u[i], f);
+    }
+    fputc('"', f);
+    return 0;
+}
+
+int tok_json_write_file(const char *path, const char *text, size_t len, char *err, size_t errlen) {
+    char jerr[200];
+    TokJson *check = tok_json_parse(text, len, jerr, sizeof jerr);
+    if (!check) return tok_fail(err, errlen, "%s: internal error: the text to write is not JSON: %s", path, jerr);
+    tok_json_free(check);
+    return tok_write_file_atomic(path, text, len, err, errlen);
 }
 
 const TokJson *tok_json_get(const TokJson *obj, const char *key) {

@@ -49,7 +49,7 @@ static const TrainOption train_options[] = {
     OPT("log-loads-every", NULL, O_INT, log_loads_every, "10", "steps between per-layer expert counts in the log (0: never)"),
     OPT("print-every", NULL, O_INT, print_every, "1", "steps between human log lines"),
     OPT("sample-tokens", NULL, O_INT, sample_tokens, "0", "tokens to generate at the end of training"),
-    OPT("temperature", NULL, O_FLOAT, temperature, "1.0", "sampling temperature"),
+    OPT("temperature", NULL, O_FLOAT, temperature, "1.0", "sampling temperature (0: greedy)"),
     OPT("sample-top-k", NULL, O_INT, sample_top_k, "40", "sample among the k most likely tokens (0: all)"),
     OPT("prompt", NULL, O_STR, prompt, "", "text the sample continues (empty: starts after end-of-text)"),
     OPT("profile", NULL, O_INT, profile, "0", "time N steps per phase after 2 warm-up steps, print the table and stop (0: off; per-phase times need train_moecu)"),
@@ -266,7 +266,7 @@ int options_validate(const TrainOptions *o, int world, char *err, size_t errlen)
     CHECK(o->print_every >= 1, "--print-every must be >= 1");
     CHECK(o->log_loads_every >= 0, "--log-loads-every must be >= 0");
     CHECK(o->sample_tokens >= 0, "--sample-tokens must be >= 0");
-    CHECK(o->temperature > 0, "--temperature must be > 0 (got %g)", o->temperature);
+    CHECK(o->temperature >= 0, "--temperature must be >= 0 (0: greedy) (got %g)", o->temperature);
     CHECK(o->sample_top_k >= 0, "--sample-top-k must be >= 0");
     CHECK(o->threads >= 0, "--threads must be >= 0");
     CHECK(o->profile >= 0, "--profile must be >= 0");

@@ -285,8 +285,14 @@ static uint64_t sample_rand(uint64_t *s) {
     return z ^ (z >> 31);
 }
 
-// Picks a token from logits (V) with temperature and top-k.
+// Picks a token from logits (V) with temperature and top-k; temperature 0 is
+// greedy: the largest logit, the lowest id on a tie.
 static int sample_token(float *logits, int V, float temperature, int top_k, uint64_t *rng) {
+    if (temperature == 0) {
+        int best = 0;
+        for (int v = 1; v < V; v++) best = logits[v] > logits[best] ? v : best;
+        return best;
+    }
     if (top_k > 0 && top_k < V) {
         // The k-th largest logit is the cut: partial selection by repeated max
         // would be O(kV); a copy + nth-element is overkill for V ~ 32k once per token.
@@ -914,8 +920,8 @@ static int trainer_dispatch(int argc, char **argv, const char *prog, Backend *be
         o.sample_tokens = 256;
         int rc = options_parse(&o, argc - 2, argv + 2, prog);
         if (rc != 0) return rc > 0 ? 0 : 1;
-        if (o.sample_tokens <= 0 || o.temperature <= 0) {
-            fprintf(stderr, "error: --sample-tokens and --temperature must be > 0\n");
+        if (o.sample_tokens <= 0 || o.temperature < 0) {
+            fprintf(stderr, "error: --sample-tokens must be > 0 and --temperature >= 0\n");
             return 1;
         }
         return trainer_sample_from_checkpoint(&o, be, argv[2]);
