@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "ckpt.h"
+#include "ckpt_sections.h"
 #include "hf.h"
 
 static const char *dtype_name(CkptDtype d) {
@@ -38,7 +39,7 @@ static int info(const char *path) {
                (unsigned long long)s->nbytes, (unsigned long long)s->hash);
     }
     uint64_t n;
-    char *cfg = ckpt_read_alloc(ck, "model_config", CKPT_TEXT, &n, err, sizeof err);
+    char *cfg = ckpt_read_alloc(ck, ckpt_sections[SEC_MODEL_CONFIG].name, CKPT_TEXT, &n, err, sizeof err);
     if (cfg) {
         printf("  model_config:\n");
         for (char *line = strtok(cfg, "\n"); line; line = strtok(NULL, "\n")) printf("    %s\n", line);

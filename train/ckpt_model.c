@@ -12,12 +12,13 @@
 #include "../model/balance.h"
 #include "../util/util.h"
 #include "ckpt.h"
+#include "ckpt_sections.h"
 
 // The model_config section: key=value lines over the `tiny` preset (as the
 // trainer reads it), then validated.
 static int ckpt_model_config(Ckpt *ck, const char *path, MoeConfig *c, char *err, size_t errlen) {
     uint64_t len;
-    char *text = ckpt_read_alloc(ck, "model_config", CKPT_TEXT, &len, err, errlen);
+    char *text = ckpt_read_alloc(ck, ckpt_sections[SEC_MODEL_CONFIG].name, CKPT_TEXT, &len, err, errlen);
     if (!text) return -1;
     config_preset(c, "tiny");
     int rc = 0;
@@ -44,9 +45,9 @@ static int ckpt_model_rule(Ckpt *ck, const char *path, int *bias_mult, char *err
     BalanceConfig bal;
     balance_config_default(&bal);
     *bias_mult = 0;
-    if (!ckpt_find(ck, "options")) return 0;
+    if (!ckpt_find(ck, ckpt_sections[SEC_OPTIONS].name)) return 0;
     uint64_t len;
-    char *text = ckpt_read_alloc(ck, "options", CKPT_TEXT, &len, err, errlen);
+    char *text = ckpt_read_alloc(ck, ckpt_sections[SEC_OPTIONS].name, CKPT_TEXT, &len, err, errlen);
     if (!text) return -1;
     int rc = 0;
     for (char *line = strtok(text, "\n"); line && rc == 0; line = strtok(NULL, "\n")) {
@@ -91,8 +92,8 @@ int ckpt_model_load(const char *path, CkptModel *m, char *err, size_t errlen) {
         ckpt_model_alloc(m, &cfg);
         m->bias_mult = bias_mult;
         size_t nb = (size_t)config_n_moe(&cfg) * cfg.n_routed;
-        rc = ckpt_read(ck, "params", CKPT_F32, m->params, (uint64_t)m->lay.total * sizeof(float), err, errlen);
-        if (rc == 0) rc = ckpt_read(ck, "bias", CKPT_F32, m->bias, nb * sizeof(float), err, errlen);
+        rc = ckpt_read(ck, ckpt_sections[SEC_PARAMS].name, CKPT_F32, m->params, (uint64_t)m->lay.total * sizeof(float), err, errlen);
+        if (rc == 0) rc = ckpt_read(ck, ckpt_sections[SEC_BIAS].name, CKPT_F32, m->bias, nb * sizeof(float), err, errlen);
     }
     ckpt_close(ck);
     if (rc != 0) ckpt_model_free(m);
@@ -110,10 +111,10 @@ int ckpt_model_save(const char *path, const CkptModel *m, const char *options_te
     CkptWriter *w = ckpt_writer_open(path, err, errlen);
     int rc = w ? 0 : -1;
     if (w) {
-        rc |= ckpt_write_section(w, "model_config", CKPT_TEXT, cfg_text, cfg_len);
-        rc |= ckpt_write_section(w, "options", CKPT_TEXT, options_text, strlen(options_text));
-        rc |= ckpt_write_section(w, "params", CKPT_F32, m->params, (uint64_t)m->lay.total * sizeof(float));
-        rc |= ckpt_write_section(w, "bias", CKPT_F32, m->bias, nb * sizeof(float));
+        rc |= ckpt_write_section(w, ckpt_sections[SEC_MODEL_CONFIG].name, CKPT_TEXT, cfg_text, cfg_len);
+        rc |= ckpt_write_section(w, ckpt_sections[SEC_OPTIONS].name, CKPT_TEXT, options_text, strlen(options_text));
+        rc |= ckpt_write_section(w, ckpt_sections[SEC_PARAMS].name, CKPT_F32, m->params, (uint64_t)m->lay.total * sizeof(float));
+        rc |= ckpt_write_section(w, ckpt_sections[SEC_BIAS].name, CKPT_F32, m->bias, nb * sizeof(float));
         if (rc != 0) {
             util_set_err(err, errlen, "%s", ckpt_writer_error(w));
             ckpt_writer_abort(w);
