@@ -75,9 +75,7 @@ if [ ! -f "$DATA/train_000.bin" ]; then
 fi
 COMMON=(-b "$B" --steps "$STEPS" --warmup-steps 1 --train-data "$DATA/train_*.bin")
 
-median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) exit 1; print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-# The median tokens/s of a log's step records after the first two.
-run_rate() { grep '"type":"step"' "$1" | tail -n +3 | sed 's/.*"tokens_per_s":\([0-9.e+]*\).*/\1/' | median; }
+. bench/log_rate.sh
 
 TSV=$OUT/compare.tsv
 printf 'rep\timplementation\ttokens_per_s\tseconds\tstatus\n' > "$TSV"
@@ -102,7 +100,7 @@ for rep in $(seq 1 "$REPS"); do
                 --device "$DEVICE" --threads "$THREADS" --log "$log.jsonl" > "$log.out" 2>&1
         fi
         rc=$?
-        rate=$([ $rc = 0 ] && run_rate "$log.jsonl")
+        rate=$([ $rc = 0 ] && log_rate "$log.jsonl")
         status=$([ $rc = 0 ] && [ -n "$rate" ] && echo ok || echo "failed (exit $rc, see runs/$impl-$rep.out)")
         printf '%s\t%s\t%s\t%s\t%s\n' "$rep" "$impl" "${rate:--}" $(($(date +%s) - t0)) "$status" >> "$TSV"
         echo "rep $rep $impl: ${rate:-failed} tokens/s"

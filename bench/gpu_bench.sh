@@ -60,8 +60,7 @@ SMI_ID=${SMI_ID%%,*}
 have_smi() { command -v nvidia-smi > /dev/null 2>&1; }
 mem_used_mib() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i "$SMI_ID" 2> /dev/null | head -1; }
 
-# The median of the numbers on stdin.
-median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) exit 1; print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+. bench/log_rate.sh
 
 PROFILE=()
 if "$TRAINER" --help 2> /dev/null | grep -q -- '--profile'; then PROFILE=(--profile $((STEPS - 2))); fi
@@ -134,7 +133,7 @@ for preset in ${PRESETS//,/ }; do
             failed=1
             break
         fi
-        tps=$(grep '"type":"step"' "$name.jsonl" | tail -n +3 | sed 's/.*"tokens_per_s":\([0-9.e+]*\).*/\1/' | median)
+        tps=$(log_rate "$name.jsonl")
         alloc=$(sed -n 's/^GPU memory: \([0-9.]*\) GiB [^,]*, \([0-9.]*\) GiB [^,]*, \([0-9.]*\) GiB.*/\1 \2 \3/p' \
                 "$name.out" | awk '{ printf "%.2f", $1 + $2 + $3 }')
         peak=-

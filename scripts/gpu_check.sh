@@ -27,8 +27,8 @@
 #   bench-large    60  240  bench/gpu_bench.sh: 1b and 3b
 #   peers-1b       90  240  bench/compare.sh at 1b
 # A stage is skipped, with the reason in the report, when it is not among
-# --stages, when what it needs is missing (compute-sanitizer, PyTorch), or
-# when less of the budget (default 540 s) is left than it needs. A running
+# --stages, when what it needs is missing (its build, compute-sanitizer,
+# PyTorch), or when less of the budget (default 540 s) is left than it needs. A running
 # stage is stopped at its limit or at the end of the budget, whichever comes
 # first (status "timeout"). The grouped-GEMM probe line of each build is
 # recorded with the versions. Exit status: 0 when no stage failed or timed
@@ -286,6 +286,15 @@ export -f fig test_figures sanitizer stage_versions stage_build stage_tests stag
 
 # Why a stage cannot run here, if it cannot (empty: it can).
 skip_reason() {
+    local p=""
+    case $1 in
+        fp32-*) p=FP32 ;;
+        bf16-*|memcheck|bench*|peers*) p=BF16 ;;
+    esac
+    if [ -n "$p" ] && ! { [ -x "$(trainer $p)" ] && [ -x "$(testbin $p test_gpu)" ]; }; then
+        echo "no $p build (see the build stage)"
+        return
+    fi
     case $1 in
         memcheck)
             if [ "$MODE" = emu ]; then
@@ -343,7 +352,7 @@ failure_lines() { # log
     local n
     n=$(grep -nE 'FAIL|[Ee]rror|ERROR|Abort|Segmentation|Killed|No such file|larger than the file' "$1" | head -1 | cut -d: -f1)
     { [ -n "$n" ] && sed -n "${n},$((n + 9))p" "$1"; echo "..."; tail -n 8 "$1"; } | cut -c1-300 |
-        iconv -f utf-8 -t utf-8 -c 2> /dev/null
+        if command -v iconv > /dev/null; then iconv -f utf-8 -t utf-8 -c 2> /dev/null; else cat; fi
 }
 
 stage_log() { printf 'logs/%02d-%s.log' $(($1 + 1)) "$2"; }
@@ -398,7 +407,8 @@ write_report() {
         for i in "${!STAGES[@]}"; do
             IFS='|' read -r name need limit desc <<< "${STAGES[$i]}"
             figs=""
-            if [ -f "$(stage_fig "$i" "$name")" ]; then
+            if [ "$name" = versions ]; then figs="the system table"
+            elif [ -f "$(stage_fig "$i" "$name")" ]; then
                 while IFS=$'\t' read -r k v; do figs+="${figs:+; }$k: $v"; done < "$(stage_fig "$i" "$name")"
             fi
             line=${S_NOTE[$i]:-}
