@@ -134,6 +134,11 @@ for preset in ${PRESETS//,/ }; do
             break
         fi
         tps=$(log_rate "$name.jsonl")
+        if [ -z "$tps" ]; then
+            row "$preset" "$B" $((B * T)) - - - - - "failed: no step records in runs/$preset-b$B.jsonl"
+            failed=1
+            break
+        fi
         alloc=$(sed -n 's/^GPU memory: \([0-9.]*\) GiB [^,]*, \([0-9.]*\) GiB [^,]*, \([0-9.]*\) GiB.*/\1 \2 \3/p' \
                 "$name.out" | awk '{ printf "%.2f", $1 + $2 + $3 }')
         peak=-

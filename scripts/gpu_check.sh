@@ -265,8 +265,9 @@ stage_bench-large() { stage_gpu_bench 1b,3b; }
 stage_compare() { # preset micro-batch steps reps outdir
     local rc
     if [ "$MODE" = emu ]; then
+        # One thread: on a shared CPU, OpenMP threads that wait on each other slow the peer tenfold.
         bash "$ROOT/bench/compare.sh" --trainer "$(trainer BF16)" --device cpu --python "$PY" --preset "$1" \
-            -b "$2" --steps "$3" --reps "$4" --modes eager --budget $((LIMIT - 5)) --out "$OUT/$5"
+            -b "$2" --steps "$3" --reps "$4" --modes eager --threads 1 --budget $((LIMIT - 5)) --out "$OUT/$5"
     else
         bash "$(workdir BF16)/bench/compare.sh" --trainer "$(trainer BF16)" --device cuda --python "$PY" \
             --preset "$1" -b "$2" --steps "$3" --reps "$4" --budget $((LIMIT - 20)) --out "$OUT/$5"
