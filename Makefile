@@ -44,7 +44,7 @@ TESTS = $(BUILD)/test_model $(BUILD)/test_gradcheck $(BUILD)/test_reference $(BU
         $(BUILD)/test_data $(BUILD)/test_train_infra $(BUILD)/test_balance $(BUILD)/test_tokenizer \
         $(BUILD)/test_launch $(BUILD)/test_safetensors
 
-.PHONY: all test test-build test-run bench run clean
+.PHONY: all test test-build test-run bench bench-compare bench-gpu gpu-check run clean
 all: train_moe moe_ckpt moe_tok moe_prepare $(if $(NVCC_FOUND),train_moecu)
 
 HEADERS = $(wildcard model/*.h data/*.h tokenizer/*.h train/*.h parallel/*.h)
@@ -126,13 +126,14 @@ JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 NO_INSTALL ?= 0
 # The Python environment with PyTorch and transformers (scripts/deps.sh venv).
 PY_VENV ?= build/venv
+# venv: tests/test_peers.sh and tests/test_gpu_check.sh run the PyTorch peer.
 TEST_DEPS = build test venv
 test:
 	DEPS_VENV=$(PY_VENV) bash scripts/deps.sh $(if $(filter 1,$(NO_INSTALL)),--no-install) $(TEST_DEPS)
 	$(MAKE) --no-print-directory -j$(JOBS) test-build
 	$(MAKE) --no-print-directory test-run
 
-test-build: train_moe moe_ckpt moe_tok moe_prepare $(BUILD)/gen_shards $(BUILD)/hf_logits $(TESTS) $(if $(NVCC_FOUND),gpu-build)
+test-build: train_moe moe_ckpt moe_tok moe_prepare $(BUILD)/gen_shards $(BUILD)/hf_logits $(BUILD)/gpu_peak $(TESTS) $(if $(NVCC_FOUND),gpu-build)
 
 test-run: test-build
 	$(BUILD)/test_model
@@ -152,12 +153,14 @@ test-run: test-build
 	bash tests/test_hf.sh $(PY_VENV)
 	./train_moe --config 1b --print-config | grep total
 	bash tests/test_deps.sh
+	bash tests/test_peers.sh $(PY_VENV)/bin/python
 	$(MAKE) --no-print-directory -j$(JOBS) emu-build
 	$(MAKE) --no-print-directory test-emu
 	bash tests/test_profile.sh $(BUILD)/emu/FP32/train_moecu
 	$(if $(NVCC_FOUND),bash tests/test_memplan.sh ./train_moecu,@echo "skip test_memplan.sh: no nvcc, no train_moecu")
 	$(MAKE) --no-print-directory -j$(JOBS) emu-race-build
 	$(MAKE) --no-print-directory test-emu-race
+	bash tests/test_gpu_check.sh $(PY_VENV)/bin/python
 
 # ---------------------------------------------------------------- benchmarks
 
@@ -167,6 +170,26 @@ $(BUILD)/bench_cpu: bench/bench_cpu.c $(CORE32)
 # CPU throughput of the small preset (forward + backward), see README "Performance".
 bench: $(BUILD)/bench_cpu
 	$(BUILD)/bench_cpu small 8 256 5
+
+# The dense bf16 peaks of known GPUs (bench/gpu_peaks.h), for MFU figures.
+$(BUILD)/gpu_peak: bench/gpu_peak.c bench/gpu_peaks.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $< -o $@
+
+# The project against its PyTorch peers on this machine's CPU, small preset
+# (bench/compare.sh; README "Performance").
+bench-compare: train_moe $(BUILD)/gen_shards
+	bash bench/compare.sh --python $(PY_VENV)/bin/python --out $(BUILD)/compare
+
+# On a machine with a GPU: throughput of small, 1b and 3b (bench/gpu_bench.sh),
+# and the whole GPU check (scripts/gpu_check.sh: builds, tests, benchmarks,
+# peers; docs/gpu.md "What a GPU session runs").
+bench-gpu: train_moecu $(BUILD)/gen_shards $(BUILD)/gpu_peak
+	bash bench/gpu_bench.sh --out $(BUILD)/gpu_bench
+GPU_CHECK_OUT ?= out/gpu_check_$(shell date +%Y%m%d_%H%M%S)
+GPU_CHECK_ARGS ?=
+gpu-check:
+	bash scripts/gpu_check.sh $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean: clean-gpu
 	rm -rf $(BUILD) train_moe moe_ckpt moe_tok moe_prepare

@@ -128,7 +128,14 @@ $(GPU_BUILD)/test_gpu_dist: tests/test_gpu_dist.cu $(GPU_BUILD)/train_moe_lib.o 
 	$(NVCC) $(NVCCFLAGS) tests/test_gpu_dist.cu $(GPU_BUILD)/train_moe_lib.o $(GPU_KOBJ) $(GPU_HOST_BASE) \
 	    $(GPU_COMM_HOST) -o $@ $(filter-out $(MPI_NVCC_LIBS),$(GPU_LDLIBS)) -lpthread
 
-gpu-build: train_moecu $(GPU_BUILD)/test_gpu $(GPU_BUILD)/test_gpu_dist
+gpu-build: train_moecu $(GPU_BUILD)/test_gpu $(GPU_BUILD)/test_gpu_dist $(GPU_BUILD)/gpu_versions
+
+# The CUDA driver, runtime, cuBLAS and NCCL versions this machine loads (scripts/gpu_check.sh).
+# Plain flags, not NVCCFLAGS: it must not depend on (or rebuild) the trainer's configuration.
+$(GPU_BUILD)/gpu_versions: bench/gpu_versions.cu kernels/common.cuh util/cuda_check.h util/util.h
+	@mkdir -p $(dir $@)
+	$(NVCC) -O2 -std=c++17 -I. $(if $(NCCL_HOME),-I$(NCCL_HOME)/include) $< -o $@ -lcublas -lnccl \
+	    $(if $(NCCL_HOME),-L$(NCCL_HOME)/lib)
 
 # The rendezvous of parallel/launch.c with several processes (fork); CPU only.
 $(BUILD)/test_launch: tests/test_launch.c $(BUILD)/f32/parallel/launch.o
@@ -137,34 +144,14 @@ $(BUILD)/test_launch: tests/test_launch.c $(BUILD)/f32/parallel/launch.o
 test-launch: $(BUILD)/test_launch
 	$(BUILD)/test_launch
 
-# Kernel unit tests, the fixtures, 10 training steps, bigger configs; then a
-# short run of the trainer itself that must learn the synthetic chain of
+# Kernel unit tests, the fixtures, 10 training steps, bigger configs; then
+# the trainer itself (tests/test_gpu_trainer.sh): the NCCL path bitwise equal
+# to the plain one, and a short run that must learn the synthetic chain of
 # tests/gen_shards.c as the CPU trainer's test does (val_loss < 2.5 after 80 steps).
 test-gpu: train_moecu $(GPU_BUILD)/test_gpu $(GPU_BUILD)/test_gpu_dist $(BUILD)/gen_shards moe_ckpt
 	$(GPU_BUILD)/test_gpu tests/fixtures
 	$(GPU_BUILD)/test_gpu_dist
-	@# The trainer through NCCL with one rank (MOE_NCCL=1) and the EP exchange
-	@# forced (MOE_EP_EXCHANGE=1) must write the same checkpoint, bit for bit.
-	@set -e; d=$$(mktemp -d); trap 'rm -rf "$$d"' EXIT; \
-	./$(BUILD)/gen_shards "$$d" 64 20000 4000 1; \
-	a="--config tiny -b 4 --steps 6 --warmup-steps 2 --print-every 3 --keep-last 0 --ckpt-every 6"; \
-	./train_moecu $$a --train-data "$$d/train_*.bin" --ckpt-dir "$$d/plain" > "$$d/plain.out"; \
-	MOE_NCCL=1 MOE_EP_EXCHANGE=1 ./train_moecu $$a --train-data "$$d/train_*.bin" --ckpt-dir "$$d/nccl" \
-	    > "$$d/nccl.out"; \
-	for r in plain nccl; do \
-	    ./moe_ckpt info "$$d/$$r/ckpt_00000006.bin" | awk '$$1 ~ /^(params|adam_m|adam_v|bias)$$/ { print $$1, $$NF }' \
-	        > "$$d/$$r.hash"; grep -o 'loss [0-9.]*' "$$d/$$r.out" >> "$$d/$$r.hash"; done; \
-	if [ "$$(wc -l < "$$d/plain.hash")" -ge 5 ] && cmp -s "$$d/plain.hash" "$$d/nccl.hash"; then \
-	    echo "ok   train_moecu through NCCL (1 rank, EP exchange forced): losses, parameters, AdamW state and biases bitwise equal to the plain run"; \
-	else echo "FAIL train_moecu through NCCL differs from the plain run:"; cat "$$d/plain.hash" "$$d/nccl.hash"; \
-	    ./moe_ckpt diff "$$d/plain/ckpt_00000006.bin" "$$d/nccl/ckpt_00000006.bin"; exit 1; fi
-	@set -e; d=$$(mktemp -d); trap 'rm -rf "$$d"' EXIT; \
-	./$(BUILD)/gen_shards "$$d" 64 200000 20000 1; \
-	./train_moecu --config tiny --train-data "$$d/train_*.bin" --val-data "$$d/val_*.bin" -b 8 --lr 1e-2 \
-	    --warmup-steps 5 --lr-min 1e-3 --steps 80 --eval-every 40 --print-every 20 | tee "$$d/out"; \
-	last=$$(grep '^eval step' "$$d/out" | tail -1 | sed 's/.*val_loss \([0-9.]*\).*/\1/'); \
-	awk -v v="$$last" 'BEGIN { if (v > 0 && v < 2.5) { print "ok   train_moecu learns: val_loss " v " < 2.5 after 80 steps"; exit 0 } \
-	    print "FAIL train_moecu: val_loss \"" v "\" after 80 steps (want < 2.5)"; exit 1 }'
+	BUILD=$(BUILD) bash tests/test_gpu_trainer.sh ./train_moecu
 
 # Out-of-bounds and misaligned accesses, on a tiny run through every backend
 # call (training, evaluation, checkpoint, sampling) and on the kernel tests.
