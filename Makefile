@@ -42,7 +42,7 @@ COMM_OBJ = $(BUILD)/parallel/comm_mpi$(USE_MPI).o
 
 TESTS = $(BUILD)/test_model $(BUILD)/test_gradcheck $(BUILD)/test_reference $(BUILD)/test_reference64 \
         $(BUILD)/test_data $(BUILD)/test_train_infra $(BUILD)/test_balance $(BUILD)/test_tokenizer \
-        $(BUILD)/test_launch $(BUILD)/test_dual $(BUILD)/test_trace
+        $(BUILD)/test_launch $(BUILD)/test_dual $(BUILD)/test_trace $(BUILD)/test_replay
 
 .PHONY: all test test-build test-run bench run clean
 all: train_moe moe_ckpt moe_tok moe_prepare moe_replay $(if $(NVCC_FOUND),train_moecu)
@@ -119,6 +119,9 @@ $(BUILD)/test_dual: tests/test_dual.c $(call f32,$(LAB_SRC))
 $(BUILD)/test_trace: tests/test_trace.c $(call f32,$(LAB_SRC))
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
+$(BUILD)/test_replay: tests/test_replay.c $(call f32,$(LAB_SRC))
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
 # Everything that runs on a CPU: the CPU trainer's tests, and the GPU
 # trainer's CUDA code on the CPU emulator (tests/emu, test-emu); where nvcc
 # exists also compiling the GPU trainer and its tests for a GPU (running them
@@ -147,6 +150,7 @@ test-run: test-build
 	$(BUILD)/test_balance
 	$(BUILD)/test_dual
 	$(BUILD)/test_trace
+	$(BUILD)/test_replay
 	bash tests/test_replay.sh
 	$(BUILD)/test_tokenizer
 	$(BUILD)/test_launch

@@ -300,6 +300,13 @@ int main(int argc, char **argv) {
         fprintf(stderr, "error: --save-trace needs exactly one source (got %d)\n", n_traces + n_streams);
         return 2;
     }
+    // Refused again, atomically, when written; this spares the work before.
+    FILE *exists = save_trace ? fopen(save_trace, "rb") : NULL;
+    if (exists) {
+        fclose(exists);
+        fprintf(stderr, "error: --save-trace %s: the file exists (remove it or choose another name)\n", save_trace);
+        return 2;
+    }
 
     ReplayReport rep;
     if (replay_report_open(&rep, out_dir, err, sizeof(err)) != 0) {
