@@ -40,34 +40,36 @@ static inline void topk_insert(double *val, int *idx, int *n, int K1, double v, 
 }
 
 // The K1 largest of v = s + b over e, decreasing, ties to the lower index. The
-// hot loop of every pass. Shortcut for E <= 64: split the experts into K1 + 1
-// groups; the second smallest group maximum is a lower bound L of the K1-th
-// largest (K1 groups have their maximum at or above it), so only the experts
-// with v >= L (about a fifth, found with a bit mask and no branch per expert)
-// go through the insertion. Same result as inserting every expert.
+// hot loop of every pass. Shortcut for E <= 64 and K1 <= 8: the scores, padded
+// to 64, are cut into 8 strided groups (lane j holds experts j, j + 8, ...); the
+// K1-th largest group maximum bounds the K1-th largest score from below (K1
+// groups reach it), so only the experts at or above it (a few more than K1,
+// found with a bit mask and no branch per expert) go through the insertion, in
+// index order. Same result as inserting every expert.
 static void top_k1(const float *s, const double *b, int E, int K1, double *val, int *idx) {
     int n = 0;
-    if (E > 64 || E < 2 * (K1 + 1)) {
+    if (E > 64 || K1 > 8) {
         for (int e = 0; e < E; e++) topk_insert(val, idx, &n, K1, (double)s[e] + b[e], e);
         return;
     }
-    double v[64]; // (E) the biased scores
-    for (int e = 0; e < E; e++) v[e] = (double)s[e] + b[e];
-    int G = K1 + 1, gs = (E + G - 1) / G;
-    double lo1 = HUGE_VAL, lo2 = HUGE_VAL; // the two smallest group maxima
-    for (int g = 0; g < G; g++) {
-        int end = (g + 1) * gs < E ? (g + 1) * gs : E;
-        double m = -HUGE_VAL;
-        for (int e = g * gs; e < end; e++) m = v[e] > m ? v[e] : m;
-        if (m < lo1) {
-            lo2 = lo1;
-            lo1 = m;
-        } else if (m < lo2) {
-            lo2 = m;
-        }
+    double v[64], gm[8]; // the biased scores, padded; the group maxima
+    for (int e = 0; e < 64; e++) v[e] = e < E ? (double)s[e] + b[e] : -HUGE_VAL;
+    for (int j = 0; j < 8; j++) gm[j] = v[j];
+    for (int i = 1; i < 8; i++)
+        for (int j = 0; j < 8; j++) gm[j] = v[8 * i + j] > gm[j] ? v[8 * i + j] : gm[j];
+    for (int a = 1; a < 8; a++) { // the group maxima, decreasing
+        double x = gm[a];
+        int k = a;
+        for (; k > 0 && gm[k - 1] < x; k--) gm[k] = gm[k - 1];
+        gm[k] = x;
     }
-    uint64_t mask = 0; // experts with v >= L, in index order
-    for (int e = 0; e < E; e++) mask |= (uint64_t)(v[e] >= lo2) << e;
+    double bound = gm[K1 - 1];
+    uint64_t mask = 0; // the experts at or above the bound
+    for (int i = 0; i < 8; i++) {
+        unsigned m8 = 0;
+        for (int j = 0; j < 8; j++) m8 |= (unsigned)(v[8 * i + j] >= bound) << j;
+        mask |= (uint64_t)m8 << (8 * i);
+    }
     while (mask) {
         int e = __builtin_ctzll(mask);
         mask &= mask - 1;
@@ -195,7 +197,8 @@ static int newton(const float *s, int64_t n, int E, int K, double *b, double *Fb
         if (s[i] > hi) hi = s[i];
     }
     double spread = (double)hi - (double)lo + 1e-12;
-    double F = pass(s, n, E, K, b, counts, margin, pair), F_prev = HUGE_VAL;
+    double F = pass(s, n, E, K, b, counts, margin, pair), F_prev = HUGE_VAL, g1_prev = HUGE_VAL;
+    int slow = 0; // iterations in a row that took less than a tenth off |c - C|_1
     int it = 0;
     for (; it < max_iter; it++) {
         double g1 = 0.0;
@@ -203,6 +206,11 @@ static int newton(const float *s, int64_t n, int E, int K, double *b, double *Fb
         // Near balance the shortest-path phase finishes the job exactly, at a
         // cost per unit of imbalance far below a pass over all tokens.
         if (g1 <= (double)n / 4096.0) break;
+        // So does it when Newton stops making headway (the Hessian estimate of
+        // a few tokens is poor): two iterations without a tenth off |c - C|_1.
+        slow = g1 > 0.9 * g1_prev ? slow + 1 : 0;
+        if (slow >= 2) break;
+        g1_prev = g1;
         // The window: small enough to be local (a few percent of the tokens,
         // where the density of the margins is still close to its value at 0).
         int64_t want = n / 32;
@@ -239,7 +247,9 @@ static int newton(const float *s, int64_t n, int E, int K, double *b, double *Fb
         // Backtracking on F itself; a rejected trial leaves b, F and counts as they were.
         int accepted = 0;
         int64_t *saved = trial_counts;
-        for (int ls = 0; ls < 30 && !accepted; ls++, scale *= 0.5) {
+        // A step that fails even at 1/64 of its length is stuck on the
+        // discreteness of F: the shortest-path phase takes over.
+        for (int ls = 0; ls < 7 && !accepted; ls++, scale *= 0.5) {
             for (int e = 0; e < E; e++) trial[e] = b[e] + scale * d[e];
             memcpy(saved, counts, sizeof(int64_t) * (size_t)E);
             double Ft = pass(s, n, E, K, trial, counts, margin, pair);
@@ -534,46 +544,97 @@ static void scan_moves(const Assign *a, const float *s, const unsigned char *use
 // flow). Invariant: every move costs r >= 0 at the reference bias b, so x is
 // optimal for its own loads, as the TopK at b0 is. While an expert holds more
 // than C: Dijkstra from every overloaded expert over the arcs e -> f (cost: the
-// cheapest move of a slot from e to f), to the nearest underloaded expert t;
-// shift the weight along that path (the amount the path's rows, the excess and
-// the deficit allow); move b to b + min(d, d_t), d the distances, which keeps
-// every r >= 0 and makes the path's moves cost 0. The scan reads only the moves
-// below a window delta besides the changed rows'; a path with d_t <= delta is
-// shortest all the same (every unread move costs delta or more), else the
-// window widens. When no excess is left x is feasible and optimal, and b
-// certifies it: x is a TopK of s + b, so F(b) equals its value.
+// cheapest move of a slot from e to f) to the nearest underloaded expert t;
+// shift the weight along that path (the amount its rows, the excess and the
+// deficit allow); move b to b + min(d, d_t), d the distances, which keeps every
+// r >= 0 and makes the path's moves cost 0. When no excess is left x is
+// feasible and optimal, and b certifies it: x is a TopK of s + b, so F(b) equals
+// its value.
+//
+// The arcs come from a table of the Q cheapest moves per expert pair, read by a
+// scan of the changed rows and of the moves below a window delta, and kept over
+// many paths: a stored move's cost only shifts with b (by the change of b_e -
+// b_f), a move no longer possible is skipped, the rows changed since the scan
+// are read again for every path, and an arc with no stored move gets the least
+// cost its unread moves can have. Dijkstra with such lower bounds still gives
+// distances that keep every r >= 0; only a path through a bound has no move to
+// shift, and then the window widens and the table is read afresh.
 // Returns 0, or -1 when stuck (not expected).
 static int ssp(Assign *a, const float *s, int64_t *augments, int *scans) {
-    int E = a->E;
+    int E = a->E, K = a->K;
     double cap = (double)a->K * (double)a->n / E;
     double *ex = xcalloc((size_t)E, sizeof(double)); // (E) load - C
     for (int64_t i = 0; i < a->n * a->K; i++) ex[a->sel[i]] += 1.0;
     for (int e = 0; e < E; e++) ex[e] -= cap;
     unsigned char *all = xmalloc((size_t)E);
     memset(all, 1, (size_t)E);
-    Cand *best = xmalloc(sizeof(Cand) * (size_t)(E * E * Q)); // (E, E, Q)
+    Cand *best = xmalloc(sizeof(Cand) * (size_t)(E * E * Q)); // (E, E, Q) the table, costs at b_tab
+    double *b_tab = xmalloc(sizeof(double) * (size_t)E);      // (E) the bias of the table's costs
+    double *len = xmalloc(sizeof(double) * (size_t)(E * E));  // (E, E) arc lengths at b
+    int64_t *arow = xmalloc(sizeof(int64_t) * (size_t)(E * E)); // (E, E) the arc's row, -1: a bound
     double *d = xmalloc(sizeof(double) * (size_t)E);          // (E) distances
     int *pred = xmalloc(sizeof(int) * (size_t)E);
     unsigned char *done = xmalloc((size_t)E);
+    double *v = xmalloc(sizeof(double) * (size_t)E);          // (E) one row's biased scores
     int64_t *rows = NULL, cap_rows = 0;
+    int64_t *since = NULL, n_since = 0, cap_since = 0;        // rows changed since the scan
     const double tol = 1e-9; // loads are exact to far better than this
     double delta = a->n > 64 ? kth_smallest(a->margin0, a->n, a->n / 256) : HUGE_VAL;
     if (!(delta > 0.0)) delta = 1e-12;
-    int rc = 0;
+    int rc = 0, fresh = 0; // fresh: the table is up to date
     *augments = 0;
-    for (*scans = 0;; (*scans)++) {
+    *scans = 0;
+    for (;;) {
         int any = 0;
         for (int e = 0; e < E; e++) any |= ex[e] > tol;
         if (!any) break;
-        if (*scans > 10000000) {
+        if (*scans > 1000000) {
             rc = -1;
             break;
         }
-        // The rows to read grow with the drift of b: start afresh when it is
-        // a large part of the sorted prefix.
-        if (a->drift > 0.5 * a->theta) assign_reanchor(a, s);
-        int64_t m = rows_to_scan(a, delta, &rows, &cap_rows);
-        scan_moves(a, s, all, all, delta, rows, m, best);
+        if (!fresh) {
+            // The rows to read grow with the drift of b: start afresh when it
+            // is a large part of the sorted prefix.
+            if (a->drift > 0.5 * a->theta) assign_reanchor(a, s);
+            int64_t m = rows_to_scan(a, delta, &rows, &cap_rows);
+            scan_moves(a, s, all, all, delta, rows, m, best);
+            memcpy(b_tab, a->b, sizeof(double) * (size_t)E);
+            n_since = 0;
+            fresh = 1;
+            (*scans)++;
+        }
+        // The arcs at the current b: the first stored move still possible, else
+        // the bound of the unseen ones (unread: >= delta; read but not stored:
+        // >= the Q-th stored); then the moves of the rows changed since.
+        for (int e = 0; e < E; e++)
+            for (int f = 0; f < E; f++) {
+                int64_t k = (int64_t)e * E + f;
+                double shift = (a->b[e] - b_tab[e]) - (a->b[f] - b_tab[f]);
+                const Cand *c = best + k * Q;
+                double bound = c[Q - 1].row >= 0 ? fmin(delta, c[Q - 1].cost) : delta;
+                len[k] = bound + shift;
+                arow[k] = -1;
+                for (int q = 0; q < Q && c[q].row >= 0; q++)
+                    if (x_get(a, c[q].row, e) > 1e-12 && x_get(a, c[q].row, f) < 1.0 - 1e-12) {
+                        if (c[q].cost + shift <= len[k]) {
+                            len[k] = c[q].cost + shift;
+                            arow[k] = c[q].row;
+                        }
+                        break;
+                    }
+            }
+        for (int64_t k = 0; k < n_since; k++) {
+            int64_t i = since[k];
+            for (int e = 0; e < E; e++) v[e] = (double)s[i * E + e] + a->b[e];
+            for (int e = 0; e < E; e++) {
+                if (!(x_get(a, i, e) > 1e-12)) continue;
+                for (int f = 0; f < E; f++)
+                    if (f != e && x_get(a, i, f) < 1.0 - 1e-12 && v[e] - v[f] < len[e * E + f]) {
+                        len[e * E + f] = v[e] - v[f];
+                        arow[e * E + f] = i;
+                    }
+            }
+        }
         // Dijkstra on E nodes from every overloaded expert.
         for (int e = 0; e < E; e++) {
             d[e] = ex[e] > tol ? 0.0 : HUGE_VAL;
@@ -592,20 +653,22 @@ static int ssp(Assign *a, const float *s, int64_t *augments, int *scans) {
                 break;
             }
             for (int f = 0; f < E; f++) {
-                double c = best[((int64_t)u * E + f) * Q].cost;
-                if (c < HUGE_VAL && d[u] + fmax(c, 0.0) < d[f]) { // fmax: rounding of a 0
-                    d[f] = d[u] + fmax(c, 0.0);
+                double c = fmax(len[u * E + f], 0.0); // fmax: the rounding of a 0
+                if (c < HUGE_VAL && d[u] + c < d[f]) {
+                    d[f] = d[u] + c;
                     pred[f] = u;
                 }
             }
         }
-        if (t < 0 || d[t] > delta) { // unread moves might give a shorter path
-            if (isinf(delta)) {
+        int through_bound = t < 0;
+        for (int f = t; f >= 0 && pred[f] >= 0; f = pred[f]) through_bound |= arow[pred[f] * E + f] < 0;
+        if (through_bound) { // no move behind some arc of the path: read more
+            if (isinf(delta) && n_since == 0) {
                 rc = -1; // every move was read and no path exists: cannot happen
                 break;
             }
-            delta = t >= 0 && d[t] > 2.0 * delta ? 2.0 * d[t] : 4.0 * delta;
-            if (delta > 1e300) delta = HUGE_VAL;
+            delta = delta < 1e300 ? 4.0 * delta : HUGE_VAL;
+            fresh = 0;
             continue;
         }
         // The amount: the source's excess, the target's deficit, every row's room.
@@ -614,12 +677,18 @@ static int ssp(Assign *a, const float *s, int64_t *augments, int *scans) {
         double amt = fmin(ex[src], -ex[t]);
         for (int f = t; pred[f] >= 0; f = pred[f]) {
             int e = pred[f];
-            int64_t i = best[((int64_t)e * E + f) * Q].row;
+            int64_t i = arow[e * E + f];
             amt = fmin(amt, fmin(x_get(a, i, e), 1.0 - x_get(a, i, f)));
         }
         for (int f = t; pred[f] >= 0; f = pred[f]) {
             int e = pred[f];
-            x_move(a, best[((int64_t)e * E + f) * Q].row, e, f, amt);
+            int64_t i = arow[e * E + f];
+            x_move(a, i, e, f, amt);
+            if (n_since == cap_since) {
+                cap_since = cap_since ? 2 * cap_since : 256;
+                since = xrealloc(since, sizeof(int64_t) * (size_t)cap_since);
+            }
+            since[n_since++] = i;
         }
         ex[src] -= amt;
         ex[t] += amt;
@@ -627,8 +696,12 @@ static int ssp(Assign *a, const float *s, int64_t *augments, int *scans) {
         // b += min(d, d_t): moves stay >= 0, the path's moves cost 0.
         for (int e = 0; e < E; e++) d[e] = fmin(d[e], d[t]);
         assign_rebase(a, d);
+        // Many changed rows make every path slow to price: read afresh.
+        if (n_since > 64 * (int64_t)E) fresh = 0;
     }
-    free(ex), free(all), free(best), free(d), free(pred), free(done), free(rows);
+    (void)K;
+    free(ex), free(all), free(best), free(b_tab), free(len), free(arow), free(d), free(pred), free(done), free(v),
+        free(rows), free(since);
     return rc;
 }
 
