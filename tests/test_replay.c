@@ -237,6 +237,30 @@ static void test_trajectory(void) {
     free(s);
 }
 
+// A repeated batch: the hindsight's shortcut (one solve, times T) against a
+// plain solve over every repeated step.
+static void test_repeated(void) {
+    StreamConfig c = small_stream(STREAM_ZIPF);
+    c.repeat = 1;
+    c.steps = 12;
+    ReplaySource src;
+    replay_source_stream(&src, &c);
+    ReplayHindsight fast, slow;
+    replay_hindsight(&src, 0, 4, &fast);
+    src.repeated = 0;
+    replay_hindsight(&src, 0, 4, &slow);
+    double worst = 0;
+    for (int j = 0; j < fast.n_h; j++)
+        worst = fmax(worst, fmax(fabs(fast.upper[j] - slow.upper[j]), fabs(fast.lower[j] - slow.lower[j])) /
+                                fabs(slow.upper[j]));
+    check(fast.n_h == slow.n_h && worst < 1e-12 && memcmp(src.scores, src.scores + c.tokens * c.E,
+                                                            sizeof(float) * c.tokens * c.E) == 0,
+          "one batch repeated: the hindsight shortcut (T x one solve) equals solving all T copies (rel. diff %.1e)",
+          worst);
+    replay_hindsight_free(&fast), replay_hindsight_free(&slow);
+    replay_source_free(&src);
+}
+
 static void test_fit(void) {
     int64_t T[12];
     double R[3][12];
@@ -257,6 +281,7 @@ static void test_fit(void) {
 int main(void) {
     test_streams();
     test_trajectory();
+    test_repeated();
     test_fit();
     return check_summary("test_replay");
 }

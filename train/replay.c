@@ -82,6 +82,7 @@ void replay_source_stream(ReplaySource *src, const StreamConfig *c) {
     src->K = c->K;
     src->steps = c->steps;
     src->tokens = c->tokens;
+    src->repeated = c->repeat;
     int64_t L = c->n_layers, T = c->steps, N = c->tokens, E = c->E;
     src->scores = xmalloc(sizeof(float) * (size_t)(L * T * N * E));
     src->step_ids = xmalloc(sizeof(int64_t) * (size_t)T);
@@ -128,7 +129,17 @@ int replay_hindsight(const ReplaySource *src, int log_space, int n_h, ReplayHind
             s = logs;
         }
         double *b = h->b_star + (int64_t)l * E; // warm start: each horizon from the previous
-        for (int j = 0; j < h->n_h; j++) {
+        if (src->repeated) {
+            // The same batch every step: sum_{t < T} D_t = T D_0, minimised by
+            // D_0's own minimiser; one solve gives every horizon exactly.
+            HindsightResult r;
+            if (hindsight_solve(s, N, E, K, b, NULL, &r) != 0) rc = -1;
+            for (int j = 0; j < h->n_h; j++) {
+                h->upper[j] += (double)h->T[j] * r.upper;
+                h->lower[j] += (double)h->T[j] * r.lower;
+            }
+        }
+        for (int j = 0; j < h->n_h && !src->repeated; j++) {
             HindsightResult r;
             if (hindsight_solve(s, h->T[j] * N, E, K, b, NULL, &r) != 0) {
                 rc = -1;

@@ -26,6 +26,7 @@ typedef struct {
     int64_t *step_ids;  // (steps) the recorded steps (0..steps-1 for a stream)
     float *bias;        // (steps, n_layers, E) the bias that routed each step; NULL for a stream
     int64_t run_steps;  // the traced run's total steps (0 unknown)
+    int repeated;       // every step is the same batch (a --repeat stream)
 } ReplaySource;
 
 // Reads a whole trace (at most max_steps steps when > 0). Returns 0, or -1 with

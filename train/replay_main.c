@@ -45,6 +45,7 @@ static void usage(FILE *f) {
             "  --zipf-a A[,A...]       zipf exponent(s); each gives its own zipf stream (1)\n"
             "  --drift-period P        drift: steps per cycle (200)\n"
             "  --alt-period P          adversarial: steps between flips (1)\n"
+            "  --repeat 0|1            1: every step is step 0's batch (the deterministic setting)\n"
             "\n"
             "Settings (each option a comma-separated list; the grid is their product):\n"
             "  --balance none|alf|alf+seqaux   (alf+seqaux replays its bias; aux and seqaux act\n"
@@ -196,6 +197,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(key, "--pref")) bad = parse_real(key, val, 0.0, 0, &sc.pref);
         else if (!strcmp(key, "--drift-period")) bad = parse_real(key, val, 0.0, 1, &sc.period);
         else if (!strcmp(key, "--alt-period")) bad = parse_i64(key, val, 1, &sc.alt_period);
+        else if (!strcmp(key, "--repeat")) bad = parse_int(key, val, 0, 1, &sc.repeat);
         else if (!strcmp(key, "--first-step")) bad = parse_i64(key, val, 0, &first_step);
         else if (!strcmp(key, "--total-steps")) bad = parse_i64(key, val, 1, &total_steps);
         else if (!strcmp(key, "--horizons")) bad = parse_i64(key, val, 0, &horizons);

@@ -24,6 +24,7 @@ void stream_config_default(StreamConfig *c) {
     c->zipf_a = 1.0;
     c->period = 200.0;
     c->alt_period = 1;
+    c->repeat = 0;
 }
 
 int stream_kind_from_name(const char *name) {
@@ -35,6 +36,14 @@ int stream_kind_from_name(const char *name) {
 const char *stream_kind_name(StreamKind k) { return k >= 0 && k < STREAM_NKINDS ? stream_names[k] : "?"; }
 
 void stream_describe(const StreamConfig *c, char *buf, int len) {
+    if (c->repeat) { // one batch, again and again
+        char inner[200];
+        StreamConfig once = *c;
+        once.repeat = 0;
+        stream_describe(&once, inner, (int)sizeof(inner));
+        snprintf(buf, (size_t)len, "%s, one batch repeated", inner);
+        return;
+    }
     switch (c->kind) {
     case STREAM_STATIONARY: snprintf(buf, (size_t)len, "stationary(pref=%g)", c->pref); break;
     case STREAM_DRIFT: snprintf(buf, (size_t)len, "drift(pref=%g,period=%g)", c->pref, c->period); break;
@@ -116,6 +125,7 @@ static void stream_mu(const StreamConfig *c, int64_t step, int layer, double *mu
 
 void stream_generate(const StreamConfig *c, int64_t step, int layer, float *scores) {
     int E = c->E;
+    if (c->repeat) step = 0;
     double *mu = xmalloc(sizeof(double) * (size_t)E); // (E)
     stream_mu(c, step, layer, mu);
     for (int64_t t = 0; t < c->tokens; t++) {

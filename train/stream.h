@@ -14,6 +14,9 @@
 //   adversarial  the stationary mu with its sign flipped every alt_period steps:
 //                what a lagging bias learned is wrong after every flip
 //
+// With repeat set, every step replays step 0's batch: the deterministic setting
+// of the primal-dual analysis (one assignment problem, solved again and again).
+//
 // Everything is drawn from counter-based generators keyed by (seed, layer) for
 // mu and (seed, step, layer, token) for the noise, so any step can be produced
 // alone, by any thread, with the same result.
@@ -36,6 +39,7 @@ typedef struct {
     double zipf_a;       // zipf exponent (default 1)
     double period;       // drift: steps per cycle (default 200)
     int64_t alt_period;  // adversarial: steps between flips (default 1)
+    int repeat;          // 1: every step is step 0's batch (the deterministic setting)
 } StreamConfig;
 
 // The defaults above, with E 64, K 6, 1 layer, 2048 tokens, 400 steps, seed 1.
