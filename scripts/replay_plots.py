@@ -100,7 +100,7 @@ def main():
         return fig, [ax[0] for ax in axes]
 
     def save(fig, name):
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 0.98) if args.title else None)
         fig.savefig(os.path.join(args.dir, name), dpi=110)
         plt.close(fig)
         print(f"wrote {os.path.join(args.dir, name)}")
@@ -115,7 +115,7 @@ def main():
             for i, ((setting,), rs) in enumerate(group(rows, "setting").items()):
                 T = np.array([float(r["T"]) for r in rs])
                 R = np.array([float(r["regret"]) for r in rs])
-                color = f"C{i % 10}"
+                color = plt.cm.tab20(i % 20)
                 f = fit(T, R)
                 label = setting + (f" ~ {f[0]} (R^2 {f[3]:.2f})" if f else "")
                 ax.plot(T, R, "o-", ms=3, color=color, label=label)
@@ -152,7 +152,7 @@ def main():
             for i, ((setting,), rs) in enumerate(group(by_source[(src,)], "setting").items()):
                 x = np.arange(1, len(rs) + 1)
                 y = np.array([float(r[column]) if r[column] not in ("", "nan") else math.nan for r in rs])
-                ax.plot(x, y, lw=0.9, color=f"C{i % 10}", label=setting)
+                ax.plot(x, y, lw=0.9, color=plt.cm.tab20(i % 20), label=setting)
             if column == "maxvio":
                 ax.set_yscale("log")
             else:
