@@ -561,7 +561,7 @@ static void scan_moves(const Assign *a, const float *s, const unsigned char *use
 // shift, and then the window widens and the table is read afresh.
 // Returns 0, or -1 when stuck (not expected).
 static int ssp(Assign *a, const float *s, int64_t *augments, int *scans) {
-    int E = a->E, K = a->K;
+    int E = a->E;
     double cap = (double)a->K * (double)a->n / E;
     double *ex = xcalloc((size_t)E, sizeof(double)); // (E) load - C
     for (int64_t i = 0; i < a->n * a->K; i++) ex[a->sel[i]] += 1.0;
@@ -699,7 +699,6 @@ static int ssp(Assign *a, const float *s, int64_t *augments, int *scans) {
         // Many changed rows make every path slow to price: read afresh.
         if (n_since > 64 * (int64_t)E) fresh = 0;
     }
-    (void)K;
     free(ex), free(all), free(best), free(b_tab), free(len), free(arow), free(d), free(pred), free(done), free(v),
         free(rows), free(since);
     return rc;
