@@ -266,7 +266,7 @@ int main(int argc, char **argv) {
         balance_config_default(&set[s].cfg);
         for (int k = 0, rest = s; k < n_bal; rest /= bal_n[k], k++)
             balance_set_option(&set[s].cfg, bal_key[k], bal_val[k][rest % bal_n[k]], err, sizeof(err));
-        int aux = balance_aux_kind(&set[s].cfg) != BALANCE_AUX_NONE;
+        int aux = balance_aux_kind(&set[s].cfg) != 0; // 0: no auxiliary loss
         if (aux && !balance_uses_bias(&set[s].cfg)) {
             fprintf(stderr, "error: --balance %s acts through gradients and cannot be replayed offline\n",
                     balance_method_name(&set[s].cfg));
