@@ -42,10 +42,10 @@ COMM_OBJ = $(BUILD)/parallel/comm_mpi$(USE_MPI).o
 
 TESTS = $(BUILD)/test_model $(BUILD)/test_gradcheck $(BUILD)/test_reference $(BUILD)/test_reference64 \
         $(BUILD)/test_data $(BUILD)/test_train_infra $(BUILD)/test_balance $(BUILD)/test_tokenizer \
-        $(BUILD)/test_launch $(BUILD)/test_safetensors
+        $(BUILD)/test_launch $(BUILD)/test_safetensors $(BUILD)/test_dual $(BUILD)/test_trace $(BUILD)/test_replay
 
 .PHONY: all test test-build test-run bench bench-compare bench-gpu gpu-check run clean
-all: train_moe moe_ckpt moe_tok moe_prepare $(if $(NVCC_FOUND),train_moecu)
+all: train_moe moe_ckpt moe_tok moe_prepare moe_replay $(if $(NVCC_FOUND),train_moecu)
 
 HEADERS = $(wildcard model/*.h data/*.h tokenizer/*.h train/*.h parallel/*.h)
 $(BUILD)/f32/%.o: %.c $(HEADERS)
@@ -78,6 +78,12 @@ run:
 # Checkpoint inspection and the Hugging Face export/import (docs/hf.md).
 HF_SRC = train/hf_map.c train/hf_export.c train/hf_import.c train/safetensors.c train/ckpt_model.c train/ckpt.c
 moe_ckpt: train/ckpt_main.c $(call f32,$(HF_SRC) $(MODEL_SRC) $(TOK_SRC))
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
+# The balancing lab: offline replay of the policy over traces and synthetic streams.
+LAB_SRC = model/dual.c train/trace.c train/stream.c train/hindsight.c train/replay.c train/replay_report.c \
+          model/balance.c train/ckpt.c
+moe_replay: train/replay_main.c $(call f32,$(LAB_SRC))
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
 # ---------------------------------------------------------------- tests
@@ -116,6 +122,15 @@ $(BUILD)/test_safetensors: tests/test_safetensors.c $(call f32,train/safetensors
 $(BUILD)/test_balance: tests/test_balance.c $(call f32,model/balance.c)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
+$(BUILD)/test_dual: tests/test_dual.c $(call f32,$(LAB_SRC))
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
+$(BUILD)/test_trace: tests/test_trace.c $(call f32,$(LAB_SRC))
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
+$(BUILD)/test_replay: tests/test_replay.c $(call f32,$(LAB_SRC))
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
 # Everything that runs on a CPU: the CPU trainer's tests, and the GPU
 # trainer's CUDA code on the CPU emulator (tests/emu, test-emu); where nvcc
 # exists also compiling the GPU trainer and its tests for a GPU (running them
@@ -133,7 +148,7 @@ test:
 	$(MAKE) --no-print-directory -j$(JOBS) test-build
 	$(MAKE) --no-print-directory test-run
 
-test-build: train_moe moe_ckpt moe_tok moe_prepare $(BUILD)/gen_shards $(BUILD)/hf_logits $(BUILD)/gpu_peak $(TESTS) $(if $(NVCC_FOUND),gpu-build)
+test-build: train_moe moe_ckpt moe_tok moe_prepare moe_replay $(BUILD)/gen_shards $(BUILD)/hf_logits $(BUILD)/gpu_peak $(TESTS) $(if $(NVCC_FOUND),gpu-build)
 
 test-run: test-build
 	$(BUILD)/test_model
@@ -143,6 +158,10 @@ test-run: test-build
 	$(BUILD)/test_data
 	$(BUILD)/test_train_infra
 	$(BUILD)/test_balance
+	$(BUILD)/test_dual
+	$(BUILD)/test_trace
+	$(BUILD)/test_replay
+	bash tests/test_replay.sh
 	$(BUILD)/test_tokenizer
 	$(BUILD)/test_launch
 	$(BUILD)/test_safetensors
@@ -192,7 +211,7 @@ gpu-check:
 	bash scripts/gpu_check.sh $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean: clean-gpu
-	rm -rf $(BUILD) train_moe moe_ckpt moe_tok moe_prepare
+	rm -rf $(BUILD) train_moe moe_ckpt moe_tok moe_prepare moe_replay
 
 include gpu.mk
 include tests/emu/emu.mk

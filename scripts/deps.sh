@@ -9,7 +9,8 @@
 #   build       gcc, make (build-essential)       (the CPU programs)
 #   test        g++ (the CUDA emulator, tests/emu), Open MPI (mpicc, mpirun:
 #               the multi-process tests), Debian's python3 with numpy and
-#               matplotlib (scripts/report.py and its test)
+#               matplotlib (scripts/report.py, scripts/replay_plots.py and
+#               their tests)
 #   venv        build/venv: a Python virtual environment with PyTorch,
 #               transformers and safetensors from PyPI (the tests that compare
 #               with PyTorch or transformers); reused when it works

@@ -724,8 +724,13 @@ static int trainer_profile(Run *r) {
     const TrainOptions *o = r->o;
     Backend *be = r->be;
     StepResult res;
-    for (int i = 0; i < TRAINER_PROFILE_WARMUP; i++)
+    double t_start = now_seconds();
+    // Every step is logged as usual (the step records carry tokens_per_s).
+    for (int i = 0; i < TRAINER_PROFILE_WARMUP; i++) {
+        double ts = now_seconds();
         if (trainer_step(r, &res) != 0) return 1;
+        trainer_log_step(r, &res, now_seconds() - ts, now_seconds() - t_start, i + 1);
+    }
     ProfileReport rep = { 0 };
     char device[256] = "";
     rep.backend = be->name;
@@ -734,10 +739,15 @@ static int trainer_profile(Run *r) {
     rep.warmup = TRAINER_PROFILE_WARMUP;
     rep.tokens_per_step = (double)r->accum * o->micro_batch * r->cfg.seq_len * r->comm->world;
     if (be->profile_start) be->profile_start(be);
-    double t0 = now_seconds();
-    for (int i = 0; i < o->profile; i++)
+    double t0 = now_seconds(), spent = 0;
+    for (int i = 0; i < o->profile; i++) {
+        double ts = now_seconds();
         if (trainer_step(r, &res) != 0) return 1;
-    double t1 = now_seconds();
+        spent += now_seconds() - ts;
+        // Logging between the steps is host work the profile leaves out of the step time.
+        trainer_log_step(r, &res, now_seconds() - ts, now_seconds() - t_start, TRAINER_PROFILE_WARMUP + i + 1);
+    }
+    double t1 = t0 + spent;
     if (be->profile_stop) be->profile_stop(be, rep.ms, device, sizeof device);
     rep.step_ms = (t1 - t0) * 1e3 / o->profile;
     profile_phase_flops(&r->cfg, r->cfg.seq_len, rep.flops);
