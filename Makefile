@@ -44,7 +44,7 @@ TESTS = $(BUILD)/test_model $(BUILD)/test_gradcheck $(BUILD)/test_reference $(BU
         $(BUILD)/test_data $(BUILD)/test_train_infra $(BUILD)/test_balance $(BUILD)/test_tokenizer \
         $(BUILD)/test_launch
 
-.PHONY: all test test-build test-run bench run clean
+.PHONY: all test test-build test-run bench run clean fixtures
 all: train_moe moe_ckpt moe_tok moe_prepare $(if $(NVCC_FOUND),train_moecu)
 
 HEADERS = $(wildcard model/*.h data/*.h tokenizer/*.h train/*.h parallel/*.h)
@@ -143,6 +143,12 @@ test-run: test-build
 	bash tests/test_deps.sh
 	$(MAKE) --no-print-directory -j$(JOBS) emu-build
 	$(MAKE) --no-print-directory test-emu
+
+# Regenerates the committed PyTorch fixtures tests/fixtures/ref_*.bin
+# (docs/fixtures.md); needed only when the reference or its cases change.
+fixtures:
+	DEPS_VENV=$(PY_VENV) bash scripts/deps.sh $(if $(filter 1,$(NO_INSTALL)),--no-install) venv
+	$(PY_VENV)/bin/python scripts/reference/moe_reference.py --out tests/fixtures
 
 # ---------------------------------------------------------------- benchmarks
 
