@@ -170,25 +170,17 @@ expect_fail "batch-tokens not a multiple" $BIN "${COMMON[@]}" --batch-tokens 100
 #    over micro-batches instead of a mean). Measured: bit-identical, as the CPU
 #    matmuls sum every weight-gradient entry over the rows in one fixed order
 #    and the micro-batch weights 1/2 and 1/4 are exact; so identity is required.
-state_of() { ./moe_ckpt info "$1" | awk '$1 ~ /^(params|adam_m|adam_v|bias)$/ { print $1, $NF }'; }
-step_log() { grep '"type":"step"' "$1" | sed 's/.*"step":\([0-9]*\),"loss":\([0-9.e+-]*\).*"grad_norm":\([0-9.e+-]*\).*/\1 \2 \3/'; }
+. tests/compare_runs.sh
 ACC=(--steps 3 --warmup-steps 1 --grad-clip 0 --ckpt-every 3 --keep-last 0)
 $BIN "${COMMON[@]}" "${ACC[@]}" -b 8 --ckpt-dir "$TMP/acc1" --log "$TMP/acc1.jsonl" > "$TMP/acc1.out" 2>&1 \
     || { bad "one micro-batch run failed"; cat "$TMP/acc1.out"; }
 for m in 2 4; do
     $BIN "${COMMON[@]}" "${ACC[@]}" -b $((8 / m)) --batch-tokens 128 --ckpt-dir "$TMP/acc$m" --log "$TMP/acc$m.jsonl" \
         > "$TMP/acc$m.out" 2>&1 || { bad "$m micro-batches: run failed"; cat "$TMP/acc$m.out"; continue; }
-    if ! grep -q "x $m micro-batches of $((8 / m)) x 16 = 128 tokens per step" "$TMP/acc$m.out"; then
-        bad "$m micro-batches: not what the run did: $(grep '^batch:' "$TMP/acc$m.out")"
-    elif [ "$(step_log "$TMP/acc1.jsonl" | wc -l)" = 3 ] && diff <(step_log "$TMP/acc1.jsonl") <(step_log "$TMP/acc$m.jsonl") > /dev/null \
-            && [ "$(state_of "$TMP/acc1/ckpt_00000003.bin" | wc -l)" = 4 ] \
-            && diff <(state_of "$TMP/acc1/ckpt_00000003.bin") <(state_of "$TMP/acc$m/ckpt_00000003.bin") > /dev/null; then
-        ok "$m micro-batches of $((8 / m)) == one of 8: losses and gradient norms of 3 steps ($(step_log "$TMP/acc$m.jsonl" | awk '{ printf "%s ", $3 }')), parameters, AdamW moments, biases bitwise"
-    else
-        bad "$m micro-batches of $((8 / m)) differ from one of 8 (step loss grad_norm; checkpoint hashes):"
-        paste <(step_log "$TMP/acc1.jsonl") <(step_log "$TMP/acc$m.jsonl")
-        ./moe_ckpt diff "$TMP/acc1/ckpt_00000003.bin" "$TMP/acc$m/ckpt_00000003.bin"
-    fi
+    grep -q "x $m micro-batches of $((8 / m)) x 16 = 128 tokens per step" "$TMP/acc$m.out" \
+        || bad "$m micro-batches: not what the run did: $(grep '^batch:' "$TMP/acc$m.out")"
+    run_close "$m micro-batches of $((8 / m)) vs one of 8" "$TMP/acc1.jsonl" "$TMP/acc$m.jsonl" \
+        "$TMP/acc1/ckpt_00000003.bin" "$TMP/acc$m/ckpt_00000003.bin" 3 0 0 0 0
 done
 
 echo "test_trainer: $([ $fails = 0 ] && echo PASS || echo "FAIL ($fails)")"
