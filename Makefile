@@ -164,3 +164,43 @@ clean: clean-gpu
 
 include gpu.mk
 include tests/emu/emu.mk
+
+# ---------------------------------------------------------------- test subsets
+# Parts of `make test`, each building what it runs: for a quicker loop, and
+# the checks tests/mutants.txt names. The test-emu-* ones take EMU_PRECISION
+# (FP32 or BF16) like test-emu.
+.PHONY: test-model test-reference test-balance test-infra test-trainer test-dist test-emu-gpu test-emu-gpu-dist \
+        test-emu-one test-mutants
+test-model: $(BUILD)/test_model $(BUILD)/test_gradcheck
+	$(BUILD)/test_model
+	$(BUILD)/test_gradcheck
+
+test-reference: $(BUILD)/test_reference $(BUILD)/test_reference64
+	$(BUILD)/test_reference
+	$(BUILD)/test_reference64
+
+test-balance: $(BUILD)/test_balance
+	$(BUILD)/test_balance
+
+test-infra: $(BUILD)/test_train_infra
+	$(BUILD)/test_train_infra
+
+test-trainer: train_moe moe_ckpt $(BUILD)/gen_shards
+	bash tests/test_trainer.sh
+
+test-dist: train_moe moe_ckpt $(BUILD)/gen_shards
+	bash tests/test_dist.sh
+
+test-emu-gpu: $(EMU_BUILD)/test_gpu
+	$(EMU_BUILD)/test_gpu tests/fixtures
+
+test-emu-gpu-dist: $(EMU_BUILD)/test_gpu_dist
+	$(EMU_BUILD)/test_gpu_dist
+
+test-emu-one: emu-build $(BUILD)/gen_shards train_moe moe_ckpt
+	bash tests/test_emu.sh $(EMU_BUILD)
+
+# The standing check that the tests can fail: every planted bug of
+# tests/mutants.txt, on a copy of the tree, must fail its check (README "Tests").
+test-mutants:
+	JOBS=$(JOBS) bash tests/mutants.sh
