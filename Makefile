@@ -44,7 +44,7 @@ TESTS = $(BUILD)/test_model $(BUILD)/test_gradcheck $(BUILD)/test_reference $(BU
         $(BUILD)/test_data $(BUILD)/test_train_infra $(BUILD)/test_balance $(BUILD)/test_tokenizer \
         $(BUILD)/test_launch $(BUILD)/test_safetensors $(BUILD)/test_dual $(BUILD)/test_trace $(BUILD)/test_replay
 
-.PHONY: all test test-build test-run bench bench-compare bench-gpu gpu-check run clean
+.PHONY: all test test-build test-run bench bench-compare bench-gpu gpu-check run clean fixtures
 all: train_moe moe_ckpt moe_tok moe_prepare moe_replay $(if $(NVCC_FOUND),train_moecu)
 
 HEADERS = $(wildcard model/*.h data/*.h tokenizer/*.h train/*.h parallel/*.h)
@@ -181,6 +181,12 @@ test-run: test-build
 	$(MAKE) --no-print-directory test-emu-race
 	bash tests/test_gpu_check.sh $(PY_VENV)/bin/python
 
+# Regenerates the committed PyTorch fixtures tests/fixtures/ref_*.bin
+# (docs/fixtures.md); needed only when the reference or its cases change.
+fixtures:
+	DEPS_VENV=$(PY_VENV) bash scripts/deps.sh $(if $(filter 1,$(NO_INSTALL)),--no-install) venv
+	$(PY_VENV)/bin/python scripts/reference/moe_reference.py --out tests/fixtures
+
 # ---------------------------------------------------------------- benchmarks
 
 $(BUILD)/bench_cpu: bench/bench_cpu.c $(CORE32)
@@ -215,3 +221,43 @@ clean: clean-gpu
 
 include gpu.mk
 include tests/emu/emu.mk
+
+# ---------------------------------------------------------------- test subsets
+# Parts of `make test`, each building what it runs: for a quicker loop, and
+# the checks tests/mutants.txt names. The test-emu-* ones take EMU_PRECISION
+# (FP32 or BF16) like test-emu.
+.PHONY: test-model test-reference test-balance test-infra test-trainer test-dist test-emu-gpu test-emu-gpu-dist \
+        test-emu-one test-mutants
+test-model: $(BUILD)/test_model $(BUILD)/test_gradcheck
+	$(BUILD)/test_model
+	$(BUILD)/test_gradcheck
+
+test-reference: $(BUILD)/test_reference $(BUILD)/test_reference64
+	$(BUILD)/test_reference
+	$(BUILD)/test_reference64
+
+test-balance: $(BUILD)/test_balance
+	$(BUILD)/test_balance
+
+test-infra: $(BUILD)/test_train_infra
+	$(BUILD)/test_train_infra
+
+test-trainer: train_moe moe_ckpt $(BUILD)/gen_shards
+	bash tests/test_trainer.sh
+
+test-dist: train_moe moe_ckpt $(BUILD)/gen_shards
+	bash tests/test_dist.sh
+
+test-emu-gpu: $(EMU_BUILD)/test_gpu
+	$(EMU_BUILD)/test_gpu tests/fixtures
+
+test-emu-gpu-dist: $(EMU_BUILD)/test_gpu_dist
+	$(EMU_BUILD)/test_gpu_dist
+
+test-emu-one: emu-build $(BUILD)/gen_shards train_moe moe_ckpt
+	bash tests/test_emu.sh $(EMU_BUILD)
+
+# The standing check that the tests can fail: every planted bug of
+# tests/mutants.txt, on a copy of the tree, must fail its check (README "Tests").
+test-mutants:
+	JOBS=$(JOBS) bash tests/mutants.sh

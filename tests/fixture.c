@@ -4,9 +4,12 @@
 #include "fixture.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "../model/route.h"
 
 #define FIXTURE_MAGIC "MOEFIXT1"
 #define FIXTURE_VERSION 1
@@ -256,4 +259,30 @@ void fixture_to_double(const FixtureEntry *e, double *out) {
 
 void fixture_to_float(const FixtureEntry *e, float *out) {
     for (int64_t i = 0; i < e->numel; i++) out[i] = (float)fixture_elem(e, i);
+}
+
+double fixture_route_margin(const double *aff, const float *bias, int E, int K, int mult, const int32_t *tie,
+                            int *tie_kind) {
+    double *score = malloc(sizeof(double) * E), mx = 0, gap = INFINITY;
+    int *rank = malloc(sizeof(int) * E), K1 = K + 1 <= E ? K + 1 : E, kind = FIX_TIE_NONE;
+    if (!score || !rank) {
+        fprintf(stderr, "fixture_route_margin: out of memory\n");
+        abort();
+    }
+    for (int e = 0; e < E; e++) {
+        score[e] = ROUTE_SCORE(aff[e], (double)bias[e], mult);
+        mx = fmax(mx, fabs(score[e]));
+    }
+    route_topk(score, E, K1, rank);
+    for (int j = 0; j + 1 < K1; j++) {
+        int lo = rank[j], hi = rank[j + 1];
+        int designed = tie && score[lo] == score[hi] &&
+                       ((lo == tie[0] && hi == tie[1]) || (lo == tie[1] && hi == tie[0]));
+        if (designed) kind = j + 1 == K ? FIX_TIE_SET : FIX_TIE_ORDER;
+        else gap = fmin(gap, score[lo] - score[hi]);
+    }
+    free(score);
+    free(rank);
+    if (tie_kind) *tie_kind = kind;
+    return mx > 0 ? gap / mx : gap;
 }

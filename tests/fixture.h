@@ -38,6 +38,18 @@ double fixture_scalar(const FixtureEntry *e);
 // Converts all numel elements of the entry (any dtype) into out.
 void fixture_to_double(const FixtureEntry *e, double *out);
 void fixture_to_float(const FixtureEntry *e, float *out);
+// Routing of one token of a model fixture, from its reference affinities aff
+// (E) and the layer's bias (E), with rule mult (1: s * b) and top_k K:
+// returns the smallest gap between consecutive scores of ranks 1..min(K+1, E)
+// divided by the token's largest |score| (INFINITY when K = E = 1), leaving
+// out a gap of exactly 0 between the fixture's designed tie pair tie[0],
+// tie[1] (NULL: none; docs/fixtures.md). *tie_kind (may be NULL) gets
+// FIX_TIE_SET when the pair sits at ranks K and K+1 (the tie rule decides
+// which one is selected), FIX_TIE_ORDER when both are selected (it decides
+// their order), FIX_TIE_NONE otherwise.
+enum { FIX_TIE_NONE = 0, FIX_TIE_SET = 1, FIX_TIE_ORDER = 2 };
+double fixture_route_margin(const double *aff, const float *bias, int E, int K, int mult, const int32_t *tie,
+                            int *tie_kind);
 // Size in bytes of one element of a dtype.
 size_t fixture_dtype_size(FixtureDtype dt);
 void fixture_free(Fixture *f);

@@ -8,23 +8,32 @@
 #     10 training steps against the reference, the backend cases; then the
 #     multi-GPU code with virtual ranks and one-rank NCCL;
 #  3. train_moecu against train_moe on the same 10-step run with evaluation,
-#     sampling and a checkpoint: losses, gradient norms, MaxVio, validation
-#     loss, the sampled tokens, the final biases and the checkpoint; and, bit
-#     for bit, the run through NCCL with the EP exchange forced and the runs
-#     with every kernel's blocks and threads in reverse and shuffled order;
-#  4. several ranks (processes) through the NCCL code path, DP, EP and both,
+#     sampling and a checkpoint: losses, gradient norms, validation loss and,
+#     in FP32, MaxVio, the sampled tokens, the final biases and the
+#     checkpoint; and, bit for bit, the run through NCCL with the EP exchange
+#     forced and the runs with every kernel's blocks and threads in reverse
+#     and shuffled order;
+#  4. gradient accumulation: 2 and 4 micro-batches against one micro-batch
+#     holding the same sequences;
+#  5. several ranks (processes) through the NCCL code path, DP, EP and both,
 #     against one process, and an EP=2 checkpoint resumed under EP=4.
 # This checks the logic of the CUDA code, not a GPU: see docs/gpu.md for what
 # only a GPU run can show.
 #
 #   tests/test_emu.sh [EMU_BUILD_DIR]     (default build/emu/FP32)
 #   tests/test_emu.sh --race [DIR]        the race build (default build/emu-race; make test-emu-race)
-# A BF16 build (a directory named .../BF16) runs 1, 2 and the bitwise checks of 3:
-# its comparison with the fp32 CPU trainer is test_gpu's, with bf16 tolerances.
 # The race build, whose kernels have every memory access checked for races
 # and out-of-bounds bytes (tests/emu/emu_race.cc), runs 1 (its race
 # detections included), test_gpu, and a 10-step train_moecu run through
 # one-rank NCCL with the EP exchange: any race stops them.
+# A BF16 build (a directory named .../BF16) runs the same checks with the
+# tolerances of bf16 activations, each derived from the error measured on
+# the emulator (written next to it), except where bf16 legitimately differs
+# from the fp32 CPU trainer: on real data some routing decisions are near
+# ties that bf16 breaks differently (measured: MaxVio differs from the first
+# step), so MaxVio, the biases, the samples and the checkpoint are compared
+# with the CPU trainer in FP32 only (test_gpu compares the routing exactly, on
+# fixtures drawn for it).
 set -u
 cd "$(dirname "$0")/.."
 RACE=0
@@ -49,6 +58,7 @@ for t in "${PROGS[@]}"; do
 done
 
 # 3. The same run on both trainers.
+BF16=0; [ "$(basename "$B")" = BF16 ] && BF16=1
 ./build/gen_shards "$TMP" 64 20000 4000 1 > /dev/null || { echo "FAIL gen_shards"; exit 1; }
 RUN=(--config tiny --train-data "$TMP/train_*.bin" --val-data "$TMP/val_*.bin" -b 4 --steps 10 --warmup-steps 2
      --lr 1e-2 --gamma 1e-2 --eval-every 5 --eval-batches 2 --print-every 5 --sample-tokens 12 --ckpt-every 10
@@ -81,9 +91,6 @@ fi
 if grep -qxF "$want_probe" "$TMP/gpu.out"; then ok "train_moecu: $want_probe"
 else bad "train_moecu: grouped-GEMM probe: want '$want_probe', got '$(grep 'expert GEMMs' "$TMP/gpu.out")'"; fi
 
-if [ "$(basename "$B")" = BF16 ]; then
-    echo "skip train_moecu vs train_moe step by step: bf16 activations (test_gpu compares with bf16 tolerances)"
-else
 ./train_moe "${RUN[@]}" --ckpt-dir "$TMP/cpu" --log "$TMP/cpu.jsonl" > "$TMP/cpu.out" 2>&1 \
     || { bad "train_moe failed:"; cat "$TMP/cpu.out"; }
 
@@ -103,6 +110,15 @@ compare() { # type field tolerance(relative; 0 = exact) description
         cat "$TMP/pairs"
     fi
 }
+if [ $BF16 = 1 ]; then
+    # Measured (bf16 against fp32, routing differing on near ties): losses
+    # 1.6e-3, gradient norms 3.4e-2, validation losses 1.1e-3; tolerances
+    # about three times those. A run whose forward does not see the updated
+    # weights lags the CPU's falling loss by far more.
+    compare step loss 5e-3 "training losses"
+    compare step grad_norm 0.1 "gradient norms"
+    compare eval val_loss 5e-3 "validation losses"
+else
 compare step loss 1e-5 "training losses"
 compare step grad_norm 1e-4 "gradient norms"
 compare step maxvio_batch 0 "MaxVio_batch (identical routing)"
@@ -164,7 +180,34 @@ else
     bad "train_moecu on an older GPU: no clear message:"; tail -3 "$TMP/cc80.out"
 fi
 
-# 4. Several ranks: W processes of the emulated train_moecu, placed as a
+. tests/compare_runs.sh
+# 4. Gradient accumulation: --batch-tokens 128 as 2 micro-batches of 4
+#    sequences and 4 of 2 against one micro-batch of 8 holding the same
+#    sequences (tests/test_trainer.sh does it for the CPU trainer), 3 steps
+#    without clipping (so that the AdamW moments keep the gradient's scale).
+#    Each micro-batch's weight gradients are accumulated into the fp32
+#    gradient by the GEMM itself, so the sums run in another order than one
+#    GEMM over all rows. Measured on this data: losses and gradient norms
+#    identical to the log's digits; FP32 parameters 3.7e-6, moments 1.6e-6;
+#    BF16 parameters 1.1e-6, moments 3.3e-6. On another corpus (gen_shards
+#    64 200000 20000 1) BF16 reached gradient norms 1e-5, parameters 7.6e-5,
+#    moments 4.8e-4: a master weight that crosses a bf16 rounding boundary
+#    changes its bf16 copy by one unit. Tolerances about five to ten times
+#    the worst of those.
+if [ $BF16 = 1 ]; then ACC_TOL=(1e-4 1e-4 8e-4 5e-3); else ACC_TOL=(5e-6 2e-5 2e-5 1e-5); fi
+ACC=(--config tiny --train-data "$TMP/train_*.bin" --steps 3 --warmup-steps 1 --lr 1e-2 --grad-clip 0 --ckpt-every 3
+     --keep-last 0 --print-every 100 --threads 1)
+for m in 1 2 4; do
+    "$B/train_moecu" "${ACC[@]}" -b $((8 / m)) $([ $m -gt 1 ] && echo --batch-tokens 128) --ckpt-dir "$TMP/acc$m" \
+        --log "$TMP/acc$m.jsonl" > "$TMP/acc$m.out" 2>&1 || { bad "train_moecu with $m micro-batches failed:"; tail -3 "$TMP/acc$m.out"; }
+    [ $m = 1 ] && continue
+    grep -q "x $m micro-batches of $((8 / m)) x 16 = 128 tokens per step" "$TMP/acc$m.out" \
+        || bad "$m micro-batches: not what the run did: $(grep '^batch:' "$TMP/acc$m.out")"
+    run_close "train_moecu, $m micro-batches of $((8 / m)) vs one of 8" "$TMP/acc1.jsonl" "$TMP/acc$m.jsonl" \
+        "$TMP/acc1/ckpt_00000003.bin" "$TMP/acc$m/ckpt_00000003.bin" 3 "${ACC_TOL[@]}"
+done
+
+# 5. Several ranks: W processes of the emulated train_moecu, placed as a
 #    launcher would (RANK, WORLD_SIZE, LOCAL_RANK) and meeting through a
 #    --nccl-init directory (parallel/launch.c), their NCCL in shared memory --
 #    the build-without-MPI communicator (parallel/comm_nccl.c) with its
@@ -172,8 +215,13 @@ fi
 #    the gradient all-reduces, the host collectives through the staging
 #    buffer and the consolidated checkpoint -- against one process whose
 #    micro-batch holds the same sequences (as tests/test_dist.sh does for
-#    the CPU trainer): biases bit for bit on every rank, losses within 1e-5,
-#    parameters within 1e-4, AdamW moments within 1e-4 of the largest.
+#    the CPU trainer): biases bit for bit on every rank; losses, gradient
+#    norms, parameters and AdamW moments within tolerances about three times
+#    the differences measured over the four layouts: FP32 losses and
+#    gradient norms identical to the log's digits, parameters 3.0e-6,
+#    moments 3.4e-6; BF16 losses 1.2e-3, gradient norms 1.5e-3 (relative),
+#    parameters 4.2e-3, moments 2.2e-2 (bf16 copies of master weights that
+#    differ in the last fp32 bits can round apart).
 mkdir -p "$TMP/mr" && ./build/gen_shards "$TMP/mr" 64 100000 10000 3 > /dev/null || { echo "FAIL gen_shards"; exit 1; }
 MR=(--config tiny --train-data "$TMP/mr/train_*.bin" --val-data "$TMP/mr/val_*.bin" --lr 1e-2 --warmup-steps 2
     --steps 10 --threads 1 --print-every 100 --init-std 0.1 --eval-batches 2 --ckpt-every 5 --keep-last 0)
@@ -194,41 +242,27 @@ mrun() { # name ranks ep [extra...]
                          grep -h -m1 -i 'emulator:\|error' "$TMP/$name.$r.out" || tail -n 2 "$TMP/$name.$r.out"; done
                      return 1; }
 }
+if [ $BF16 = 1 ]; then MR_TOL=(4e-3 5e-3 1.5e-2 7e-2); else MR_TOL=(5e-6 2e-5 1e-5 1e-5); fi
 mr_close() { # name: against the single process
-    local name=$1 hashes nranks d
+    local name=$1 hashes nranks
     hashes=$(grep -o 'final bias xxh64 [0-9a-f]*' "$TMP/$name.out" | sort -u)
     nranks=$(grep -c 'final bias xxh64' "$TMP/$name.out")
     if [ "$(echo "$hashes" | wc -l)" = 1 ] && [ "$hashes" = "$(grep -o 'final bias xxh64 [0-9a-f]*' "$TMP/mr1.out")" ]; then
         ok "$name: the $nranks ranks hold bit-identical biases, equal to the single process's"
     else bad "$name: biases differ between ranks or from the single process"; fi
-    d=$(paste <(field "$TMP/mr1.jsonl" step loss) <(field "$TMP/$name.jsonl" step loss) \
-        | awk '{ d = $1 - $2; if (d < 0) d = -d; if (d > m) m = d } END { print m + 0 }')
-    if [ "$(field "$TMP/$name.jsonl" step loss | wc -l)" = 10 ] && awk -v d="$d" 'BEGIN { exit !(d <= 1e-5) }'; then
-        ok "$name: losses of 10 steps within $d of the single process"
-    else bad "$name: losses differ by $d"; fi
-    ./moe_ckpt diff "$TMP/mr1/ckpt_00000010.bin" "$TMP/$name/ckpt_00000010.bin" > "$TMP/$name.diff" 2>&1
-    if awk '$1 == "params" { p = 1; if ($3 > 1e-4) e = 1 } ($1 == "adam_m" || $1 == "adam_v") && $5 > 1e-4 { e = 1 }
-            $1 == "bias" && $3 != 0 { e = 1 } END { exit e || !p }' "$TMP/$name.diff"; then
-        ok "$name: step-10 checkpoint: $(awk '{ printf "%s %s ", $1, $3 }' "$TMP/$name.diff")"
-    else bad "$name: checkpoint differs:"; cat "$TMP/$name.diff"; fi
+    run_close "$name" "$TMP/mr1.jsonl" "$TMP/$name.jsonl" "$TMP/mr1/ckpt_00000010.bin" "$TMP/$name/ckpt_00000010.bin" 10 \
+        "${MR_TOL[@]}"
 }
-if [ "$(basename "$B")" = BF16 ]; then
-    echo "skip several ranks: run with the FP32 build"
-else
-    "$B/train_moecu" "${MR[@]}" -b $MB --ckpt-dir "$TMP/mr1" --log "$TMP/mr1.jsonl" > "$TMP/mr1.out" 2>&1 \
-        || { bad "single-process run failed"; tail -5 "$TMP/mr1.out"; }
-    mrun dp2 2 1 && mr_close dp2
-    mrun ep2 2 2 && mr_close ep2
-    mrun ep4 4 4 && mr_close ep4
-    mrun dp2ep2 4 2 && mr_close dp2ep2
-    # A checkpoint written under EP=2 at step 5, resumed under EP=4.
-    if mrun switch 4 2 --run-steps 5 && mrun switch 4 4 --resume; then
-        ./moe_ckpt diff "$TMP/ep4/ckpt_00000010.bin" "$TMP/switch/ckpt_00000010.bin" > "$TMP/switch.diff" 2>&1
-        if awk '$1 == "params" { p = 1; if ($3 > 1e-4) e = 1 } $1 == "bias" && $3 != 0 { e = 1 } END { exit e || !p }' \
-            "$TMP/switch.diff"; then
-            ok "EP=2 checkpoint resumed under EP=4 matches an EP=4 run: $(awk '{ printf "%s %s ", $1, $3 }' "$TMP/switch.diff")"
-        else bad "EP 2 -> 4 resume differs:"; cat "$TMP/switch.diff"; fi
-    fi
+"$B/train_moecu" "${MR[@]}" -b $MB --ckpt-dir "$TMP/mr1" --log "$TMP/mr1.jsonl" > "$TMP/mr1.out" 2>&1 \
+    || { bad "single-process run failed"; tail -5 "$TMP/mr1.out"; }
+mrun dp2 2 1 && mr_close dp2
+mrun ep2 2 2 && mr_close ep2
+mrun ep4 4 4 && mr_close ep4
+mrun dp2ep2 4 2 && mr_close dp2ep2
+# A checkpoint written under EP=2 at step 5, resumed under EP=4.
+if mrun switch 4 2 --run-steps 5 && mrun switch 4 4 --resume; then
+    run_close "EP=2 checkpoint resumed under EP=4 vs an EP=4 run" "$TMP/ep4.jsonl" "$TMP/switch.jsonl" \
+        "$TMP/ep4/ckpt_00000010.bin" "$TMP/switch/ckpt_00000010.bin" 10 "${MR_TOL[@]}"
 fi
 
 summary

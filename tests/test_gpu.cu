@@ -20,14 +20,13 @@
 //
 // Errors are max |gpu - ref| / max |ref| over a tensor unless said otherwise.
 // FP32 build (PRECISION=FP32): the CPU trainer's tolerances (tests/test_reference.c).
-// BF16 build: see the TOL_* comments below. Routing in bf16: the router sees
-// bf16 activations and weights, so an affinity can move by ~1e-3 and a token
-// whose K-th and (K+1)-th scores (or any two consecutive of the first K+1)
-// are closer than ROUTE_MARGIN times its largest |score| may legitimately
-// select differently. Such near-tie tokens are counted and excluded from the
-// selection check; if one of them did flip, the downstream checks of that
-// case (which then compare a different function) are reported as WARN, not
-// FAIL. Tokens outside the margin must select exactly as the reference.
+// BF16 build: see the TOL_* comments below. Every check is hard in both
+// builds: the router sees bf16 activations and weights, so a selection score
+// moves by up to ~2e-2 of the token's largest, but every routing decision of
+// the fixtures has a margin of at least 0.1 (docs/fixtures.md, "Routing
+// margins") and their designed exact tie stays exact in any precision, so the
+// GPU must select exactly as the reference, token by token, and everything
+// downstream compares the same function.
 //
 //   test_gpu [FIXTURE_DIR] [--unit]     (--unit: only parts 3 and 4, for compute-sanitizer)
 #include <math.h>
@@ -57,33 +56,35 @@ extern "C" {
 #define TOL_FWD 1e-5         // logits, gates: relative to the tensor's max
 #define TOL_AUX 1e-5         // relative
 #define TOL_GRAD 1e-4        // relative to the tensor's max
+#define TOL_GRAD_ROUTER TOL_GRAD
+#define TOL_SCORE 1e-5       // selection scores of the selected experts, relative to the token's max
+#define TOL_TRAIN_LOSS 1e-5  // losses of the 10 training steps, relative
 #define TOL_NORM 1e-5        // gradient norms in training, relative
 #define TOL_TRAIN 1e-4       // final parameters after 10 steps, max abs
-#define TOL_BIAS 1e-6        // final biases, max abs
 #define TOL_PATHS 1e-5       // grouped GEMM vs per-expert fallback, relative to max
-#define ROUTE_MARGIN 0.0     // every token's selection must match
-#define TOL_GRAD_ROUTER TOL_GRAD
+#define ROUTE_MARGIN 1e-3    // the fixtures' smallest routing margin (fp32 resolves far less)
 #else
 // bf16 keeps 8 significant bits: one rounding is a relative error of at most
 // 2^-9 = 2e-3, and the activations are rounded once per op through 3 layers.
-// Calibrated on the CPU emulator (tests/emu, make test-emu EMU_PRECISION=BF16),
-// which rounds to bf16 exactly where this build does; its GEMMs accumulate in
-// double where cuBLAS accumulates in fp32 (2^-24 per term, far below 2^-9).
-// Worst errors measured over the fixtures without a near-tie flip: logits
-// 2.7e-2, gates 1.6e-2, loss 6.5e-3, aux 5e-4, gradients 6.0e-2 (the router's
-// 0.11: its gradient is a difference of nearly equal gate terms), final
-// parameters of the 10 steps 0.18. The tolerances are about twice those.
-#define TOL_LOSS 1.5e-2      // relative
-#define TOL_FWD 5e-2         // logits, gates: relative to the tensor's max
-#define TOL_AUX 2e-2         // relative
-#define TOL_GRAD 0.12        // relative to the tensor's max
-#define TOL_GRAD_ROUTER 0.25 // the router's gradient (see above)
-#define TOL_NORM 5e-2
-#define TOL_TRAIN 0.35       // bf16: RMS of (gpu - ref) / RMS of the reference's parameter change
-#define TOL_BIAS 0.1         // 10 steps of +-gamma = 1e-2: a few flipped signs at most
+// Measured on the CPU emulator (tests/emu, make test-emu), which rounds to
+// bf16 exactly where this build does; its GEMMs accumulate in double where
+// cuBLAS accumulates in fp32 (2^-24 per term, far below 2^-9). Each tolerance
+// is about twice the worst error measured over the committed fixtures, which
+// is written next to it.
+#define TOL_LOSS 4e-3        // relative; measured 1.6e-3
+#define TOL_FWD 6e-2         // logits, gates: relative to the tensor's max; measured 2.1e-2, 2.9e-2
+#define TOL_AUX 3e-3         // relative; measured 1.2e-3
+#define TOL_GRAD 0.1         // relative to the tensor's max; measured 5.1e-2
+#define TOL_GRAD_ROUTER 0.16 // measured 8.2e-2: the router's gradient is a difference of nearly equal gate terms
+#define TOL_SCORE 4e-2       // measured 2.0e-2; at most half of ROUTE_MARGIN, so no selection can flip
+#define TOL_TRAIN_LOSS 8e-3  // relative; measured 3.8e-3
+#define TOL_NORM 0.12        // gradient norms in training, relative; measured 5.6e-2
+#define TOL_TRAIN 0.15       // final parameters after 10 steps, max abs; measured 7.2e-2
+#define TOL_TRAIN_RMS 0.15   // RMS of (gpu - ref) / RMS of the reference's parameter change; measured 7.6e-2
 #define TOL_PATHS 2e-2
-#define ROUTE_MARGIN 2e-2    // ~10x the bf16 affinity error estimated above
+#define ROUTE_MARGIN 0.1     // the fixtures' smallest routing margin: over twice TOL_SCORE
 #endif
+#define TOL_BIAS 0.0         // final biases: identical counts give the same float32 arithmetic
 
 // max |a - ref| / max |ref| (absolute when ref is all zero).
 static double rel_err_f(const float *a, const double *ref, int64_t n) {
@@ -190,22 +191,6 @@ static void fixture_backend(Backend *be, const Fixture *f, int B, int T, MoeConf
     free(bias);
 }
 
-// Whether token t's reference routing is a near tie: the smallest gap between
-// consecutive scores of ranks 1..min(K+1, E) is below ROUTE_MARGIN times the
-// token's largest |score|. aff (E) the reference affinities, bias (E).
-static int near_tie(const double *aff, const float *bias, int E, int K, int mult, double *score, int *rank) {
-    double mx = 0;
-    for (int e = 0; e < E; e++) {
-        score[e] = mult ? aff[e] * bias[e] : aff[e] + bias[e];
-        mx = fmax(mx, fabs(score[e]));
-    }
-    int K1 = K + 1 <= E ? K + 1 : E;
-    route_topk(score, E, K1, rank);
-    double gap = INFINITY;
-    for (int j = 0; j + 1 < K1; j++) gap = fmin(gap, score[rank[j]] - score[rank[j + 1]]);
-    return gap < ROUTE_MARGIN * mx;
-}
-
 static void check_case(const char *path) {
     char err[512];
     Fixture *f = fixture_load(path, err, sizeof err);
@@ -231,15 +216,17 @@ static void check_case(const char *path) {
     double loss, aux;
     be.micro_batch(&be, tk, tg, B, T, 0, 0.0f, counts, &loss, &aux);
 
-    // Routing first: whether it diverged on near ties decides how the rest is judged.
+    // Routing: every token selects exactly as the reference, in both builds.
+    // The fixtures' selections have margins bf16 resolves (ROUTE_MARGIN), and
+    // their designed exact tie stays exact in any precision, so a difference
+    // is a bug, and everything downstream compares the same function.
     float *bias = (float *)xmalloc(sizeof(float) * ((size_t)nmoe * E + 1));
     if (nmoe) fixture_to_float(need(f, "bias"), bias);
+    const int32_t *tie = (const int32_t *)need(f, "route.tie")->data;
     int *sel = (int *)xmalloc(sizeof(int) * N * K);
     float *gates = (float *)xmalloc(sizeof(float) * N * K);
     double *aff = (double *)xmalloc(sizeof(double) * N * E), *rgates = (double *)xmalloc(sizeof(double) * N * K);
-    double *score = (double *)xmalloc(sizeof(double) * E);
-    int *rank = (int *)xmalloc(sizeof(int) * E);
-    int flips = 0;
+    double margin = INFINITY;
     for (int k = 0; k < nmoe; k++) {
         int l = c.n_dense + k;
         char name[64];
@@ -250,53 +237,65 @@ static void check_case(const char *path) {
         fixture_to_double(need(f, name), aff);
         snprintf(name, sizeof name, "gates.%d", l);
         fixture_to_double(need(f, name), rgates);
-        int n_near = 0, diff_near = 0, diff_far = 0;
-        double gerr = 0, gmax = 0;
+        const float *bk = bias + (size_t)k * E;
+        int differ = 0, tie_set = 0;
+        double gerr = 0, gmax = 0, serr = 0;
         for (int t = 0; t < N; t++) {
-            int near = near_tie(aff + (size_t)t * E, bias + (size_t)k * E, E, K, ro.bias_mult, score, rank);
-            int same = memcmp(sel + (size_t)t * K, rsel + (size_t)t * K, sizeof(int) * K) == 0;
-            n_near += near;
-            if (!same) {
-                if (near) diff_near++;
-                else diff_far++;
+            int kind;
+            margin = fmin(margin, fixture_route_margin(aff + (size_t)t * E, bk, E, K, ro.bias_mult, tie, &kind));
+            tie_set += kind == FIX_TIE_SET;
+            if (memcmp(sel + (size_t)t * K, rsel + (size_t)t * K, sizeof(int) * K) != 0) {
+                differ++;
                 continue;
             }
+            double smax = 0;
+            for (int e = 0; e < E; e++) smax = fmax(smax, fabs(ROUTE_SCORE(aff[(size_t)t * E + e], bk[e], ro.bias_mult)));
             for (int j = 0; j < K; j++) {
-                gerr = fmax(gerr, fabs(gates[(size_t)t * K + j] - rgates[(size_t)t * K + j]));
-                gmax = fmax(gmax, fabs(rgates[(size_t)t * K + j]));
+                size_t i = (size_t)t * K + j;
+                gerr = fmax(gerr, fabs(gates[i] - rgates[i]));
+                gmax = fmax(gmax, fabs(rgates[i]));
+                // Without norm_topk a gate is route_scale s: the GPU's score of a selected expert.
+                int e = rsel[i];
+                double s = gates[i] / c.route_scale;
+                if (!c.norm_topk)
+                    serr = fmax(serr, fabs(ROUTE_SCORE(s, bk[e], ro.bias_mult) -
+                                           ROUTE_SCORE(aff[(size_t)t * E + e], bk[e], ro.bias_mult)) / smax);
             }
         }
-        int earlier_flips = flips; // a flip upstream changes this layer's inputs for every later token
-        flips += diff_near;
         char what[96], detail[160];
         snprintf(what, sizeof what, "layer %d selection", l);
-        snprintf(detail, sizeof detail, "(%d tokens; %d near ties, %d of them differ; %d differ outside the margin)",
-                 N, n_near, diff_near, diff_far);
-        if (diff_far > 0 && earlier_flips > 0) {
-            printf("  %-40s WARN (an earlier layer flipped a near tie) %s\n", what, detail);
-            warnings++;
-        } else {
-            report_bool(what, diff_far == 0, detail);
+        snprintf(detail, sizeof detail, "(%d of %d tokens differ; the tie of experts %d and %d decides %d)", differ, N,
+                 tie[0], tie[1], tie_set);
+        report_bool(what, differ == 0, detail);
+        snprintf(what, sizeof what, "layer %d gates", l);
+        report(what, gmax > 0 ? gerr / gmax : gerr, TOL_FWD, 0);
+        if (!c.norm_topk) {
+            // What the margins must absorb: the selected experts' scores
+            // against the reference's, relative to the token's largest.
+            snprintf(what, sizeof what, "layer %d selection scores (rel to max)", l);
+            report(what, serr, TOL_SCORE, 0);
         }
-        snprintf(what, sizeof what, "layer %d gates (same selection)", l);
-        report(what, gmax > 0 ? gerr / gmax : gerr, TOL_FWD, earlier_flips > 0);
         int64_t sum = 0;
         for (int e = 0; e < E; e++) sum += counts[(size_t)k * E + e];
         snprintf(what, sizeof what, "layer %d counts sum to N*K", l);
         snprintf(detail, sizeof detail, "(%lld, want %d)", (long long)sum, N * K);
         report_bool(what, sum == (int64_t)N * K, detail);
     }
-    int soft = flips > 0;
+    // A fixture drawn without the margins (an older generator) would make
+    // the selection checks above flaky in bf16 rather than wrong.
+    char detail[96];
+    snprintf(detail, sizeof detail, "(smallest %.3g, want >= %.3g)", margin, ROUTE_MARGIN);
+    report_bool("fixture's routing margins", margin >= ROUTE_MARGIN, detail);
 
     float *logits = (float *)xmalloc(sizeof(float) * N * V);
     double *ref = (double *)xmalloc(sizeof(double) * ((size_t)N * V > (size_t)lay.total ? (size_t)N * V
                                                                                        : (size_t)lay.total));
     gpu_debug_get_logits(&be, logits);
     fixture_to_double(need(f, "logits"), ref);
-    report("logits", rel_err_f(logits, ref, (int64_t)N * V), TOL_FWD, soft);
+    report("logits", rel_err_f(logits, ref, (int64_t)N * V), TOL_FWD, 0);
     double rl = fixture_scalar(need(f, "loss")), ra = fixture_scalar(need(f, "aux_loss"));
-    report("loss", fabs(loss - rl) / fabs(rl), TOL_LOSS, soft);
-    report("aux_loss", ra != 0 ? fabs(aux - ra) / fabs(ra) : fabs(aux), TOL_AUX, soft);
+    report("loss", fabs(loss - rl) / fabs(rl), TOL_LOSS, 0);
+    report("aux_loss", ra != 0 ? fabs(aux - ra) / fabs(ra) : fabs(aux), TOL_AUX, 0);
 
     // Gradients of loss + aux_loss.
     double loss_eval = loss;
@@ -311,13 +310,12 @@ static void check_case(const char *path) {
         snprintf(name, sizeof name, "grad.%s", t->name);
         fixture_to_double(need(f, name), ref);
         int router = strstr(t->name, ".router") != NULL;
-        report(name, rel_err_f(grads + t->offset, ref, t->numel), router ? TOL_GRAD_ROUTER : TOL_GRAD, soft);
+        report(name, rel_err_f(grads + t->offset, ref, t->numel), router ? TOL_GRAD_ROUTER : TOL_GRAD, 0);
     }
     be.destroy(&be);
     layout_free(&lay);
     fixture_free(f);
-    free(counts); free(bias); free(sel); free(gates); free(aff); free(rgates); free(score); free(rank);
-    free(logits); free(ref); free(grads);
+    free(counts); free(bias); free(sel); free(gates); free(aff); free(rgates); free(logits); free(ref); free(grads);
 }
 
 static void check_training(const char *path) {
@@ -376,17 +374,14 @@ static void check_training(const char *path) {
         balance_update(&bc, s, S, counts, nmoe, E, c.top_k, N, bias);
         be.set_bias(&be, bias);
     }
-    int soft = counts_differ > 0; // in bf16, a flipped near tie changes what is being compared
-    report("losses of 10 steps", loss_err, TOL_LOSS * 10, soft);
-    report("gradient norms", norm_err, TOL_NORM, soft);
+    // The fixture's selected sets have margins the bf16 build resolves at
+    // every step (docs/fixtures.md), so the counts, hence the biases, are
+    // exact in both builds and the rest compares the same training run.
+    report("losses of 10 steps", loss_err, TOL_TRAIN_LOSS, 0);
+    report("gradient norms", norm_err, TOL_NORM, 0);
     char detail[96];
     snprintf(detail, sizeof detail, "(%d of %d entries differ)", counts_differ, (int)(S * nb));
-#ifdef ENABLE_FP32
     report_bool("expert counts of every step", counts_differ == 0, detail);
-#else
-    printf("  %-40s %s %s\n", "expert counts of every step", counts_differ == 0 ? "identical" : "differ (bf16 near ties)",
-           detail);
-#endif
     report_bool("counts sum to N*K every step", sums_ok, "");
     int64_t n = lay.total;
     float *p = (float *)xmalloc(sizeof(float) * n), *p0 = (float *)xmalloc(sizeof(float) * n);
@@ -406,11 +401,9 @@ static void check_training(const char *path) {
             sd += (ref[j] - p0[t->offset + j]) * (ref[j] - p0[t->offset + j]);
         }
     }
-#ifdef ENABLE_FP32
     report("final parameters (max abs)", pe, TOL_TRAIN, 0);
-#else
-    printf("  %-40s %.3e (bf16: reported only)\n", "final parameters (max abs)", pe);
-    report("final params (RMS err / RMS change)", sqrt(se / fmax(sd, 1e-300)), TOL_TRAIN, soft);
+#ifndef ENABLE_FP32
+    report("final params (RMS err / RMS change)", sqrt(se / fmax(sd, 1e-300)), TOL_TRAIN_RMS, 0);
 #endif
     fixture_to_double(need(f, "train.final_bias"), ref);
     double bmax = 0;

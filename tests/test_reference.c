@@ -121,6 +121,10 @@ static void check_case(const char *path) {
     double rl = fixture_scalar(need(f, "loss")), ra = fixture_scalar(need(f, "aux_loss"));
     report("loss", fabs(m.loss - rl) / fabs(rl), TOL_LOSS);
     report("aux_loss", ra != 0 ? fabs(m.aux_loss - ra) / fabs(ra) : fabs(m.aux_loss), TOL_LOSS * 10);
+    // The fixture's designed exact tie (docs/fixtures.md): the tokens whose
+    // selection or order only the tie rule (lower index first) decides.
+    const int32_t *tie = (const int32_t *)need(f, "route.tie")->data;
+    double *aff = malloc(sizeof(double) * N * c->n_routed);
     for (int l = c->n_dense; l < c->n_layers; l++) {
         char name[64];
         const MoeActs *a = &m.layer[l].moe;
@@ -128,14 +132,26 @@ static void check_case(const char *path) {
         int same = memcmp(a->sel, need(f, name)->data, sizeof(int) * N * c->top_k) == 0;
         snprintf(name, sizeof name, "sel_nobias.%d", l);
         int moved = memcmp(a->sel, need(f, name)->data, sizeof(int) * N * c->top_k) != 0;
-        printf("  layer %d selection               %s (bias changed the selection: %s)\n", l,
-               same ? "identical ok" : "DIFFERS FAIL", moved ? "yes" : "no");
+        snprintf(name, sizeof name, "affinity.%d", l);
+        fixture_to_double(need(f, name), aff);
+        int tie_set = 0, tie_order = 0;
+        for (int t = 0; t < N; t++) {
+            int kind;
+            fixture_route_margin(aff + (size_t)t * c->n_routed, m.bias + (size_t)(l - c->n_dense) * c->n_routed,
+                                 c->n_routed, c->top_k, m.route.bias_mult, tie, &kind);
+            tie_set += kind == FIX_TIE_SET;
+            tie_order += kind == FIX_TIE_ORDER;
+        }
+        printf("  layer %d selection               %s (bias changed the selection: %s; the tie of experts %d and %d "
+               "decides %d selections, %d orders)\n", l, same ? "identical ok" : "DIFFERS FAIL", moved ? "yes" : "no",
+               tie[0], tie[1], tie_set, tie_order);
         failures += !same;
         snprintf(name, sizeof name, "gates.%d", l);
         fixture_to_double(need(f, name), ref);
         snprintf(name, sizeof name, "layer %d gates", l);
         report(name, rel_err(a->gates, ref, (int64_t)N * c->top_k), TOL_FWD);
     }
+    free(aff);
     model_zero_grad(&m);
     model_backward(&m, 1);
     for (int i = 0; i < m.lay.n; i++) {
