@@ -28,7 +28,7 @@ MODEL_SRC = model/config.c model/layout.c model/balance.c parallel/ep_layout.c
 COMPUTE_SRC = model/matmul.c model/ops.c model/moe.c model/model.c
 DATA_SRC = data/shard.c data/loader.c
 TOK_SRC = $(filter-out tokenizer/tok_main.c,$(wildcard tokenizer/*.c))
-TRAIN_SRC = train/options.c train/optim.c train/lr.c train/ckpt.c train/trainer.c
+TRAIN_SRC = train/options.c train/optim.c train/lr.c train/ckpt.c train/ckpt_state.c train/trainer.c
 
 f32 = $(patsubst %.c,$(BUILD)/f32/%.o,$(1))
 f64 = $(patsubst %.c,$(BUILD)/f64/%.o,$(1))
@@ -47,7 +47,7 @@ TESTS = $(BUILD)/test_model $(BUILD)/test_gradcheck $(BUILD)/test_reference $(BU
 .PHONY: all test test-build test-run bench run clean
 all: train_moe moe_ckpt moe_tok moe_prepare $(if $(NVCC_FOUND),train_moecu)
 
-HEADERS = $(wildcard model/*.h data/*.h tokenizer/*.h train/*.h parallel/*.h)
+HEADERS = $(wildcard model/*.h data/*.h tokenizer/*.h train/*.h parallel/*.h util/*.h)
 $(BUILD)/f32/%.o: %.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
