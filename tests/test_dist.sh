@@ -15,8 +15,11 @@
 #  - a checkpoint written under EP=2 resumes under EP=4 (the file holds the
 #    whole model) and continues like an uninterrupted EP=4 run.
 set -u
+# MOE_BIN_DIR holds the programs, MOE_BUILD the test tools (make test-asan: the sanitizer build).
+BIN=${MOE_BIN_DIR:-.}/train_moe
+CKPT=${MOE_BIN_DIR:-.}/moe_ckpt
 cd "$(dirname "$0")/.."
-if ! command -v mpirun > /dev/null || ! ./train_moe --help > /dev/null 2>&1; then
+if ! command -v mpirun > /dev/null || ! $BIN --help > /dev/null 2>&1; then
     echo "FAIL: mpirun or train_moe missing (install openmpi-bin libopenmpi-dev, then make)"; exit 1
 fi
 # CI runs as root; Open MPI refuses that unless told.
@@ -27,7 +30,7 @@ fails=0
 ok() { echo "ok   $*"; }
 bad() { echo "FAIL $*"; fails=$((fails + 1)); }
 
-./build/gen_shards "$TMP" 64 100000 10000 3 || exit 1
+${MOE_BUILD:-build}/gen_shards "$TMP" 64 100000 10000 3 || exit 1
 COMMON=(--config tiny --train-data "$TMP/train_*.bin" --val-data "$TMP/val_*.bin" --lr 1e-2 --warmup-steps 2
         --steps 10 --threads 1 --print-every 100 --init-std 0.1 --eval-batches 2 --ckpt-every 5 --keep-last 0)
 B=8
@@ -36,9 +39,9 @@ run() { # name ranks ep [extra...]
     local name=$1 np=$2 ep=$3; shift 3
     local b=$((B / (np > 0 ? np : 1)))
     if [ "$np" = 0 ]; then
-        ./train_moe "${COMMON[@]}" -b $B --ckpt-dir "$TMP/$name" --log "$TMP/$name.jsonl" "$@" > "$TMP/$name.out" 2>&1
+        $BIN "${COMMON[@]}" -b $B --ckpt-dir "$TMP/$name" --log "$TMP/$name.jsonl" "$@" > "$TMP/$name.out" 2>&1
     else
-        mpirun -np "$np" ./train_moe "${COMMON[@]}" -b $b --ep "$ep" --ckpt-dir "$TMP/$name" \
+        mpirun -np "$np" $BIN "${COMMON[@]}" -b $b --ep "$ep" --ckpt-dir "$TMP/$name" \
             --log "$TMP/$name.jsonl" "$@" > "$TMP/$name.out" 2>&1
     fi || { bad "$name: run failed"; tail -5 "$TMP/$name.out"; return 1; }
 }
@@ -53,7 +56,7 @@ close() { # name: compare with the single-process run
     d=$(paste <(losses "$TMP/single.jsonl") <(losses "$TMP/$name.jsonl") | awk '{ d = $2 - $4; if (d < 0) d = -d; if (d > m) m = d } END { print m + 0 }')
     awk -v d="$d" 'BEGIN { exit !(d <= 1e-5) }' && ok "$name: losses of 10 steps within $d of the single process" \
         || bad "$name: losses differ by $d"
-    ./moe_ckpt diff "$TMP/single/ckpt_00000010.bin" "$TMP/$name/ckpt_00000010.bin" > "$TMP/$name.diff"
+    $CKPT diff "$TMP/single/ckpt_00000010.bin" "$TMP/$name/ckpt_00000010.bin" > "$TMP/$name.diff"
     awk '$1 == "params" && $3 > 1e-4 { e = 1 } ($1 == "adam_m" || $1 == "adam_v") && $5 > 1e-4 { e = 1 }
          $1 == "bias" && $3 != 0 { e = 1 } END { exit e }' "$TMP/$name.diff" \
         && ok "$name: step-10 checkpoint: $(awk '{ printf "%s %s ", $1, $3 }' "$TMP/$name.diff")" \
@@ -69,7 +72,7 @@ run dp2ep2 4 2 && close dp2ep2
 # EP=2 checkpoint at step 5, resumed with EP=4 on the same 4 ranks.
 run switch 4 2 --run-steps 5 && run switch 4 4 --resume
 if [ -f "$TMP/switch/ckpt_00000010.bin" ]; then
-    ./moe_ckpt diff "$TMP/ep4/ckpt_00000010.bin" "$TMP/switch/ckpt_00000010.bin" > "$TMP/switch.diff"
+    $CKPT diff "$TMP/ep4/ckpt_00000010.bin" "$TMP/switch/ckpt_00000010.bin" > "$TMP/switch.diff"
     awk '$1 == "params" && $3 > 1e-4 { e = 1 } $1 == "bias" && $3 != 0 { e = 1 } END { exit e }' "$TMP/switch.diff" \
         && ok "EP=2 checkpoint resumed under EP=4 matches an EP=4 run: $(awk '{ printf "%s %s ", $1, $3 }' "$TMP/switch.diff")" \
         || { bad "EP 2 -> 4 resume differs:"; cat "$TMP/switch.diff"; }
@@ -78,7 +81,7 @@ else
 fi
 
 # Impossible layouts are refused.
-if mpirun -np 2 ./train_moe "${COMMON[@]}" -b 4 --ep 3 > "$TMP/bad.out" 2>&1; then bad "--ep 3 on 2 ranks accepted"
+if mpirun -np 2 $BIN "${COMMON[@]}" -b 4 --ep 3 > "$TMP/bad.out" 2>&1; then bad "--ep 3 on 2 ranks accepted"
 else ok "--ep 3 on 2 ranks rejected: $(grep -m1 error "$TMP/bad.out")"; fi
 
 echo "test_dist: $([ $fails = 0 ] && echo PASS || echo "FAIL ($fails)")"
