@@ -11,7 +11,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../model/config.h"
 #include "../train/ckpt.h"
+
+// A model with every kind of layer, small enough (1512 parameters) that a
+// checkpoint of it is written in no time.
+static inline MoeConfig ckpt_test_model(void) {
+    MoeConfig c;
+    config_preset(&c, "tiny");
+    c.vocab_size = 16; c.d_model = 8; c.n_layers = 2; c.n_heads = 2; c.seq_len = 8; c.d_ff = 8;
+    c.n_shared = 1; c.n_routed = 4; c.d_expert = 4; c.top_k = 2;
+    return c;
+}
 
 typedef struct {
     int n;

@@ -176,6 +176,15 @@ static void write_file(const char *path, const Buf *b) {
     }
 }
 
+// Writes a text mutant of the len bytes of text to path.
+static void write_text_mutant(const char *path, const char *text, size_t len, const char *const *keys, int n_keys) {
+    Buf b = { 0 };
+    buf_set(&b, text, len);
+    mutate_text(&b, keys, n_keys);
+    write_file(path, &b);
+    free(b.p);
+}
+
 static Buf read_whole(const char *path) {
     Buf b = { 0 };
     FILE *f = fopen(path, "rb");
@@ -262,15 +271,6 @@ static void fuzz_shards(int n) {
 
 // ---------------------------------------------------------------- checkpoints
 
-// A small model, so that a mutant is written in no time.
-static MoeConfig fuzz_model(void) {
-    MoeConfig c;
-    config_preset(&c, "tiny");
-    c.vocab_size = 16; c.d_model = 8; c.n_layers = 2; c.n_heads = 2; c.seq_len = 8; c.d_ff = 8;
-    c.n_shared = 1; c.n_routed = 4; c.d_expert = 4; c.top_k = 2;
-    return c;
-}
-
 // The promises of ckpt_state_load, checked independently on what it accepted.
 static int state_sane(const CkptState *st) {
     char why[512];
@@ -291,7 +291,7 @@ static void fuzz_checkpoints(int n) {
     // The base checkpoint, as the trainer writes one.
     TrainOptions o;
     options_default(&o);
-    CkptState st = { .cfg = fuzz_model(), .step = 5, .loader = { 0, 1, 12345 }, .rng = 99 };
+    CkptState st = { .cfg = ckpt_test_model(), .step = 5, .loader = { 0, 1, 12345 }, .rng = 99 };
     st.n_params = config_total_params(&st.cfg);
     size_t nb = (size_t)config_n_moe(&st.cfg) * (size_t)st.cfg.n_routed, np = (size_t)st.n_params;
     float *mem = calloc(nb + 3 * np, sizeof(float));
@@ -445,11 +445,7 @@ static void fuzz_model_files(int n) {
                            "rope_theta", "init_std", "tie_embeddings", "bogus" };
     int valid = 0, mismatched = 0;
     for (int i = 0; i < n; i++) {
-        Buf b = { 0 };
-        buf_set(&b, text, len);
-        mutate_text(&b, keys, (int)(sizeof keys / sizeof keys[0]));
-        write_file(path, &b);
-        free(b.p);
+        write_text_mutant(path, text, len, keys, (int)(sizeof keys / sizeof keys[0]));
         begin("model file", i);
         config_preset(&c, "tiny");
         if (config_load_file(&c, path, err, sizeof err) != 0) {
@@ -488,11 +484,7 @@ static void fuzz_options_files(int n) {
                            "ep", "resume", "--config", "n-routed", "warmup-steps", "sample-tokens" };
     int valid = 0;
     for (int i = 0; i < n; i++) {
-        Buf b = { 0 };
-        buf_set(&b, text, len);
-        mutate_text(&b, keys, (int)(sizeof keys / sizeof keys[0]));
-        write_file(path, &b);
-        free(b.p);
+        write_text_mutant(path, text, len, keys, (int)(sizeof keys / sizeof keys[0]));
         begin("options file", i);
         char *argv[] = { "fuzz", "--options", path, NULL };
         options_default(&o);

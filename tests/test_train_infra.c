@@ -860,15 +860,6 @@ static void test_ckpt_lock(void) {
           "a directory below a file: '%s'", err);
 }
 
-// A model small enough to write in no time, with every kind of layer.
-static MoeConfig small_model(void) {
-    MoeConfig c;
-    config_preset(&c, "tiny");
-    c.vocab_size = 16; c.d_model = 8; c.n_layers = 2; c.n_heads = 2; c.seq_len = 8; c.d_ff = 8;
-    c.n_shared = 1; c.n_routed = 4; c.d_expert = 4; c.top_k = 2;
-    return c;
-}
-
 // The config's closed-form counts against the layout's tensor-by-tensor sum,
 // the bounds, and overflow.
 static void test_config_counts(void) {
@@ -918,7 +909,7 @@ static void test_config_counts(void) {
 
 // The text form of a checkpoint's model: complete, each field once.
 static void test_config_text(void) {
-    MoeConfig c = small_model(), back;
+    MoeConfig c = ckpt_test_model(), back;
     char *text = NULL, err[512];
     size_t len = 0;
     FILE *m = open_memstream(&text, &len);
@@ -982,7 +973,7 @@ static void test_kv_lines(void) {
 static void test_ckpt_state(void) {
     char path[512], err[1024];
     path_in(path, sizeof path, "state.bin");
-    CkptState st = { .cfg = small_model(), .options = "lr = 0.001\n", .step = 42, .loader = { 1, 2, 3 }, .rng = 7 };
+    CkptState st = { .cfg = ckpt_test_model(), .options = "lr = 0.001\n", .step = 42, .loader = { 1, 2, 3 }, .rng = 7 };
     st.n_params = config_total_params(&st.cfg);
     size_t np = (size_t)st.n_params, nb = (size_t)config_n_moe(&st.cfg) * st.cfg.n_routed;
     float *mem = malloc(sizeof(float) * (3 * np + nb));

@@ -871,13 +871,15 @@ int ckpt_dir_lock(const char *dir, char *err, size_t errlen) {
     if (fd < 0) {
         snprintf(err, errlen, "%s: cannot create the lock file: %s", path, strerror(errno));
     } else if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
-        if (errno == EWOULDBLOCK)
+        if (errno == EWOULDBLOCK) {
             snprintf(err, errlen, "%s is in use by another trainer (it holds %s); two runs writing the same "
                      "checkpoints would overwrite each other", dir, path);
-        else
-            snprintf(err, errlen, "%s: cannot lock: %s", path, strerror(errno));
-        close(fd);
-        fd = -1;
+            close(fd);
+            fd = -1;
+        } else { // some network file systems have no flock: train unprotected rather than not at all
+            fprintf(stderr, "warning: %s: cannot lock (%s): nothing stops a second trainer on this directory\n",
+                    path, strerror(errno));
+        }
     }
     free(path);
     return fd;

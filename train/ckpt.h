@@ -128,7 +128,8 @@ int ckpt_prune(const char *dir, int keep_last, int64_t protect_step, char *err, 
 // Creates dir (and missing parents) if needed, and takes an exclusive flock(2)
 // on dir/CKPT_LOCK_NAME without waiting. Returns the lock's descriptor, or -1
 // with a message in err: dir is not a directory, cannot be created or written,
-// or another process holds the lock.
+// or another process holds the lock. A file system without flock gets a
+// warning on stderr, and the descriptor (unlocked).
 int ckpt_dir_lock(const char *dir, char *err, size_t errlen);
 // Releases the lock (closes the descriptor; a negative fd is ignored).
 void ckpt_dir_unlock(int fd);

@@ -101,7 +101,7 @@ static inline char *util_trim(char *s) {
 
 // Reads the next `key = value` line of f into buf (cap bytes), skipping blank
 // lines and, with comments != 0, everything from a '#' on. *lineno counts the
-// lines read (start it at 0). Returns 1 with *key and *value (trimmed, inside
+// lines read (start it at 0; on an error it is the failing line's number). Returns 1 with *key and *value (trimmed, inside
 // buf), 0 at the end of the file, or -1 with a message "where:LINE: ..." in
 // err for a line of more than cap - 1 characters, a NUL byte, a line without
 // '=', or a read error.
@@ -112,12 +112,11 @@ static inline int util_kv_next(FILE *f, const char *where, int comments, char *b
         int c;
         while ((c = getc(f)) != EOF && c != '\n') {
             if (c == '\0') {
-                util_set_err(err, errlen, "%s:%d: a NUL byte in a text line", where, *lineno + 1);
+                util_set_err(err, errlen, "%s:%d: a NUL byte in a text line", where, ++*lineno);
                 return -1;
             }
             if (n + 1 >= cap) { // no room for this character and the NUL
-                util_set_err(err, errlen, "%s:%d: line longer than %zu characters", where, *lineno + 1,
-                             cap - 1);
+                util_set_err(err, errlen, "%s:%d: line longer than %zu characters", where, ++*lineno, cap - 1);
                 return -1;
             }
             buf[n++] = (char)c;
