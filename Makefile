@@ -7,6 +7,9 @@ CC ?= gcc
 CPU_ARCH ?= native
 CFLAGS ?= -O3
 CFLAGS += -std=c11 -march=$(CPU_ARCH) -fopenmp -ffp-contract=fast -Wall -Wextra -D_GNU_SOURCE
+# Sanitizer flags for compiling and linking (make test-asan sets them).
+SANITIZE ?=
+CFLAGS += $(SANITIZE)
 LDLIBS = -lm
 
 # MPI (several CPU processes) when mpicc exists; USE_MPI=0 builds a single-process trainer.
@@ -28,7 +31,8 @@ MODEL_SRC = model/config.c model/layout.c model/balance.c parallel/ep_layout.c
 COMPUTE_SRC = model/matmul.c model/ops.c model/moe.c model/model.c
 DATA_SRC = data/shard.c data/loader.c
 TOK_SRC = $(filter-out tokenizer/tok_main.c,$(wildcard tokenizer/*.c))
-TRAIN_SRC = train/options.c train/optim.c train/lr.c train/ckpt.c train/trainer.c train/profile.c train/memplan.c
+TRAIN_SRC = train/options.c train/optim.c train/lr.c train/ckpt.c train/ckpt_state.c train/trainer.c train/profile.c \
+            train/memplan.c
 
 f32 = $(patsubst %.c,$(BUILD)/f32/%.o,$(1))
 f64 = $(patsubst %.c,$(BUILD)/f64/%.o,$(1))
@@ -44,10 +48,11 @@ TESTS = $(BUILD)/test_model $(BUILD)/test_gradcheck $(BUILD)/test_reference $(BU
         $(BUILD)/test_data $(BUILD)/test_train_infra $(BUILD)/test_balance $(BUILD)/test_tokenizer \
         $(BUILD)/test_launch $(BUILD)/test_safetensors $(BUILD)/test_dual $(BUILD)/test_trace $(BUILD)/test_replay
 
-.PHONY: all test test-build test-run bench bench-compare bench-gpu gpu-check run clean fixtures
+.PHONY: all test test-build test-run test-cpu test-asan asan-build bench bench-compare bench-gpu gpu-check run clean \
+        fixtures
 all: train_moe moe_ckpt moe_tok moe_prepare moe_replay $(if $(NVCC_FOUND),train_moecu)
 
-HEADERS = $(wildcard model/*.h data/*.h tokenizer/*.h train/*.h parallel/*.h)
+HEADERS = $(wildcard model/*.h data/*.h tokenizer/*.h train/*.h parallel/*.h util/*.h)
 $(BUILD)/f32/%.o: %.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
@@ -62,13 +67,17 @@ $(COMM_OBJ): parallel/comm.c parallel/comm.h
 
 # ---------------------------------------------------------------- programs
 
-train_moe: train_moe.c $(TRAINER32) $(COMM_OBJ)
+# Each program also as $(BUILD)/bin/NAME: the sanitizer build's copies (make test-asan).
+train_moe $(BUILD)/bin/train_moe: train_moe.c $(TRAINER32) $(COMM_OBJ)
+	@mkdir -p $(dir $@)
 	$(LINK_CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
-moe_tok: tokenizer/tok_main.c $(call f32,$(TOK_SRC))
+moe_tok $(BUILD)/bin/moe_tok: tokenizer/tok_main.c $(call f32,$(TOK_SRC))
+	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
-moe_prepare: data/prepare.c $(call f32,data/shard.c $(TOK_SRC))
+moe_prepare $(BUILD)/bin/moe_prepare: data/prepare.c $(call f32,data/shard.c $(TOK_SRC))
+	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
 # The quickstart: corpus, tokenizer, shards, a few minutes of training, a sample.
@@ -77,19 +86,30 @@ run:
 
 # Checkpoint inspection and the Hugging Face export/import (docs/hf.md).
 HF_SRC = train/hf_map.c train/hf_export.c train/hf_import.c train/safetensors.c train/ckpt_model.c train/ckpt.c
-moe_ckpt: train/ckpt_main.c $(call f32,$(HF_SRC) $(MODEL_SRC) $(TOK_SRC))
+moe_ckpt $(BUILD)/bin/moe_ckpt: train/ckpt_main.c $(call f32,$(HF_SRC) $(MODEL_SRC) $(TOK_SRC))
+	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
 # The balancing lab: offline replay of the policy over traces and synthetic streams.
 LAB_SRC = model/dual.c train/trace.c train/stream.c train/hindsight.c train/replay.c train/replay_report.c \
           model/balance.c train/ckpt.c
-moe_replay: train/replay_main.c $(call f32,$(LAB_SRC))
+moe_replay $(BUILD)/bin/moe_replay: train/replay_main.c $(call f32,$(LAB_SRC))
+	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
 # ---------------------------------------------------------------- tests
 
 $(BUILD)/gen_shards: tests/gen_shards.c $(call f32,data/shard.c)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
+$(BUILD)/ckpt_edit: tests/ckpt_edit.c tests/ckpt_rewrite.h $(call f32,train/ckpt.c)
+	$(CC) $(CFLAGS) $(filter %.c %.o,$^) -o $@ $(LDLIBS)
+
+# Seeded mutants of every input format through its loader (tests/fuzz_inputs.c).
+FUZZ_SRC = data/shard.c data/loader.c model/config.c model/layout.c model/balance.c train/ckpt.c \
+           train/ckpt_state.c train/options.c train/lr.c train/optim.c $(TOK_SRC)
+$(BUILD)/fuzz_inputs: tests/fuzz_inputs.c tests/ckpt_rewrite.h $(call f32,$(FUZZ_SRC))
+	$(CC) $(CFLAGS) $(filter %.c %.o,$^) -o $@ $(LDLIBS)
 
 $(BUILD)/test_model: tests/test_model.c $(CORE32)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
@@ -106,8 +126,9 @@ $(BUILD)/test_reference64: tests/test_reference.c tests/fixture.c $(CORE64)
 $(BUILD)/test_data: tests/test_data.c $(call f32,$(DATA_SRC))
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
-$(BUILD)/test_train_infra: tests/test_train_infra.c $(call f32,train/optim.c train/lr.c train/ckpt.c model/layout.c model/config.c)
-	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+$(BUILD)/test_train_infra: tests/test_train_infra.c tests/ckpt_rewrite.h \
+                           $(call f32,train/optim.c train/lr.c train/ckpt.c train/ckpt_state.c model/layout.c model/config.c)
+	$(CC) $(CFLAGS) $(filter %.c %.o,$^) -o $@ $(LDLIBS)
 
 $(BUILD)/test_tokenizer: tests/test_tokenizer.c $(call f32,$(TOK_SRC))
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
@@ -148,9 +169,14 @@ test:
 	$(MAKE) --no-print-directory -j$(JOBS) test-build
 	$(MAKE) --no-print-directory test-run
 
-test-build: train_moe moe_ckpt moe_tok moe_prepare moe_replay $(BUILD)/gen_shards $(BUILD)/hf_logits $(BUILD)/gpu_peak $(TESTS) $(if $(NVCC_FOUND),gpu-build)
+TEST_TOOLS = $(BUILD)/gen_shards $(BUILD)/ckpt_edit $(BUILD)/fuzz_inputs $(BUILD)/hf_logits $(BUILD)/gpu_peak
+test-build: train_moe moe_ckpt moe_tok moe_prepare moe_replay $(TEST_TOOLS) $(TESTS) $(if $(NVCC_FOUND),gpu-build)
 
-test-run: test-build
+# The CPU tests: the C test programs and tools of $(BUILD), the shell tests on
+# the programs in BIN_DIR. test-asan runs the same on the sanitizer build.
+BIN_DIR ?= .
+SH_TEST_ENV = MOE_BIN_DIR=$(BIN_DIR) MOE_BUILD=$(BUILD)
+test-cpu:
 	$(BUILD)/test_model
 	$(BUILD)/test_gradcheck
 	$(BUILD)/test_reference
@@ -165,10 +191,15 @@ test-run: test-build
 	$(BUILD)/test_tokenizer
 	$(BUILD)/test_launch
 	$(BUILD)/test_safetensors
-	bash tests/test_trainer.sh
-	bash tests/test_dist.sh
-	bash tests/test_report.sh
-	bash tests/test_prepare.sh
+	$(BUILD)/fuzz_inputs
+	$(SH_TEST_ENV) bash tests/test_trainer.sh
+	$(SH_TEST_ENV) bash tests/test_inputs.sh
+	$(SH_TEST_ENV) bash tests/test_dist.sh
+	$(SH_TEST_ENV) bash tests/test_report.sh
+	$(SH_TEST_ENV) bash tests/test_prepare.sh
+
+test-run: test-build
+	$(MAKE) --no-print-directory test-cpu
 	bash tests/test_hf.sh $(PY_VENV)
 	./train_moe --config 1b --print-config | grep total
 	bash tests/test_deps.sh
@@ -186,6 +217,21 @@ test-run: test-build
 fixtures:
 	DEPS_VENV=$(PY_VENV) bash scripts/deps.sh $(if $(filter 1,$(NO_INSTALL)),--no-install) venv
 	$(PY_VENV)/bin/python scripts/reference/moe_reference.py --out tests/fixtures
+
+# The C programs and tests built with AddressSanitizer and UndefinedBehavior-
+# Sanitizer (-O1 -g, the first report fatal) into $(BUILD)/asan, then every
+# CPU test (test-cpu) on them; the emulated CUDA code is C++ and not part of
+# it. Leak checks are off: Open MPI's own allocations would fill the reports.
+# OpenMP threads wait passively: spinning ones, slowed down by the sanitizer
+# on a busy machine, took minutes per test instead of seconds.
+ASAN_BUILD = $(BUILD)/asan
+ASAN_FLAGS = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
+test-asan:
+	CFLAGS='-O1 -g' $(MAKE) --no-print-directory -j$(JOBS) BUILD=$(ASAN_BUILD) SANITIZE='$(ASAN_FLAGS)' asan-build
+	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 OMP_WAIT_POLICY=passive \
+	    $(MAKE) --no-print-directory BUILD=$(ASAN_BUILD) BIN_DIR=$(ASAN_BUILD)/bin test-cpu
+
+asan-build: $(addprefix $(BUILD)/bin/,train_moe moe_ckpt moe_tok moe_prepare moe_replay) $(TEST_TOOLS) $(TESTS)
 
 # ---------------------------------------------------------------- benchmarks
 

@@ -21,6 +21,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "../util/file.h"
 #include "../util/util.h"
 
 // Header field offsets (bytes from the start of the file).
@@ -325,24 +326,15 @@ static int check_size(const char *path, const ShardHeader *h, uint64_t file_byte
 
 int shard_open(Shard *s, const char *path, char *err, size_t errlen) {
     memset(s, 0, sizeof *s);
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) {
-        util_set_err(err, errlen, "%s: cannot open: %s", path, strerror(errno));
-        return -1;
-    }
-    struct stat st;
+    // A regular file only: opening a FIFO would wait for a writer, and a
+    // device has no size to check the header against.
+    uint64_t file_bytes;
+    int fd = util_open_regular(path, 0, &file_bytes, err, errlen);
+    if (fd < 0) return -1;
     uint8_t buf[SHARD_HEADER_SIZE];
-    if (fstat(fd, &st) != 0) {
-        util_set_err(err, errlen, "%s: cannot stat: %s", path, strerror(errno));
-        goto fail;
-    }
-    if (!S_ISREG(st.st_mode)) {
-        util_set_err(err, errlen, "%s: not a regular file", path);
-        goto fail;
-    }
-    if ((uint64_t)st.st_size < SHARD_HEADER_SIZE) {
+    if (file_bytes < SHARD_HEADER_SIZE) {
         util_set_err(err, errlen, "%s: file has %" PRIu64 " bytes, fewer than the %u-byte shard header",
-                path, (uint64_t)st.st_size, SHARD_HEADER_SIZE);
+                path, file_bytes, SHARD_HEADER_SIZE);
         goto fail;
     }
     if (read_exact(fd, buf, sizeof buf, 0) != 0) {
@@ -350,13 +342,13 @@ int shard_open(Shard *s, const char *path, char *err, size_t errlen) {
         goto fail;
     }
     if (shard_header_decode(buf, path, &s->header, err, errlen) != 0) goto fail;
-    if (check_size(path, &s->header, (uint64_t)st.st_size, err, errlen) != 0) goto fail;
+    if (check_size(path, &s->header, file_bytes, err, errlen) != 0) goto fail;
     s->path = dup_str(path);
     if (!s->path) {
         util_set_err(err, errlen, "%s: out of memory", path);
         goto fail;
     }
-    s->map_bytes = (size_t)st.st_size;
+    s->map_bytes = (size_t)file_bytes;
     void *m = mmap(NULL, s->map_bytes, PROT_READ, MAP_PRIVATE, fd, 0);
     if (m == MAP_FAILED) {
         util_set_err(err, errlen, "%s: mmap of %zu bytes failed: %s", path, s->map_bytes, strerror(errno));

@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../util/file.h"
+
 // ----------------------------------------------------------------------------
 // The field table
 
@@ -103,54 +105,63 @@ void config_write(const MoeConfig *c, FILE *f) {
     }
 }
 
-// Strips leading and trailing blanks in place.
-static char *config_trim(char *s) {
-    while (*s == ' ' || *s == '\t') s++;
-    char *e = s + strlen(s);
-    while (e > s && (e[-1] == ' ' || e[-1] == '\t' || e[-1] == '\n' || e[-1] == '\r')) *--e = '\0';
-    return s;
-}
-
 int config_load_file(MoeConfig *c, const char *path, char *err, size_t errlen) {
-    FILE *f = fopen(path, "r");
-    if (!f) {
-        snprintf(err, errlen, "cannot open config file %s: %s", path, strerror(errno));
-        return -1;
-    }
-    char line[1024];
-    int lineno = 0, rc = 0;
-    while (fgets(line, sizeof line, f)) {
-        lineno++;
-        char *hash = strchr(line, '#');
-        if (hash) *hash = '\0';
-        char *s = config_trim(line);
-        if (*s == '\0') continue;
-        char *eq = strchr(s, '=');
-        if (!eq) {
-            snprintf(err, errlen, "%s:%d: expected key=value, got '%s'", path, lineno, s);
-            rc = -1;
+    FILE *f = util_fopen_regular(path, "r", CONFIG_MAX_FILE_BYTES, err, errlen);
+    if (!f) return -1;
+    char line[1024], *key, *val;
+    int lineno = 0, r;
+    while ((r = util_kv_next(f, path, 1, line, sizeof line, &lineno, &key, &val, err, errlen)) == 1) {
+        int set = config_set(c, key, val);
+        if (set == -1) util_set_err(err, errlen, "%s:%d: unknown model field '%s'", path, lineno, key);
+        if (set == -2) util_set_err(err, errlen, "%s:%d: bad value '%s' for field '%s'", path, lineno, val, key);
+        if (set != 0) {
+            r = -1;
             break;
         }
-        *eq = '\0';
-        char *key = config_trim(s), *val = config_trim(eq + 1);
-        int r = config_set(c, key, val);
-        if (r == -1) {
-            snprintf(err, errlen, "%s:%d: unknown model field '%s'", path, lineno, key);
-            rc = -1;
-            break;
-        }
-        if (r == -2) {
-            snprintf(err, errlen, "%s:%d: bad value '%s' for field '%s'", path, lineno, val, key);
-            rc = -1;
-            break;
-        }
-    }
-    if (rc == 0 && ferror(f)) {
-        snprintf(err, errlen, "error reading config file %s", path);
-        rc = -1;
     }
     fclose(f);
-    return rc;
+    return r == 0 ? 0 : -1;
+}
+
+int config_parse_text(MoeConfig *c, const char *text, size_t len, const char *where, char *err, size_t errlen) {
+    memset(c, 0, sizeof *c);
+    int seen[N_FIELDS] = { 0 };
+    // fmemopen cannot open 0 bytes; an empty text simply misses every field.
+    FILE *f = len > 0 ? fmemopen((void *)text, len, "r") : NULL;
+    if (len > 0 && !f) {
+        util_set_err(err, errlen, "%s: fmemopen: %s", where, strerror(errno));
+        return -1;
+    }
+    char line[1024], *key, *val;
+    int lineno = 0, r = 0;
+    while (f && (r = util_kv_next(f, where, 0, line, sizeof line, &lineno, &key, &val, err, errlen)) == 1) {
+        const ConfigField *fd = config_find(key);
+        int i = fd ? (int)(fd - config_fields) : -1;
+        if (!fd) util_set_err(err, errlen, "%s:%d: unknown model field '%s'", where, lineno, key);
+        else if (seen[i]) util_set_err(err, errlen, "%s:%d: field '%s' appears twice", where, lineno, key);
+        else if (config_set(c, key, val) != 0)
+            util_set_err(err, errlen, "%s:%d: bad value '%s' for field '%s'", where, lineno, val, key);
+        else {
+            seen[i] = 1;
+            continue;
+        }
+        r = -1;
+        break;
+    }
+    if (f) fclose(f);
+    if (r != 0) return -1;
+    // No defaults: a config with a field missing is not the model that was saved.
+    for (int i = 0; i < N_FIELDS; i++)
+        if (!seen[i]) {
+            util_set_err(err, errlen, "%s: field '%s' is missing", where, config_fields[i].name);
+            return -1;
+        }
+    char why[512];
+    if (config_validate(c, why, sizeof why) != 0) {
+        util_set_err(err, errlen, "%s: %s", where, why);
+        return -1;
+    }
+    return 0;
 }
 
 // ----------------------------------------------------------------------------
@@ -198,68 +209,90 @@ int config_preset(MoeConfig *c, const char *name) {
 }
 
 // ----------------------------------------------------------------------------
-// Validation
+// Counts, with overflow checks: a config is validated by counting it, so the
+// count must survive any sizes a file or a command line can hold.
 
-int config_validate(const MoeConfig *c, char *err, size_t errlen) {
-#define CHECK(cond, ...) do { if (!(cond)) { snprintf(err, errlen, __VA_ARGS__); return -1; } } while (0)
-    CHECK(c->vocab_size >= 2, "vocab_size must be >= 2 (got %d)", c->vocab_size);
-    CHECK(c->d_model >= 2, "d_model must be >= 2 (got %d)", c->d_model);
-    CHECK(c->n_layers >= 1, "n_layers must be >= 1 (got %d)", c->n_layers);
-    CHECK(c->n_heads >= 1 && c->d_model % c->n_heads == 0,
-          "n_heads (%d) must divide d_model (%d)", c->n_heads, c->d_model);
-    CHECK(config_head_dim(c) % 2 == 0, "head_dim = d_model / n_heads = %d must be even for RoPE",
-          config_head_dim(c));
-    CHECK(c->seq_len >= 1, "seq_len must be >= 1 (got %d)", c->seq_len);
-    CHECK(c->n_dense >= 0 && c->n_dense <= c->n_layers,
-          "n_dense (%d) must be between 0 and n_layers (%d)", c->n_dense, c->n_layers);
-    CHECK(c->n_dense == 0 || c->d_ff >= 1, "d_ff must be >= 1 when n_dense > 0 (got %d)", c->d_ff);
-    if (config_n_moe(c) > 0) {
-        CHECK(c->n_routed >= 1, "n_routed must be >= 1 when there are MoE layers (got %d)", c->n_routed);
-        CHECK(c->top_k >= 1 && c->top_k <= c->n_routed,
-              "top_k (%d) must be between 1 and n_routed (%d)", c->top_k, c->n_routed);
-        CHECK(c->n_shared >= 0, "n_shared must be >= 0 (got %d)", c->n_shared);
-        CHECK(c->d_expert >= 1, "d_expert must be >= 1 (got %d)", c->d_expert);
-        CHECK(c->gate != GATE_SOFTMAX || c->n_routed >= 2, "softmax gate needs n_routed >= 2");
+// a * b + c, or *ovf set (and 0) when it does not fit an int64_t.
+static int64_t count_mad(int64_t a, int64_t b, int64_t c, int *ovf) {
+    int64_t ab, r;
+    if (__builtin_mul_overflow(a, b, &ab) || __builtin_add_overflow(ab, c, &r)) {
+        *ovf = 1;
+        return 0;
     }
-    CHECK(c->norm_topk == 0 || c->norm_topk == 1, "norm_topk must be 0 or 1 (got %d)", c->norm_topk);
-    CHECK(c->tie_embeddings == 0 || c->tie_embeddings == 1, "tie_embeddings must be 0 or 1 (got %d)",
-          c->tie_embeddings);
-    CHECK(c->route_scale > 0, "route_scale must be > 0 (got %g)", c->route_scale);
-    CHECK(c->rms_eps > 0, "rms_eps must be > 0 (got %g)", c->rms_eps);
-    CHECK(c->rope_theta > 1, "rope_theta must be > 1 (got %g)", c->rope_theta);
-    CHECK(c->init_std > 0, "init_std must be > 0 (got %g)", c->init_std);
-#undef CHECK
-    return 0;
+    return r;
 }
 
-// ----------------------------------------------------------------------------
-// Counts
-
-static int64_t config_attn_params(const MoeConfig *c) {
-    int64_t d = c->d_model;
-    return 4 * d * d + d; // wqkv (3d x d), wo (d x d), attn_norm
-}
-
-static int64_t config_ffn_params(const MoeConfig *c, int layer, int active) {
-    int64_t d = c->d_model;
-    if (!config_is_moe(c, layer)) return 3 * d * c->d_ff + d;
-    int64_t per_expert = 3 * d * c->d_expert;
-    int64_t routed = active ? c->top_k : c->n_routed;
-    return (int64_t)c->n_routed * d + (c->n_shared + routed) * per_expert + d;
+// Parameters of the whole model, or with active != 0 those one token uses.
+// In closed form per kind of layer (a loop over layers would take seconds for
+// a corrupt n_layers of 2e9).
+static int64_t config_count(const MoeConfig *c, int active, int *ovf) {
+    int64_t d = c->d_model, V = c->vocab_size, n_moe = config_n_moe(c);
+    int64_t attn = count_mad(4 * d, d, d, ovf);                       // wqkv (3d x d), wo (d x d), attn_norm
+    int64_t dense = count_mad(3 * d, c->d_ff, d, ovf);                // w13 (2 d_ff x d), w2 (d x d_ff), ffn_norm
+    int64_t experts = (int64_t)c->n_shared + (active ? c->top_k : c->n_routed);
+    int64_t moe = count_mad(count_mad(3 * d, c->d_expert, 0, ovf), experts,
+                            count_mad(c->n_routed, d, d, ovf), ovf);  // experts, router, ffn_norm
+    int64_t layers = count_mad(attn, c->n_layers, 0, ovf);
+    layers = count_mad(dense, c->n_dense, layers, ovf);
+    layers = count_mad(moe, n_moe, layers, ovf);
+    // The final norm and the LM head: in active always (tied or not, its
+    // matmul runs); in the total the embedding, and the head when untied.
+    int64_t head = active ? count_mad(V, d, d, ovf)
+                          : count_mad(V, c->tie_embeddings ? d : 2 * d, d, ovf);
+    int64_t n = 0;
+    if (__builtin_add_overflow(layers, head, &n)) *ovf = 1;
+    return *ovf ? -1 : n;
 }
 
 int64_t config_total_params(const MoeConfig *c) {
-    int64_t d = c->d_model, V = c->vocab_size;
-    int64_t n = V * d + d + (c->tie_embeddings ? 0 : V * d);
-    for (int l = 0; l < c->n_layers; l++) n += config_attn_params(c) + config_ffn_params(c, l, 0);
-    return n;
+    int ovf = 0;
+    return config_count(c, 0, &ovf);
 }
 
 int64_t config_active_params(const MoeConfig *c) {
-    int64_t d = c->d_model, V = c->vocab_size;
-    int64_t n = d + V * d; // final norm + LM head (tied or not, its matmul runs)
-    for (int l = 0; l < c->n_layers; l++) n += config_attn_params(c) + config_ffn_params(c, l, 1);
-    return n;
+    int ovf = 0;
+    return config_count(c, 1, &ovf);
+}
+
+// ----------------------------------------------------------------------------
+// Validation
+
+int config_validate(const MoeConfig *c, char *err, size_t errlen) {
+#define CHECK(cond, ...) do { if (!(cond)) { util_set_err(err, errlen, __VA_ARGS__); return -1; } } while (0)
+#define RANGE(field, lo, hi) CHECK(c->field >= (lo) && c->field <= (hi), #field " must be in [%d, %d] (got %d)", \
+                                   (int)(lo), (int)(hi), c->field)
+    // Every field within its bounds first: the checks below multiply them.
+    RANGE(vocab_size, 2, CONFIG_MAX_VOCAB);
+    RANGE(d_model, 2, CONFIG_MAX_D_MODEL);
+    RANGE(n_layers, 1, CONFIG_MAX_LAYERS);
+    RANGE(n_heads, 1, c->d_model);
+    RANGE(seq_len, 1, CONFIG_MAX_SEQ_LEN);
+    RANGE(n_dense, 0, c->n_layers);
+    RANGE(d_ff, c->n_dense > 0 ? 1 : 0, CONFIG_MAX_HIDDEN);
+    RANGE(n_shared, 0, CONFIG_MAX_EXPERTS);
+    RANGE(n_routed, config_n_moe(c) > 0 ? 1 : 0, CONFIG_MAX_EXPERTS);
+    RANGE(d_expert, config_n_moe(c) > 0 ? 1 : 0, CONFIG_MAX_HIDDEN);
+    RANGE(top_k, config_n_moe(c) > 0 ? 1 : 0, c->n_routed);
+    RANGE(gate, GATE_SIGMOID, GATE_SOFTMAX);
+    RANGE(norm_topk, 0, 1);
+    RANGE(tie_embeddings, 0, 1);
+#undef RANGE
+    CHECK(c->d_model % c->n_heads == 0, "n_heads (%d) must divide d_model (%d)", c->n_heads, c->d_model);
+    CHECK(config_head_dim(c) % 2 == 0, "head_dim = d_model / n_heads = %d must be even for RoPE",
+          config_head_dim(c));
+    CHECK((int64_t)c->n_shared * c->d_expert <= CONFIG_MAX_HIDDEN,
+          "n_shared x d_expert = %d x %d must be <= %d", c->n_shared, c->d_expert, CONFIG_MAX_HIDDEN);
+    CHECK(config_n_moe(c) == 0 || c->gate != GATE_SOFTMAX || c->n_routed >= 2, "softmax gate needs n_routed >= 2");
+    CHECK(isfinite(c->route_scale) && c->route_scale > 0, "route_scale must be > 0 (got %g)", c->route_scale);
+    CHECK(isfinite(c->rms_eps) && c->rms_eps > 0, "rms_eps must be > 0 (got %g)", c->rms_eps);
+    CHECK(isfinite(c->rope_theta) && c->rope_theta > 1, "rope_theta must be > 1 (got %g)", c->rope_theta);
+    CHECK(isfinite(c->init_std) && c->init_std > 0, "init_std must be > 0 (got %g)", c->init_std);
+    int64_t total = config_total_params(c);
+    CHECK(total >= 0 && total <= CONFIG_MAX_PARAMS, "the model has %s%lld parameters, more than %lld",
+          total < 0 ? "over " : "", total < 0 ? (long long)INT64_MAX : (long long)total,
+          (long long)CONFIG_MAX_PARAMS);
+#undef CHECK
+    return 0;
 }
 
 double config_train_flops_per_token(const MoeConfig *c, int T) {

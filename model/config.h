@@ -30,6 +30,20 @@ typedef struct {
     int tie_embeddings; // 1: the LM head reuses the token embedding
 } MoeConfig;
 
+// The largest sizes config_validate accepts: generous for any model this
+// trainer can hold, small enough that every size the code derives from them
+// (3 d, 2 d_ff, n_shared x d_expert, offsets into the parameter buffer) fits
+// its integer type, and that counting parameters never overflows.
+#define CONFIG_MAX_VOCAB 2147483647   // token ids are int32
+#define CONFIG_MAX_D_MODEL 65536
+#define CONFIG_MAX_LAYERS 1024
+#define CONFIG_MAX_SEQ_LEN 1048576
+#define CONFIG_MAX_HIDDEN 1048576     // d_ff, d_expert and n_shared x d_expert
+#define CONFIG_MAX_EXPERTS 65536      // n_routed, n_shared
+#define CONFIG_MAX_PARAMS ((int64_t)1 << 40) // parameters in all (4 TiB in fp32)
+// A model file is a few hundred bytes; anything beyond this is not one.
+#define CONFIG_MAX_FILE_BYTES (1 << 20)
+
 // Fills *c with the named preset ("tiny", "small", "1b", "3b"). Returns 0, or -1
 // for an unknown name.
 int config_preset(MoeConfig *c, const char *name);
@@ -38,11 +52,21 @@ int config_preset(MoeConfig *c, const char *name);
 int config_set(MoeConfig *c, const char *key, const char *value);
 // True when key names a model field.
 int config_has_key(const char *key);
-// Reads a key=value file ('#' comments, blank lines allowed) on top of *c.
-// On error writes a message naming the file and line into err and returns -1.
+// Reads a key=value file ('#' comments, blank lines allowed) on top of *c:
+// a regular file of at most CONFIG_MAX_FILE_BYTES, lines of at most 1023
+// characters. On error writes a message naming the file and line into err
+// and returns -1.
 int config_load_file(MoeConfig *c, const char *path, char *err, size_t errlen);
-// Checks that the sizes can work together. On error writes a message naming
-// the offending fields into err and returns -1.
+// Reads a complete config from the text of len bytes that config_write
+// produced (a checkpoint's model_config section): every field exactly once,
+// nothing else, and a config that config_validate accepts. `where` names the
+// text in messages. Returns 0, or -1 with a message in err (*c unspecified).
+int config_parse_text(MoeConfig *c, const char *text, size_t len, const char *where, char *err, size_t errlen);
+// Checks that the sizes can work together and lie within the CONFIG_MAX_
+// bounds, and that the parameter count fits CONFIG_MAX_PARAMS. On error
+// writes a message naming the offending fields into err and returns -1. Every
+// path that builds a model from a config (options, model files, checkpoints,
+// the tools) goes through it first.
 int config_validate(const MoeConfig *c, char *err, size_t errlen);
 // The fields in which a and b differ (except the field named `ignore`, when
 // not NULL), as a comma-separated list of names in out. Returns their number.
@@ -60,6 +84,8 @@ static inline int config_is_moe(const MoeConfig *c, int layer) { return layer >=
 // except the routed experts it does not use (top_k of n_routed) and the
 // embedding rows of other tokens (the embedding lookup costs no FLOPs, so it is
 // left out of active, as in the DeepSeekMoE papers' activated-parameter figures).
+// Computed with overflow checks: -1 when the count does not fit an int64_t
+// (config_validate rejects such a config).
 int64_t config_total_params(const MoeConfig *c);
 int64_t config_active_params(const MoeConfig *c);
 // Training FLOPs per token (forward + backward = 3x forward), matmuls plus the

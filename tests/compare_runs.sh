@@ -29,7 +29,7 @@ run_close() {
         bad "$what: $1 of $steps steps; losses differ by $2 (tol $tl), gradient norms by $3 relative (tol $tn):"
         echo "step loss grad_norm | step loss grad_norm"; join <(run_steps "$la") <(run_steps "$lb")
     fi
-    ./moe_ckpt diff "$ca" "$cb" > "$TMP/run_close.diff" 2>&1
+    "${MOE_BIN_DIR:-.}/moe_ckpt" diff "$ca" "$cb" > "$TMP/run_close.diff" 2>&1
     if awk -v tp="$tp" -v tm="$tm" '$1 == "params" { p = 1; if ($3 > tp) e = 1 } $1 == "bias" { b = 1; if ($3 != 0) e = 1 }
             ($1 == "adam_m" || $1 == "adam_v") && $5 > tm { e = 1 } END { exit e || !p || !b }' "$TMP/run_close.diff"; then
         ok "$what: checkpoints (tol params $tp abs, moments $tm rel, biases exact): $(awk '$1 == "params" || $1 == "bias" { printf "%s %s, ", $1, $3 } $1 ~ /^adam/ { printf "%s %s ", $1, $5 }' "$TMP/run_close.diff")"

@@ -15,6 +15,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -182,6 +183,13 @@ static void make_fixture(uint8_t *b) {
 }
 
 // Writes a 10-token shard (vocab 1000), lets `corrupt` edit its bytes, and
+static void on_hang(int sig) {
+    (void)sig;
+    static const char msg[] = "FAIL a reader blocked on a FIFO (alarm)\n";
+    if (write(1, msg, sizeof msg - 1) < 0) {}
+    _exit(1);
+}
+
 // checks that shard_open fails with a message naming the file and containing `want`.
 static void expect_bad(const char *name, void (*corrupt)(uint8_t *b, size_t *n), const char *want) {
     char p[1024];
@@ -229,6 +237,21 @@ static void test_bad_shards(void) {
     Shard s;
     path_in(p, "missing.bin");
     check(shard_open(&s, p, g_err, sizeof g_err) != 0 && contains(g_err, p), "a missing file: %s", g_err);
+    // A FIFO named like a shard: refused at once (opening it would wait for a
+    // writer; the alarm ends the test if it does).
+    path_in(p, "fifo.bin");
+    if (mkfifo(p, 0600) == 0) {
+        signal(SIGALRM, on_hang);
+        alarm(20);
+        int rc = shard_open(&s, p, g_err, sizeof g_err);
+        alarm(0);
+        check(rc != 0 && contains(g_err, p) && contains(g_err, "a FIFO, not a regular file"), "a FIFO: %s", g_err);
+        unlink(p);
+    } else {
+        check(0, "mkfifo %s failed", p);
+    }
+    check(shard_open(&s, "/dev/zero", g_err, sizeof g_err) != 0 && contains(g_err, "a character device"),
+          "/dev/zero: %s", g_err);
 
     // The uncorrupted fixture opens: the rejections above are the corruptions' doing.
     uint8_t b[84];

@@ -18,8 +18,11 @@
 #    whole model) and continues like an uninterrupted EP=4 run (the same
 #    tolerances; measured: parameters 3.0e-7).
 set -u
+# MOE_BIN_DIR holds the programs, MOE_BUILD the test tools (make test-asan: the sanitizer build).
+BIN=${MOE_BIN_DIR:-.}/train_moe
+CKPT=${MOE_BIN_DIR:-.}/moe_ckpt
 cd "$(dirname "$0")/.."
-if ! command -v mpirun > /dev/null || ! ./train_moe --help > /dev/null 2>&1; then
+if ! command -v mpirun > /dev/null || ! $BIN --help > /dev/null 2>&1; then
     echo "FAIL: mpirun or train_moe missing (install openmpi-bin libopenmpi-dev, then make)"; exit 1
 fi
 # CI runs as root; Open MPI refuses that unless told.
@@ -30,7 +33,7 @@ fails=0
 ok() { echo "ok   $*"; }
 bad() { echo "FAIL $*"; fails=$((fails + 1)); }
 
-./build/gen_shards "$TMP" 64 100000 10000 3 || exit 1
+${MOE_BUILD:-build}/gen_shards "$TMP" 64 100000 10000 3 || exit 1
 COMMON=(--config tiny --train-data "$TMP/train_*.bin" --val-data "$TMP/val_*.bin" --lr 1e-2 --warmup-steps 2
         --steps 10 --threads 1 --print-every 100 --init-std 0.1 --eval-batches 2 --ckpt-every 5 --keep-last 0)
 B=8
@@ -39,9 +42,9 @@ run() { # name ranks ep [extra...]
     local name=$1 np=$2 ep=$3; shift 3
     local b=$((B / (np > 0 ? np : 1)))
     if [ "$np" = 0 ]; then
-        ./train_moe "${COMMON[@]}" -b $B --ckpt-dir "$TMP/$name" --log "$TMP/$name.jsonl" "$@" > "$TMP/$name.out" 2>&1
+        $BIN "${COMMON[@]}" -b $B --ckpt-dir "$TMP/$name" --log "$TMP/$name.jsonl" "$@" > "$TMP/$name.out" 2>&1
     else
-        mpirun -np "$np" ./train_moe "${COMMON[@]}" -b $b --ep "$ep" --ckpt-dir "$TMP/$name" \
+        mpirun -np "$np" $BIN "${COMMON[@]}" -b $b --ep "$ep" --ckpt-dir "$TMP/$name" \
             --log "$TMP/$name.jsonl" "$@" > "$TMP/$name.out" 2>&1
     fi || { bad "$name: run failed"; tail -5 "$TMP/$name.out"; return 1; }
 }
@@ -75,7 +78,7 @@ else
 fi
 
 # Impossible layouts are refused.
-if mpirun -np 2 ./train_moe "${COMMON[@]}" -b 4 --ep 3 > "$TMP/bad.out" 2>&1; then bad "--ep 3 on 2 ranks accepted"
+if mpirun -np 2 $BIN "${COMMON[@]}" -b 4 --ep 3 > "$TMP/bad.out" 2>&1; then bad "--ep 3 on 2 ranks accepted"
 else ok "--ep 3 on 2 ranks rejected: $(grep -m1 error "$TMP/bad.out")"; fi
 
 echo "test_dist: $([ $fails = 0 ] && echo PASS || echo "FAIL ($fails)")"

@@ -8,8 +8,10 @@
 # the rules in docs/prepare.md. Needs python3; takes a few seconds.
 set -u
 cd "$(dirname "$0")/.." || exit 1
-PREP=./moe_prepare
-TOKBIN=./moe_tok
+# MOE_BIN_DIR: where the programs are (make test-asan: the sanitizer build).
+export MOE_BIN_DIR=${MOE_BIN_DIR:-.}
+PREP=$MOE_BIN_DIR/moe_prepare
+TOKBIN=$MOE_BIN_DIR/moe_tok
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 fails=0
@@ -91,7 +93,7 @@ def split(docs, frac):
     return train, val
 
 def tok_info(tok):
-    out = subprocess.run(["./moe_tok", "info", tok, "--merges", "0"], capture_output=True, text=True).stdout
+    out = subprocess.run([os.environ["MOE_BIN_DIR"] + "/moe_tok", "info", tok, "--merges", "0"], capture_output=True, text=True).stdout
     m = re.search(r"vocab size (\d+),.*end-of-text id (\d+)", out)
     return int(m.group(1)), int(m.group(2))
 
@@ -127,7 +129,7 @@ def decode_docs(tok, ids, eot, problems, what):
             cur.append(t)
     out = []
     for d in docs:
-        r = subprocess.run(["./moe_tok", "decode", "--tokenizer", tok],
+        r = subprocess.run([os.environ["MOE_BIN_DIR"] + "/moe_tok", "decode", "--tokenizer", tok],
                            input=" ".join(map(str, d)).encode(), capture_output=True)
         if r.returncode != 0:
             problems.append("%s: moe_tok decode failed: %s" % (what, r.stderr.decode()))

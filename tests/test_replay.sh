@@ -18,8 +18,9 @@ trap 'rm -rf "$TMP"' EXIT
 fails=0
 ok() { echo "ok   $*"; }
 bad() { echo "FAIL $*"; fails=$((fails + 1)); }
-[ -x ./moe_replay ] || { echo "FAIL: build first (make moe_replay)"; exit 1; }
-R=(./moe_replay --threads 2)
+MOE_REPLAY=${MOE_BIN_DIR:-.}/moe_replay # MOE_BIN_DIR: the sanitizer build (make test-asan)
+[ -x "$MOE_REPLAY" ] || { echo "FAIL: build first (make moe_replay)"; exit 1; }
+R=("$MOE_REPLAY" --threads 2)
 
 # 1. Refusals.
 "${R[@]}" --help > "$TMP/help" && grep -q -- "--gamma-schedule" "$TMP/help" && grep -q -- "--stream" "$TMP/help" \

@@ -32,12 +32,13 @@ if [ -z "$PY" ]; then
 fi
 REPORT=(scripts/report.py)
 
-[ -x ./train_moe ] && [ -x build/gen_shards ] || { echo "FAIL: build first (make train_moe build/gen_shards)"; exit 1; }
-./build/gen_shards "$TMP" 64 200000 20000 1 > /dev/null || { echo "FAIL gen_shards"; exit 1; }
+BIN=${MOE_BIN_DIR:-.}/train_moe GEN=${MOE_BUILD:-build}/gen_shards
+[ -x "$BIN" ] && [ -x "$GEN" ] || { echo "FAIL: build first (make train_moe build/gen_shards)"; exit 1; }
+"$GEN" "$TMP" 64 200000 20000 1 > /dev/null || { echo "FAIL gen_shards"; exit 1; }
 COMMON=(--config tiny --train-data "$TMP/train_*.bin" -b 8 --lr 3e-3 --warmup-steps 5 --threads 2
         --print-every 1000)
 VAL=(--val-data "$TMP/val_*.bin")
-train() { ./train_moe "${COMMON[@]}" "$@" > "$TMP/train.out" 2>&1 || { bad "train_moe $* failed:"; cat "$TMP/train.out"; }; }
+train() { "$BIN" "${COMMON[@]}" "$@" > "$TMP/train.out" 2>&1 || { bad "train_moe $* failed:"; cat "$TMP/train.out"; }; }
 
 # 1. The runs.
 train "${VAL[@]}" --steps 40 --eval-every 20 --log-loads-every 5 --log "$TMP/alf.jsonl"

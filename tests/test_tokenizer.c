@@ -9,10 +9,12 @@
 // a separate bytes_to_unicode table, a bitwise CRC-32.
 #define _POSIX_C_SOURCE 200809L
 
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -387,6 +389,13 @@ static void patch_u32(unsigned char *img, size_t len, size_t off, uint32_t v) {
     for (int k = 0; k < 4; k++) img[len - 4 + (size_t)k] = (unsigned char)(c >> (8 * k));
 }
 
+static void on_hang(int sig) {
+    (void)sig;
+    static const char msg[] = "FAIL a reader blocked on a FIFO (alarm)\n";
+    if (write(1, msg, sizeof msg - 1) < 0) {}
+    _exit(1);
+}
+
 static void expect_reject(const char *path, const void *img, size_t len, const char *what, const char *needle) {
     char err[512] = "";
     write_bytes(path, img, len);
@@ -467,6 +476,21 @@ static void test_save_load(const Tokenizer *t) {
     free(img);
     check(tok_load("no/such/dir/x.tok", err, sizeof err) == NULL && strstr(err, "no/such/dir/x.tok"),
           "a missing file: \"%s\"", err);
+    // Only regular files: /dev/zero would be read until memory runs out, a
+    // FIFO would block until a writer came (the alarm ends the test then).
+    check(tok_load("/dev/zero", err, sizeof err) == NULL && strstr(err, "/dev/zero: a character device"),
+          "/dev/zero refused: \"%s\"", err);
+    remove(bad);
+    if (mkfifo(bad, 0600) == 0) {
+        signal(SIGALRM, on_hang);
+        alarm(20);
+        Tokenizer *f = tok_load(bad, err, sizeof err);
+        alarm(0);
+        check(f == NULL && strstr(err, bad) && strstr(err, "a FIFO, not a regular file"), "a FIFO refused: \"%s\"", err);
+        tok_free(f);
+    } else {
+        check(0, "mkfifo %s failed", bad);
+    }
     remove(path);
     remove(bad);
 }

@@ -1,6 +1,9 @@
 // Tests of the host-side training infrastructure: AdamW and gradient norm
-// (train/optim.c), learning-rate schedules and their options (train/lr.c), and
-// the checkpoint container and directory helpers (train/ckpt.c).
+// (train/optim.c), learning-rate schedules and their options (train/lr.c),
+// the checkpoint container and directory helpers with the directory lock
+// (train/ckpt.c), a training checkpoint's checked content (train/ckpt_state.c),
+// the model config's validation, counts and text form (model/config.c), and
+// the key=value line reader (util/file.h).
 // Prints one line per check with the measured numbers; exits 1 on any failure.
 #ifndef _POSIX_C_SOURCE
 #define _POSIX_C_SOURCE 200809L  // mkdtemp, fork, setrlimit
@@ -23,9 +26,14 @@
 #endif
 
 #include "check.h"
+#include "../model/config.h"
+#include "../model/layout.h"
 #include "../train/ckpt.h"
+#include "../train/ckpt_state.h"
 #include "../train/lr.h"
 #include "../train/optim.h"
+#include "../util/file.h"
+#include "ckpt_rewrite.h"
 
 
 // |a - b| <= tol * max(1, |b|)
@@ -784,6 +792,239 @@ static void test_ckpt_dir(void) {
     check(rc == 0, "prune keep 0 deletes nothing (%d)", rc);
 }
 
+// A header whose reserved bytes are not zero, its checksum recomputed: the
+// checksum cannot catch it, the reader must.
+static void test_ckpt_reserved(const char *path) {
+    long size;
+    uint8_t *b = slurp(path, &size);
+    if (!b) {
+        check(0, "cannot read back %s", path);
+        return;
+    }
+    b[40] = 1;
+    uint64_t h = ckpt_hash(b, 56);
+    for (int i = 0; i < 8; i++) b[56 + i] = (uint8_t)(h >> (8 * i));
+    expect_rejected("a non-zero reserved header byte (valid header checksum)", b, size, "reserved header byte 40");
+    free(b);
+}
+
+static void on_hang(int sig) {
+    (void)sig;
+    static const char msg[] = "FAIL a reader blocked on a FIFO (alarm)\n";
+    if (write(1, msg, sizeof msg - 1) < 0) {}
+    _exit(1);
+}
+
+// A FIFO named like a checkpoint: refused at once (opening it for reading
+// would otherwise wait for a writer forever; the alarm catches that).
+static void test_ckpt_fifo(void) {
+    char fifo[512], err[1024] = "";
+    path_in(fifo, sizeof fifo, "ckpt_fifo.bin");
+    if (mkfifo(fifo, 0600) != 0) {
+        check(0, "mkfifo %s: %s", fifo, strerror(errno));
+        return;
+    }
+    signal(SIGALRM, on_hang);
+    alarm(20);
+    Ckpt *ck = ckpt_open(fifo, err, sizeof err);
+    alarm(0);
+    check(!ck && strstr(err, fifo) && strstr(err, "a FIFO, not a regular file"), "a FIFO as a checkpoint: '%s'", err);
+    ckpt_close(ck);
+    check(ckpt_open("/dev/zero", err, sizeof err) == NULL && strstr(err, "a character device"),
+          "/dev/zero as a checkpoint: '%s'", err);
+    unlink(fifo);
+}
+
+// flock(2) locks belong to an open file description: a second open of the
+// lock file in this same process contends exactly as a second trainer would.
+static void test_ckpt_lock(void) {
+    char dir[512], file[512], err[1024] = "";
+    path_in(dir, sizeof dir, "locked/run");
+    int a = ckpt_dir_lock(dir, err, sizeof err);
+    struct stat st;
+    check(a >= 0 && stat(dir, &st) == 0 && S_ISDIR(st.st_mode), "lock creates the directory and its parent: %s", dir);
+    int b = ckpt_dir_lock(dir, err, sizeof err);
+    check(b < 0 && strstr(err, "in use by another trainer") && strstr(err, CKPT_LOCK_NAME),
+          "a second lock on the same directory is refused: '%s'", err);
+    ckpt_dir_unlock(a);
+    int c = ckpt_dir_lock(dir, err, sizeof err);
+    check(c >= 0, "after unlock the directory can be locked again");
+    ckpt_dir_unlock(c);
+    path_in(file, sizeof file, "plain_file");
+    spit(file, "x", 1);
+    check(ckpt_dir_lock(file, err, sizeof err) < 0 && strstr(err, "not a directory"),
+          "a file as the checkpoint directory: '%s'", err);
+    char sub[600];
+    snprintf(sub, sizeof sub, "%s/below", file);
+    check(ckpt_dir_lock(sub, err, sizeof err) < 0 && strstr(err, "cannot create checkpoint directory"),
+          "a directory below a file: '%s'", err);
+}
+
+// The config's closed-form counts against the layout's tensor-by-tensor sum,
+// the bounds, and overflow.
+static void test_config_counts(void) {
+    const char *names[] = { "tiny", "small", "1b", "3b" };
+    for (int v = 0; v < 4 * 4; v++) {
+        MoeConfig c;
+        config_preset(&c, names[v / 4]);
+        if (v % 4 == 1) c.tie_embeddings = 1;
+        if (v % 4 == 2) c.n_shared = 0, c.n_dense = 0;
+        if (v % 4 == 3) c.n_dense = c.n_layers; // no MoE layer at all
+        char err[256];
+        int valid = config_validate(&c, err, sizeof err) == 0;
+        ParamLayout lay;
+        layout_build(&lay, &c);
+        check(valid && lay.total == config_total_params(&c), "%s variant %d: config counts %lld, layout holds %lld",
+              names[v / 4], v % 4, (long long)config_total_params(&c), (long long)lay.total);
+        layout_free(&lay);
+    }
+    MoeConfig c;
+    config_preset(&c, "tiny");
+    c.n_layers = 1024; c.d_model = 65536; c.n_routed = 65536; c.d_expert = 1 << 20; c.n_shared = 0;
+    check(config_total_params(&c) == -1, "a count past 2^63 is reported as -1 (%lld)",
+          (long long)config_total_params(&c));
+    char err[256];
+    check(config_validate(&c, err, sizeof err) != 0 && strstr(err, "over 9223372036854775807"),
+          "and rejected: '%s'", err);
+    struct { const char *field; int value; const char *want; } bad[] = {
+        { "n_layers", 2000000000, "n_layers must be in [1, 1024]" },
+        { "d_model", 65538, "d_model must be in [2, 65536]" },
+        { "seq_len", 0, "seq_len must be in [1, 1048576]" },
+        { "n_heads", 0, "n_heads must be in [1, 32]" },
+        { "top_k", 9, "top_k must be in [1, 8]" },
+        { "n_routed", -1, "n_routed must be in [1, 65536]" },
+        { "vocab_size", 1, "vocab_size must be in [2, 2147483647]" },
+        { "n_shared", 1 << 20, "n_shared must be in [0, 65536]" },
+        { "d_expert", 1 << 20, "n_shared x d_expert" },
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        config_preset(&c, "tiny");
+        char v[32];
+        snprintf(v, sizeof v, "%d", bad[i].value);
+        config_set(&c, bad[i].field, v);
+        int rc = config_validate(&c, err, sizeof err);
+        check(rc != 0 && strstr(err, bad[i].want), "%s = %d rejected: '%s'", bad[i].field, bad[i].value, err);
+    }
+}
+
+// The text form of a checkpoint's model: complete, each field once.
+static void test_config_text(void) {
+    MoeConfig c = ckpt_test_model(), back;
+    char *text = NULL, err[512];
+    size_t len = 0;
+    FILE *m = open_memstream(&text, &len);
+    config_write(&c, m);
+    fclose(m);
+    int rc = config_parse_text(&back, text, len, "T", err, sizeof err);
+    check(rc == 0 && memcmp(&back, &c, sizeof c) == 0, "config_write text parses back to the same config");
+    struct { const char *what, *text, *want; } bad[] = {
+        { "empty", "", "T: field 'vocab_size' is missing" },
+        { "one field", "d_model=32\n", "field 'vocab_size' is missing" },
+        { "unknown field", "colour=red\n", "T:1: unknown model field 'colour'" },
+        { "no '='", "d_model 32\n", "T:1: expected key = value" },
+        { "a NUL byte", "d_model=3\0002\n", "NUL byte" },
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        size_t n = strlen(bad[i].text) + (strstr(bad[i].what, "NUL") ? 3 : 0); // the bytes after the NUL
+        rc = config_parse_text(&back, bad[i].text, n, "T", err, sizeof err);
+        check(rc != 0 && strstr(err, bad[i].want), "model text, %s: '%s'", bad[i].what, err);
+    }
+    char *twice = malloc(len + 32);
+    snprintf(twice, len + 32, "%sd_model=8\n", text);
+    rc = config_parse_text(&back, twice, strlen(twice), "T", err, sizeof err);
+    check(rc != 0 && strstr(err, "field 'd_model' appears twice"), "a field given twice: '%s'", err);
+    char *zero = malloc(len + 1);
+    memcpy(zero, text, len + 1);
+    char *h = strstr(zero, "n_heads=");
+    h[8] = '0'; // n_heads=2 -> n_heads=0
+    rc = config_parse_text(&back, zero, len, "T", err, sizeof err);
+    check(rc != 0 && strstr(err, "T: n_heads must be in"), "a complete but invalid config: '%s'", err);
+    free(twice);
+    free(zero);
+    free(text);
+}
+
+// util_kv_next on texts from memory: lines up to the buffer and one beyond it.
+static void test_kv_lines(void) {
+    char line[16], err[256], *k = NULL, *v = NULL;
+    struct { const char *what, *text; int want_rc, want_line; const char *want; } cases[] = {
+        { "15 characters fit a 16-byte buffer", "abcdefg=1234567\n", 1, 1, NULL },
+        { "16 characters do not", "abcdefg=12345678\n", -1, 1, "X:1: line longer than 15 characters" },
+        { "a long comment is no setting", "# x\n#23456789012345 a=b\n", -1, 2, "X:2: line longer" },
+        { "comments and blank lines skipped", "  # c\n\n a = b # c\r\n", 1, 3, NULL },
+        { "no '='", "abc\n", -1, 1, "X:1: expected key = value" },
+        { "last line without newline", "\na=b", 1, 2, NULL },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        FILE *f = fmemopen((void *)cases[i].text, strlen(cases[i].text), "r");
+        int lineno = 0;
+        err[0] = '\0';
+        int rc = util_kv_next(f, "X", 1, line, sizeof line, &lineno, &k, &v, err, sizeof err);
+        fclose(f);
+        int good = rc == cases[i].want_rc && lineno == cases[i].want_line &&
+                   (cases[i].want ? strstr(err, cases[i].want) != NULL
+                                  : (i != 3 || (strcmp(k, "a") == 0 && strcmp(v, "b") == 0)));
+        check(good, "kv line reader, %s: rc %d, line %d, '%s'", cases[i].what, rc, lineno, err);
+    }
+}
+
+// A training checkpoint's content: written and read back bit for bit, and a
+// NaN in a moment or a negative step refused naming the file and section.
+static void test_ckpt_state(void) {
+    char path[512], err[1024];
+    path_in(path, sizeof path, "state.bin");
+    CkptState st = { .cfg = ckpt_test_model(), .options = "lr = 0.001\n", .step = 42, .loader = { 1, 2, 3 }, .rng = 7 };
+    st.n_params = config_total_params(&st.cfg);
+    size_t np = (size_t)st.n_params, nb = (size_t)config_n_moe(&st.cfg) * st.cfg.n_routed;
+    float *mem = malloc(sizeof(float) * (3 * np + nb));
+    for (size_t i = 0; i < 3 * np + nb; i++) mem[i] = (float)(i % 97) * 0.01f;
+    st.params = mem, st.adam_m = mem + np, st.adam_v = mem + 2 * np, st.bias = mem + 3 * np;
+    int rc = ckpt_state_write(&st, path, err, sizeof err);
+    CkptState got = { 0 };
+    rc = rc || ckpt_state_open(&got, path, err, sizeof err) || ckpt_state_load(&got, 1, err, sizeof err);
+    check(rc == 0 && got.step == 42 && got.loader[2] == 3 && got.rng == 7 && strcmp(got.options, st.options) == 0 &&
+          memcmp(&got.cfg, &st.cfg, sizeof st.cfg) == 0 && memcmp(got.params, st.params, np * 4) == 0 &&
+          memcmp(got.adam_v, st.adam_v, np * 4) == 0 && memcmp(got.bias, st.bias, nb * 4) == 0,
+          "checkpoint state written and read back bit for bit (%lld parameters)", (long long)np);
+    if (rc == 0) ckpt_state_close(&got);
+    st.adam_m[7] = NAN;
+    memset(&got, 0, sizeof got);
+    rc = ckpt_state_write(&st, path, err, sizeof err) || ckpt_state_open(&got, path, err, sizeof err);
+    rc = rc || ckpt_state_load(&got, 1, err, sizeof err);
+    check(rc != 0 && strstr(err, path) && strstr(err, "section 'adam_m': element 7"), "NaN moment: '%s'", err);
+    ckpt_state_close(&got);
+    st.adam_m[7] = 0;
+    st.step = -3;
+    memset(&got, 0, sizeof got);
+    rc = ckpt_state_write(&st, path, err, sizeof err) || ckpt_state_open(&got, path, err, sizeof err);
+    rc = rc || ckpt_state_load(&got, 1, err, sizeof err);
+    check(rc != 0 && strstr(err, "section 'step': value -3 is negative"), "negative step: '%s'", err);
+    ckpt_state_close(&got);
+    // The config decides the sizes, checked against the file's table before
+    // anything is allocated: a model_config claiming 8 experts per layer over
+    // sections written for 4 is refused.
+    st.step = 1;
+    rc = ckpt_state_write(&st, path, err, sizeof err);
+    CkptImage im;
+    rc = rc || ckpt_image_read(&im, path, err, sizeof err);
+    int i = rc ? -1 : ckpt_image_find(&im, "model_config");
+    if (i >= 0) {
+        char *t = (char *)im.data[i], *e = strstr(t, "n_routed=4");
+        if (e) e[9] = '8';
+        ckpt_image_set(&im, i, t, strlen(t));
+        rc = ckpt_image_write(&im, path, err, sizeof err);
+        ckpt_image_free(&im);
+    }
+    memset(&got, 0, sizeof got);
+    rc = rc || ckpt_state_open(&got, path, err, sizeof err);
+    rc = rc || ckpt_state_load(&got, 1, err, sizeof err);
+    check(rc != 0 && strstr(err, "section 'bias' has 16 bytes; its model_config implies 32"),
+          "a model_config bigger than the sections: '%s'", err);
+    ckpt_state_close(&got);
+    free(mem);
+    unlink(path);
+}
+
 // Removes the files of a directory (one level) and the directory.
 static void remove_dir(const char *dir) {
     DIR *d = opendir(dir);
@@ -824,7 +1065,14 @@ int main(void) {
     test_ckpt_roundtrip(path);
     test_ckpt_corruption(path);
     test_failed_write(path);
+    test_ckpt_reserved(path);
+    test_ckpt_fifo();
     test_ckpt_dir();
+    test_ckpt_lock();
+    test_config_counts();
+    test_config_text();
+    test_kv_lines();
+    test_ckpt_state();
     remove_dir(tmpdir);
 
     return check_summary("test_train_infra");

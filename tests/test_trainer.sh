@@ -12,14 +12,16 @@
 #     micro-batch holding the same sequences.
 set -u
 cd "$(dirname "$0")/.."
-BIN=./train_moe
+# MOE_BIN_DIR holds the programs, MOE_BUILD the test tools (make test-asan: the sanitizer build).
+BIN=${MOE_BIN_DIR:-.}/train_moe
+CKPT=${MOE_BIN_DIR:-.}/moe_ckpt
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 fails=0
 ok() { echo "ok   $*"; }
 bad() { echo "FAIL $*"; fails=$((fails + 1)); }
 
-./build/gen_shards "$TMP" 64 200000 20000 1 || { echo "FAIL gen_shards"; exit 1; }
+${MOE_BUILD:-build}/gen_shards "$TMP" 64 200000 20000 1 || { echo "FAIL gen_shards"; exit 1; }
 COMMON=(--config tiny --train-data "$TMP/train_*.bin" --val-data "$TMP/val_*.bin" -b 8 --lr 1e-2
         --warmup-steps 5 --lr-min 1e-3 --threads 2 --print-every 1000)
 
@@ -59,7 +61,7 @@ run --ckpt-dir "$TMP/b" --log "$TMP/b.jsonl" --run-steps 20
 [ -f "$TMP/b/ckpt_00000020.bin" ] && [ ! -f "$TMP/b/ckpt_00000030.bin" ] \
     && ok "--run-steps 20 stopped at step 20 with a checkpoint" || bad "--run-steps did not stop at 20"
 run --ckpt-dir "$TMP/b" --log "$TMP/b.jsonl" --resume
-sections() { ./moe_ckpt info "$1" | grep -E '^  (params|bias|adam_m|adam_v|step|loader) '; }
+sections() { $CKPT info "$1" | grep -E '^  (params|bias|adam_m|adam_v|step|loader) '; }
 if [ -f "$TMP/b/ckpt_00000030.bin" ] && diff <(sections "$TMP/a/ckpt_00000030.bin") \
         <(sections "$TMP/b/ckpt_00000030.bin") > /dev/null; then
     ok "resumed run's step-30 checkpoint equals the uninterrupted one (params, bias, adam_m, adam_v, step, loader hashes)"
@@ -92,7 +94,7 @@ kill -TERM $pid
 wait $pid
 rc=$?
 laststep=$(grep '"type":"step"' "$TMP/s.jsonl" | tail -1 | sed 's/.*"step":\([0-9]*\).*/\1/')
-if [ $rc = 0 ] && [ -f "$(printf '%s/s/ckpt_%08d.bin' "$TMP" "$laststep")" ] && ./moe_ckpt info "$TMP"/s/ckpt_*.bin > /dev/null; then
+if [ $rc = 0 ] && [ -f "$(printf '%s/s/ckpt_%08d.bin' "$TMP" "$laststep")" ] && $CKPT info "$TMP"/s/ckpt_*.bin > /dev/null; then
     ok "SIGTERM: exit 0 with an intact checkpoint of the last step ($laststep)"
 else
     bad "SIGTERM: exit $rc, last step $laststep, checkpoints: $(ls "$TMP/s")"
@@ -121,7 +123,7 @@ fi
 # --lr 0 moves no parameter (AdamW's decoupled weight decay is lr-scaled too),
 # while the balancing biases still follow the counts: 1 step and 3 steps at
 # lr 0 from the same start hold the same parameters, different biases.
-params_of() { ./moe_ckpt info "$1" | awk '$1 == "params" || $1 == "bias" { print $1, $NF }'; }
+params_of() { $CKPT info "$1" | awk '$1 == "params" || $1 == "bias" { print $1, $NF }'; }
 $BIN "${COMMON[@]}" --lr 0 --warmup-steps 0 --steps 1 --ckpt-dir "$TMP/z1" --keep-last 0 > "$TMP/z1.out" 2>&1 || { bad "--lr 0 run failed"; cat "$TMP/z1.out"; }
 $BIN "${COMMON[@]}" --lr 0 --warmup-steps 0 --steps 3 --ckpt-dir "$TMP/z3" --keep-last 0 > "$TMP/z3.out" 2>&1 || { bad "--lr 0 run failed"; cat "$TMP/z3.out"; }
 p1=$(params_of "$TMP/z1/ckpt_00000001.bin" | grep params); p3=$(params_of "$TMP/z3/ckpt_00000003.bin" | grep params)

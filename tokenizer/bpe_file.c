@@ -17,11 +17,19 @@
 //
 // A merge's result is not stored: it is the normal token whose bytes are
 // left's followed by right's, and the loader checks that it exists.
+//
+// The loader reads only a regular file (a FIFO would block it, /dev/zero
+// never end) of at most TOK_MAX_FILE_BYTES.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
+#include "../util/file.h"
 #include "bpe_internal.h"
+
+// Far above any real vocabulary (GPT-2's 50257 tokens take ~0.9 MB here).
+#define TOK_MAX_FILE_BYTES ((uint64_t)1 << 30)
 
 #define TOK_MAGIC 0x4B4F544Du
 #define TOK_VERSION 1u
@@ -149,9 +157,34 @@ static int read_sections(Reader *r, uint32_t V, uint32_t M, uint32_t S, Sections
     return 0;
 }
 
+// The whole file in a new buffer: a regular file of at most
+// TOK_MAX_FILE_BYTES, read to the size fstat gave. NULL with a message on error.
+static unsigned char *read_tok_file(const char *path, size_t *len, char *err, size_t errlen) {
+    uint64_t size;
+    int fd = util_open_regular(path, TOK_MAX_FILE_BYTES, &size, err, errlen);
+    if (fd < 0) return NULL;
+    unsigned char *buf = malloc((size_t)size + 1);
+    if (!buf) tok_fail(err, errlen, "%s: out of memory for %llu bytes", path, (unsigned long long)size);
+    for (size_t got = 0; buf && got < size;) {
+        ssize_t r = read(fd, buf + got, (size_t)size - got);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) {
+            tok_fail(err, errlen, "%s: read error after %zu of %llu bytes: %s", path, got,
+                     (unsigned long long)size, r < 0 ? strerror(errno) : "the file shrank");
+            free(buf);
+            buf = NULL;
+        } else {
+            got += (size_t)r;
+        }
+    }
+    close(fd);
+    *len = (size_t)size;
+    return buf;
+}
+
 Tokenizer *tok_load(const char *path, char *err, size_t errlen) {
     size_t len;
-    unsigned char *buf = (unsigned char *)tok_read_file(path, &len, err, errlen);
+    unsigned char *buf = read_tok_file(path, &len, err, errlen);
     if (!buf) return NULL;
     Reader r = {buf, len, 0, path, err, errlen};
     uint32_t h[8];

@@ -13,9 +13,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
+
+#include "../util/file.h"
 
 // ---------------------------------------------------------------- byte layout
 
@@ -445,6 +448,11 @@ static int check_header(const char *path, const uint8_t *hd, uint64_t file_size,
         snprintf(err, errlen, "%s: header is corrupt (checksum mismatch)", path);
         return -1;
     }
+    for (int i = 32; i < 56; i++)
+        if (hd[i] != 0) {
+            snprintf(err, errlen, "%s: reserved header byte %d is not zero (a newer or a damaged file)", path, i);
+            return -1;
+        }
     uint64_t size_in_header = get_u64(hd + 24);
     if (size_in_header != file_size) {
         snprintf(err, errlen, "%s: %s: header says %llu bytes, file has %llu", path,
@@ -547,17 +555,16 @@ Ckpt *ckpt_open(const char *path, char *err, size_t errlen) {
         free(ck);
         return NULL;
     }
-    ck->f = fopen(path, "rb");
+    // A regular file only: a FIFO would block the reader, a device never end.
+    uint64_t file_size;
+    int fd = util_open_regular(path, 0, &file_size, err, errlen);
+    if (fd < 0) goto fail;
+    ck->f = fdopen(fd, "rb");
     if (!ck->f) {
         snprintf(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+        close(fd);
         goto fail;
     }
-    struct stat st;
-    if (fstat(fileno(ck->f), &st) != 0 || !S_ISREG(st.st_mode)) {
-        snprintf(err, errlen, "%s: not a regular file", path);
-        goto fail;
-    }
-    uint64_t file_size = (uint64_t)st.st_size;
     if (file_size < HEADER_BYTES) {
         snprintf(err, errlen, "%s: truncated: %llu bytes, smaller than the %d-byte header", path,
                  (unsigned long long)file_size, HEADER_BYTES);
@@ -820,4 +827,64 @@ int ckpt_prune(const char *dir, int keep_last, int64_t protect_step, char *err, 
     }
     free(steps);
     return deleted;
+}
+
+// mkdir -p: creates dir and any missing parents. 0, or -1 with errno set.
+static int make_dirs(const char *dir) {
+    char *p = copy_string(dir);
+    if (!p) {
+        errno = ENOMEM;
+        return -1;
+    }
+    int rc = 0;
+    for (char *q = p + 1; rc == 0; q++) {
+        if (*q != '/' && *q != '\0') continue;
+        char c = *q;
+        *q = '\0';
+        if (mkdir(p, 0777) != 0 && errno != EEXIST) rc = -1;
+        *q = c;
+        if (c == '\0') break;
+    }
+    free(p);
+    return rc;
+}
+
+int ckpt_dir_lock(const char *dir, char *err, size_t errlen) {
+    if (make_dirs(dir) != 0) {
+        snprintf(err, errlen, "%s: cannot create checkpoint directory: %s", dir, strerror(errno));
+        return -1;
+    }
+    struct stat st;
+    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
+        snprintf(err, errlen, "%s: not a directory", dir);
+        return -1;
+    }
+    size_t n = strlen(dir) + sizeof "/" CKPT_LOCK_NAME;
+    char *path = malloc(n);
+    if (!path) {
+        snprintf(err, errlen, "%s: out of memory", dir);
+        return -1;
+    }
+    snprintf(path, n, "%s/%s", dir, CKPT_LOCK_NAME);
+    // Creating the lock file also proves the directory writable before any training.
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+    if (fd < 0) {
+        snprintf(err, errlen, "%s: cannot create the lock file: %s", path, strerror(errno));
+    } else if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        if (errno == EWOULDBLOCK) {
+            snprintf(err, errlen, "%s is in use by another trainer (it holds %s); two runs writing the same "
+                     "checkpoints would overwrite each other", dir, path);
+            close(fd);
+            fd = -1;
+        } else { // some network file systems have no flock: train unprotected rather than not at all
+            fprintf(stderr, "warning: %s: cannot lock (%s): nothing stops a second trainer on this directory\n",
+                    path, strerror(errno));
+        }
+    }
+    free(path);
+    return fd;
+}
+
+void ckpt_dir_unlock(int fd) {
+    if (fd >= 0) close(fd);  // closing the last descriptor releases the flock
 }

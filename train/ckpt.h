@@ -119,4 +119,19 @@ int ckpt_latest(const char *dir, int fallback, char *out, size_t outlen, int64_t
 // number deleted, or -1 (message in err).
 int ckpt_prune(const char *dir, int keep_last, int64_t protect_step, char *err, size_t errlen);
 
+// The lock file a trainer holds in its checkpoint directory, so that a second
+// trainer on the same directory stops at start instead of silently racing the
+// first for every checkpoint name. It is never deleted (an flock, unlike the
+// file's existence, dies with its process, so a crash leaves no stale lock).
+#define CKPT_LOCK_NAME "trainer.lock"
+
+// Creates dir (and missing parents) if needed, and takes an exclusive flock(2)
+// on dir/CKPT_LOCK_NAME without waiting. Returns the lock's descriptor, or -1
+// with a message in err: dir is not a directory, cannot be created or written,
+// or another process holds the lock. A file system without flock gets a
+// warning on stderr, and the descriptor (unlocked).
+int ckpt_dir_lock(const char *dir, char *err, size_t errlen);
+// Releases the lock (closes the descriptor; a negative fd is ignored).
+void ckpt_dir_unlock(int fd);
+
 #endif

@@ -1,5 +1,5 @@
 // The sections of a training checkpoint: the one list that the trainer's save
-// and load (train/trainer.c) and the moe_ckpt tool follow, and that
+// and load (train/ckpt_state.c) and the moe_ckpt tool follow, and that
 // docs/checkpoint.md ("Sections") documents with shapes and meanings. The
 // container itself (train/ckpt.h) knows nothing of them.
 #ifndef MOE_CKPT_SECTIONS_H
@@ -20,22 +20,33 @@ typedef enum {
     SEC_COUNT
 } CkptSectionId;
 
+// The values a section may hold, checked on load (train/ckpt_state.c): the
+// checksums prove a file is the one written, not that what was written can
+// be trained from.
+typedef enum {
+    VAL_ANY,           // any bytes (the text sections are parsed instead)
+    VAL_NONNEG,        // integers >= 0
+    VAL_FINITE,        // floats, neither NaN nor infinite
+    VAL_FINITE_NONNEG, // finite floats >= 0
+} CkptValues;
+
 typedef struct {
     const char *name; // the section's name in the file
     CkptDtype dtype;
+    CkptValues values;
 } CkptSectionDef;
 
 // In the order the trainer writes them.
 static const CkptSectionDef ckpt_sections[SEC_COUNT] = {
-    [SEC_MODEL_CONFIG] = { "model_config", CKPT_TEXT },
-    [SEC_OPTIONS] = { "options", CKPT_TEXT },
-    [SEC_STEP] = { "step", CKPT_I64 },
-    [SEC_LOADER] = { "loader", CKPT_U64 },
-    [SEC_RNG] = { "rng", CKPT_U64 },
-    [SEC_BIAS] = { "bias", CKPT_F32 },
-    [SEC_PARAMS] = { "params", CKPT_F32 },
-    [SEC_ADAM_M] = { "adam_m", CKPT_F32 },
-    [SEC_ADAM_V] = { "adam_v", CKPT_F32 },
+    [SEC_MODEL_CONFIG] = { "model_config", CKPT_TEXT, VAL_ANY },
+    [SEC_OPTIONS] = { "options", CKPT_TEXT, VAL_ANY },
+    [SEC_STEP] = { "step", CKPT_I64, VAL_NONNEG },
+    [SEC_LOADER] = { "loader", CKPT_U64, VAL_ANY },
+    [SEC_RNG] = { "rng", CKPT_U64, VAL_ANY },
+    [SEC_BIAS] = { "bias", CKPT_F32, VAL_FINITE },
+    [SEC_PARAMS] = { "params", CKPT_F32, VAL_FINITE },
+    [SEC_ADAM_M] = { "adam_m", CKPT_F32, VAL_FINITE },
+    [SEC_ADAM_V] = { "adam_v", CKPT_F32, VAL_FINITE_NONNEG }, // a mean of squares
 };
 
 #endif

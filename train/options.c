@@ -11,6 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../util/file.h"
+
 enum { O_INT, O_I64, O_U64, O_FLOAT, O_STR, O_FLAG };
 
 typedef struct {
@@ -43,8 +45,8 @@ static const TrainOption train_options[] = {
     OPT("ckpt-dir", NULL, O_STR, ckpt_dir, "", "checkpoint directory (empty: no checkpoints)"),
     OPT("ckpt-every", NULL, O_INT, ckpt_every, "0", "steps between checkpoints (0: only at the end)"),
     OPT("keep-last", NULL, O_INT, keep_last, "3", "checkpoints to keep (0: all)"),
-    OPT("resume", NULL, O_FLAG, resume, "0", "continue from the newest checkpoint in --ckpt-dir"),
-    OPT("init-from", NULL, O_STR, init_from, "", "start from the parameters and biases of this checkpoint (same model; seq_len may differ)"),
+    OPT("resume", NULL, O_FLAG, resume, "0", "continue from the newest checkpoint in --ckpt-dir (none yet: start fresh)"),
+    OPT("init-from", NULL, O_STR, init_from, "", "start from the parameters and biases of this checkpoint (same model; seq_len may differ; with --resume only while --ckpt-dir holds none)"),
     OPT("log", NULL, O_STR, log, "", "JSON-lines log file (appended to)"),
     OPT("log-loads-every", NULL, O_INT, log_loads_every, "10", "steps between per-layer expert counts in the log (0: never)"),
     OPT("print-every", NULL, O_INT, print_every, "1", "steps between human log lines"),
@@ -160,42 +162,25 @@ static int options_apply(TrainOptions *o, const char *key, const char *value, co
     return -1;
 }
 
-static char *options_trim(char *s) {
-    while (*s == ' ' || *s == '\t') s++;
-    char *e = s + strlen(s);
-    while (e > s && (e[-1] == ' ' || e[-1] == '\t' || e[-1] == '\n' || e[-1] == '\r')) *--e = '\0';
-    return s;
-}
-
-// Reads an options file: `key = value` lines, '#' comments.
+// Reads an options file: `key = value` lines, '#' comments; a regular file of
+// at most OPTIONS_MAX_FILE_BYTES with lines of at most 2 OPT_PATH - 1 characters.
 static int options_load_file(TrainOptions *o, const char *path) {
-    FILE *f = fopen(path, "r");
+    char err[OPT_PATH + 128];
+    FILE *f = util_fopen_regular(path, "r", OPTIONS_MAX_FILE_BYTES, err, sizeof err);
     if (!f) {
-        fprintf(stderr, "error: cannot open options file %s: %s\n", path, strerror(errno));
+        fprintf(stderr, "error: --options: %s\n", err);
         return -1;
     }
-    char line[2 * OPT_PATH], where[OPT_PATH + 32];
-    int lineno = 0, rc = 0;
-    while (rc == 0 && fgets(line, sizeof line, f)) {
-        lineno++;
-        char *hash = strchr(line, '#');
-        if (hash) *hash = '\0';
-        char *s = options_trim(line);
-        if (!*s) continue;
-        char *eq = strchr(s, '=');
+    char line[2 * OPT_PATH], where[OPT_PATH + 32], *key, *value;
+    int lineno = 0, rc;
+    while ((rc = util_kv_next(f, path, 1, line, sizeof line, &lineno, &key, &value, err, sizeof err)) == 1) {
         snprintf(where, sizeof where, "%s:%d: ", path, lineno);
-        if (!eq) {
-            fprintf(stderr, "error: %sexpected key = value\n", where);
-            rc = -1;
-            break;
-        }
-        *eq = '\0';
-        char *key = options_trim(s);
         while (*key == '-') key++;
-        rc = options_apply(o, key, options_trim(eq + 1), where);
+        if (options_apply(o, key, value, where) != 0) break;
     }
+    if (rc < 0) fprintf(stderr, "error: --options: %s\n", err);
     fclose(f);
-    return rc;
+    return rc == 0 ? 0 : -1;
 }
 
 int options_parse(TrainOptions *o, int argc, char **argv, const char *prog) {
@@ -260,9 +245,16 @@ int options_validate(const TrainOptions *o, int world, char *err, size_t errlen)
     CHECK(o->run_steps >= 0, "--run-steps must be >= 0");
     CHECK(o->eval_every >= 0 && o->eval_batches >= 0, "--eval-every and --eval-batches must be >= 0");
     CHECK(o->ckpt_every >= 0 && o->keep_last >= 0, "--ckpt-every and --keep-last must be >= 0");
+    // The model indexes tokens and routing slots of a micro-batch with int.
+    CHECK((int64_t)o->micro_batch * o->model.seq_len * (o->model.top_k > 1 ? o->model.top_k : 1) <= INT_MAX,
+          "--micro-batch %d x seq_len %d x top_k %d is more token slots than a micro-batch can index",
+          o->micro_batch, o->model.seq_len, o->model.top_k);
     CHECK(!o->resume || o->ckpt_dir[0], "--resume needs --ckpt-dir");
-    CHECK(!(o->resume && o->init_from[0]), "--resume and --init-from exclude each other");
     CHECK(o->train_data[0] || o->print_config || o->print_memory, "--train-data is required (a glob of token shards)");
+    CHECK(o->adamw.grad_clip >= 0, "--grad-clip must be >= 0 (0: no clipping; got %g)", o->adamw.grad_clip);
+    CHECK(o->lr.kind != LR_MULTISTEP || o->lr.n_steps > 0,
+          "--lr-schedule multistep needs --lr-steps and --lr-rates (the steps where the rate changes)");
+    CHECK(!o->prompt[0] || o->tokenizer[0], "--prompt needs --tokenizer (to encode the prompt)");
     CHECK(o->print_every >= 1, "--print-every must be >= 1");
     CHECK(o->log_loads_every >= 0, "--log-loads-every must be >= 0");
     CHECK(o->sample_tokens >= 0, "--sample-tokens must be >= 0");
@@ -277,6 +269,66 @@ int options_validate(const TrainOptions *o, int world, char *err, size_t errlen)
     CHECK(o->ep >= 1 && world % o->ep == 0, "--ep %d must divide the number of ranks (%d)", o->ep, world);
 #undef CHECK
     return 0;
+}
+
+// The value of `key` in text of "key = value" lines (options_write's
+// format), copied into out; NULL when absent.
+static const char *options_text_value(const char *text, const char *key, char *out, size_t outlen) {
+    size_t klen = strlen(key);
+    for (const char *line = text; *line;) {
+        const char *end = strchr(line, '\n');
+        size_t len = end ? (size_t)(end - line) : strlen(line);
+        if (len >= klen + 3 && memcmp(line, key, klen) == 0 && memcmp(line + klen, " = ", 3) == 0) {
+            size_t vlen = len - klen - 3;
+            snprintf(out, outlen, "%.*s", (int)(vlen < outlen ? vlen : outlen - 1), line + klen + 3);
+            return out;
+        }
+        line += len + (end ? 1 : 0);
+    }
+    return NULL;
+}
+
+// Appends "key old -> new" to out (used bytes in *used), "; "-separated.
+static void options_note_change(char *out, size_t outlen, size_t *used, const char *key, const char *was,
+                                const char *now) {
+    if (*used >= outlen) return;
+    int w = snprintf(out + *used, outlen - *used, "%s%s %s -> %s", *used ? "; " : "", key,
+                     was ? was : "(absent)", now ? now : "(absent)");
+    *used += w > 0 ? (size_t)w : 0;
+    if (*used >= outlen) *used = outlen;
+}
+
+int options_changes(const char *saved, const TrainOptions *o, char *out, size_t outlen) {
+    char *now = NULL;
+    size_t len = 0, used = 0;
+    if (outlen) out[0] = '\0';
+    FILE *m = open_memstream(&now, &len);
+    if (!m) return 0;
+    options_write(o, m);
+    fclose(m);
+    char was[2 * OPT_PATH], cur[2 * OPT_PATH], key[256];
+    int n = 0;
+    // Every current option against the saved value, then the saved ones that no longer exist.
+    for (int pass = 0; pass < 2; pass++) {
+        const char *text = pass == 0 ? now : saved, *other = pass == 0 ? saved : now;
+        for (const char *line = text; *line;) {
+            const char *end = strchr(line, '\n'), *eq = strstr(line, " = ");
+            size_t llen = end ? (size_t)(end - line) : strlen(line);
+            if (eq && (size_t)(eq - line) < llen && (size_t)(eq - line) < sizeof key) {
+                snprintf(key, sizeof key, "%.*s", (int)(eq - line), line);
+                const char *a = options_text_value(text, key, pass == 0 ? cur : was, sizeof cur);
+                const char *b = options_text_value(other, key, pass == 0 ? was : cur, sizeof cur);
+                int skip = strcmp(key, "resume") == 0 || strcmp(key, "init-from") == 0;
+                if (!skip && (pass == 0 ? (!b || strcmp(a, b) != 0) : !b)) {
+                    n++;
+                    options_note_change(out, outlen, &used, key, pass == 0 ? b : a, pass == 0 ? a : NULL);
+                }
+            }
+            line += llen + (end ? 1 : 0);
+        }
+    }
+    free(now);
+    return n;
 }
 
 static void options_write_value(const TrainOptions *o, const TrainOption *opt, FILE *f) {

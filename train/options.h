@@ -17,6 +17,8 @@
 #define OPT_PATH 1024
 // Steps --profile runs before it starts timing (first-call costs: cuBLASLt plans, allocations).
 #define TRAINER_PROFILE_WARMUP 2
+// An options file is a few kilobytes; anything beyond this is not one.
+#define OPTIONS_MAX_FILE_BYTES (1 << 20)
 
 typedef struct {
     // model
@@ -74,6 +76,12 @@ int options_parse(TrainOptions *o, int argc, char **argv, const char *prog);
 int options_validate(const TrainOptions *o, int world, char *err, size_t errlen);
 // Writes every option as key=value lines (the --options file format).
 void options_write(const TrainOptions *o, FILE *f);
+// The options whose values differ between `saved` (the text options_write
+// wrote for an earlier run, e.g. a checkpoint's options section) and *o, as
+// "name old -> new" items separated by "; " in out (truncated to outlen).
+// `resume` and `init-from` are left out: they say how a run starts, not what
+// it trains. Options in only one of the two count too. Returns their number.
+int options_changes(const char *saved, const TrainOptions *o, char *out, size_t outlen);
 // The table of effective settings printed at start.
 void options_print_table(const TrainOptions *o, FILE *f);
 void options_print_help(FILE *f, const char *prog);

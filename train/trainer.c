@@ -21,7 +21,7 @@
 #include "../tokenizer/bpe.h"
 #include "../util/util.h"
 #include "ckpt.h"
-#include "ckpt_sections.h"
+#include "ckpt_state.h"
 #include "lr.h"
 #include "profile.h"
 
@@ -65,6 +65,10 @@ typedef struct {
     int has_eval_acc;       // eval_acc was initialised
     int created;            // the backend's model exists (be->destroy is due)
     FILE *log;              // JSON lines, or NULL
+    int log_failed;         // a write to the log failed: the run stops
+    int lock_fd;            // the lock on --ckpt-dir held by rank 0, or -1
+    Tokenizer *tok;         // --tokenizer, or NULL
+    BalanceConfig balance;  // the balancing policy (a sampled checkpoint's own)
     uint64_t rng;           // sampling RNG state
 } Run;
 
@@ -73,7 +77,7 @@ typedef struct {
 
 // Every rank calls this (gathering expert shards is collective); rank 0
 // writes the one file, which holds the whole model whatever the EP size.
-static int trainer_save_main(Run *r, const float *params, const float *m, const float *v);
+static int trainer_save_main(Run *r, float *params, float *m, float *v);
 
 static int trainer_save(Run *r) {
     int64_t n = r->be->n_params;
@@ -91,139 +95,112 @@ static int trainer_save(Run *r) {
     return rc ? -1 : 0;
 }
 
-static int trainer_save_main(Run *r, const float *params, const float *adam_m, const float *adam_v) {
+static int trainer_save_main(Run *r, float *params, float *adam_m, float *adam_v) {
     const TrainOptions *o = r->o;
-    char path[OPT_PATH + 64], err[1024];
-    if (mkdir(o->ckpt_dir, 0777) != 0 && errno != EEXIST) {
-        fprintf(stderr, "error: cannot create checkpoint directory %s: %s\n", o->ckpt_dir, strerror(errno));
-        return -1;
-    }
+    char path[OPT_PATH + 64], err[2048];
     if (ckpt_path(path, sizeof path, o->ckpt_dir, r->step) != 0) {
         fprintf(stderr, "error: checkpoint path too long in %s\n", o->ckpt_dir);
         return -1;
     }
-    int64_t n = r->be->n_params;
-    char *cfg_text = NULL, *opt_text = NULL;
-    size_t cfg_len = 0, opt_len = 0;
-    FILE *m1 = open_memstream(&cfg_text, &cfg_len), *m2 = open_memstream(&opt_text, &opt_len);
-    if (!m1 || !m2) {
-        fprintf(stderr, "error: out of memory writing a checkpoint\n");
-        exit(1);
-    }
-    config_write(&r->cfg, m1);
-    options_write(o, m2);
-    fclose(m1);
-    fclose(m2);
     LoaderState ls = loader_get_state(r->train);
-    uint64_t loader_state[3] = { ls.epoch, ls.batch, ls.fingerprint };
-    CkptWriter *w = ckpt_writer_open(path, err, sizeof err);
-    int rc = w ? 0 : -1;
-    if (w) {
-        size_t nb = (size_t)r->n_moe * r->E;
-        // Every section of train/ckpt_sections.h, in its order.
-        const void *data[SEC_COUNT] = { cfg_text, opt_text, &r->step, loader_state, &r->rng,
-                                        r->bias, params, adam_m, adam_v };
-        uint64_t bytes[SEC_COUNT] = { cfg_len, opt_len, sizeof r->step, sizeof loader_state, sizeof r->rng,
-                                      nb * sizeof(float), (uint64_t)n * sizeof(float), (uint64_t)n * sizeof(float),
-                                      (uint64_t)n * sizeof(float) };
-        for (int i = 0; i < SEC_COUNT; i++)
-            rc |= ckpt_write_section(w, ckpt_sections[i].name, ckpt_sections[i].dtype, data[i], bytes[i]);
-        if (rc != 0) {
-            fprintf(stderr, "error: %s\n", ckpt_writer_error(w));
-            ckpt_writer_abort(w);
-        } else {
-            rc = ckpt_writer_commit(w, err, sizeof err);
-        }
+    CkptState st = { .cfg = r->cfg, .step = r->step, .loader = { ls.epoch, ls.batch, ls.fingerprint },
+                     .rng = r->rng, .n_params = r->be->n_params, .bias = r->bias, .params = params,
+                     .adam_m = adam_m, .adam_v = adam_v };
+    size_t len;
+    FILE *m = open_memstream(&st.options, &len);
+    if (!m) FATAL("out of memory writing a checkpoint");
+    options_write(o, m);
+    fclose(m);
+    int rc = ckpt_state_write(&st, path, err, sizeof err);
+    free(st.options);
+    if (rc != 0) {
+        fprintf(stderr, "error: checkpoint not written: %s\n", err);
+        return -1;
     }
-    if (rc != 0 && !w) fprintf(stderr, "error: %s\n", err);
-    else if (rc != 0) fprintf(stderr, "error: checkpoint not written: %s\n", err);
-    free(cfg_text);
-    free(opt_text);
-    if (rc != 0) return -1;
     printf("checkpoint: wrote %s\n", path);
     if (o->keep_last > 0 && ckpt_prune(o->ckpt_dir, o->keep_last, r->step, err, sizeof err) < 0)
         fprintf(stderr, "warning: pruning old checkpoints: %s\n", err);
     return 0;
 }
 
-// Reads the model config of a checkpoint and checks it equals `want` (when
-// not NULL) in every field but `ignore` (when not NULL). Returns 0 or -1 with
-// a message.
-static int trainer_ckpt_config(Ckpt *ck, const char *path, MoeConfig *out, const MoeConfig *want,
-                               const char *ignore) {
-    char err[1024];
-    uint64_t len;
-    const CkptSectionDef *sec = &ckpt_sections[SEC_MODEL_CONFIG];
-    char *text = ckpt_read_alloc(ck, sec->name, sec->dtype, &len, err, sizeof err);
-    if (!text) {
-        fprintf(stderr, "error: %s\n", err);
+// Checks that the checkpoint's model equals the run's in every field but
+// `ignore` (when not NULL). Returns 0, or -1 with a message.
+static int trainer_check_model(Run *r, const CkptState *st, const char *ignore) {
+    char fields[512];
+    if (config_diff(&st->cfg, &r->cfg, ignore, fields, sizeof fields) == 0) return 0;
+    if (r->main) {
+        fprintf(stderr, "error: %s holds a different model than the options ask for (%s differ); its model is:\n",
+                st->path, fields);
+        config_write(&st->cfg, stderr);
+    }
+    return -1;
+}
+
+// What a resumed run continues from, checked against the options: the step
+// within --steps, the data loader's position (the data and batch shape must
+// be the saved ones), and a note listing every option that changed.
+static int trainer_resume_state(Run *r, const CkptState *st) {
+    const TrainOptions *o = r->o;
+    char changes[4096];
+    int n = options_changes(st->options, o, changes, sizeof changes);
+    if (r->main && n > 0) printf("note: %d option(s) differ from the checkpoint's: %s\n", n, changes);
+    if (st->step > o->steps) {
+        if (r->main)
+            fprintf(stderr, "error: %s: section 'step': the checkpoint is at step %lld, past --steps %lld "
+                    "(raise --steps to continue it)\n", st->path, (long long)st->step, (long long)o->steps);
         return -1;
     }
-    // Parse the key=value text through a temporary file-free path: line by line.
-    config_preset(out, "tiny");
-    for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
-        char *eq = strchr(line, '=');
-        if (!eq || (*eq = '\0', config_set(out, line, eq + 1) != 0)) {
-            fprintf(stderr, "error: %s: bad model_config line '%s'\n", path, line);
-            free(text);
-            return -1;
-        }
-    }
-    free(text);
-    char fields[512];
-    if (want && config_diff(out, want, ignore, fields, sizeof fields) > 0) {
-        fprintf(stderr, "error: %s holds a different model than the options ask for (%s differ); its model is:\n",
-                path, fields);
-        config_write(out, stderr);
+    LoaderState ls = { st->loader[0], st->loader[1], st->loader[2] };
+    if (loader_set_state(r->train, &ls) != 0) {
+        if (r->main)
+            fprintf(stderr, "error: %s: section 'loader': the data loader cannot resume: %s (were the data, -b, "
+                    "--seq-len, --seed or the number of ranks changed?)\n", st->path, loader_error(r->train));
         return -1;
     }
     return 0;
 }
 
-// Loads parameters and biases (and, when full, the optimizer state, step,
-// loader and RNG state) from a checkpoint file.
+// Hands a loaded checkpoint to the run and its backend: parameters and
+// biases, and with full the AdamW moments, step and RNG state.
+static int trainer_use_state(Run *r, const CkptState *st, int full) {
+    size_t nb = (size_t)r->n_moe * r->E;
+    // The multiplicative rule scales affinities by the bias: only a positive one selects sensibly.
+    if (balance_bias_is_multiplicative(&r->balance))
+        for (size_t i = 0; i < nb; i++)
+            if (!(st->bias[i] > 0)) {
+                if (r->main)
+                    fprintf(stderr, "error: %s: section 'bias': element %zu is %g, but the multiplicative "
+                            "rule needs biases > 0\n", st->path, i, st->bias[i]);
+                return -1;
+            }
+    memcpy(r->bias, st->bias, nb * sizeof(float));
+    r->be->set_params(r->be, st->params);
+    r->be->set_bias(r->be, r->bias);
+    if (full) {
+        r->be->set_opt_state(r->be, st->adam_m, st->adam_v);
+        r->step = st->step;
+        r->rng = st->rng;
+    }
+    return 0;
+}
+
+// Loads a checkpoint file: parameters and biases, and with full (a resume)
+// the optimizer state, step, loader and RNG state. Every value is checked
+// (train/ckpt_state.c) before the backend sees any. Returns 0 or -1 with a message.
 static int trainer_load(Run *r, const char *path, int full) {
-    char err[1024] = ""; // stays empty when a callee printed its own message
-    Ckpt *ck = ckpt_open(path, err, sizeof err);
-    if (!ck) {
+    char err[2048];
+    CkptState st;
+    if (ckpt_state_open(&st, path, err, sizeof err) != 0) {
         fprintf(stderr, "error: %s\n", err);
         return -1;
     }
-    MoeConfig saved;
-    int64_t n = r->be->n_params;
-    size_t nb = (size_t)r->n_moe * r->E;
-    float *buf = xcalloc((size_t)n, sizeof(float));
-    float *buf2 = full ? xcalloc((size_t)n, sizeof(float)) : NULL;
     // A model to start from (not resume) may have been trained at another
     // sequence length: no parameter depends on it (the RoPE tables are rebuilt).
-    int rc = trainer_ckpt_config(ck, path, &saved, &r->cfg, full ? NULL : "seq_len");
-#define READ(id, dst, bytes) ckpt_read(ck, ckpt_sections[id].name, ckpt_sections[id].dtype, dst, bytes, err, sizeof err)
-    if (rc == 0) rc = READ(SEC_PARAMS, buf, (uint64_t)n * sizeof(float));
-    if (rc == 0) rc = READ(SEC_BIAS, r->bias, nb * sizeof(float));
-    if (rc == 0) r->be->set_params(r->be, buf);
-    if (rc == 0 && full) {
-        uint64_t ls[3];
-        rc = READ(SEC_ADAM_M, buf, (uint64_t)n * sizeof(float));
-        if (rc == 0) rc = READ(SEC_ADAM_V, buf2, (uint64_t)n * sizeof(float));
-        if (rc == 0) rc = READ(SEC_STEP, &r->step, sizeof r->step);
-        if (rc == 0) rc = READ(SEC_LOADER, ls, sizeof ls);
-        if (rc == 0) rc = READ(SEC_RNG, &r->rng, sizeof r->rng);
-        if (rc == 0) r->be->set_opt_state(r->be, buf, buf2);
-        if (rc == 0) {
-            LoaderState st = { ls[0], ls[1], ls[2] };
-            if (loader_set_state(r->train, &st) != 0) {
-                snprintf(err, sizeof err, "%s: the data loader cannot resume: %s (were the data, -b, -t or "
-                         "--seed changed?)", path, loader_error(r->train));
-                rc = -1;
-            }
-        }
-    }
-#undef READ
-    if (rc != 0 && err[0]) fprintf(stderr, "error: %s\n", err);
-    r->be->set_bias(r->be, r->bias);
-    free(buf);
-    free(buf2);
-    ckpt_close(ck);
+    int rc = trainer_check_model(r, &st, full ? NULL : "seq_len");
+    if (rc == 0 && (rc = ckpt_state_load(&st, full, err, sizeof err)) != 0) fprintf(stderr, "error: %s\n", err);
+    if (rc == 0 && full) rc = trainer_resume_state(r, &st);
+    if (rc == 0) rc = trainer_use_state(r, &st, full);
+    ckpt_state_close(&st);
     return rc;
 }
 
@@ -261,17 +238,30 @@ static int trainer_eval(Run *r, double *val_loss) {
     return 0;
 }
 
+// Ends a log record: flushes it and checks that every write of it reached
+// the file. A failure (a full disk) is fatal: the run stops at the end of
+// this step without writing a checkpoint, so those on disk stay as they were.
+// Returns 0, or -1 after printing the error once.
+static int trainer_log_flush(Run *r) {
+    if (fflush(r->log) == 0 && !ferror(r->log)) return 0;
+    if (!r->log_failed)
+        fprintf(stderr, "error: writing the log %s failed: %s; stopping without a checkpoint (those already "
+                "written are intact)\n", r->o->log, strerror(errno ? errno : EIO));
+    r->log_failed = 1;
+    return -1;
+}
+
 static void trainer_log_eval(Run *r, double val_loss) {
     if (!r->main) return;
     double mv = r->n_moe > 0 ? balance_accum_maxvio(&r->eval_acc, NULL) : 0;
     printf("eval step %lld | val_loss %.4f | val_ppl %.2f | maxvio_global %.4f\n", (long long)r->step, val_loss,
            exp(val_loss), mv);
-    if (r->log) {
+    if (r->log && !r->log_failed) {
         char frag[16384] = "\"maxvio_global\":0";
         if (r->n_moe > 0) balance_accum_json(&r->eval_acc, frag, sizeof frag);
         fprintf(r->log, "{\"type\":\"eval\",\"step\":%lld,\"val_loss\":%.6f,\"val_ppl\":%.4f,%s}\n",
                 (long long)r->step, val_loss, exp(val_loss), frag);
-        fflush(r->log);
+        trainer_log_flush(r);
     }
 }
 
@@ -323,25 +313,40 @@ static int sample_token(float *logits, int V, float temperature, int top_k, uint
     return V - 1;
 }
 
+// Loads --tokenizer (when given) for sampling: before training, so that a
+// file that is no tokenizer, or one with more tokens than the model (whose
+// prompt could encode to ids the model cannot embed), stops the run at start.
+// Returns 0, or 1 with a message.
+static int trainer_open_tokenizer(Run *r) {
+    const TrainOptions *o = r->o;
+    char err[2048];
+    if (!o->tokenizer[0]) return 0;
+    r->tok = tok_load(o->tokenizer, err, sizeof err);
+    if (!r->tok) {
+        if (r->main) fprintf(stderr, "error: --tokenizer: %s\n", err);
+        return 1;
+    }
+    if (tok_vocab_size(r->tok) > r->cfg.vocab_size) {
+        if (r->main)
+            fprintf(stderr, "error: --tokenizer %s has %d tokens, more than the model's vocab_size %d\n",
+                    o->tokenizer, tok_vocab_size(r->tok), r->cfg.vocab_size);
+        return 1;
+    }
+    return 0;
+}
+
 // Every rank runs the forwards (expert parallelism needs them all) with the
 // same RNG, so all draw the same tokens; rank 0 prints.
-static void trainer_sample(const TrainOptions *o, Backend *be, const MoeConfig *c, uint64_t *rng) {
+static void trainer_sample(Run *r, uint64_t *rng) {
+    const TrainOptions *o = r->o;
+    const MoeConfig *c = &r->cfg;
+    Backend *be = r->be;
+    Tokenizer *tok = r->tok;
     if (o->sample_tokens <= 0) return;
-    int main_rank = be->comm->rank == 0;
-    Tokenizer *tok = NULL;
-    char err[1024];
-    if (o->tokenizer[0]) {
-        tok = tok_load(o->tokenizer, err, sizeof err);
-        if (!tok) fprintf(stderr, "warning: cannot load tokenizer for sampling: %s\n", err);
-        else if (tok_vocab_size(tok) > c->vocab_size) {
-            fprintf(stderr, "warning: tokenizer %s has %d tokens, the model %d: sampling prints ids\n",
-                    o->tokenizer, tok_vocab_size(tok), c->vocab_size);
-            tok_free(tok);
-            tok = NULL;
-        }
-    }
-    int T = c->seq_len, n = 0, cap = o->sample_tokens + T + 1;
-    int *ctx = xcalloc((size_t)cap, sizeof(int));
+    // The context: the last T tokens, all the model sees (a window, so that
+    // any --sample-tokens needs no more memory than one sequence).
+    int T = c->seq_len, n = 0;
+    int *ctx = xcalloc((size_t)T, sizeof(int)); // (T)
     if (tok && o->prompt[0]) {
         uint32_t *ids = NULL;
         size_t k = tok_encode(tok, o->prompt, strlen(o->prompt), &ids);
@@ -350,29 +355,34 @@ static void trainer_sample(const TrainOptions *o, Backend *be, const MoeConfig *
     }
     if (n == 0) ctx[n++] = tok && tok_eot_id(tok) >= 0 ? tok_eot_id(tok) : 0;
     float *logits = xcalloc((size_t)c->vocab_size, sizeof(float));
-    if (main_rank)
+    if (r->main)
         printf("sample (%d tokens, temperature %.2f, top-k %d):\n---\n%s", o->sample_tokens, o->temperature,
                o->sample_top_k, tok ? o->prompt : "");
     for (int i = 0; i < o->sample_tokens; i++) {
-        int len = n < T ? n : T; // the model sees at most the last T tokens
-        be->last_logits(be, ctx + n - len, len, logits);
+        be->last_logits(be, ctx, n, logits);
         int next = sample_token(logits, c->vocab_size, o->temperature, o->sample_top_k, rng);
+        if (n == T) { // slide the window
+            memmove(ctx, ctx + 1, sizeof(int) * (size_t)(T - 1));
+            n--;
+        }
         ctx[n++] = next;
-        if (!main_rank) continue;
-        if (tok) {
+        if (!r->main) continue;
+        // A model's vocabulary may be larger than its tokenizer's (padded):
+        // ids the tokenizer does not know are printed as ids.
+        if (tok && next < tok_vocab_size(tok) && !tok_is_special(tok, (uint32_t)next)) {
             size_t blen;
             const char *bytes = tok_token_bytes(tok, (uint32_t)next, &blen);
-            if (tok_is_special(tok, (uint32_t)next)) printf("\n<|special %d|>\n", next);
-            else fwrite(bytes, 1, blen, stdout);
+            fwrite(bytes, 1, blen, stdout);
+        } else if (tok) {
+            printf("\n<|%s %d|>\n", next < tok_vocab_size(tok) ? "special" : "id", next);
         } else {
             printf("%d ", next);
         }
         fflush(stdout);
     }
-    if (main_rank) printf("\n---\n");
+    if (r->main) printf("\n---\n");
     free(ctx);
     free(logits);
-    if (tok) tok_free(tok);
 }
 
 // ----------------------------------------------------------------------------
@@ -474,7 +484,7 @@ static void trainer_log_step(Run *r, const StepResult *res, double dt, double el
         printf(" | %.0f tok/s | eta %s\n", tps, eta_s);
         fflush(stdout);
     }
-    if (!r->log) return;
+    if (!r->log || r->log_failed) return;
     fprintf(r->log,
             "{\"type\":\"step\",\"step\":%lld,\"loss\":%.6f,\"aux_loss\":%.6g,\"lr\":%.6g,\"gamma\":%.6g,"
             "\"grad_norm\":%.6g,\"tokens\":%lld,\"tokens_per_s\":%.1f,\"step_time_s\":%.4f,\"time_s\":%.2f",
@@ -508,21 +518,23 @@ static void trainer_log_step(Run *r, const StepResult *res, double dt, double el
         }
     }
     fprintf(r->log, "}\n");
-    fflush(r->log);
+    trainer_log_flush(r);
 }
 
 // ----------------------------------------------------------------------------
 // The run
 
-static void trainer_log_header(Run *r) {
-    if (!r->log) return;
+// The config record that starts every invocation's part of the log. Returns
+// 0, or -1 when it could not be written.
+static int trainer_log_header(Run *r) {
+    if (!r->log) return 0;
     fprintf(r->log, "{\"type\":\"config\",\"format\":\"moe-train-log\",\"version\":1,\"backend\":\"%s\",\"ranks\":%d,\"ep\":%d,\"resumed_at\":%lld,"
             "\"params\":%lld,\"options\":{", r->be->name, r->comm->world, r->comm->ep, (long long)r->step,
             (long long)r->be->n_params);
     char *text = NULL;
     size_t len = 0;
     FILE *m = open_memstream(&text, &len);
-    if (!m) return;
+    if (!m) FATAL("out of memory writing the log");
     options_write(r->o, m);
     fclose(m);
     int first = 1;
@@ -542,7 +554,7 @@ static void trainer_log_header(Run *r) {
     }
     free(text);
     fprintf(r->log, "}}\n");
-    fflush(r->log);
+    return trainer_log_flush(r);
 }
 
 // The training and validation loaders: each rank reads its own share of
@@ -577,16 +589,57 @@ static int trainer_open_data(Run *r) {
     return 0;
 }
 
-// The model on the backend, the biases, and the starting point: a resumed
-// checkpoint, or fresh parameters (then optionally a checkpoint's). Returns 0,
-// or 1 with a message.
-static int trainer_init_model(Run *r) {
+// Rank 0's outputs: the checkpoint directory, created if need be and locked
+// for this run (a second trainer on it stops here, before training), and the
+// log. Returns 0, or 1 with a message.
+static int trainer_open_outputs(Run *r) {
+    const TrainOptions *o = r->o;
+    char err[2048];
+    if (o->ckpt_dir[0] && (r->lock_fd = ckpt_dir_lock(o->ckpt_dir, err, sizeof err)) < 0) {
+        fprintf(stderr, "error: --ckpt-dir: %s\n", err);
+        return 1;
+    }
+    if (o->log[0] && !(r->log = fopen(o->log, "a"))) {
+        fprintf(stderr, "error: cannot open log file %s: %s\n", o->log, strerror(errno));
+        return 1;
+    }
+    return 0;
+}
+
+// --resume: rank 0 finds and verifies the newest checkpoint in --ckpt-dir and
+// the others take its choice (each rank verifying the whole file would
+// multiply the reads by the number of ranks; loading checks every section it
+// reads anyway). None there yet is a fresh start, so that one command serves
+// the first and every later job of a preemptible run. Returns 0 with the
+// checkpoint's path in path ("" for none), or 1 with a message.
+static int trainer_find_resume(Run *r, char *path, size_t len) {
+    const TrainOptions *o = r->o;
+    char err[2048];
+    int64_t at, found = 1;
+    path[0] = '\0';
+    if (!o->resume) return 0;
+    if (r->main) found = ckpt_latest(o->ckpt_dir, 0, path, len, &at, err, sizeof err);
+    comm_bcast(r->comm, &found, sizeof found, 0);
+    comm_bcast(r->comm, path, len, 0);
+    if (found < 0) {
+        if (r->main) fprintf(stderr, "error: --resume: %s\n", err);
+        return 1;
+    }
+    if (found == 1 && r->main)
+        printf("note: --resume: no checkpoint in %s yet: starting a new run%s\n", o->ckpt_dir,
+               o->init_from[0] ? " from --init-from" : "");
+    return 0;
+}
+
+// The model on the backend, the biases, and the starting point: the resumed
+// checkpoint (resume non-empty), or fresh parameters (then optionally
+// --init-from's). Returns 0, or 1 with a message.
+static int trainer_init_model(Run *r, const char *resume) {
     const TrainOptions *o = r->o;
     Backend *be = r->be;
-    char err[1024];
     int B = o->micro_batch, T = r->cfg.seq_len;
     // Model, biases and optimizer.
-    RouteOptions ro = balance_route_options(&o->balance);
+    RouteOptions ro = balance_route_options(&r->balance);
     if (be->create(be, &r->cfg, &ro, B, T) != 0) return 1;
     r->created = 1;
     size_t nb = (size_t)r->n_moe * r->E;
@@ -600,46 +653,40 @@ static int trainer_init_model(Run *r) {
         return 1;
     }
     r->has_eval_acc = r->n_moe > 0;
-    if (o->resume) {
-        // Rank 0 finds and verifies the newest checkpoint; the others take its
-        // choice (each rank verifying the whole file would multiply the reads
-        // by the number of ranks; loading checks every section it reads anyway).
-        char path[OPT_PATH + 64] = "";
-        int64_t at, found = 0;
-        if (r->main) found = ckpt_latest(o->ckpt_dir, 0, path, sizeof path, &at, err, sizeof err);
-        comm_bcast(r->comm, &found, sizeof found, 0);
-        comm_bcast(r->comm, path, sizeof path, 0);
-        if (found < 0) {
-            if (r->main) fprintf(stderr, "error: --resume: %s\n", err);
-            return 1;
-        }
-        if (found == 1) {
-            if (r->main) fprintf(stderr, "error: --resume: no checkpoint in %s\n", o->ckpt_dir);
-            return 1;
-        }
-        if (trainer_load(r, path, 1) != 0) return 1;
-        if (r->main) printf("resumed from %s at step %lld\n", path, (long long)r->step);
-    } else {
-        float *p = xcalloc((size_t)be->n_params, sizeof(float));
-        ParamLayout lay;
-        layout_build(&lay, &r->cfg);
-        layout_init_params(&lay, &r->cfg, o->seed, p);
-        layout_free(&lay);
-        be->set_params(be, p);
-        free(p);
-        if (r->n_moe > 0) balance_bias_init(&o->balance, r->bias, r->n_moe, r->E);
-        be->set_bias(be, r->bias);
-        if (o->init_from[0]) {
-            if (trainer_load(r, o->init_from, 0) != 0) return 1;
-            if (r->main) printf("initialised from %s\n", o->init_from);
-        }
+    if (resume[0]) {
+        if (trainer_load(r, resume, 1) != 0) return 1;
+        if (r->main) printf("resumed from %s at step %lld\n", resume, (long long)r->step);
+        return 0;
+    }
+    float *p = xcalloc((size_t)be->n_params, sizeof(float));
+    ParamLayout lay;
+    layout_build(&lay, &r->cfg);
+    layout_init_params(&lay, &r->cfg, o->seed, p);
+    layout_free(&lay);
+    be->set_params(be, p);
+    free(p);
+    if (r->n_moe > 0) balance_bias_init(&r->balance, r->bias, r->n_moe, r->E);
+    be->set_bias(be, r->bias);
+    if (o->init_from[0]) {
+        if (trainer_load(r, o->init_from, 0) != 0) return 1;
+        if (r->main) printf("initialised from %s\n", o->init_from);
     }
     return 0;
 }
 
-// Everything before the first step: data, the model and its parameters, the
-// log. Returns 0, or 1 with a message; what it acquired is in r either way,
-// for trainer_teardown.
+// 1 when `failed` is set on any rank (every rank must call it).
+static int trainer_any_failed(Run *r, int failed) {
+    int64_t f = failed != 0;
+    comm_allreduce_max_i64(r->comm, COMM_WORLD, &f, 1);
+    return f != 0;
+}
+
+// Everything before the first step. What a user can get wrong is checked
+// before the model is built: the checkpoint directory and the log (rank 0
+// writes both), the tokenizer, the data, then the checkpoint to resume from.
+// Every rank learns whether any failed, so that all stop together. Returns
+// 0, or 1 with a message; what it acquired is in r either way, for
+// trainer_teardown.
 static int trainer_setup(Run *r) {
     const TrainOptions *o = r->o;
     const Comm *comm = r->comm;
@@ -653,21 +700,19 @@ static int trainer_setup(Run *r) {
                "per step\n", comm->world, comm->ep, (long long)r->accum, B, T,
                (long long)(r->accum * B * T * comm->world));
     }
-    if (trainer_open_data(r) != 0 || trainer_init_model(r) != 0) return 1;
-    if (o->log[0] && r->main) {
-        r->log = fopen(o->log, "a");
-        if (!r->log) {
-            fprintf(stderr, "error: cannot open log file %s: %s\n", o->log, strerror(errno));
-            return 1;
-        }
-    }
-    trainer_log_header(r);
-    return 0;
+    char resume[OPT_PATH + 64];
+    int failed = r->main ? trainer_open_outputs(r) : 0;
+    failed |= trainer_open_tokenizer(r);
+    failed |= trainer_open_data(r);
+    if (trainer_any_failed(r, failed) || trainer_find_resume(r, resume, sizeof resume) != 0) return 1;
+    failed = trainer_init_model(r, resume);
+    failed |= r->main && trainer_log_header(r) != 0;
+    return trainer_any_failed(r, failed);
 }
 
 // The steps, each followed by its log line, evaluation and checkpoint when
-// due; stops early (with a checkpoint) on a signal or at --run-steps.
-// Returns the exit code.
+// due; stops early (with a checkpoint) on a signal or at --run-steps, and
+// (without one) when the log cannot be written. Returns the exit code.
 static int trainer_loop(Run *r) {
     const TrainOptions *o = r->o;
     int rc = 0;
@@ -690,10 +735,6 @@ static int trainer_loop(Run *r) {
                        (long long)r->step);
             stop_requested = -1;
         }
-        // A signal may reach some ranks only: stop when any rank was asked to.
-        int64_t stop = stop_requested;
-        comm_allreduce_max_i64(r->comm, COMM_WORLD, &stop, 1);
-        if (stop && !stop_requested) stop_requested = (sig_atomic_t)stop;
         if (r->val && ((o->eval_every > 0 && r->step % o->eval_every == 0) || last)) {
             double vl;
             if (trainer_eval(r, &vl) != 0) {
@@ -702,6 +743,15 @@ static int trainer_loop(Run *r) {
             }
             trainer_log_eval(r, vl);
         }
+        // One agreement per step: a signal may reach some ranks only, and a
+        // failed log write (on rank 0) stops every rank.
+        int64_t flags[2] = { stop_requested, r->log_failed };
+        comm_allreduce_max_i64(r->comm, COMM_WORLD, flags, 2);
+        if (flags[1]) {
+            rc = 1;
+            break;
+        }
+        if (flags[0] && !stop_requested) stop_requested = (sig_atomic_t)flags[0];
         int want_ckpt = o->ckpt_dir[0] && ((o->ckpt_every > 0 && r->step % o->ckpt_every == 0) || last);
         if (stop_requested) {
             if (stop_requested > 0 && r->main)
@@ -766,6 +816,8 @@ static int trainer_profile(Run *r) {
 // Releases whatever trainer_setup acquired, however far it got.
 static void trainer_teardown(Run *r) {
     if (r->log) fclose(r->log);
+    ckpt_dir_unlock(r->lock_fd);
+    if (r->tok) tok_free(r->tok);
     loader_close(r->train);
     loader_close(r->val);
     if (r->has_eval_acc) balance_accum_free(&r->eval_acc);
@@ -778,6 +830,17 @@ static void trainer_teardown(Run *r) {
     memset(r, 0, sizeof *r);
 }
 
+// A run for options o on backend be, owning nothing yet.
+static void trainer_init_run(Run *r, const TrainOptions *o, Backend *be) {
+    memset(r, 0, sizeof *r);
+    r->o = o;
+    r->be = be;
+    r->comm = be->comm;
+    r->main = be->comm->rank == 0;
+    r->lock_fd = -1;
+    r->balance = o->balance;
+}
+
 int trainer_run(const TrainOptions *o, Backend *be) {
     char err[1024];
     const Comm *comm = be->comm;
@@ -788,11 +851,8 @@ int trainer_run(const TrainOptions *o, Backend *be) {
 #ifdef _OPENMP
     if (o->threads > 0) omp_set_num_threads(o->threads);
 #endif
-    Run run = { 0 }, *r = &run;
-    r->o = o;
-    r->be = be;
-    r->comm = comm;
-    r->main = comm->rank == 0;
+    Run run, *r = &run;
+    trainer_init_run(r, o, be);
     r->cfg = o->model;
     r->n_moe = config_n_moe(&r->cfg);
     r->E = r->cfg.n_routed;
@@ -805,7 +865,7 @@ int trainer_run(const TrainOptions *o, Backend *be) {
         signal(SIGTERM, on_signal);
         rc = o->profile > 0 ? trainer_profile(r) : trainer_loop(r);
     }
-    if (rc == 0 && !stop_requested && o->profile == 0) trainer_sample(o, be, &r->cfg, &r->rng);
+    if (rc == 0 && !stop_requested && o->profile == 0) trainer_sample(r, &r->rng);
     if (rc == 0) {
         // For tests and for the record: every rank's final biases, by checksum.
         size_t nb = (size_t)r->n_moe * r->E * sizeof(float);
@@ -815,47 +875,59 @@ int trainer_run(const TrainOptions *o, Backend *be) {
     return rc;
 }
 
-int trainer_sample_from_checkpoint(const TrainOptions *o, Backend *be, const char *ckpt_path) {
-    char err[1024];
-    Ckpt *ck = ckpt_open(ckpt_path, err, sizeof err);
-    if (!ck) {
-        fprintf(stderr, "error: %s\n", err);
-        return 1;
-    }
-    Run run = { 0 }, *r = &run;
-    r->o = o;
-    r->be = be;
-    r->comm = be->comm;
-    r->main = be->comm->rank == 0;
-    int rc = trainer_ckpt_config(ck, ckpt_path, &r->cfg, NULL, NULL);
-    // The routing must be the one the model was trained with (a multiplicative
-    // or additive bias): read the balancing options saved with it.
-    BalanceConfig bal = o->balance;
-    uint64_t len;
-    const CkptSectionDef *sec = &ckpt_sections[SEC_OPTIONS];
-    char *text = rc == 0 ? ckpt_read_alloc(ck, sec->name, sec->dtype, &len, err, sizeof err) : NULL;
-    for (char *line = text ? strtok(text, "\n") : NULL; line; line = strtok(NULL, "\n")) {
+// The balancing options a checkpoint was trained with (its options section)
+// on top of `base`: the routing must be the model's own (an additive or a
+// multiplicative bias). Returns 0, or -1 with a message.
+static int trainer_saved_balance(const CkptState *st, const BalanceConfig *base, BalanceConfig *out) {
+    char err[1024], *text = xmalloc(strlen(st->options) + 1);
+    strcpy(text, st->options);
+    *out = *base;
+    int rc = 0;
+    for (char *line = strtok(text, "\n"); line && rc == 0; line = strtok(NULL, "\n")) {
         char *eq = strstr(line, " = "); // options_write's "key = value"
         if (!eq) continue;
         *eq = '\0';
-        if (balance_has_option(line)) balance_set_option(&bal, line, eq + 3, err, sizeof err);
+        if (balance_has_option(line) && balance_set_option(out, line, eq + 3, err, sizeof err) != 0) rc = -1;
     }
     free(text);
-    ckpt_close(ck);
-    if (rc != 0) return 1;
+    if (rc == 0 && balance_validate(out, err, sizeof err) != 0) rc = -1;
+    if (rc != 0) fprintf(stderr, "error: %s: section 'options': %s\n", st->path, err);
+    return rc;
+}
+
+int trainer_sample_from_checkpoint(const TrainOptions *o, Backend *be, const char *ckpt_path) {
+    char err[2048];
+    Run run, *r = &run;
+    trainer_init_run(r, o, be);
+    CkptState st;
+    if (ckpt_state_open(&st, ckpt_path, err, sizeof err) != 0) {
+        fprintf(stderr, "error: %s\n", err);
+        return 1;
+    }
+    r->cfg = st.cfg;
     r->n_moe = config_n_moe(&r->cfg);
     r->E = r->cfg.n_routed;
-    RouteOptions ro = balance_route_options(&bal);
-    if (be->create(be, &r->cfg, &ro, 1, r->cfg.seq_len) != 0) return 1;
-    r->created = 1;
-    r->bias = xcalloc((size_t)r->n_moe * r->E + 1, sizeof(float));
-    rc = trainer_load(r, ckpt_path, 0);
+    int rc = trainer_saved_balance(&st, &o->balance, &r->balance) != 0 || trainer_open_tokenizer(r) != 0;
+    if (rc == 0) {
+        RouteOptions ro = balance_route_options(&r->balance);
+        rc = be->create(be, &r->cfg, &ro, 1, r->cfg.seq_len) != 0;
+        r->created = rc == 0;
+    }
+    if (rc == 0 && ckpt_state_load(&st, 0, err, sizeof err) != 0) {
+        fprintf(stderr, "error: %s\n", err);
+        rc = 1;
+    }
+    if (rc == 0) {
+        r->bias = xcalloc((size_t)r->n_moe * r->E + 1, sizeof(float));
+        rc = trainer_use_state(r, &st, 0) != 0;
+    }
+    ckpt_state_close(&st);
     if (rc == 0) {
         uint64_t rng = o->seed;
-        trainer_sample(o, be, &r->cfg, &rng);
+        trainer_sample(r, &rng);
     }
     trainer_teardown(r);
-    return rc == 0 ? 0 : 1;
+    return rc;
 }
 
 // --print-memory: the backend's memory plan for the options' micro-batch, and
@@ -930,8 +1002,12 @@ static int trainer_dispatch(int argc, char **argv, const char *prog, Backend *be
         o.sample_tokens = 256;
         int rc = options_parse(&o, argc - 2, argv + 2, prog);
         if (rc != 0) return rc > 0 ? 0 : 1;
-        if (o.sample_tokens <= 0 || o.temperature < 0) {
-            fprintf(stderr, "error: --sample-tokens must be > 0 and --temperature >= 0\n");
+        if (o.sample_tokens <= 0 || o.temperature < 0 || o.sample_top_k < 0) {
+            fprintf(stderr, "error: --sample-tokens must be > 0, --temperature >= 0 (0: greedy), --sample-top-k >= 0\n");
+            return 1;
+        }
+        if (o.prompt[0] && !o.tokenizer[0]) {
+            fprintf(stderr, "error: --prompt needs --tokenizer (to encode the prompt)\n");
             return 1;
         }
         return trainer_sample_from_checkpoint(&o, be, argv[2]);
