@@ -207,7 +207,7 @@ typedef struct {
     float *gather_buf;         // (P, largest expert) checkpoint gathers of expert tensors
     float *norm_scratch;       // rmsnorm_scratch_floats(N, d)
     int *perm_scratch;         // moe_permute_scratch_ints(N K, E)
-    double *aux_prob;          // (B, E) per aux-loss group, sum of the affinities
+    double *aux_scratch;       // moe_aux_scratch_doubles(B, T, E): the aux statistics' partial sums
     double *gn_partials;       // gradnorm_partials(n_params)
     double *gn_out, *h_gn;     // (1 + P) device, pinned: sums of squares of the replicated tensors, of each EP position's experts
     float *row_f32, *h_row;    // (V) one logits row, device and pinned
@@ -554,7 +554,7 @@ static void gpu_alloc_scratch(GpuModel *gm) {
         gm->dxe = DEV(floatX, NK * d);
         gm->dlr = DEV(floatX, N * E);
         gm->perm_scratch = DEV(int, moe_permute_scratch_ints((int64_t)NK, (int)E));
-        gm->aux_prob = DEV(double, B * E);
+        gm->aux_scratch = DEV(double, moe_aux_scratch_doubles((int)B, (int)T, (int)E));
         if (gm->exchange) {
             gm->xs = DEV(floatX, NK * d);
             gm->xr = DEV(floatX, NK * d);
@@ -904,7 +904,7 @@ static void gpu_moe_forward(GpuModel *gm, int l, int moe_idx, int B, int T, floa
     PHASE(PH_PERMUTE);
     moe_combine_forward(xout, la->eout, la->gates, la->row_of, N, K, d, st);
     PHASE(PH_ROUTER);
-    moe_aux_forward(gm->aux + moe_idx, la->aux_f, gm->aux_prob, la->s, la->zsum, la->sel, B, T, &rp, st);
+    moe_aux_forward(gm->aux + moe_idx, la->aux_f, gm->aux_scratch, la->s, la->zsum, la->sel, B, T, &rp, st);
 }
 
 // Forward of tokens (B, T); with targets also the per-position losses, and

@@ -12,33 +12,64 @@ static __global__ void permute_hist_kernel(int *chunk_counts, const int *sel, in
     for (int e = threadIdx.x; e < E; e += blockDim.x) chunk_counts[(int64_t)blockIdx.x * E + e] = hist[e];
 }
 
-// (2) one block: offsets from counts, then per expert (one thread each) the
-// running first row of every chunk, in chunk order.
-static __global__ void permute_scan_kernel(int *offsets, int *chunk_base, const int *counts, int E, int nchunks) {
-    if (threadIdx.x == 0) {
-        int run = 0;
-        for (int e = 0; e < E; e++) {
-            offsets[e] = run;
-            run += counts[e];
-        }
-        offsets[E] = run;
-    }
+// Inclusive prefix sum over the block of one int per thread (Hillis-Steele in
+// shared memory: log2(blockDim.x) rounds; integer sums, so any order gives the
+// same result). shm: blockDim.x ints; the block's total is shm[blockDim.x - 1]
+// until the next call.
+static __device__ int block_scan_int(int v, int *shm) {
+    __syncthreads(); // shm may still be read by a previous call
+    shm[threadIdx.x] = v;
     __syncthreads();
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        int base = offsets[e];
-        for (int c = 0; c < nchunks; c++) {
-            int n = chunk_base[(int64_t)c * E + e];
-            chunk_base[(int64_t)c * E + e] = base;
-            base += n;
-        }
-        if (base != offsets[e] + counts[e]) offsets[E] = -1; // counts and sel disagree: a bug upstream
+    for (int off = 1; off < (int)blockDim.x; off <<= 1) {
+        int add = threadIdx.x >= (unsigned)off ? shm[threadIdx.x - off] : 0;
+        __syncthreads();
+        shm[threadIdx.x] += add;
+        __syncthreads();
+    }
+    return shm[threadIdx.x];
+}
+
+// (2) grid = E, block = PERMUTE_SCAN_THREADS: block e writes offsets[e], the
+// rows of the experts before e, then walks the chunks in order, a tile of
+// PERMUTE_SCAN_THREADS chunks per round, turning chunk_base[c, e] from chunk
+// c's count of expert e into the first row those slots take. colsum[e]
+// receives the rows the chunks gave expert e, for the check in (3).
+static __global__ void permute_scan_kernel(int *offsets, int *chunk_base, int *colsum, const int *counts, int E,
+                                           int nchunks) {
+    __shared__ int shm[PERMUTE_SCAN_THREADS];
+    int e = blockIdx.x;
+    int before = 0;
+    for (int i = threadIdx.x; i < e; i += blockDim.x) before += counts[i];
+    block_scan_int(before, shm);
+    int first = shm[blockDim.x - 1]; // offsets[e]
+    int base = first;
+    for (int c0 = 0; c0 < nchunks; c0 += blockDim.x) {
+        int c = c0 + threadIdx.x;
+        int n = c < nchunks ? chunk_base[(int64_t)c * E + e] : 0;
+        int incl = block_scan_int(n, shm);
+        if (c < nchunks) chunk_base[(int64_t)c * E + e] = base + incl - n;
+        base += shm[blockDim.x - 1];
+    }
+    if (threadIdx.x == 0) {
+        offsets[e] = first;
+        colsum[e] = base - first;
     }
 }
 
-// (3) grid = chunks, block = PERMUTE_CHUNK.
-static __global__ void permute_place_kernel(int *row_of, int *slot_of, const int *chunk_base, const int *sel, int NK,
-                                            int E) {
+// (3) grid = chunks, block = PERMUTE_CHUNK. Block 0 also writes offsets[E]:
+// NK when every expert got from the chunks the rows its count promised, -1
+// otherwise (the counts disagree with sel: a bug upstream).
+static __global__ void permute_place_kernel(int *row_of, int *slot_of, int *offsets, const int *chunk_base,
+                                            const int *colsum, const int *counts, const int *sel, int NK, int E) {
     __shared__ int s_sel[PERMUTE_CHUNK];
+    if (blockIdx.x == 0) {
+        int bad = 0;
+        for (int x = threadIdx.x; x < E; x += blockDim.x) bad += colsum[x] != counts[x];
+        block_scan_int(bad, s_sel);
+        int n_bad = s_sel[blockDim.x - 1];
+        __syncthreads(); // every thread has the total before s_sel is reused
+        if (threadIdx.x == 0) offsets[E] = n_bad ? -1 : NK;
+    }
     int64_t i = (int64_t)blockIdx.x * PERMUTE_CHUNK + threadIdx.x;
     int e = i < NK ? sel[i] : -1;
     s_sel[threadIdx.x] = e;
@@ -54,11 +85,13 @@ static __global__ void permute_place_kernel(int *row_of, int *slot_of, const int
 void moe_permute(int *offsets, int *row_of, int *slot_of, int *scratch, const int *sel, const int *counts, int NK,
                  int E, cudaStream_t stream) {
     int nchunks = (int)cdiv_u(NK, PERMUTE_CHUNK);
-    permute_hist_kernel<<<nchunks, PERMUTE_CHUNK, sizeof(int) * E, stream>>>(scratch, sel, NK, E);
+    int *chunk_base = scratch, *colsum = scratch + (size_t)nchunks * E; // (nchunks, E), (E)
+    permute_hist_kernel<<<nchunks, PERMUTE_CHUNK, sizeof(int) * E, stream>>>(chunk_base, sel, NK, E);
     KERNEL_CHECK();
-    permute_scan_kernel<<<1, 256, 0, stream>>>(offsets, scratch, counts, E, nchunks);
+    permute_scan_kernel<<<E, PERMUTE_SCAN_THREADS, 0, stream>>>(offsets, chunk_base, colsum, counts, E, nchunks);
     KERNEL_CHECK();
-    permute_place_kernel<<<nchunks, PERMUTE_CHUNK, 0, stream>>>(row_of, slot_of, scratch, sel, NK, E);
+    permute_place_kernel<<<nchunks, PERMUTE_CHUNK, 0, stream>>>(row_of, slot_of, offsets, chunk_base, colsum, counts,
+                                                                sel, NK, E);
     KERNEL_CHECK();
 }
 

@@ -6,19 +6,20 @@
 //
 // The permutation is a counting sort with no atomics on positions, so it is
 // deterministic: (1) per chunk of PERMUTE_CHUNK slots, a histogram of
-// experts; (2) one block: offsets = exclusive scan of the counts, and for
-// each (chunk, expert) the first row that chunk's slots of that expert take;
-// (3) per chunk, each slot's rank among the earlier slots of the same expert
-// in its chunk gives its row.
+// experts; (2) one block per expert: its offset (the counts before it) and,
+// by a block-wide scan down the chunks, the first row each chunk's slots of
+// that expert take; (3) per chunk, each slot's rank among the earlier slots
+// of the same expert in its chunk gives its row.
 #ifndef KERNELS_PERMUTE_CUH
 #define KERNELS_PERMUTE_CUH
 
 #include "common.cuh"
 
-enum { PERMUTE_CHUNK = 256 };
+enum { PERMUTE_CHUNK = 256, PERMUTE_SCAN_THREADS = 256 };
 
-// Ints of scratch moe_permute needs for NK slots and E experts.
-inline size_t moe_permute_scratch_ints(int64_t NK, int E) { return (size_t)cdiv_u(NK, PERMUTE_CHUNK) * E; }
+// Ints of scratch moe_permute needs for NK slots and E experts: (chunks, E)
+// chunk bases, then (E) rows per expert as the chunks counted them.
+inline size_t moe_permute_scratch_ints(int64_t NK, int E) { return ((size_t)cdiv_u(NK, PERMUTE_CHUNK) + 1) * E; }
 
 // sel (NK) expert of each slot; counts (E) tokens per expert (from moe_route).
 // Writes offsets (E + 1) (first row of each expert; offsets[E] = NK), row_of

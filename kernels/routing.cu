@@ -112,23 +112,37 @@ void moe_route(float *s, double *zsum, int *sel, float *gates, int *counts, cons
 // ----------------------------------------------------------------------------
 // Auxiliary losses
 
-enum { AUX_ROWS = 8 }; // token slices per block of the statistics kernel
+// The statistics are summed in two passes so that the whole grid works on
+// them: (1) one block per slice of AUX_SLICE tokens of a group and 32
+// experts writes partial sums; (2) one block adds each (group, expert)'s
+// partials in slice order and reduces the loss terms. Fixed orders in both,
+// so the loss has the same bits every run.
+enum { AUX_ROWS = 8, AUX_REDUCE_THREADS = 256 };
 
-// grid (groups, ceil(E / 32)), block (32, AUX_ROWS): lane x owns expert
-// e = blockIdx.y * 32 + x, row y takes tokens y, y + AUX_ROWS, ... of group q;
-// the AUX_ROWS partial sums are then added in row order.
-static __global__ void moe_aux_stats_kernel(int *f, double *prob_sum, const float *s, const double *zsum, const int *sel,
-                                            int len, int E, int K, int seqwise) {
+size_t moe_aux_scratch_doubles(int B, int T, int E) {
+    size_t partials = (size_t)B + cdiv_u((int64_t)B * T, AUX_SLICE); // >= groups x slices for every aux kind
+    return 2 * partials * (size_t)E;
+}
+
+// (1) grid (groups x slices, ceil(E / 32)), block (32, AUX_ROWS): lane x owns
+// expert e = blockIdx.y * 32 + x, row y takes the tokens y, y + AUX_ROWS, ...
+// of the slice; the AUX_ROWS partial sums are then added in row order into
+// part_p (partials, E), the affinity sums, and part_f (partials, E), the
+// selections (as doubles: exact far beyond any token count).
+static __global__ void moe_aux_stats_kernel(double *part_p, double *part_f, const float *s, const double *zsum,
+                                            const int *sel, int len, int slices, int E, int K, int seqwise) {
     __shared__ double sp[AUX_ROWS][32];
     __shared__ int sf[AUX_ROWS][32];
-    int q = blockIdx.x, x = threadIdx.x, y = threadIdx.y;
+    int g = blockIdx.x, q = g / slices, z = g % slices, x = threadIdx.x, y = threadIdx.y;
     int e = blockIdx.y * 32 + x;
+    int64_t lo = (int64_t)q * len + (int64_t)z * AUX_SLICE;
+    int64_t hi = lo + AUX_SLICE < (int64_t)(q + 1) * len ? lo + AUX_SLICE : (int64_t)(q + 1) * len;
     double p = 0.0;
     int cnt = 0;
     if (e < E) {
-        for (int64_t t = (int64_t)q * len + y; t < (int64_t)(q + 1) * len; t += AUX_ROWS) {
-            double z = seqwise ? zsum[t] : 1.0;
-            p += (double)s[t * E + e] / z;
+        for (int64_t t = lo + y; t < hi; t += AUX_ROWS) {
+            double zt = seqwise ? zsum[t] : 1.0;
+            p += (double)s[t * E + e] / zt;
             for (int j = 0; j < K; j++) cnt += sel[t * K + j] == e;
         }
     }
@@ -136,31 +150,39 @@ static __global__ void moe_aux_stats_kernel(int *f, double *prob_sum, const floa
     sf[y][x] = cnt;
     __syncthreads();
     if (y == 0 && e < E) {
-        double pq = 0.0;
-        int fq = 0;
+        double pg = 0.0;
+        int fg = 0;
         for (int r = 0; r < AUX_ROWS; r++) {
-            pq += sp[r][x];
-            fq += sf[r][x];
+            pg += sp[r][x];
+            fg += sf[r][x];
         }
-        prob_sum[(int64_t)q * E + e] = pq;
-        f[(int64_t)q * E + e] = fq;
+        part_p[(int64_t)g * E + e] = pg;
+        part_f[(int64_t)g * E + e] = fg;
     }
 }
 
-// One thread: the loss from f and prob_sum, in model/moe.c's order of operations.
-static __global__ void moe_aux_loss_kernel(double *aux, const int *f, const double *prob_sum, int groups, int len, int E,
-                                           int K, float aux_alpha) {
-    double total = 0.0;
-    for (int q = 0; q < groups; q++) {
-        double lq = 0.0;
-        for (int e = 0; e < E; e++)
-            lq += ((double)E / ((double)K * len) * f[(int64_t)q * E + e]) * (prob_sum[(int64_t)q * E + e] / len);
-        total += lq;
+// (2) one block of AUX_REDUCE_THREADS: f (groups, E) = the selections per
+// group and expert, and aux = aux_alpha / groups * the sum over groups and
+// experts of (E / (K len) f_e) (P_e / len), model/moe.c's terms.
+static __global__ void moe_aux_reduce_kernel(double *aux, int *f, const double *part_p, const double *part_f,
+                                             int groups, int slices, int len, int E, int K, float aux_alpha) {
+    __shared__ double shm[32];
+    double terms = 0.0;
+    for (int i = threadIdx.x; i < groups * E; i += blockDim.x) {
+        int q = i / E, e = i % E;
+        double p = 0.0, fq = 0.0;
+        for (int z = 0; z < slices; z++) {
+            p += part_p[((int64_t)q * slices + z) * E + e];
+            fq += part_f[((int64_t)q * slices + z) * E + e];
+        }
+        f[i] = (int)fq;
+        terms += ((double)E / ((double)K * len) * fq) * (p / len);
     }
-    aux[0] = aux_alpha * total / groups;
+    double total = block_sum_d(terms, shm);
+    if (threadIdx.x == 0) aux[0] = aux_alpha * total / groups;
 }
 
-void moe_aux_forward(double *aux, int *f, double *prob_sum, const float *s, const double *zsum, const int *sel, int B,
+void moe_aux_forward(double *aux, int *f, double *scratch, const float *s, const double *zsum, const int *sel, int B,
                      int T, const RouteParams *rp, cudaStream_t stream) {
     if (rp->aux_kind == AUX_NONE) {
         CUDA_CHECK(cudaMemsetAsync(aux, 0, sizeof(double), stream));
@@ -168,10 +190,15 @@ void moe_aux_forward(double *aux, int *f, double *prob_sum, const float *s, cons
     }
     int E = rp->n_experts, K = rp->top_k;
     int groups = route_aux_groups(rp->aux_kind, B), len = B * T / groups;
-    dim3 grid(groups, cdiv_u(E, 32)), block(32, AUX_ROWS);
-    moe_aux_stats_kernel<<<grid, block, 0, stream>>>(f, prob_sum, s, zsum, sel, len, E, K, rp->aux_kind == AUX_SEQ);
+    int slices = (int)cdiv_u(len, AUX_SLICE);
+    size_t part = (size_t)groups * slices * E; // <= moe_aux_scratch_doubles(B, T, E) / 2
+    double *part_p = scratch, *part_f = scratch + part;
+    dim3 grid(groups * slices, cdiv_u(E, 32)), block(32, AUX_ROWS);
+    moe_aux_stats_kernel<<<grid, block, 0, stream>>>(part_p, part_f, s, zsum, sel, len, slices, E, K,
+                                                     rp->aux_kind == AUX_SEQ);
     KERNEL_CHECK();
-    moe_aux_loss_kernel<<<1, 1, 0, stream>>>(aux, f, prob_sum, groups, len, E, K, rp->aux_alpha);
+    moe_aux_reduce_kernel<<<1, AUX_REDUCE_THREADS, 0, stream>>>(aux, f, part_p, part_f, groups, slices, len, E, K,
+                                                                rp->aux_alpha);
     KERNEL_CHECK();
 }
 

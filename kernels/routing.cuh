@@ -38,9 +38,12 @@ void moe_route(float *s, double *zsum, int *sel, float *gates, int *counts, cons
 
 // Auxiliary loss of one layer (groups: route_aux_groups): aux (1) double on the
 // device = aux_alpha * the mean over groups of sum_e (E / (K len) f_e)
-// (P_e / len). f (groups, E) int is kept for the backward; prob_sum (groups,
-// E) double (the P_e len) is scratch. For AUX_NONE aux is set to 0.
-void moe_aux_forward(double *aux, int *f, double *prob_sum, const float *s, const double *zsum, const int *sel, int B,
+// (P_e / len). f (groups, E) int is kept for the backward. scratch:
+// moe_aux_scratch_doubles(B, T, E) doubles (partial sums over slices of
+// AUX_SLICE tokens). For AUX_NONE aux is set to 0.
+enum { AUX_SLICE = 256 };
+size_t moe_aux_scratch_doubles(int B, int T, int E);
+void moe_aux_forward(double *aux, int *f, double *scratch, const float *s, const double *zsum, const int *sel, int B,
                      int T, const RouteParams *rp, cudaStream_t stream);
 
 // dlogits (N, E) floatX = gradient of the router logits, from dgates (N, K)

@@ -429,6 +429,43 @@ typedef struct {
                      // 5: equal bias in groups of 4 experts (ties that include the bias)
 } RouteCase;
 
+// The auxiliary loss's statistics (moe_aux_forward) on the routing of
+// test_route_case, against the formulas of model/moe.c in double from the
+// same affinities and selections: the loss within 1e-12 relative (the sums
+// are double, in another order), the per-group counts f exactly. B x T = N
+// tokens; the sequence-wise kind has B groups. Enough tokens for several
+// AUX_SLICE slices per group, and a group that ends mid-slice.
+static void check_aux(const char *name, int aux_kind, int B, int T, int E, int K, const float *d_s, const double *d_z,
+                      const int *d_sel, const float *s, const double *z, const int *sel) {
+    int N = B * T, groups = route_aux_groups(aux_kind, B), len = N / groups;
+    RouteParams rp = { E, K, GATE_SIGMOID, 1, 1.0f, 0, aux_kind, 0.01f };
+    double *d_aux = (double *)device_zeros(sizeof(double));
+    int *d_f = (int *)device_zeros(sizeof(int) * groups * E);
+    double *d_scr = (double *)device_zeros(sizeof(double) * moe_aux_scratch_doubles(B, T, E));
+    moe_aux_forward(d_aux, d_f, d_scr, d_s, d_z, d_sel, B, T, &rp, 0);
+    double aux;
+    int *f = (int *)xmalloc(sizeof(int) * groups * E), *cf = (int *)calloc((size_t)groups * E, sizeof(int));
+    to_host(&aux, d_aux, sizeof(double));
+    to_host(f, d_f, sizeof(int) * groups * E);
+    double *P = (double *)calloc(E, sizeof(double)), total = 0;
+    for (int q = 0; q < groups; q++) {
+        memset(P, 0, sizeof(double) * E);
+        for (int t = q * len; t < (q + 1) * len; t++) {
+            for (int e = 0; e < E; e++) P[e] += (double)s[(size_t)t * E + e] / (aux_kind == AUX_SEQ ? z[t] : 1.0);
+            for (int j = 0; j < K; j++) cf[(size_t)q * E + sel[(size_t)t * K + j]]++;
+        }
+        for (int e = 0; e < E; e++) total += ((double)E / ((double)K * len) * cf[(size_t)q * E + e]) * (P[e] / len);
+    }
+    double want = (double)rp.aux_alpha * total / groups;
+    char what[96];
+    snprintf(what, sizeof what, "%s loss (%d groups of %d tokens, relative)", name, groups, len);
+    report(what, fabs(aux - want) / fabs(want), 1e-12, 0);
+    snprintf(what, sizeof what, "%s selections per group", name);
+    report_bool(what, memcmp(f, cf, sizeof(int) * groups * E) == 0, "");
+    CUDA_CHECK(cudaFree(d_aux)); CUDA_CHECK(cudaFree(d_f)); CUDA_CHECK(cudaFree(d_scr));
+    free(f); free(cf); free(P);
+}
+
 static void test_route_case(const RouteCase *rc, uint64_t seed) {
     int N = rc->N, E = rc->E, K = rc->K;
     Rng rng = { seed };
@@ -512,6 +549,10 @@ static void test_route_case(const RouteCase *rc, uint64_t seed) {
     snprintf(detail, sizeof detail, "(%d of %d differ)", gate_bad, N * K);
     report_bool("gates (bitwise)", gate_bad == 0, detail);
     report_bool("counts", !counts_bad, "");
+    if (N >= 1000) {
+        check_aux("aux", AUX_EXPERT, 1, N, E, K, d_s, d_z, d_sel, s, z, sel);
+        if (N % 4 == 0) check_aux("seqaux", AUX_SEQ, 4, N / 4, E, K, d_s, d_z, d_sel, s, z, sel);
+    }
     if (rc->bias_kind == 3) {
         snprintf(detail, sizeof detail, "(expert 5: %d tokens)", counts[5]);
         report_bool("expert with a -1000 bias gets no token", counts[5] == 0, detail);
@@ -691,6 +732,8 @@ static void test_permutation(void) {
     test_permute_case("every token on expert 3, K=1", 300, 8, 1, 2, 3);
     test_permute_case("one token, K = E", 1, 4, 4, 0, 4);
     test_permute_case("skewed: half the first choices on expert 0", 777, 40, 5, 3, 5);
+    // 258 chunks: the scan walks them in two tiles of PERMUTE_SCAN_THREADS.
+    test_permute_case("more chunks than one scan tile", 11000, 16, 6, 3, 6);
 }
 
 // ----------------------------------------------------------------------------
