@@ -28,7 +28,7 @@ NVCC_FOUND := $(shell command -v $(or $(NVCC),nvcc) 2>/dev/null)
 # Host code shared by every trainer.
 MODEL_SRC = model/config.c model/layout.c model/balance.c parallel/ep_layout.c
 # The CPU model's compute: built in fp32 (the trainer) and in fp64 (the gradient check).
-COMPUTE_SRC = model/matmul.c model/ops.c model/moe.c model/model.c
+COMPUTE_SRC = model/matmul.c model/ops.c model/moe.c model/model.c model/phase.c
 DATA_SRC = data/shard.c data/loader.c
 TOK_SRC = $(filter-out tokenizer/tok_main.c,$(wildcard tokenizer/*.c))
 TRAIN_SRC = train/options.c train/optim.c train/lr.c train/ckpt.c train/ckpt_state.c train/trainer.c train/profile.c \

@@ -26,8 +26,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "model/model.h"         // defines: Model, model_create, model_forward, model_backward
+#include "model/phase.h"         // defines: phase_mark, the host clock per phase for --profile
 #include "parallel/comm.h"       // defines: Comm, the MPI collectives over the WORLD / EP / EDP groups
 #include "parallel/ep_layout.h"  // defines: EpShard, ep_owned_range (a rank's expert slice)
 #include "train/backend.h"       // defines: Backend, the interface the training loop calls
@@ -146,10 +150,16 @@ static void cpu_get_opt_state(Backend *be, float *m, float *v) {
 
 static void cpu_set_bias(Backend *be, const float *bias) {
     Model *m = &cpu_state(be)->model;
+    phase_mark(PH_OPTIMIZER);
     memcpy(m->bias, bias, sizeof(float) * (size_t)config_n_moe(&m->cfg) * m->cfg.n_routed);
+    phase_mark(PH_HOST);
 }
 
-static void cpu_zero_grad(Backend *be) { model_zero_grad(&cpu_state(be)->model); }
+static void cpu_zero_grad(Backend *be) {
+    phase_mark(PH_OPTIMIZER);
+    model_zero_grad(&cpu_state(be)->model);
+    phase_mark(PH_HOST);
+}
 
 static void cpu_micro_batch(Backend *be, const int *tokens, const int *targets, int B, int T, int train,
                             float grad_scale, int64_t *counts, double *loss, double *aux) {
@@ -159,6 +169,7 @@ static void cpu_micro_batch(Backend *be, const int *tokens, const int *targets, 
     memcpy(counts, m->counts, sizeof(int64_t) * (size_t)config_n_moe(&m->cfg) * m->cfg.n_routed);
     *loss = m->loss;
     *aux = m->aux_loss;
+    phase_mark(PH_HOST); // the model marked its phases (model/phase.h)
 }
 
 // Each rank's loss is the mean over its own tokens, so the run's gradient is
@@ -170,12 +181,14 @@ static void cpu_sync_grads(Backend *be) {
     if (comm->world == 1) return;
     CpuState *cs = cpu_state(be);
     float inv = 1.0f / (float)comm->world;
+    phase_mark(PH_COMM);
     for (int i = 0; i < cs->n_slices; i++) {
         float *grad = cs->model.grads + cs->slices[i].offset;
         size_t n = (size_t)cs->slices[i].len;
         comm_allreduce_f32(comm, cs->slices[i].expert ? COMM_EDP : COMM_WORLD, grad, n);
         for (size_t j = 0; j < n; j++) grad[j] *= inv;
     }
+    phase_mark(PH_HOST);
 }
 
 static float cpu_grad_norm(Backend *be) {
@@ -183,14 +196,17 @@ static float cpu_grad_norm(Backend *be) {
     // sum[0]: replicated tensors (equal on every rank); sum[1]: this rank's
     // experts, summed over the EP group so that each expert counts once.
     double sum[2] = { 0, 0 };
+    phase_mark(PH_OPTIMIZER);
     for (int i = 0; i < cs->n_slices; i++)
         sum[cs->slices[i].expert] += grad_sumsq(cs->model.grads + cs->slices[i].offset, cs->slices[i].len);
+    phase_mark(PH_COMM);
     comm_allreduce_f64(be->comm, COMM_EP, &sum[1], 1);
     // Every rank must clip by the same factor or the replicas drift apart; an
     // all-reduce may round differently in different EP groups, so rank 0's
     // norm is the one everybody uses.
     double norm = sqrt(sum[0] + sum[1]);
     comm_bcast(be->comm, &norm, sizeof norm, 0);
+    phase_mark(PH_HOST);
     return (float)norm;
 }
 
@@ -198,12 +214,31 @@ static void cpu_update(Backend *be, const AdamWConfig *opt, double lr, int64_t t
     CpuState *cs = cpu_state(be);
     AdamWConfig no_decay = *opt;
     no_decay.weight_decay = 0;
+    phase_mark(PH_OPTIMIZER);
     for (int i = 0; i < cs->n_slices; i++) {
         const Slice *sl = &cs->slices[i];
         grad_scale(cs->model.grads + sl->offset, sl->len, grad_mult);
         adamw_step(cs->model.params + sl->offset, cs->model.grads + sl->offset, cs->adam_m + sl->offset,
                    cs->adam_v + sl->offset, sl->len, NULL, sl->decay ? opt : &no_decay, lr, t);
     }
+    phase_mark(PH_HOST);
+}
+
+// --profile: the host clock per phase (model/phase.h), from the marks above
+// and the model's own.
+static void cpu_profile_start(Backend *be) {
+    (void)be;
+    phase_timer_start();
+}
+
+static void cpu_profile_stop(Backend *be, double *ms, char *device, size_t len) {
+    (void)be;
+    phase_timer_stop(ms);
+#ifdef _OPENMP
+    snprintf(device, len, "CPU, %d OpenMP threads", omp_get_max_threads());
+#else
+    snprintf(device, len, "CPU, 1 thread");
+#endif
 }
 
 static void cpu_last_logits(Backend *be, const int *tokens, int n, float *logits) {
@@ -228,6 +263,8 @@ int main(int argc, char **argv) {
         .grad_norm = cpu_grad_norm,
         .update = cpu_update,
         .last_logits = cpu_last_logits,
+        .profile_start = cpu_profile_start,
+        .profile_stop = cpu_profile_stop,
     };
     return trainer_main(argc, argv, "train_moe", &be);
 }

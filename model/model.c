@@ -9,6 +9,7 @@
 
 #include "matmul.h"
 #include "ops.h"
+#include "phase.h"
 #include "../util/util.h"
 
 // ----------------------------------------------------------------------------
@@ -141,6 +142,7 @@ void model_forward(Model *m, const int *tokens, const int *targets, int B, int T
     m->has_targets = targets != NULL;
     if (targets) memcpy(m->targets, targets, sizeof(int) * N);
 
+    phase_mark(PH_EMBEDDING);
     encoder_forward(m->x, tokens, model_param(m, -1, P_TOK_EMB), N, d);
     m->aux_loss = 0;
     for (int l = 0; l < c->n_layers; l++) {
@@ -148,31 +150,44 @@ void model_forward(Model *m, const int *tokens, const int *targets, int B, int T
         const real *x = m->x + l * Nd;
         real *xout = m->x + (l + 1) * Nd;
         // Attention block: xmid = x + wo(attention(rope(wqkv(norm(x))))).
+        phase_mark(PH_ELEMENTWISE);
         rmsnorm_forward(la->h1, la->rstd1, x, model_param(m, l, P_ATTN_NORM), N, d, c->rms_eps);
+        phase_mark(PH_DENSE_MATMUL);
         matmul_forward(la->qkv, la->h1, model_param(m, l, P_WQKV), N, d, 3 * d, 0);
+        phase_mark(PH_ELEMENTWISE);
         rope_apply(la->qkv, m->rope_cos, m->rope_sin, B, T, d, H, 0);
+        phase_mark(PH_ATTENTION);
         attention_forward(la->a, la->att, la->qkv, B, T, d, H);
+        phase_mark(PH_DENSE_MATMUL);
         memcpy(la->xmid, x, sizeof(real) * Nd);
         matmul_forward(la->xmid, la->a, model_param(m, l, P_WO), N, d, d, 1);
         // FFN block: xout = xmid + ffn(norm(xmid)).
+        phase_mark(PH_ELEMENTWISE);
         rmsnorm_forward(la->h2, la->rstd2, la->xmid, model_param(m, l, P_FFN_NORM), N, d, c->rms_eps);
         if (!config_is_moe(c, l)) {
+            phase_mark(PH_DENSE_MATMUL);
             matmul_forward(la->f13, la->h2, model_param(m, l, P_FFN_W13), N, d, 2 * c->d_ff, 0);
+            phase_mark(PH_ELEMENTWISE);
             swiglu_forward(la->fact, la->f13, N, c->d_ff);
             memcpy(xout, la->xmid, sizeof(real) * Nd);
+            phase_mark(PH_DENSE_MATMUL);
             matmul_forward(xout, la->fact, model_param(m, l, P_FFN_W2), N, c->d_ff, d, 1);
         } else {
             int moe_idx = l - c->n_dense; // index among the MoE layers: row of bias and counts
             MoeWeights w = model_moe_weights(m, l);
             moe_forward(c, &m->route, m->ep, &w, m->bias + (size_t)moe_idx * E, la->h2, B, T, &la->moe, xout,
                         m->counts + (size_t)moe_idx * E);
+            phase_mark(PH_ELEMENTWISE);
             for (size_t i = 0; i < Nd; i++) xout[i] += la->xmid[i];
             m->aux_loss += la->moe.aux;
         }
     }
+    phase_mark(PH_ELEMENTWISE);
     rmsnorm_forward(m->hf, m->rstdf, m->x + c->n_layers * Nd, model_param(m, -1, P_FINAL_NORM), N, d,
                     c->rms_eps);
+    phase_mark(PH_DENSE_MATMUL);
     matmul_forward(m->logits, m->hf, model_head(m), N, d, V, 0);
+    phase_mark(PH_CLASSIFIER);
     m->loss = targets ? crossentropy_forward(m->logits, targets, N, V) : 0;
 }
 
@@ -192,10 +207,13 @@ void model_backward(Model *m, real grad_scale) {
     real *dsmall = xcalloc((size_t)N * (d > c->d_ff ? d : c->d_ff), sizeof(real)); // (N, max(d, d_ff))
 
     // Loss and LM head.
+    phase_mark(PH_CLASSIFIER);
     crossentropy_backward(m->logits, m->targets, N, V, grad_scale);
+    phase_mark(PH_DENSE_MATMUL);
     real *dhead = model_grad(m, -1, c->tie_embeddings ? P_TOK_EMB : P_LM_HEAD);
     matmul_backward_weight(dhead, m->logits, m->hf, N, d, V);
     matmul_backward_input(dh, m->logits, model_head(m), N, d, V, 0);
+    phase_mark(PH_ELEMENTWISE);
     rmsnorm_backward(dx, model_grad(m, -1, P_FINAL_NORM), dh, m->x + c->n_layers * Nd,
                      model_param(m, -1, P_FINAL_NORM), m->rstdf, N, d);
 
@@ -205,9 +223,12 @@ void model_backward(Model *m, real grad_scale) {
         // FFN block: dx flows through the residual unchanged and through the FFN.
         if (!config_is_moe(c, l)) {
             real *dact = dsmall, *d13 = dbig;
+            phase_mark(PH_DENSE_MATMUL);
             matmul_backward_weight(model_grad(m, l, P_FFN_W2), dx, la->fact, N, c->d_ff, d);
             matmul_backward_input(dact, dx, model_param(m, l, P_FFN_W2), N, c->d_ff, d, 0);
+            phase_mark(PH_ELEMENTWISE);
             swiglu_backward(d13, dact, la->f13, N, c->d_ff);
+            phase_mark(PH_DENSE_MATMUL);
             matmul_backward_weight(model_grad(m, l, P_FFN_W13), d13, la->h2, N, d, 2 * c->d_ff);
             matmul_backward_input(dh, d13, model_param(m, l, P_FFN_W13), N, d, 2 * c->d_ff, 0);
         } else {
@@ -216,19 +237,26 @@ void model_backward(Model *m, real grad_scale) {
             memset(dh, 0, sizeof(real) * Nd);
             moe_backward(c, &m->route, m->ep, &w, la->h2, dx, B, T, &la->moe, dh, &dw, grad_scale);
         }
+        phase_mark(PH_ELEMENTWISE);
         rmsnorm_backward(dx, model_grad(m, l, P_FFN_NORM), dh, la->xmid, model_param(m, l, P_FFN_NORM),
                          la->rstd2, N, d);
         // Attention block.
         real *da = dsmall, *dqkv = dbig;
+        phase_mark(PH_DENSE_MATMUL);
         matmul_backward_weight(model_grad(m, l, P_WO), dx, la->a, N, d, d);
         matmul_backward_input(da, dx, model_param(m, l, P_WO), N, d, d, 0);
+        phase_mark(PH_ATTENTION);
         attention_backward(dqkv, da, la->qkv, la->att, B, T, d, H);
+        phase_mark(PH_ELEMENTWISE);
         rope_apply(dqkv, m->rope_cos, m->rope_sin, B, T, d, H, 1);
+        phase_mark(PH_DENSE_MATMUL);
         matmul_backward_weight(model_grad(m, l, P_WQKV), dqkv, la->h1, N, d, 3 * d);
         matmul_backward_input(dh, dqkv, model_param(m, l, P_WQKV), N, d, 3 * d, 0);
+        phase_mark(PH_ELEMENTWISE);
         rmsnorm_backward(dx, model_grad(m, l, P_ATTN_NORM), dh, x, model_param(m, l, P_ATTN_NORM),
                          la->rstd1, N, d);
     }
+    phase_mark(PH_EMBEDDING);
     encoder_backward(model_grad(m, -1, P_TOK_EMB), dx, m->tokens, N, d);
     free(dx);
     free(dh);

@@ -7,6 +7,7 @@
 
 #include "matmul.h"
 #include "ops.h"
+#include "phase.h"
 #include "route.h"
 #include "../util/util.h"
 
@@ -262,9 +263,11 @@ void moe_forward(const MoeConfig *c, const RouteOptions *ro, const MoeExchange *
     int e0 = ep_first_expert(&ep); // the local experts are e0 .. e0 + El - 1
 
     // Router: affinities, TopK with the bias, gate values; then expert order.
+    phase_mark(PH_ROUTER);
     matmul_forward(a->s, h, w->router, N, d, E, 0);
     moe_gate_forward(a->s, N, E, c->gate);
     moe_select(&rp, bias, a, N);
+    phase_mark(PH_PERMUTE);
     moe_permute(a, N, E, K, counts);
 
     // Gather each slot's token into expert order, and send it to its expert.
@@ -276,6 +279,7 @@ void moe_forward(const MoeConfig *c, const RouteOptions *ro, const MoeExchange *
     // Routed experts: each one runs on its rows (expert-level parallelism;
     // the matmuls inside run on the calling thread).
     real *ye = xmalloc(sizeof(real) * ((size_t)a->R * d + 1)); // (R, d) expert outputs
+    phase_mark(PH_EXPERT_GEMM);
 #pragma omp parallel for schedule(dynamic, 1)
     for (int j = 0; j < ep.n_local; j++) {
         int r0 = a->exp_offsets[j], n = a->exp_offsets[j + 1] - r0, e = e0 + j;
@@ -284,15 +288,18 @@ void moe_forward(const MoeConfig *c, const RouteOptions *ro, const MoeExchange *
                            a->xe + (size_t)r0 * d, w->ex13 + (size_t)e * 2 * de * d, w->ex2 + (size_t)e * d * de, n,
                            d, de);
     }
+    phase_mark(PH_PERMUTE);
     moe_return(ex, a, ye, a->eout, d);
     free(ye);
     free(xs);
 
     // Shared experts: always on, one SwiGLU of hidden S*de.
+    phase_mark(PH_SHARED);
     if (sh > 0) expert_ffn_forward(out, a->s13, a->sact, h, w->sh13, w->sh2, N, d, sh);
     else memset(out, 0, sizeof(real) * (size_t)N * d);
 
     // Gated combine, slots in selection order so the sum order is fixed.
+    phase_mark(PH_PERMUTE);
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++) {
         real *o = out + (size_t)t * d;
@@ -302,6 +309,7 @@ void moe_forward(const MoeConfig *c, const RouteOptions *ro, const MoeExchange *
             for (int i = 0; i < d; i++) o[i] += gate * y[i];
         }
     }
+    phase_mark(PH_ROUTER);
     a->aux = moe_aux_forward(&rp, a, B, T);
 }
 
@@ -322,6 +330,7 @@ void moe_backward(const MoeConfig *c, const RouteOptions *ro, const MoeExchange 
     real *ds = xmalloc(sizeof(real) * (size_t)N * E); // (N, E) affinity gradient
 
     // Combine backward: the gate gets dout . y, the expert output gets gate * dout.
+    phase_mark(PH_PERMUTE);
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++) {
         const real *go = dout + (size_t)t * d;
@@ -342,6 +351,7 @@ void moe_backward(const MoeConfig *c, const RouteOptions *ro, const MoeExchange 
     real *dye = xmalloc(sizeof(real) * ((size_t)a->R * d + 1)); // (R, d)
     real *dxe = xmalloc(sizeof(real) * ((size_t)a->R * d + 1)); // (R, d) input gradient
     moe_send(ex, a, dys, dye, d);
+    phase_mark(PH_EXPERT_GEMM);
 #pragma omp parallel for schedule(dynamic, 1)
     for (int j = 0; j < ep.n_local; j++) {
         int r0 = a->exp_offsets[j], n = a->exp_offsets[j + 1] - r0, e = e0 + j;
@@ -351,6 +361,7 @@ void moe_backward(const MoeConfig *c, const RouteOptions *ro, const MoeExchange 
                             a->eact + (size_t)r0 * de, w->ex13 + (size_t)e * 2 * de * d, w->ex2 + (size_t)e * d * de,
                             n, d, de, 0);
     }
+    phase_mark(PH_PERMUTE);
     moe_return(ex, a, dxe, dys, d); // dys now holds the input gradient of each slot
     free(dye);
     free(dxe);
@@ -364,10 +375,12 @@ void moe_backward(const MoeConfig *c, const RouteOptions *ro, const MoeExchange 
     }
 
     // Shared experts.
+    phase_mark(PH_SHARED);
     if (sh > 0) expert_ffn_backward(dh, dw->sh13, dw->sh2, dout, h, a->s13, a->sact, w->sh13, w->sh2, N, d, sh, 1);
 
     // Gate values -> affinities. With norm_topk, g_j = r s_j / z, z = sum_i s_i:
     // ds_j = r (dg_j / z - sum_i dg_i s_i / z^2).
+    phase_mark(PH_ROUTER);
     memset(ds, 0, sizeof(real) * (size_t)N * E);
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++) {
