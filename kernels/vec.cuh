@@ -43,8 +43,9 @@ template <class T> struct alignas(VEC_BYTES) Vec16 {
 __device__ __forceinline__ void vec_put(float &dst, float v) { dst = v; }
 __device__ __forceinline__ void vec_put(__nv_bfloat16 &dst, float v) { dst = __float2bfloat16_rn(v); }
 
-// dst[0..G) = src[0..G) as floats, of which the first n exist (n >= 1; the
-// others read as 0). One 16-byte access per 16 bytes when ALIGNED and the
+// dst[0..G) = src[0..G) as floats, of which the first n exist (n >= 1, and
+// n >= G for a whole group: callers pass what is left of the row; the
+// missing ones read as 0). One 16-byte access per 16 bytes when ALIGNED and the
 // group is whole (then src is 16-byte aligned: the caller's vec_path).
 template <bool ALIGNED, int G, class T>
 __device__ __forceinline__ void vec_load(float (&dst)[G], const T *src, int n) {
@@ -60,7 +61,7 @@ __device__ __forceinline__ void vec_load(float (&dst)[G], const T *src, int n) {
     }
 }
 
-// dst[0..n) = src[0..n), rounded to T; the same access rule as vec_load.
+// dst[0..min(n, G)) = src[...], rounded to T; the same access rule as vec_load.
 template <bool ALIGNED, int G, class T>
 __device__ __forceinline__ void vec_store(T *dst, const float (&src)[G], int n) {
     constexpr int PER = VEC_BYTES / sizeof(T);
@@ -77,8 +78,8 @@ __device__ __forceinline__ void vec_store(T *dst, const float (&src)[G], int n) 
     }
 }
 
-// dst[0..n) = src[0..n) unchanged (bits copied), n <= G, with G elements of
-// T a whole number of 16-byte vectors.
+// dst[0..min(n, G)) = src[...] unchanged (bits copied), with G elements of T
+// a whole number of 16-byte vectors; the same access rule as vec_load.
 template <bool ALIGNED, int G, class T> __device__ __forceinline__ void vec_copy(T *dst, const T *src, int n) {
     constexpr int PER = VEC_BYTES / sizeof(T);
     static_assert(G % PER == 0, "a group is a whole number of 16-byte vectors");
@@ -86,7 +87,7 @@ template <bool ALIGNED, int G, class T> __device__ __forceinline__ void vec_copy
         for (int k = 0; k < G / PER; k++)
             reinterpret_cast<Vec16<T> *>(dst)[k] = reinterpret_cast<const Vec16<T> *>(src)[k];
     } else {
-        for (int i = 0; i < n; i++) dst[i] = src[i];
+        for (int i = 0; i < G && i < n; i++) dst[i] = src[i];
     }
 }
 
