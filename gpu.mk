@@ -8,8 +8,8 @@
 #   make train_moecu GPU_DEBUG=1      synchronise after every kernel, -lineinfo
 #   make train_moecu USE_MPI=0        multi-GPU without MPI (torchrun / srun / scripts, --nccl-init DIR)
 #   make gpu-build                    the trainer and the GPU test binaries (compiles anywhere with nvcc)
-#   make test-gpu                     GPU tests: kernels, fixtures, 10 training steps, a short run,
-#                                     the multi-GPU code on one GPU (needs a GPU)
+#   make test-gpu                     GPU tests: the memory-bound kernels' two paths, kernels, fixtures,
+#                                     10 training steps, a short run, the multi-GPU code on one GPU (needs a GPU)
 #   make test-gpu-memcheck            compute-sanitizer memcheck of a tiny run and the kernel tests
 #   make test-launch                  the rendezvous without MPI, several processes on the CPU (no GPU)
 #
@@ -51,6 +51,10 @@ GPU_LDLIBS = -lcublas -lcublasLt -lnccl -lgomp -lm $(if $(NCCL_HOME),-L$(NCCL_HO
 GPU_KERNELS = embedding rmsnorm rope matmul attention swiglu classifier convert adamw gradnorm routing permute \
               grouped_gemm dispatch profiler
 GPU_KOBJ = $(patsubst %,$(GPU_BUILD)/kernels/%.o,$(GPU_KERNELS))
+# tests/test_kernels.cu: the memory-bound kernels (kernels/vec.cuh), against
+# the CPU model's ops built in fp64 (TEST_KERNELS_HOST) and their scalar paths.
+TEST_KERNELS_K = rmsnorm swiglu classifier permute convert adamw embedding gradnorm
+TEST_KERNELS_HOST = $(BUILD)/f64/model/ops.o $(patsubst %.c,$(BUILD)/f32/%.o,model/config.c model/layout.c train/optim.c)
 # The CPU model's compute files are not needed: the GPU runs its own.
 GPU_HOST_BASE = $(patsubst %.c,$(BUILD)/f32/%.o,$(MODEL_SRC) $(DATA_SRC) $(TOK_SRC) $(TRAIN_SRC))
 # The communicator. With MPI: parallel/comm.c over MPI plus the NCCL bootstrap
@@ -128,7 +132,12 @@ $(GPU_BUILD)/test_gpu_dist: tests/test_gpu_dist.cu $(GPU_BUILD)/train_moe_lib.o 
 	$(NVCC) $(NVCCFLAGS) tests/test_gpu_dist.cu $(GPU_BUILD)/train_moe_lib.o $(GPU_KOBJ) $(GPU_HOST_BASE) \
 	    $(GPU_COMM_HOST) -o $@ $(filter-out $(MPI_NVCC_LIBS),$(GPU_LDLIBS)) -lpthread
 
-gpu-build: train_moecu $(GPU_BUILD)/test_gpu $(GPU_BUILD)/test_gpu_dist $(GPU_BUILD)/gpu_versions
+$(GPU_BUILD)/test_kernels: tests/test_kernels.cu $(patsubst %,$(GPU_BUILD)/kernels/%.o,$(TEST_KERNELS_K)) \
+                           $(TEST_KERNELS_HOST) $(GPU_HEADERS) $(GPU_CONFIG)
+	$(NVCC) $(NVCCFLAGS) tests/test_kernels.cu $(patsubst %,$(GPU_BUILD)/kernels/%.o,$(TEST_KERNELS_K)) \
+	    $(TEST_KERNELS_HOST) -o $@ $(GPU_LDLIBS)
+
+gpu-build: train_moecu $(GPU_BUILD)/test_gpu $(GPU_BUILD)/test_gpu_dist $(GPU_BUILD)/test_kernels $(GPU_BUILD)/gpu_versions
 
 # The CUDA driver, runtime, cuBLAS and NCCL versions this machine loads (scripts/gpu_check.sh).
 # Plain flags, not NVCCFLAGS: it must not depend on (or rebuild) the trainer's configuration.
@@ -148,20 +157,22 @@ test-launch: $(BUILD)/test_launch
 # the trainer itself (tests/test_gpu_trainer.sh): the NCCL path bitwise equal
 # to the plain one, and a short run that must learn the synthetic chain of
 # tests/gen_shards.c as the CPU trainer's test does (val_loss < 2.5 after 80 steps).
-test-gpu: train_moecu $(GPU_BUILD)/test_gpu $(GPU_BUILD)/test_gpu_dist $(BUILD)/gen_shards moe_ckpt
+test-gpu: train_moecu $(GPU_BUILD)/test_gpu $(GPU_BUILD)/test_gpu_dist $(GPU_BUILD)/test_kernels $(BUILD)/gen_shards moe_ckpt
+	$(GPU_BUILD)/test_kernels
 	$(GPU_BUILD)/test_gpu tests/fixtures
 	$(GPU_BUILD)/test_gpu_dist
 	BUILD=$(BUILD) bash tests/test_gpu_trainer.sh ./train_moecu
 
 # Out-of-bounds and misaligned accesses, on a tiny run through every backend
 # call (training, evaluation, checkpoint, sampling) and on the kernel tests.
-test-gpu-memcheck: train_moecu $(GPU_BUILD)/test_gpu $(BUILD)/gen_shards
+test-gpu-memcheck: train_moecu $(GPU_BUILD)/test_gpu $(GPU_BUILD)/test_kernels $(BUILD)/gen_shards
 	@set -e; d=$$(mktemp -d); trap 'rm -rf "$$d"' EXIT; \
 	./$(BUILD)/gen_shards "$$d" 64 20000 4000 1; \
 	$(COMPUTE_SANITIZER) --tool memcheck --error-exitcode 1 ./train_moecu --config tiny \
 	    --train-data "$$d/train_*.bin" --val-data "$$d/val_*.bin" -b 4 --steps 3 --warmup-steps 1 --eval-batches 2 \
 	    --sample-tokens 8 --ckpt-dir "$$d/ckpt"
 	$(COMPUTE_SANITIZER) --tool memcheck --error-exitcode 1 $(GPU_BUILD)/test_gpu --unit
+	$(COMPUTE_SANITIZER) --tool memcheck --error-exitcode 1 $(GPU_BUILD)/test_kernels
 	$(COMPUTE_SANITIZER) --tool memcheck --error-exitcode 1 $(GPU_BUILD)/test_gpu_dist --quick
 
 clean-gpu:

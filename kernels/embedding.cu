@@ -3,17 +3,26 @@
 
 #include <string.h>
 
-// One thread per element of x (N, d).
+#include "vec.cuh"
+
+// One thread per group of VEC_F columns of one row of x (N, d) (kernels/vec.cuh).
+template <bool ALIGNED>
 static __global__ void embedding_forward_kernel(float *x, const int *tokens, const float *emb, int N, int d) {
-    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (int64_t)N * d) return;
-    int64_t t = i / d, c = i % d;
-    x[i] = emb[(int64_t)tokens[t] * d + c];
+    int groups = (d + VEC_F - 1) / VEC_F;
+    int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (int64_t)N * groups) return;
+    int64_t t = idx / groups;
+    int c = (int)(idx % groups) * VEC_F;
+    vec_copy<ALIGNED, VEC_F>(x + t * d + c, emb + (int64_t)tokens[t] * d + c, d - c);
 }
 
 void embedding_forward(float *x, const int *tokens, const float *emb, int N, int d, cudaStream_t stream) {
     const int threads = 256;
-    embedding_forward_kernel<<<cdiv_u((int64_t)N * d, threads), threads, 0, stream>>>(x, tokens, emb, N, d);
+    unsigned int blocks = cdiv_u((int64_t)N * cdiv_u(d, VEC_F), threads);
+    if (vec_path(d % VEC_F == 0, x, emb))
+        embedding_forward_kernel<true><<<blocks, threads, 0, stream>>>(x, tokens, emb, N, d);
+    else
+        embedding_forward_kernel<false><<<blocks, threads, 0, stream>>>(x, tokens, emb, N, d);
     KERNEL_CHECK();
 }
 
@@ -35,22 +44,34 @@ int embedding_backward_index(const int *tokens, int N, int V, int *count, int *u
     return n_uniq;
 }
 
-// grid (n_uniq, ceil(d / blockDim)): block (u, cb) owns columns [cb*blockDim, ...) of token uniq[u].
+// grid (n_uniq, ceil(d / (VEC_F blockDim))): block (u, cb) owns column groups
+// [cb blockDim, ...) of token uniq[u]; each thread sums its VEC_F columns over
+// the token's positions, in order.
+template <bool ALIGNED>
 static __global__ void embedding_backward_kernel(float *demb, const float *dx, const int *uniq, const int *offsets,
                                                  const int *positions, int d) {
     int u = blockIdx.x;
-    int c = blockIdx.y * blockDim.x + threadIdx.x;
+    int c = (blockIdx.y * blockDim.x + threadIdx.x) * VEC_F;
     if (c >= d) return;
-    float acc = 0.0f;
-    for (int i = offsets[u]; i < offsets[u + 1]; i++) acc += dx[(int64_t)positions[i] * d + c];
-    demb[(int64_t)uniq[u] * d + c] += acc;
+    float acc[VEC_F] = {}, g[VEC_F];
+    for (int i = offsets[u]; i < offsets[u + 1]; i++) {
+        vec_load<ALIGNED>(g, dx + (int64_t)positions[i] * d + c, d - c);
+        for (int k = 0; k < VEC_F; k++) acc[k] += g[k];
+    }
+    float *row = demb + (int64_t)uniq[u] * d + c;
+    vec_load<ALIGNED>(g, row, d - c);
+    for (int k = 0; k < VEC_F; k++) g[k] += acc[k];
+    vec_store<ALIGNED>(row, g, d - c);
 }
 
 void embedding_backward(float *demb, const float *dx, const int *uniq, const int *offsets, const int *positions,
                         int n_uniq, int d, cudaStream_t stream) {
     if (n_uniq == 0) return;
     const int threads = 256;
-    dim3 grid(n_uniq, cdiv_u(d, threads));
-    embedding_backward_kernel<<<grid, threads, 0, stream>>>(demb, dx, uniq, offsets, positions, d);
+    dim3 grid(n_uniq, cdiv_u(cdiv_u(d, VEC_F), threads));
+    if (vec_path(d % VEC_F == 0, demb, dx))
+        embedding_backward_kernel<true><<<grid, threads, 0, stream>>>(demb, dx, uniq, offsets, positions, d);
+    else
+        embedding_backward_kernel<false><<<grid, threads, 0, stream>>>(demb, dx, uniq, offsets, positions, d);
     KERNEL_CHECK();
 }

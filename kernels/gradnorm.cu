@@ -1,16 +1,18 @@
 // Deterministic sum of squares (see gradnorm.cuh).
 #include "gradnorm.cuh"
 
-static __global__ void gradnorm_partial_kernel(double *partials, const float *g, int64_t n) {
+#include "vec.cuh"
+
+// One block per chunk; each thread takes groups of VEC_F consecutive
+// elements (kernels/vec.cuh), squares and sums them in double.
+template <bool ALIGNED> static __global__ void gradnorm_partial_kernel(double *partials, const float *g, int64_t n) {
     __shared__ double shm[32];
     int64_t base = (int64_t)blockIdx.x * GRADNORM_CHUNK;
     double acc = 0.0;
-    for (int i = threadIdx.x; i < GRADNORM_CHUNK; i += blockDim.x) {
-        int64_t j = base + i;
-        if (j < n) {
-            double x = g[j];
-            acc += x * x;
-        }
+    for (int i = threadIdx.x * VEC_F; i < GRADNORM_CHUNK && base + i < n; i += blockDim.x * VEC_F) {
+        float x[VEC_F];
+        vec_load<ALIGNED>(x, g + base + i, (int)min((int64_t)VEC_F, n - base - i));
+        for (int k = 0; k < VEC_F; k++) acc += (double)x[k] * x[k];
     }
     acc = block_sum_d(acc, shm);
     if (threadIdx.x == 0) partials[blockIdx.x] = acc;
@@ -30,7 +32,10 @@ void gradnorm_sumsq(double *out, double *partials, const float *g, int64_t n, cu
         CUDA_CHECK(cudaMemsetAsync(out, 0, sizeof(double), stream));
         return;
     }
-    gradnorm_partial_kernel<<<(unsigned int)np, GRADNORM_THREADS, 0, stream>>>(partials, g, n);
+    if (vec_path(true, g))
+        gradnorm_partial_kernel<true><<<(unsigned int)np, GRADNORM_THREADS, 0, stream>>>(partials, g, n);
+    else
+        gradnorm_partial_kernel<false><<<(unsigned int)np, GRADNORM_THREADS, 0, stream>>>(partials, g, n);
     KERNEL_CHECK();
     gradnorm_final_kernel<<<1, 1024, 0, stream>>>(out, partials, np);
     KERNEL_CHECK();

@@ -1,6 +1,8 @@
 // Expert-order permutation, gather, combine and their backward (see permute.cuh).
 #include "permute.cuh"
 
+#include "vec.cuh"
+
 // (1) grid = chunks, block = PERMUTE_CHUNK; shared: hist (E) ints.
 static __global__ void permute_hist_kernel(int *chunk_counts, const int *sel, int NK, int E) {
     extern __shared__ int hist[];
@@ -95,73 +97,125 @@ void moe_permute(int *offsets, int *row_of, int *slot_of, int *scratch, const in
     KERNEL_CHECK();
 }
 
-// One block per row.
-static __global__ void moe_gather_kernel(floatX *xe, const floatX *h, const int *slot_of, int K, int d) {
-    int64_t r = blockIdx.x;
-    const floatX *src = h + (int64_t)(slot_of[r] / K) * d;
-    floatX *dst = xe + r * d;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) dst[c] = src[c];
+// The row kernels below give each thread a group of VEC_X consecutive
+// columns of one row (kernels/vec.cuh): 16-byte accesses when d is a whole
+// number of groups and the arrays are aligned.
+
+// One thread per (row, group).
+template <bool ALIGNED>
+static __global__ void moe_gather_kernel(floatX *xe, const floatX *h, const int *slot_of, int NK, int K, int d) {
+    int groups = (d + VEC_X - 1) / VEC_X;
+    int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (int64_t)NK * groups) return;
+    int64_t r = idx / groups;
+    int c = (int)(idx % groups) * VEC_X;
+    vec_copy<ALIGNED, VEC_X>(xe + r * d + c, h + (int64_t)(slot_of[r] / K) * d + c, d - c);
 }
 
 void moe_gather(floatX *xe, const floatX *h, const int *slot_of, int NK, int K, int d, cudaStream_t stream) {
     if (NK == 0) return;
-    moe_gather_kernel<<<NK, 256, 0, stream>>>(xe, h, slot_of, K, d);
+    const int threads = 256;
+    unsigned int blocks = cdiv_u((int64_t)NK * cdiv_u(d, VEC_X), threads);
+    if (vec_path(d % VEC_X == 0, xe, h))
+        moe_gather_kernel<true><<<blocks, threads, 0, stream>>>(xe, h, slot_of, NK, K, d);
+    else
+        moe_gather_kernel<false><<<blocks, threads, 0, stream>>>(xe, h, slot_of, NK, K, d);
     KERNEL_CHECK();
 }
 
-// One block per token.
+// One thread per (token, group): the K gated rows added in slot order.
+template <bool ALIGNED>
 static __global__ void moe_combine_forward_kernel(float *out, const floatX *eout, const float *gates,
-                                                  const int *row_of, int K, int d) {
-    int64_t t = blockIdx.x;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        float o = out[t * d + c];
-        for (int j = 0; j < K; j++) o += gates[t * K + j] * to_f(eout[(int64_t)row_of[t * K + j] * d + c]);
-        out[t * d + c] = o;
+                                                  const int *row_of, int N, int K, int d) {
+    int groups = (d + VEC_X - 1) / VEC_X;
+    int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (int64_t)N * groups) return;
+    int64_t t = idx / groups;
+    int c = (int)(idx % groups) * VEC_X;
+    float o[VEC_X];
+    vec_load<ALIGNED>(o, out + t * d + c, d - c);
+    for (int j = 0; j < K; j++) {
+        float e[VEC_X], g = gates[t * K + j];
+        vec_load<ALIGNED>(e, eout + (int64_t)row_of[t * K + j] * d + c, d - c);
+        for (int i = 0; i < VEC_X; i++) o[i] += g * e[i];
     }
+    vec_store<ALIGNED>(out + t * d + c, o, d - c);
 }
 
 void moe_combine_forward(float *out, const floatX *eout, const float *gates, const int *row_of, int N, int K, int d,
                          cudaStream_t stream) {
-    moe_combine_forward_kernel<<<N, 256, 0, stream>>>(out, eout, gates, row_of, K, d);
+    const int threads = 256;
+    unsigned int blocks = cdiv_u((int64_t)N * cdiv_u(d, VEC_X), threads);
+    if (vec_path(d % VEC_X == 0, out, eout))
+        moe_combine_forward_kernel<true><<<blocks, threads, 0, stream>>>(out, eout, gates, row_of, N, K, d);
+    else
+        moe_combine_forward_kernel<false><<<blocks, threads, 0, stream>>>(out, eout, gates, row_of, N, K, d);
     KERNEL_CHECK();
 }
 
-// One block per token; the K dot products are block reductions (fixed order).
+// One warp per token; the K dot products are warp reductions (fixed order),
+// with no block-wide barrier.
+template <bool ALIGNED>
 static __global__ void moe_combine_backward_kernel(floatX *deout, float *dgates, const float *dout,
-                                                   const floatX *eout, const float *gates, const int *row_of, int K,
-                                                   int d) {
-    __shared__ float shm[32];
-    int64_t t = blockIdx.x;
+                                                   const floatX *eout, const float *gates, const int *row_of, int N,
+                                                   int K, int d) {
+    int64_t t = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (t >= N) return;
     const float *go = dout + t * d;
     for (int j = 0; j < K; j++) {
         int64_t row = row_of[t * K + j];
         float g = gates[t * K + j], dot = 0.0f;
-        for (int c = threadIdx.x; c < d; c += blockDim.x) {
-            dot += go[c] * to_f(eout[row * d + c]);
-            deout[row * d + c] = to_x(g * go[c]);
+        for (int c = lane * VEC_X; c < d; c += 32 * VEC_X) {
+            float gv[VEC_X], e[VEC_X], de[VEC_X];
+            vec_load<ALIGNED>(gv, go + c, d - c); // from L1 after the first j
+            vec_load<ALIGNED>(e, eout + row * d + c, d - c);
+            for (int i = 0; i < VEC_X; i++) {
+                dot += gv[i] * e[i];
+                de[i] = g * gv[i];
+            }
+            vec_store<ALIGNED>(deout + row * d + c, de, d - c);
         }
-        dot = block_sum(dot, shm);
-        if (threadIdx.x == 0) dgates[t * K + j] = dot;
+        dot = warp_sum(dot);
+        if (lane == 0) dgates[t * K + j] = dot;
     }
 }
 
 void moe_combine_backward(floatX *deout, float *dgates, const float *dout, const floatX *eout, const float *gates,
                           const int *row_of, int N, int K, int d, cudaStream_t stream) {
-    moe_combine_backward_kernel<<<N, 256, 0, stream>>>(deout, dgates, dout, eout, gates, row_of, K, d);
+    const int threads = 256, tokens = threads / 32;
+    if (vec_path(d % VEC_X == 0, deout, dout, eout))
+        moe_combine_backward_kernel<true><<<cdiv_u(N, tokens), threads, 0, stream>>>(deout, dgates, dout, eout, gates,
+                                                                                     row_of, N, K, d);
+    else
+        moe_combine_backward_kernel<false><<<cdiv_u(N, tokens), threads, 0, stream>>>(deout, dgates, dout, eout,
+                                                                                      gates, row_of, N, K, d);
     KERNEL_CHECK();
 }
 
-// One block per token.
-static __global__ void moe_scatter_kernel(float *dh, const floatX *dxe, const int *row_of, int K, int d) {
-    int64_t t = blockIdx.x;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        float o = 0.0f;
-        for (int j = 0; j < K; j++) o += to_f(dxe[(int64_t)row_of[t * K + j] * d + c]);
-        dh[t * d + c] = o;
+// One thread per (token, group): the K rows added in slot order.
+template <bool ALIGNED>
+static __global__ void moe_scatter_kernel(float *dh, const floatX *dxe, const int *row_of, int N, int K, int d) {
+    int groups = (d + VEC_X - 1) / VEC_X;
+    int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (int64_t)N * groups) return;
+    int64_t t = idx / groups;
+    int c = (int)(idx % groups) * VEC_X;
+    float o[VEC_X] = {};
+    for (int j = 0; j < K; j++) {
+        float e[VEC_X];
+        vec_load<ALIGNED>(e, dxe + (int64_t)row_of[t * K + j] * d + c, d - c);
+        for (int i = 0; i < VEC_X; i++) o[i] += e[i];
     }
+    vec_store<ALIGNED>(dh + t * d + c, o, d - c);
 }
 
 void moe_scatter(float *dh, const floatX *dxe, const int *row_of, int N, int K, int d, cudaStream_t stream) {
-    moe_scatter_kernel<<<N, 256, 0, stream>>>(dh, dxe, row_of, K, d);
+    const int threads = 256;
+    unsigned int blocks = cdiv_u((int64_t)N * cdiv_u(d, VEC_X), threads);
+    if (vec_path(d % VEC_X == 0, dh, dxe))
+        moe_scatter_kernel<true><<<blocks, threads, 0, stream>>>(dh, dxe, row_of, N, K, d);
+    else
+        moe_scatter_kernel<false><<<blocks, threads, 0, stream>>>(dh, dxe, row_of, N, K, d);
     KERNEL_CHECK();
 }

@@ -5,14 +5,19 @@
 // next matmuls of the backward read: the add to the residual and the cast are
 // fused into the norm's backward.
 //
-// Weight gradient: per-chunk partial sums over RMSNORM_ROWS rows, then the
-// chunks summed in chunk order; deterministic, no atomics.
+// Weight gradient: in the same pass over dh and x as the input gradient, per
+// chunk of RMSNORM_ROWS rows a partial sum (each warp of the chunk's block
+// sums its rows in order, then the warps' sums are added in warp order), then
+// the chunks summed in chunk order; deterministic, no atomics.
 #ifndef KERNELS_RMSNORM_CUH
 #define KERNELS_RMSNORM_CUH
 
 #include "common.cuh"
 
-enum { RMSNORM_ROWS = 64 }; // rows per partial sum of the weight gradient
+enum {
+    RMSNORM_ROWS = 64,                      // rows per partial sum of the weight gradient
+    RMSNORM_SMEM_FLOATS = 48 * 1024 / 4,    // shared memory of the backward: the largest d it takes
+};
 
 // Floats of scratch rmsnorm_backward needs for N rows of width d.
 inline size_t rmsnorm_scratch_floats(int N, int d) { return (size_t)cdiv_u(N, RMSNORM_ROWS) * d; }
@@ -24,7 +29,7 @@ void rmsnorm_forward(floatX *out, float *rstd, const float *x, const float *w, i
 // With n = x * rstd and dn = dh * w: dx (N, d) fp32 (+)= rstd * (dn - n * mean(dn * n))
 // (accumulate = 0 overwrites), dxX (N, d) floatX = the new dx, dw (d) fp32 +=
 // sum over rows of dh * n. dh (N, d) fp32 is the gradient of the norm's output.
-// scratch: rmsnorm_scratch_floats(N, d) floats.
+// scratch: rmsnorm_scratch_floats(N, d) floats. d <= RMSNORM_SMEM_FLOATS.
 void rmsnorm_backward(float *dx, floatX *dxX, float *dw, float *scratch, const float *dh, const float *x,
                       const float *w, const float *rstd, int N, int d, int accumulate, cudaStream_t stream);
 

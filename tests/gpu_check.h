@@ -46,7 +46,7 @@ static int report_summary(const char *name) {
 }
 
 // max |a - ref| / max |ref| (absolute when ref is all zero).
-static double rel_err_ff(const float *a, const float *ref, int64_t n) {
+static inline double rel_err_ff(const float *a, const float *ref, int64_t n) {
     double emax = 0, rmax = 0;
     for (int64_t i = 0; i < n; i++) {
         emax = fmax(emax, fabs((double)a[i] - (double)ref[i]));
@@ -59,7 +59,7 @@ static double rel_err_ff(const float *a, const float *ref, int64_t n) {
 // The tests' small MoE model: 3 layers (1 dense), d_model 64, E routed
 // experts of top-K with the given gate and shared experts, large random
 // initial weights (init_std 0.1) so that routing is far from uniform.
-static MoeConfig gpu_test_config(int E, int K, int gate, int n_shared) {
+static inline MoeConfig gpu_test_config(int E, int K, int gate, int n_shared) {
     MoeConfig c;
     config_preset(&c, "tiny");
     c.vocab_size = 96;

@@ -11,8 +11,9 @@
 #     sampling and a checkpoint: losses, gradient norms, validation loss and,
 #     in FP32, MaxVio, the sampled tokens, the final biases and the
 #     checkpoint; and, bit for bit, the run through NCCL with the EP exchange
-#     forced and the runs with every kernel's blocks and threads in reverse
-#     and shuffled order;
+#     forced, the runs with every kernel's blocks and threads in reverse
+#     and shuffled order, and with the memory-bound kernels on their scalar
+#     paths (MOE_VEC=0);
 #  4. gradient accumulation: 2 and 4 micro-batches against one micro-batch
 #     holding the same sequences;
 #  5. several ranks (processes) through the NCCL code path, DP, EP and both,
@@ -170,6 +171,8 @@ same_bits() { # run-name description env...
 same_bits nccl "through NCCL (1 rank, EP exchange forced)" MOE_NCCL=1 MOE_EP_EXCHANGE=1
 same_bits reverse "with blocks and threads in reverse order" EMU_ORDER=reverse
 same_bits shuffle "with blocks and threads in shuffled order" EMU_ORDER=shuffle
+# Every memory-bound kernel on its scalar path instead of its 16-byte one (kernels/vec.cuh).
+same_bits scalar "with the scalar kernel paths (MOE_VEC=0)" MOE_VEC=0
 
 # A GPU older than the build's architecture is refused, naming the fix.
 if EMU_DEVICE_CC=80 "$B/train_moecu" "${RUN[@]}" --ckpt-dir "$TMP/cc80" > "$TMP/cc80.out" 2>&1; then

@@ -1,7 +1,7 @@
 # The GPU trainer's own CUDA code, run on the CPU by the emulator in tests/emu
 # (docs/gpu.md, "The emulator"). Included from the Makefile after gpu.mk.
 #
-#   make test-emu          the GPU tests (kernels, fixtures, 10 training steps) and a tiny
+#   make test-emu          the GPU tests (the memory-bound kernels' two paths, kernels, fixtures, 10 training steps) and a tiny
 #                          train_moecu run, FP32, with the emulator's memory checks; part of `make test`
 #   make test-emu EMU_PRECISION=BF16   the same with bf16 activations
 #   make test-emu-race     the race build: the CUDA code compiled with -fsanitize=thread, every memory
@@ -55,15 +55,24 @@ $(EMU_BUILD)/test_gpu: $(EMU_BUILD)/tests/test_gpu.o $(EMU_BUILD)/train_moe_lib.
 $(EMU_BUILD)/test_gpu_dist: $(EMU_BUILD)/tests/test_gpu_dist.o $(EMU_BUILD)/train_moe_lib.o $(EMU_COMMON)
 	$(CXX) $^ -o $@ $(EMU_LIBS)
 
-emu-build: $(EMU_BUILD)/test_emu $(EMU_BUILD)/train_moecu $(EMU_BUILD)/test_gpu $(EMU_BUILD)/test_gpu_dist
+$(EMU_BUILD)/test_kernels: $(EMU_BUILD)/tests/test_kernels.o $(patsubst %,$(EMU_BUILD)/kernels/%.o,$(TEST_KERNELS_K)) \
+                           $(TEST_KERNELS_HOST) $(EMU_LIB)
+	$(CXX) $^ -o $@ $(EMU_LIBS)
+
+emu-build: $(EMU_BUILD)/test_emu $(EMU_BUILD)/train_moecu $(EMU_BUILD)/test_gpu $(EMU_BUILD)/test_gpu_dist \
+           $(EMU_BUILD)/test_kernels
 
 $(EMU_BUILD)/test_emu: $(EMU_BUILD)/tests/emu/test_emu.o $(EMU_LIB)
 	$(CXX) $^ -o $@ $(EMU_LIBS)
 
-# FP32: everything in tests/test_emu.sh; then the BF16 build's GPU tests.
+# FP32: the kernels' two paths, everything in tests/test_emu.sh; then the same in BF16.
 test-emu: emu-build $(BUILD)/gen_shards train_moe moe_ckpt
+	$(EMU_BUILD)/test_kernels > $(EMU_BUILD)/test_kernels.out || { grep -v ' ok' $(EMU_BUILD)/test_kernels.out; exit 1; }
+	tail -1 $(EMU_BUILD)/test_kernels.out
 	bash tests/test_emu.sh $(EMU_BUILD)
 	$(MAKE) --no-print-directory -j$(JOBS) EMU_PRECISION=BF16 emu-build
+	$(BUILD)/emu/BF16/test_kernels > $(BUILD)/emu/BF16/test_kernels.out || { grep -v ' ok' $(BUILD)/emu/BF16/test_kernels.out; exit 1; }
+	tail -1 $(BUILD)/emu/BF16/test_kernels.out
 	bash tests/test_emu.sh $(BUILD)/emu/BF16
 
 # The race build (docs/gpu.md, "Races and exact bounds"): the same CUDA code,
@@ -102,7 +111,29 @@ $(EMU_RACE_BUILD)/test_gpu: $(EMU_RACE_BUILD)/tests/test_gpu.o $(EMU_RACE_BUILD)
 $(EMU_RACE_BUILD)/train_moecu: $(EMU_RACE_BUILD)/train_moe.o $(EMU_RACE_COMMON)
 	$(CXX) $^ -o $@ $(EMU_LIBS)
 
-emu-race-build: $(EMU_RACE_BUILD)/test_emu $(EMU_RACE_BUILD)/test_gpu $(EMU_RACE_BUILD)/train_moecu
+$(EMU_RACE_BUILD)/test_kernels: $(EMU_RACE_BUILD)/tests/test_kernels.o \
+                                $(patsubst %,$(EMU_RACE_BUILD)/kernels/%.o,$(TEST_KERNELS_K)) $(TEST_KERNELS_HOST) $(EMU_LIB)
+	$(CXX) $^ -o $@ $(EMU_LIBS)
 
+emu-race-build: $(EMU_RACE_BUILD)/test_emu $(EMU_RACE_BUILD)/test_gpu $(EMU_RACE_BUILD)/train_moecu \
+                $(EMU_RACE_BUILD)/test_kernels
+
+# The kernels' two paths, then tests/test_emu.sh --race: any race or out-of-bounds access stops them.
 test-emu-race: emu-race-build $(BUILD)/gen_shards
+	$(EMU_RACE_BUILD)/test_kernels > $(EMU_RACE_BUILD)/test_kernels.out || { grep -v ' ok' $(EMU_RACE_BUILD)/test_kernels.out; exit 1; }
+	tail -1 $(EMU_RACE_BUILD)/test_kernels.out
 	bash tests/test_emu.sh --race $(EMU_RACE_BUILD)
+
+# Device-memory traffic per kernel (bench/emu_traffic.cc; docs/gpu.md,
+# "Memory-bound kernels"): the race build's trainer with the access hooks and
+# the launch notice wrapped by a counter (the linker's --wrap).
+EMU_TRAFFIC_WRAP = $(foreach h,read write unaligned_read unaligned_write,$(foreach n,1 2 4 8 16,-Wl,--wrap=__tsan_$(h)$(n))) \
+                   -Wl,--wrap=__tsan_read_range -Wl,--wrap=__tsan_write_range \
+                   -Wl,--wrap=_ZN3emu17race_launch_beginEPKc4dim3S2_Pvm
+
+$(BUILD)/emu/bench_traffic.o: bench/emu_traffic.cc tests/emu/emu_internal.h $(wildcard tests/emu/include/*.h)
+	@mkdir -p $(dir $@)
+	$(CXX) $(filter-out -DENABLE_FP32,$(EMU_CXXFLAGS)) -c $< -o $@
+
+$(EMU_RACE_BUILD)/train_moecu_traffic: $(EMU_RACE_BUILD)/train_moe.o $(EMU_RACE_COMMON) $(BUILD)/emu/bench_traffic.o
+	$(CXX) $^ -o $@ $(EMU_LIBS) $(EMU_TRAFFIC_WRAP)
