@@ -72,6 +72,7 @@ struct Thread {
     int state;
     int lane, warp;
     uint64_t shfl; // the value this thread offers in a shuffle
+    const void *coll; // what it offers in a warp-wide instruction (warp_collective), NULL elsewhere
 };
 
 struct Block {
@@ -84,11 +85,13 @@ struct Block {
     void *sched_sp; // the scheduler's saved stack pointer
     const std::function<void()> *body;
     char *smem;
+    uint64_t barriers; // __syncthreads completed in this block
 };
 
 } // namespace emu
 
 static thread_local emu::Block *t_blk; // the block being run by this OS thread (NULL outside kernels)
+static thread_local uint64_t t_block_serial; // blocks run by this OS thread, the current one included
 
 static const size_t STACK_BYTES = 256 * 1024;
 
@@ -241,6 +244,53 @@ uint64_t shfl_xor(unsigned int mask, uint64_t bits, int lane_mask, int width) {
     return r;
 }
 
+// Warp-wide instructions (mma.sync, ldmatrix: emu_mma.cc). Every lane offers
+// `mine`; once the whole warp has (all 32 lanes live and at this call), lane
+// 0 runs between(all, ctx) with the 32 offered pointers -- it computes the
+// instruction for the warp, writing each lane's results through its
+// pointer -- and no lane leaves before it has, so the offered data stays
+// valid throughout.
+void warp_collective(const void *mine, void (*between)(const void *const *all, void *ctx), void *ctx) {
+    Block *b = t_blk;
+    if (!b) emu_fail("a warp-wide instruction called outside a kernel");
+    Thread *t = b->cur;
+    t->coll = mine;
+    wait_at(T_AT_WARP);
+    Thread *w = b->threads + t->warp * 32;
+    for (int l = 0; l < 32; l++) {
+        if (t->warp * 32 + l >= b->nthreads || w[l].state == T_DONE)
+            emu_fail("a warp-wide instruction (mma.sync, ldmatrix) needs all 32 lanes, and lane %d %s", l,
+                     t->warp * 32 + l >= b->nthreads ? "does not exist (block size not a multiple of 32)"
+                                                     : "has exited");
+        if (t->lane != 0) break; // lane 0 checks them all
+    }
+    if (!w[0].coll)
+        emu_fail("lane 0 is at another barrier than lane %d's warp-wide instruction (mma.sync, ldmatrix need the "
+                 "whole warp converged)", t->lane);
+    if (t->lane == 0) {
+        const void *all[32];
+        for (int l = 0; l < 32; l++) {
+            if (!w[l].coll)
+                emu_fail("lane %d is at another barrier than lane 0's warp-wide instruction (mma.sync, ldmatrix "
+                         "need the whole warp converged)", l);
+            all[l] = w[l].coll;
+        }
+        between(all, ctx);
+    }
+    wait_at(T_AT_WARP);
+    t->coll = NULL;
+}
+
+uint64_t block_serial() { return t_blk ? t_block_serial : 0; }
+uint64_t block_barriers() { return t_blk ? t_blk->barriers : 0; }
+
+int is_shared(const void *p, size_t bytes) {
+    uintptr_t a = (uintptr_t)p, d0 = (uintptr_t)t_smem.data(), s0 = (uintptr_t)__start_emu_shared,
+              s1 = (uintptr_t)__stop_emu_shared;
+    if (t_blk && a >= d0 && a + bytes <= d0 + t_smem.size()) return 1;
+    return s0 && a >= s0 && a + bytes <= s1 ? 2 : 0;
+}
+
 // Runs the live threads until each waits or ends, then releases barriers,
 // until every thread has ended. A state where nobody can move is a deadlock.
 static void run_block(Block *b) {
@@ -275,6 +325,7 @@ static void run_block(Block *b) {
         if (at_block == live) {
             for (int i = 0; i < b->nthreads; i++)
                 if (b->threads[i].state == T_AT_BLOCK) b->threads[i].state = T_RUN;
+            b->barriers++;
             continue;
         }
         int n_warp = 0;
@@ -358,6 +409,8 @@ void launch(const char *name, dim3 grid, dim3 block, size_t smem, cudaStream_t s
         uintptr_t sh0 = (uintptr_t)__start_emu_shared, sh1 = (uintptr_t)__stop_emu_shared;
         if (sh0 && sh1 > sh0) memset(__start_emu_shared, 0xff, sh1 - sh0);
         for (int i = 0; i < n; i++) start_thread(&b, i);
+        b.barriers = 0;
+        t_block_serial++;
         run_block(&b);
     }
     t_blk = NULL;
