@@ -48,7 +48,7 @@ endif
 # libgomp: the host objects are compiled with -fopenmp.
 GPU_LDLIBS = -lcublas -lcublasLt -lnccl -lgomp -lm $(if $(NCCL_HOME),-L$(NCCL_HOME)/lib)
 
-GPU_KERNELS = embedding rmsnorm rope matmul attention swiglu classifier convert adamw gradnorm routing permute \
+GPU_KERNELS = embedding rmsnorm matmul attention swiglu classifier convert adamw gradnorm routing permute \
               grouped_gemm dispatch
 GPU_KOBJ = $(patsubst %,$(GPU_BUILD)/kernels/%.o,$(GPU_KERNELS))
 # The CPU model's compute files are not needed: the GPU runs its own.

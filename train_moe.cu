@@ -59,7 +59,6 @@ extern "C" {
 #include "kernels/matmul.cuh"
 #include "kernels/permute.cuh"
 #include "kernels/rmsnorm.cuh"
-#include "kernels/rope.cuh"
 #include "kernels/routing.cuh"
 #include "kernels/swiglu.cuh"
 
@@ -70,8 +69,8 @@ enum { GG_FWD13, GG_FWD2, GG_BWD_W2, GG_BWD_IN2, GG_BWD_W13, GG_BWD_IN13, GG_PER
 typedef struct {
     float *rstd1;   // (N) attention RMSNorm
     floatX *h1;     // (N, d) normed input of attention
-    floatX *qkv;    // (N, 3d) with RoPE applied to q and k
-    floatX *att;    // (B, H, T, T) attention probabilities, zero above the diagonal
+    floatX *qkv;    // (N, 3d) before RoPE (the attention kernels rotate q and k as they load them)
+    float *lse;     // (B, H, T) log-sum-exp of each row of attention scores (the backward recomputes P)
     floatX *a;      // (N, d) attention output, heads concatenated
     float *xmid;    // (N, d) residual stream after attention
     float *rstd2;   // (N) FFN RMSNorm
@@ -116,7 +115,7 @@ typedef struct {
     int maxB, maxT, n_moe;
     int B, T;                  // shape of the last forward
     cudaStream_t stream;
-    cublasHandle_t cublas; // attention's batched GEMMs, the expert GEMMs
+    cublasHandle_t cublas; // the expert GEMMs
     Matmul mm;             // the dense matmuls (cuBLASLt)
     GroupedGemm gg;
     // every allocation, for destroy, and the bytes per category (printed at create)
@@ -158,8 +157,7 @@ typedef struct {
     double *aux, *h_aux;       // (n_moe) auxiliary loss per MoE layer, device and pinned
     float *rope_cos, *rope_sin; // (maxT, hd/2)
     // scratch shared by the layers
-    float *att_f32;            // (B, H, T, T) scores, then dP
-    floatX *dS;                // (B, H, T, T) gradient of the scores
+    float *att_D;              // (B, H, T) rowsum(dout * out) of the attention backward
     float *dres;               // (N, d) gradient of the residual stream
     floatX *dresX;             // (N, d) its floatX copy, for the matmuls
     float *dh;                 // (N, d) gradient of a norm's output
@@ -438,7 +436,12 @@ int gpu_backend_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, 
 
     size_t n = (size_t)g->n_local, N = (size_t)B * T, d = c->d_model, V = c->vocab_size, L = c->n_layers;
     size_t H = c->n_heads, E = c->n_routed, K = c->top_k, de = c->d_expert, sh = (size_t)c->n_shared * de;
-    size_t NK = N * K, dff = c->n_dense > 0 ? (size_t)c->d_ff : 0, att = (size_t)B * H * T * T;
+    size_t NK = N * K, dff = c->n_dense > 0 ? (size_t)c->d_ff : 0, bht = (size_t)B * H * T;
+    char aerr[256];
+    if (attention_supported((int)(d / H), aerr, sizeof aerr) != 0) {
+        fprintf(stderr, "error: %s\n", aerr);
+        return -1;
+    }
     size_t nmoe = (size_t)g->n_moe, El = (size_t)g->El, P = (size_t)g->P;
     // Expert-side rows: exactly N K without the exchange; under it their number
     // varies with the routing (N K on average) and the buffers grow on demand.
@@ -470,7 +473,7 @@ int gpu_backend_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, 
         la->rstd1 = DEV(float, N);
         la->h1 = DEV(floatX, N * d);
         la->qkv = DEV(floatX, N * 3 * d);
-        la->att = DEV(floatX, att);
+        la->lse = DEV(float, bht);
         la->a = DEV(floatX, N * d);
         la->xmid = DEV(float, N * d);
         la->rstd2 = DEV(float, N);
@@ -519,8 +522,7 @@ int gpu_backend_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, 
     g->rope_sin = DEV(float, (size_t)T * (d / H / 2));
 
     g->category = MEM_SCRATCH;
-    g->att_f32 = DEV(float, att);
-    g->dS = DEV(floatX, att);
+    g->att_D = DEV(float, bht);
     g->dres = DEV(float, N * d);
     g->dresX = DEV(floatX, N * d);
     g->dh = DEV(float, N * d);
@@ -570,7 +572,7 @@ int gpu_backend_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, 
     size_t half = d / H / 2;
     float *ct = (float *)malloc(sizeof(float) * T * half), *st = (float *)malloc(sizeof(float) * T * half);
     if (!ct || !st) return -1;
-    rope_tables_host(ct, st, T, (int)(d / H), c->rope_theta);
+    attention_rope_tables(ct, st, T, (int)(d / H), c->rope_theta);
     gpu_copy(g, g->rope_cos, ct, sizeof(float) * T * half, cudaMemcpyHostToDevice);
     gpu_copy(g, g->rope_sin, st, sizeof(float) * T * half, cudaMemcpyHostToDevice);
     free(ct);
@@ -875,8 +877,7 @@ static void gpu_forward(GpuState *g, const int *tokens, const int *targets, int 
         // Attention block: xmid = x + wo(attention(rope(wqkv(norm(x))))).
         rmsnorm_forward(la->h1, la->rstd1, x, gpu_param(g, l, P_ATTN_NORM), N, d, c->rms_eps, st);
         matmul_forward(&g->mm, la->qkv, CUDA_R_FLOATX, la->h1, gpu_paramX(g, l, P_WQKV), N, d, 3 * d, NULL);
-        rope_apply(la->qkv, g->rope_cos, g->rope_sin, B, T, d, H, 0, st);
-        attention_forward(g->cublas, la->a, la->att, g->att_f32, la->qkv, B, T, d, H, st);
+        attention_forward(la->a, la->lse, la->qkv, g->rope_cos, g->rope_sin, B, T, d, H, st);
         matmul_forward(&g->mm, la->xmid, CUDA_R_32F, la->a, gpu_paramX(g, l, P_WO), N, d, d, x); // + x: fused
         // FFN block: xout = xmid + ffn(norm(xmid)).
         rmsnorm_forward(la->h2, la->rstd2, la->xmid, gpu_param(g, l, P_FFN_NORM), N, d, c->rms_eps, st);
@@ -993,8 +994,7 @@ static void gpu_backward(GpuState *g, float grad_scale) {
         floatX *da = g->dsmall, *dqkv = g->dbig;
         matmul_backward_weight(&g->mm, gpu_grad(g, l, P_WO), g->dresX, la->a, N, d, d);
         matmul_backward_input(&g->mm, da, CUDA_R_FLOATX, g->dresX, gpu_paramX(g, l, P_WO), N, d, d, 0);
-        attention_backward(g->cublas, dqkv, da, la->qkv, la->att, g->att_f32, g->dS, B, T, d, H, st);
-        rope_apply(dqkv, g->rope_cos, g->rope_sin, B, T, d, H, 1, st);
+        attention_backward(dqkv, g->att_D, da, la->qkv, la->a, la->lse, g->rope_cos, g->rope_sin, B, T, d, H, st);
         matmul_backward_weight(&g->mm, gpu_grad(g, l, P_WQKV), dqkv, la->h1, N, d, 3 * d);
         matmul_backward_input(&g->mm, g->dh, CUDA_R_32F, dqkv, gpu_paramX(g, l, P_WQKV), N, d, 3 * d, 0);
         rmsnorm_backward(g->dres, g->dresX, gpu_grad(g, l, P_ATTN_NORM), g->norm_scratch, g->dh,
