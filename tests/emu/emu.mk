@@ -53,7 +53,13 @@ $(EMU_BUILD)/test_gpu: $(EMU_BUILD)/tests/test_gpu.o $(EMU_BUILD)/train_moe_lib.
 $(EMU_BUILD)/test_gpu_dist: $(EMU_BUILD)/tests/test_gpu_dist.o $(EMU_BUILD)/train_moe_lib.o $(EMU_COMMON)
 	$(CXX) $^ -o $@ $(EMU_LIBS)
 
-emu-build: $(EMU_BUILD)/test_emu $(EMU_BUILD)/train_moecu $(EMU_BUILD)/test_gpu $(EMU_BUILD)/test_gpu_dist
+# The fused attention and its tensor-core building blocks against the CPU model's attention (model/ops.c).
+$(EMU_BUILD)/test_attention: $(EMU_BUILD)/tests/test_attention.o $(EMU_BUILD)/kernels/attention.o $(BUILD)/f32/model/ops.o \
+                             $(EMU_LIB)
+	$(CXX) $^ -o $@ $(EMU_LIBS)
+
+emu-build: $(EMU_BUILD)/test_emu $(EMU_BUILD)/train_moecu $(EMU_BUILD)/test_gpu $(EMU_BUILD)/test_gpu_dist \
+           $(EMU_BUILD)/test_attention
 
 $(EMU_BUILD)/test_emu: $(EMU_BUILD)/tests/emu/test_emu.o $(EMU_LIB)
 	$(CXX) $^ -o $@ $(EMU_LIBS)
