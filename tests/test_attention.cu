@@ -29,7 +29,9 @@
 // Errors are max |gpu - ref| / max |ref| over a tensor; the log-sum-exp's
 // is absolute. Tolerances: TOL_* below, with the measurements behind them.
 //
-//   test_attention [--mma] [--quick]    (--quick: T <= 256 only)
+//   test_attention [--mma] [--quick] [--case B,T,H,hd]
+//     --quick: T <= 256 only; --case: that one case of part 2 alone (e.g. for
+//     EMU_PROFILE=1 counts of one attention layer, docs/gpu.md)
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -351,8 +353,7 @@ static void test_case(int B, int T, int H, int hd, uint64_t seed) {
     double e_dk = rel_err(r.dqkv, dqkv, N, 3 * d, d, d), e_dv = rel_err(r.dqkv, dqkv, N, 3 * d, 2 * d, d);
     int ok = same_tables && e_out <= TOL_OUT && lse_err <= TOL_LSE && e_dq <= TOL_GRAD && e_dk <= TOL_GRAD &&
              e_dv <= TOL_GRAD;
-    check(ok, "attention B %d T %4d H %d hd %3d: out %.2e, lse %.2e, dq %.2e, dk %.2e, dv %.2e (tol %.0e, %.0e, "
-          "%.0e)%s", B, T, H, hd, e_out, lse_err, e_dq, e_dk, e_dv, TOL_OUT, TOL_LSE, TOL_GRAD,
+    check(ok, "attention B %d T %4d H %d hd %3d: out %.2e, lse %.2e, dq %.2e, dk %.2e, dv %.2e (tol %g, %g, %g)%s", B, T, H, hd, e_out, lse_err, e_dq, e_dk, e_dv, TOL_OUT, TOL_LSE, TOL_GRAD,
           same_tables ? "" : ", RoPE tables differ from model/ops.c's");
     worst_out = fmax(worst_out, e_out), worst_lse = fmax(worst_lse, lse_err), worst_dq = fmax(worst_dq, e_dq);
     worst_dk = fmax(worst_dk, e_dk), worst_dv = fmax(worst_dv, e_dv);
@@ -444,14 +445,18 @@ static void test_orders(void) {
 #endif
 
 int main(int argc, char **argv) {
-    int mma_only = 0, quick = 0;
+    int mma_only = 0, quick = 0, one[4] = {0, 0, 0, 0};
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--mma") == 0)
             mma_only = 1;
         else if (strcmp(argv[i], "--quick") == 0)
             quick = 1;
+        else if (strcmp(argv[i], "--case") == 0 && i + 1 < argc &&
+                 sscanf(argv[i + 1], "%d,%d,%d,%d", &one[0], &one[1], &one[2], &one[3]) == 4 && one[0] > 0 &&
+                 one[1] > 0 && one[2] > 0 && attention_supported(one[3], NULL, 0) == 0)
+            i++;
         else {
-            fprintf(stderr, "usage: test_attention [--mma] [--quick]\n");
+            fprintf(stderr, "usage: test_attention [--mma] [--quick] [--case B,T,H,hd]   (hd 16, 32, 64 or 128)\n");
             return 2;
         }
     }
@@ -461,6 +466,10 @@ int main(int argc, char **argv) {
         return 1;
     }
     printf("attention tests (%s)\n", FLOATX_NAME);
+    if (one[0]) {
+        test_case(one[0], one[1], one[2], one[3], 1);
+        return check_summary("test_attention");
+    }
     test_mma();
     if (!mma_only) {
         const int hds[3] = {16, 64, 128}, Ts[6] = {1, 15, 16, 17, 255, 256};
