@@ -72,6 +72,19 @@ __device__ void rope_tile(floatX *tile, int p0, int T, const float *cos_t, const
     }
 }
 
+// After a step's copies were issued and committed: waits for them, makes
+// them visible to the block, rotates tile ta (RA rows from position pa) and,
+// unless tb is NULL, tile tb (RB rows from pb), and makes that visible too.
+template <int RA, int RB, int HD>
+__device__ void tiles_land_rotated(floatX *ta, int pa, floatX *tb, int pb, int T, const float *cos_t,
+                                   const float *sin_t) {
+    cp_async_wait<0>();
+    __syncthreads();
+    rope_tile<RA, HD>(ta, pa, T, cos_t, sin_t);
+    if (tb) rope_tile<RB, HD>(tb, pb, T, cos_t, sin_t);
+    __syncthreads();
+}
+
 // The gradient with respect to rotated q or k, the warp's 16 rows x HD in
 // accumulators (HD/8 fragments, this thread's rows at positions p_lo and
 // p_lo + 8), rotated back by the transpose rotation: the gradient before
@@ -141,11 +154,7 @@ __global__ void __launch_bounds__(FWD_M * 2) attention_forward_kernel(floatX *ou
     tile_load_async<FWD_M, HD>(sQ, qb + q0 * ld, ld, min(FWD_M, T - q0));
     tile_load_async<FWD_N, HD>(sK, kb, ld, min(FWD_N, T));
     cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
-    rope_tile<FWD_M, HD>(sQ, q0, T, cos_t, sin_t);
-    rope_tile<FWD_N, HD>(sK, 0, T, cos_t, sin_t);
-    __syncthreads();
+    tiles_land_rotated<FWD_M, FWD_N, HD>(sQ, q0, sK, 0, T, cos_t, sin_t);
 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}; // running max (log2 units) and sum of this thread's rows
     FragC o[HD / 8];                                          // (16, HD) unnormalised output of the warp's rows
@@ -198,12 +207,8 @@ __global__ void __launch_bounds__(FWD_M * 2) attention_forward_kernel(floatX *ou
             cp_async_commit();
         }
         warp_gemm_cb<HD, FWD_N, HD>(o, s, sV);
-        if (j + 1 < n_steps) {
-            cp_async_wait<0>();
-            __syncthreads(); // K_{j+1} visible to all; every warp is done reading V_j
-            rope_tile<FWD_N, HD>(sK, k0 + FWD_N, T, cos_t, sin_t);
-            __syncthreads();
-        }
+        if (j + 1 < n_steps) // K_{j+1} landed and rotated (the barrier also ends every warp's reads of V_j)
+            tiles_land_rotated<FWD_N, FWD_N, HD>(sK, k0 + FWD_N, NULL, 0, T, cos_t, sin_t);
     }
 
     float inv[2];
@@ -249,11 +254,7 @@ __global__ void __launch_bounds__(DQ_M * 2)
     tile_load_async<DQ_N, HD>(sK, kb, ld, min(DQ_N, T));
     tile_load_async<DQ_N, HD>(sV, vb, ld, min(DQ_N, T));
     cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
-    rope_tile<DQ_M, HD>(sQ, q0, T, cos_t, sin_t);
-    rope_tile<DQ_N, HD>(sK, 0, T, cos_t, sin_t);
-    __syncthreads();
+    tiles_land_rotated<DQ_M, DQ_N, HD>(sQ, q0, sK, 0, T, cos_t, sin_t);
 
     // D = rowsum(dO * O) of this thread's rows (the quad adds its columns),
     // for this pass and, through global memory, the dK dV pass. Padding rows:
@@ -296,10 +297,7 @@ __global__ void __launch_bounds__(DQ_M * 2)
             tile_load_async<DQ_N, HD>(sK, kb + (k0 + DQ_N) * ld, ld, min(DQ_N, T - k0 - DQ_N));
             tile_load_async<DQ_N, HD>(sV, vb + (k0 + DQ_N) * ld, ld, min(DQ_N, T - k0 - DQ_N));
             cp_async_commit();
-            cp_async_wait<0>();
-            __syncthreads();
-            rope_tile<DQ_N, HD>(sK, k0 + DQ_N, T, cos_t, sin_t);
-            __syncthreads();
+            tiles_land_rotated<DQ_N, DQ_N, HD>(sK, k0 + DQ_N, NULL, 0, T, cos_t, sin_t);
         }
     }
     rope_backward_frags<HD>(dq, r_lo, T, cos_t, sin_t);
@@ -339,11 +337,7 @@ __global__ void __launch_bounds__(DKV_N * 2)
     tile_load_async<DKV_M, HD>(sQ, qb + first * DKV_M * ld, ld, min(DKV_M, T - first * DKV_M));
     tile_load_async<DKV_M, HD>(sdO, gob + (int64_t)first * DKV_M * d, d, min(DKV_M, T - first * DKV_M));
     cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
-    rope_tile<DKV_N, HD>(sK, k0, T, cos_t, sin_t);
-    rope_tile<DKV_M, HD>(sQ, first * DKV_M, T, cos_t, sin_t);
-    __syncthreads();
+    tiles_land_rotated<DKV_N, DKV_M, HD>(sK, k0, sQ, first * DKV_M, T, cos_t, sin_t);
 
     FragC dk[HD / 8], dv[HD / 8]; // (16, HD) gradients of the warp's rotated keys and values
     frag_zero(dk, HD / 8);
@@ -375,10 +369,7 @@ __global__ void __launch_bounds__(DKV_N * 2)
             tile_load_async<DKV_M, HD>(sQ, qb + (qq0 + DKV_M) * ld, ld, min(DKV_M, T - qq0 - DKV_M));
             tile_load_async<DKV_M, HD>(sdO, gob + (int64_t)(qq0 + DKV_M) * d, d, min(DKV_M, T - qq0 - DKV_M));
             cp_async_commit();
-            cp_async_wait<0>();
-            __syncthreads();
-            rope_tile<DKV_M, HD>(sQ, qq0 + DKV_M, T, cos_t, sin_t);
-            __syncthreads();
+            tiles_land_rotated<DKV_M, DKV_M, HD>(sQ, qq0 + DKV_M, NULL, 0, T, cos_t, sin_t);
         }
     }
     rope_backward_frags<HD>(dk, kr_lo, T, cos_t, sin_t);

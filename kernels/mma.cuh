@@ -113,29 +113,24 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
-// ldmatrix .x4: four 8 x 8 matrices of 16-bit elements; lane l gives the
-// address of row l % 8 of matrix l / 8; r[i] receives, of matrix i, the two
-// elements of row g at columns 2t, 2t + 1 (transposed: of column g at rows
-// 2t, 2t + 1).
-__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void *row) {
+// ldmatrix .x4 (TRANS: .x4.trans): four 8 x 8 matrices of 16-bit elements;
+// lane l gives the address of row l % 8 of matrix l / 8; r[i] receives, of
+// matrix i, the two elements of row g at columns 2t, 2t + 1 (transposed: of
+// column g at rows 2t, 2t + 1).
+template <bool TRANS> __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void *row) {
 #ifdef __CUDACC__
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_u32(row))
-                 : "memory");
+    if (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_u32(row))
+                     : "memory");
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_u32(row))
+                     : "memory");
 #else
-    emu::ldmatrix_m8n8(r, 4, 0, row);
-#endif
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void *row) {
-#ifdef __CUDACC__
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_u32(row))
-                 : "memory");
-#else
-    emu::ldmatrix_m8n8(r, 4, 1, row);
+    emu::ldmatrix_m8n8(r, 4, TRANS, row);
 #endif
 }
 
@@ -262,7 +257,7 @@ template <int COLS> __device__ __forceinline__ void frag_load_a(FragA &a, const 
 #else
     // matrices: rows r0 / r0 + 8 (bit 0 of the matrix index) x columns k0 / k0 + 8 (bit 1)
     int m = lane >> 3, r = r0 + (lane & 7) + 8 * (m & 1), c = k0 + 8 * (m >> 1);
-    ldmatrix_x4(a.x, tile + Tile<COLS>::at(r, c));
+    ldmatrix_x4<false>(a.x, tile + Tile<COLS>::at(r, c));
 #endif
 }
 
@@ -285,7 +280,7 @@ template <int COLS> __device__ __forceinline__ void frag_load_b2_nk(FragB b[2], 
     // matrices: columns k0 / k0 + 8 (bit 0) x rows n0 / n0 + 8 (bit 1)
     int m = lane >> 3, r = n0 + (lane & 7) + 8 * (m >> 1), c = k0 + 8 * (m & 1);
     uint32_t x[4];
-    ldmatrix_x4(x, tile + Tile<COLS>::at(r, c));
+    ldmatrix_x4<false>(x, tile + Tile<COLS>::at(r, c));
     b[0].x[0] = x[0], b[0].x[1] = x[1], b[1].x[0] = x[2], b[1].x[1] = x[3];
 #endif
 }
@@ -309,7 +304,7 @@ template <int COLS> __device__ __forceinline__ void frag_load_b2_kn(FragB b[2], 
     // transposed matrices: rows k0 / k0 + 8 (bit 0) x columns n0 / n0 + 8 (bit 1)
     int m = lane >> 3, r = k0 + (lane & 7) + 8 * (m & 1), c = n0 + 8 * (m >> 1);
     uint32_t x[4];
-    ldmatrix_x4_trans(x, tile + Tile<COLS>::at(r, c));
+    ldmatrix_x4<true>(x, tile + Tile<COLS>::at(r, c));
     b[0].x[0] = x[0], b[0].x[1] = x[1], b[1].x[0] = x[2], b[1].x[1] = x[3];
 #endif
 }

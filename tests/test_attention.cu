@@ -78,26 +78,11 @@ static float urand(void) { // uniform in [-1, 1)
     return (float)((rng_state >> 40) & 0xffffff) / 8388608.0f - 1.0f;
 }
 
-static floatX x_of(float v) {
-#ifdef ENABLE_FP32
-    return v;
-#else
-    return __float2bfloat16_rn(v);
-#endif
-}
-static float f_of(floatX v) {
-#ifdef ENABLE_FP32
-    return v;
-#else
-    return __bfloat162float(v);
-#endif
-}
-
 // A device copy of n floats, as floatX (exact for the values used here: they
 // are rounded to floatX first).
 static floatX *dev_x(const float *h, size_t n) {
     floatX *tmp = (floatX *)xmalloc(sizeof(floatX) * n), *d;
-    for (size_t i = 0; i < n; i++) tmp[i] = x_of(h[i]);
+    for (size_t i = 0; i < n; i++) tmp[i] = to_x(h[i]);
     CUDA_CHECK(cudaMalloc(&d, sizeof(floatX) * (n ? n : 1)));
     CUDA_CHECK(cudaMemcpy(d, tmp, sizeof(floatX) * n, cudaMemcpyHostToDevice));
     free(tmp);
@@ -118,7 +103,7 @@ static void host_f(float *h, const void *d, size_t n, int x) {
     }
     floatX *tmp = (floatX *)xmalloc(sizeof(floatX) * n);
     CUDA_CHECK(cudaMemcpy(tmp, d, sizeof(floatX) * n, cudaMemcpyDeviceToHost));
-    for (size_t i = 0; i < n; i++) h[i] = f_of(tmp[i]);
+    for (size_t i = 0; i < n; i++) h[i] = to_f(tmp[i]);
     free(tmp);
 }
 
@@ -303,8 +288,8 @@ static void run_free(Run *r) {
 // units: peaked but not one-hot softmax rows), output gradients in [-1, 1).
 static void random_inputs(Run *r, int64_t row0) {
     int d = r->H * r->hd;
-    for (int64_t i = row0 * 3 * d; i < (int64_t)r->B * r->T * 3 * d; i++) r->qkv[i] = f_of(x_of(2.0f * urand()));
-    for (int64_t i = row0 * d; i < (int64_t)r->B * r->T * d; i++) r->dout[i] = f_of(x_of(urand()));
+    for (int64_t i = row0 * 3 * d; i < (int64_t)r->B * r->T * 3 * d; i++) r->qkv[i] = to_f(to_x(2.0f * urand()));
+    for (int64_t i = row0 * d; i < (int64_t)r->B * r->T * d; i++) r->dout[i] = to_f(to_x(urand()));
 }
 
 static double worst_out, worst_lse, worst_dq, worst_dk, worst_dv; // over all cases, for the tolerances' comment
@@ -390,8 +375,8 @@ static void test_causality(int B, int T, int H, int hd, int p) {
     // b: other q, k, v and output gradients after position p, in every sequence.
     for (int s = 0; s < B; s++)
         for (int t = p + 1; t < T; t++) {
-            for (int c = 0; c < 3 * d; c++) b.qkv[((size_t)s * T + t) * 3 * d + c] = f_of(x_of(2.0f * urand()));
-            for (int c = 0; c < d; c++) b.dout[((size_t)s * T + t) * d + c] = f_of(x_of(urand()));
+            for (int c = 0; c < 3 * d; c++) b.qkv[((size_t)s * T + t) * 3 * d + c] = to_f(to_x(2.0f * urand()));
+            for (int c = 0; c < d; c++) b.dout[((size_t)s * T + t) * d + c] = to_f(to_x(urand()));
         }
     gpu_attention(&a);
     gpu_attention(&b);
