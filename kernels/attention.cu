@@ -56,8 +56,8 @@ void attention_rope_tables(float *cos_t, float *sin_t, int T, int hd, float thet
 
 // Rotates the ROWS x HD tile in shared memory in place ("rotate half" form,
 // docs/model.md), row r at position p0 + r; rows at positions >= T are
-// padding and left alone. In fp32 from floatX, rounded back to floatX, as
-// the separate RoPE kernel did.
+// padding and left alone. The arithmetic of model/ops.c's rope_apply, in
+// fp32 from the stored floatX values, rounded back to floatX.
 template <int ROWS, int HD>
 __device__ void rope_tile(floatX *tile, int p0, int T, const float *cos_t, const float *sin_t) {
     const int half = HD / 2;
