@@ -55,7 +55,13 @@ $(EMU_BUILD)/test_gpu: $(EMU_BUILD)/tests/test_gpu.o $(EMU_BUILD)/train_moe_lib.
 $(EMU_BUILD)/test_gpu_dist: $(EMU_BUILD)/tests/test_gpu_dist.o $(EMU_BUILD)/train_moe_lib.o $(EMU_COMMON)
 	$(CXX) $^ -o $@ $(EMU_LIBS)
 
-emu-build: $(EMU_BUILD)/test_emu $(EMU_BUILD)/train_moecu $(EMU_BUILD)/test_gpu $(EMU_BUILD)/test_gpu_dist
+# The fused attention and its tensor-core building blocks against the CPU model's attention (model/ops.c).
+$(EMU_BUILD)/test_attention: $(EMU_BUILD)/tests/test_attention.o $(EMU_BUILD)/kernels/attention.o $(BUILD)/f32/model/ops.o \
+                             $(EMU_LIB)
+	$(CXX) $^ -o $@ $(EMU_LIBS)
+
+emu-build: $(EMU_BUILD)/test_emu $(EMU_BUILD)/train_moecu $(EMU_BUILD)/test_gpu $(EMU_BUILD)/test_gpu_dist \
+           $(EMU_BUILD)/test_attention
 
 $(EMU_BUILD)/test_emu: $(EMU_BUILD)/tests/emu/test_emu.o $(EMU_LIB)
 	$(CXX) $^ -o $@ $(EMU_LIBS)
@@ -102,7 +108,12 @@ $(EMU_RACE_BUILD)/test_gpu: $(EMU_RACE_BUILD)/tests/test_gpu.o $(EMU_RACE_BUILD)
 $(EMU_RACE_BUILD)/train_moecu: $(EMU_RACE_BUILD)/train_moe.o $(EMU_RACE_COMMON)
 	$(CXX) $^ -o $@ $(EMU_LIBS)
 
-emu-race-build: $(EMU_RACE_BUILD)/test_emu $(EMU_RACE_BUILD)/test_gpu $(EMU_RACE_BUILD)/train_moecu
+$(EMU_RACE_BUILD)/test_attention: $(EMU_RACE_BUILD)/tests/test_attention.o $(EMU_RACE_BUILD)/kernels/attention.o \
+                                  $(BUILD)/f32/model/ops.o $(EMU_LIB)
+	$(CXX) $^ -o $@ $(EMU_LIBS)
+
+emu-race-build: $(EMU_RACE_BUILD)/test_emu $(EMU_RACE_BUILD)/test_gpu $(EMU_RACE_BUILD)/train_moecu \
+                $(EMU_RACE_BUILD)/test_attention
 
 test-emu-race: emu-race-build $(BUILD)/gen_shards
 	bash tests/test_emu.sh --race $(EMU_RACE_BUILD)
