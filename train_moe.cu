@@ -13,7 +13,7 @@
 //   this file         the GPU backend the loop calls (train/backend.h), top to bottom:
 //                     GpuLayer / GpuModel (every buffer, with its shape), creation phase by phase
 //                     (gpu_backend_create), parameters in and out, gpu_forward (embedding, per
-//                     layer: RMSNorm, QKV matmul, RoPE, attention, output matmul, then a dense FFN
+//                     layer: RMSNorm, QKV matmul, attention with RoPE, output matmul, then a dense FFN
 //                     or gpu_moe_forward), gpu_backward in reverse, gpu_micro_batch,
 //                     gpu_sync_grads, gpu_grad_norm, gpu_update
 //   gpu_moe_forward   router matmul, moe_route (affinities, TopK with the bias, gates, counts:
@@ -21,8 +21,9 @@
 //                     exchange (parallel/ep_layout.h, kernels/dispatch.cu), expert_ffn_forward
 //                     (grouped GEMMs: kernels/grouped_gemm.cu), shared experts, gated combine,
 //                     auxiliary loss
-//   kernels/          one family per file: matmul (cuBLASLt), attention, rmsnorm, rope, swiglu,
-//                     classifier (cross-entropy), embedding, adamw, gradnorm, convert
+//   kernels/          one family per file: matmul (cuBLASLt), attention (fused, with RoPE; its
+//                     tensor-core blocks in mma.cuh), rmsnorm, swiglu, classifier (cross-entropy),
+//                     embedding, adamw, gradnorm, convert
 //   parallel/         comm_nccl.c (NCCL groups), ep_layout.c (which experts, parameters and rows
 //                     a rank holds), launch.c (starting ranks without MPI)
 //
@@ -67,7 +68,7 @@ extern "C" {
 }
 
 #include "kernels/adamw.cuh"        // defines: adamw_update (fused AdamW + the floatX copy)
-#include "kernels/attention.cuh"    // defines: attention_forward, attention_backward
+#include "kernels/attention.cuh"    // defines: attention_supported, attention_rope_tables, attention_forward / _backward
 #include "kernels/classifier.cuh"   // defines: classifier_forward (cross-entropy and its gradient)
 #include "kernels/common.cuh"       // defines: floatX, CUBLAS_CHECK, KERNEL_CHECK, reductions
 #include "kernels/convert.cuh"      // defines: convert_f32_to_x, convert_x_to_f32
@@ -80,7 +81,6 @@ extern "C" {
 #include "kernels/permute.cuh"      // defines: moe_permute, moe_gather, moe_combine_*, moe_scatter
 #include "kernels/profiler.cuh"     // defines: GpuProfiler (--profile: per-phase CUDA events)
 #include "kernels/rmsnorm.cuh"      // defines: rmsnorm_forward, rmsnorm_backward
-#include "kernels/rope.cuh"         // defines: rope_tables_host, rope_apply
 #include "kernels/routing.cuh"      // defines: moe_route, moe_aux_forward, moe_route_backward
 #include "kernels/swiglu.cuh"       // defines: swiglu_forward, swiglu_backward
 #include "parallel/comm_nccl.h"     // defines: GpuComm, comm_nccl_open (NCCL collectives on a stream)
@@ -92,8 +92,8 @@ enum { GG_FWD13, GG_FWD2, GG_BWD_W2, GG_BWD_IN2, GG_BWD_W13, GG_BWD_IN13, GG_PER
 typedef struct {
     float *rstd1;   // (N) attention RMSNorm
     floatX *h1;     // (N, d) normed input of attention
-    floatX *qkv;    // (N, 3d) with RoPE applied to q and k
-    floatX *att;    // (B, H, T, T) attention probabilities, zero above the diagonal
+    floatX *qkv;    // (N, 3d) before RoPE (the attention kernels rotate q and k as they load them)
+    float *lse;     // (B, H, T) log-sum-exp of each row of attention scores (the backward recomputes P)
     floatX *a;      // (N, d) attention output, heads concatenated
     float *xmid;    // (N, d) residual stream after attention
     float *rstd2;   // (N) FFN RMSNorm
@@ -139,7 +139,7 @@ typedef struct {
     int maxB, maxT, n_moe;
     int B, T;                  // shape of the last forward
     cudaStream_t stream;
-    cublasHandle_t cublas; // attention's batched GEMMs, the expert GEMMs
+    cublasHandle_t cublas; // the expert GEMMs
     Matmul mm;             // the dense matmuls (cuBLASLt)
     GroupedGemm gg;
     GpuProfiler prof;      // --profile: CUDA events at the phase boundaries
@@ -185,8 +185,7 @@ typedef struct {
     double *aux, *h_aux;       // (n_moe) auxiliary loss per MoE layer, device and pinned
     float *rope_cos, *rope_sin; // (maxT, hd/2)
     // scratch shared by the layers
-    float *att_f32;            // (B, H, T, T) scores, then dP
-    floatX *dS;                // (B, H, T, T) gradient of the scores
+    float *att_D;              // (B, H, T) rowsum(dout * out) of the attention backward
     float *dres;               // (N, d) gradient of the residual stream
     floatX *dresX;             // (N, d) its floatX copy, for the matmuls
     float *dh;                 // (N, d) gradient of a norm's output
@@ -363,7 +362,8 @@ static int gpu_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, i
 static void gpu_destroy(Backend *be);
 
 // The ranks (one process holds every expert unless opt brings collectives),
-// checked for consistency, and this rank's expert shard. Returns 0 or -1.
+// checked for consistency, what the kernels can run (the head dim, the
+// number of routed experts), and this rank's expert shard. Returns 0 or -1.
 static int gpu_check_ranks(GpuModel *gm, const GpuBackendOptions *opt) {
     const MoeConfig *c = &gm->cfg;
     if (opt && opt->comm) {
@@ -382,6 +382,11 @@ static int gpu_check_ranks(GpuModel *gm, const GpuBackendOptions *opt) {
     }
     if (c->n_routed % P != 0) {
         fprintf(stderr, "error: --ep %d must divide n_routed (%d)\n", P, c->n_routed);
+        return -1;
+    }
+    char aerr[256];
+    if (attention_supported(c->d_model / c->n_heads, aerr, sizeof aerr) != 0) {
+        fprintf(stderr, "error: %s\n", aerr);
         return -1;
     }
     if (gm->n_moe > 0 && c->n_routed > 8192) {
@@ -462,7 +467,7 @@ static void gpu_alloc_layer(GpuModel *gm, GpuLayer *la, int l) {
     la->rstd1 = DEV(float, N);
     la->h1 = DEV(floatX, N * d);
     la->qkv = DEV(floatX, N * 3 * d);
-    la->att = DEV(floatX, B * H * T * T);
+    la->lse = DEV(float, B * H * T);
     la->a = DEV(floatX, N * d);
     la->xmid = DEV(float, N * d);
     la->rstd2 = DEV(float, N);
@@ -531,11 +536,10 @@ static void gpu_alloc_scratch(GpuModel *gm) {
     const MoeConfig *c = &gm->cfg;
     size_t B = gm->maxB, T = gm->maxT, N = B * T, d = c->d_model, V = c->vocab_size, H = c->n_heads;
     size_t E = c->n_routed, NK = N * c->top_k, de = c->d_expert, sh = (size_t)c->n_shared * de;
-    size_t dff = c->n_dense > 0 ? (size_t)c->d_ff : 0, att = B * H * T * T;
+    size_t dff = c->n_dense > 0 ? (size_t)c->d_ff : 0;
     size_t nmoe = gm->n_moe, El = gm->shard.n_local, P = gm->shard.size;
     gm->category = MEM_SCRATCH;
-    gm->att_f32 = DEV(float, att);
-    gm->dS = DEV(floatX, att);
+    gm->att_D = DEV(float, B * H * T);
     gm->dres = DEV(float, N * d);
     gm->dresX = DEV(floatX, N * d);
     gm->dh = DEV(float, N * d);
@@ -594,7 +598,7 @@ static void gpu_upload_constants(GpuModel *gm) {
     int T = gm->maxT, hd = c->d_model / c->n_heads;
     size_t half = (size_t)hd / 2;
     float *ct = (float *)xmalloc(sizeof(float) * T * half), *st = (float *)xmalloc(sizeof(float) * T * half);
-    rope_tables_host(ct, st, T, hd, c->rope_theta);
+    attention_rope_tables(ct, st, T, hd, c->rope_theta);
     gpu_copy(gm, gm->rope_cos, ct, sizeof(float) * T * half, cudaMemcpyHostToDevice);
     gpu_copy(gm, gm->rope_sin, st, sizeof(float) * T * half, cudaMemcpyHostToDevice);
     free(ct);
@@ -947,10 +951,8 @@ static void gpu_forward(GpuModel *gm, const int *tokens, const int *targets, int
         rmsnorm_forward(la->h1, la->rstd1, x, gpu_param(gm, l, P_ATTN_NORM), N, d, c->rms_eps, st);
         PHASE(PH_DENSE_MATMUL);
         matmul_forward(&gm->mm, la->qkv, CUDA_R_FLOATX, la->h1, gpu_paramX(gm, l, P_WQKV), N, d, 3 * d, NULL);
-        PHASE(PH_ELEMENTWISE);
-        rope_apply(la->qkv, gm->rope_cos, gm->rope_sin, B, T, d, H, 0, st);
         PHASE(PH_ATTENTION);
-        attention_forward(gm->cublas, la->a, la->att, gm->att_f32, la->qkv, B, T, d, H, st);
+        attention_forward(la->a, la->lse, la->qkv, gm->rope_cos, gm->rope_sin, B, T, d, H, st);
         PHASE(PH_DENSE_MATMUL);
         matmul_forward(&gm->mm, la->xmid, CUDA_R_32F, la->a, gpu_paramX(gm, l, P_WO), N, d, d, x); // + x: fused
         // FFN block: xout = xmid + ffn(norm(xmid)).
@@ -1095,9 +1097,7 @@ static void gpu_backward(GpuModel *gm, float grad_scale) {
         matmul_backward_weight(&gm->mm, gpu_grad(gm, l, P_WO), gm->dresX, la->a, N, d, d);
         matmul_backward_input(&gm->mm, da, CUDA_R_FLOATX, gm->dresX, gpu_paramX(gm, l, P_WO), N, d, d, 0);
         PHASE(PH_ATTENTION);
-        attention_backward(gm->cublas, dqkv, da, la->qkv, la->att, gm->att_f32, gm->dS, B, T, d, H, st);
-        PHASE(PH_ELEMENTWISE);
-        rope_apply(dqkv, gm->rope_cos, gm->rope_sin, B, T, d, H, 1, st);
+        attention_backward(dqkv, gm->att_D, da, la->qkv, la->a, la->lse, gm->rope_cos, gm->rope_sin, B, T, d, H, st);
         PHASE(PH_DENSE_MATMUL);
         matmul_backward_weight(&gm->mm, gpu_grad(gm, l, P_WQKV), dqkv, la->h1, N, d, 3 * d);
         matmul_backward_input(&gm->mm, gm->dh, CUDA_R_32F, dqkv, gpu_paramX(gm, l, P_WQKV), N, d, 3 * d, 0);

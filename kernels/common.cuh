@@ -60,10 +60,11 @@ inline unsigned int cdiv_u(int64_t n, int64_t per) { return (unsigned int)((n + 
 // ----------------------------------------------------------------------------
 // Conversions
 
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+// (Host code may use them too: the tests convert their inputs with them.)
+__host__ __device__ __forceinline__ float to_f(float x) { return x; }
+__host__ __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 // float -> floatX, rounding to nearest even.
-__device__ __forceinline__ floatX to_x(float x) {
+__host__ __device__ __forceinline__ floatX to_x(float x) {
 #ifdef ENABLE_FP32
     return x;
 #else

@@ -8,13 +8,13 @@
 
 typedef enum {
     PH_EMBEDDING,     // input copies, the embedding and its backward
-    PH_ATTENTION,     // causal attention (scores, softmax, values) and its backward
+    PH_ATTENTION,     // causal attention (scores, softmax, values; on the GPU with RoPE, fused) and its backward
     PH_DENSE_MATMUL,  // QKV, output projection, dense FFN, LM head
     PH_ROUTER,        // router matmul, affinities, TopK, gates, counts, auxiliary losses
     PH_PERMUTE,       // expert order, gather/scatter, gated combine, the expert-parallel exchange
     PH_EXPERT_GEMM,   // the routed experts' grouped GEMMs
     PH_SHARED,        // the shared experts' matmuls
-    PH_ELEMENTWISE,   // RMSNorm, RoPE, SwiGLU, conversions, residual copies
+    PH_ELEMENTWISE,   // RMSNorm, SwiGLU, conversions, residual copies (and RoPE on the CPU)
     PH_CLASSIFIER,    // cross-entropy and its gradient
     PH_OPTIMIZER,     // zeroing gradients, gradient norm, AdamW, bias upload
     PH_COMM,          // gradient all-reduces over the ranks

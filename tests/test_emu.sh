@@ -3,8 +3,10 @@
 # (docs/gpu.md, "The emulator"); `make test-emu`, part of `make test`.
 #  1. the emulator's self-test (it computes what CUDA and cuBLAS define, and
 #     stops on the bugs it is meant to catch);
-#  2. the GPU tests, unchanged: routing and permutation kernels against CPU
-#     implementations, every PyTorch fixture (logits, loss, every gradient),
+#  2. the GPU tests, unchanged: the fused attention and its tensor-core
+#     building blocks against the CPU model's attention, routing and
+#     permutation kernels against CPU implementations, every PyTorch
+#     fixture (logits, loss, every gradient),
 #     10 training steps against the reference, the backend cases; then the
 #     multi-GPU code with virtual ranks and one-rank NCCL;
 #  3. train_moecu against train_moe on the same 10-step run with evaluation,
@@ -25,8 +27,9 @@
 #   tests/test_emu.sh --race [DIR]        the race build (default build/emu-race; make test-emu-race)
 # The race build, whose kernels have every memory access checked for races
 # and out-of-bounds bytes (tests/emu/emu_race.cc), runs 1 (its race
-# detections included), test_gpu, and a 10-step train_moecu run through
-# one-rank NCCL with the EP exchange: any race stops them.
+# detections included), test_attention --quick, test_gpu, and a 10-step
+# train_moecu run through one-rank NCCL with the EP exchange: any race
+# stops them.
 # A BF16 build (a directory named .../BF16) runs the same checks with the
 # tolerances of bf16 activations, each derived from the error measured on
 # the emulator (written next to it), except where bf16 legitimately differs
@@ -46,8 +49,12 @@ fails=0
 ok() { echo "ok   $*"; }
 bad() { echo "FAIL $*"; fails=$((fails + 1)); }
 
-# 1 and 2: the test programs print their own checks.
-PROGS=("$B/test_emu" "$B/test_gpu tests/fixtures")
+# 1 and 2: the test programs print their own checks. The fused attention's
+# T = 2048 case runs in the BF16 build (the tensor-core path; --quick in FP32
+# and in the race build).
+ATT="$B/test_attention"
+[ "$(basename "$B")" = BF16 ] || ATT="$ATT --quick"
+PROGS=("$B/test_emu" "$ATT" "$B/test_gpu tests/fixtures")
 [ $RACE = 1 ] || PROGS+=("$B/test_gpu_dist")
 for t in "${PROGS[@]}"; do
     if $t > "$TMP/out" 2>&1; then

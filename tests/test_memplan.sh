@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # --print-memory from the command line, on a machine with or without a GPU:
-# the table and the largest micro-batch; linear growth in the micro-batch;
-# the CPU trainer refuses it, naming the GPU trainer. (That the plan equals
+# the table and the largest micro-batch; linear growth in the micro-batch
+# and in the sequence length (the fused attention keeps nothing of size
+# T^2); a head dim the attention kernels do not take is refused; the CPU
+# trainer refuses it, naming the GPU trainer. (That the plan equals
 # the real allocations byte for byte is tests/test_gpu.cu's.)
 #   tests/test_memplan.sh TRAIN_MOECU
 set -u
@@ -24,6 +26,17 @@ if awk -v a="$t1" -v b="$t2" -v c="$t3" 'BEGIN { d1 = b - a; d2 = c - b; exit !(
 else
     bad "small: $t1, $t2, $t3 GiB at -b 8, 16, 24 is not linear"
 fi
+t1=$(total --config 1b --seq-len 2048); t2=$(total --config 1b --seq-len 4096); t3=$(total --config 1b --seq-len 8192)
+# Totals are printed to 0.001 GiB (each within 0.0005): d2 - 2 d1 carries up to 0.003 of rounding.
+if awk -v a="$t1" -v b="$t2" -v c="$t3" 'BEGIN { d1 = b - a; d2 = c - b; exit !(a > 0 && d1 > 0 && (d2 - 2 * d1) < 0.004 && (2 * d1 - d2) < 0.004) }'; then
+    ok "1b: $t1, $t2, $t3 GiB at T = 2048, 4096, 8192: linear in T"
+else
+    bad "1b: $t1, $t2, $t3 GiB at T = 2048, 4096, 8192 is not linear in T"
+fi
+if out=$("$GPU" --config small --n-heads 32 --print-memory 2>&1); then bad "head dim 8 accepted"
+elif grep -q "head dims (d_model / n_heads) 16, 32, 64 or 128, not 8" <<< "$out"; then
+    ok "head dim 8 refused: $(grep -m1 error <<< "$out" | cut -c1-110)"
+else bad "head dim 8: not the attention's message: $out"; fi
 fit=$("$GPU" --config 1b -b 4 --gpu-mem 30 --print-memory | sed -n 's/.*: -b \([0-9]*\) .*/\1/p')
 at=$(total --config 1b -b "${fit:-1}"); above=$(total --config 1b -b $((${fit:-1} + 1)))
 if [ -n "$fit" ] && awk -v a="$at" -v b="$above" 'BEGIN { exit !(a <= 30 && b > 30) }'; then

@@ -5,7 +5,8 @@
 #                          train_moecu run, FP32, with the emulator's memory checks; part of `make test`
 #   make test-emu EMU_PRECISION=BF16   the same with bf16 activations
 #   make test-emu-race     the race build: the CUDA code compiled with -fsanitize=thread, every memory
-#                          access of a kernel checked for races and exact bounds (emu_race.cc); part of `make test`
+#                          access of a kernel checked for races and exact bounds (emu_race.cc), FP32, and
+#                          test_attention also in BF16; part of `make test`
 #
 # Needs only a C++17 compiler: the emulator's headers stand in for the CUDA
 # runtime, cuBLAS and NCCL. It checks logic, not a GPU: see docs/gpu.md.
@@ -59,8 +60,13 @@ $(EMU_BUILD)/test_kernels: $(EMU_BUILD)/tests/test_kernels.o $(patsubst %,$(EMU_
                            $(TEST_KERNELS_HOST) $(EMU_LIB)
 	$(CXX) $^ -o $@ $(EMU_LIBS)
 
+# The fused attention and its tensor-core building blocks against the CPU model's attention (model/ops.c).
+$(EMU_BUILD)/test_attention: $(EMU_BUILD)/tests/test_attention.o $(EMU_BUILD)/kernels/attention.o $(BUILD)/f32/model/ops.o \
+                             $(EMU_LIB)
+	$(CXX) $^ -o $@ $(EMU_LIBS)
+
 emu-build: $(EMU_BUILD)/test_emu $(EMU_BUILD)/train_moecu $(EMU_BUILD)/test_gpu $(EMU_BUILD)/test_gpu_dist \
-           $(EMU_BUILD)/test_kernels
+           $(EMU_BUILD)/test_attention $(EMU_BUILD)/test_kernels
 
 $(EMU_BUILD)/test_emu: $(EMU_BUILD)/tests/emu/test_emu.o $(EMU_LIB)
 	$(CXX) $^ -o $@ $(EMU_LIBS)
@@ -115,14 +121,38 @@ $(EMU_RACE_BUILD)/test_kernels: $(EMU_RACE_BUILD)/tests/test_kernels.o \
                                 $(patsubst %,$(EMU_RACE_BUILD)/kernels/%.o,$(TEST_KERNELS_K)) $(TEST_KERNELS_HOST) $(EMU_LIB)
 	$(CXX) $^ -o $@ $(EMU_LIBS)
 
+$(EMU_RACE_BUILD)/test_attention: $(EMU_RACE_BUILD)/tests/test_attention.o $(EMU_RACE_BUILD)/kernels/attention.o \
+                                  $(BUILD)/f32/model/ops.o $(EMU_LIB)
+	$(CXX) $^ -o $@ $(EMU_LIBS)
+
+# The attention kernels also in bf16: the FP32 build stages tiles by
+# cp.async but loads fragments with plain reads, while the BF16 build (the
+# one users train with) has other tiles (64 rows, not 32) and its operands
+# come through ldmatrix. Only test_attention is built this way.
+EMU_RACE_BF16_BUILD = $(BUILD)/emu-race-bf16
+EMU_RACE_BF16_CXXFLAGS = $(filter-out -DENABLE_FP32,$(EMU_RACE_CXXFLAGS))
+.PRECIOUS: $(EMU_RACE_BF16_BUILD)/%.cc
+
+$(EMU_RACE_BF16_BUILD)/%.cc: %.cu tests/emu/cu2cc.sed
+	@mkdir -p $(dir $@)
+	@{ echo '#line 1 "$<"'; sed -f tests/emu/cu2cc.sed $<; } > $@
+
+$(EMU_RACE_BF16_BUILD)/%.o: $(EMU_RACE_BF16_BUILD)/%.cc $(EMU_HEADERS)
+	$(CXX) $(EMU_RACE_BF16_CXXFLAGS) -I$(dir $*) -c $< -o $@
+
+$(EMU_RACE_BF16_BUILD)/test_attention: $(EMU_RACE_BF16_BUILD)/tests/test_attention.o \
+                                       $(EMU_RACE_BF16_BUILD)/kernels/attention.o $(BUILD)/f32/model/ops.o $(EMU_LIB)
+	$(CXX) $^ -o $@ $(EMU_LIBS)
+
 emu-race-build: $(EMU_RACE_BUILD)/test_emu $(EMU_RACE_BUILD)/test_gpu $(EMU_RACE_BUILD)/train_moecu \
-                $(EMU_RACE_BUILD)/test_kernels
+                $(EMU_RACE_BUILD)/test_attention $(EMU_RACE_BF16_BUILD)/test_attention $(EMU_RACE_BUILD)/test_kernels
 
 # The kernels' two paths, then tests/test_emu.sh --race: any race or out-of-bounds access stops them.
 test-emu-race: emu-race-build $(BUILD)/gen_shards
 	$(EMU_RACE_BUILD)/test_kernels > $(EMU_RACE_BUILD)/test_kernels.out || { grep -v ' ok' $(EMU_RACE_BUILD)/test_kernels.out; exit 1; }
 	tail -1 $(EMU_RACE_BUILD)/test_kernels.out
 	bash tests/test_emu.sh --race $(EMU_RACE_BUILD)
+	$(EMU_RACE_BF16_BUILD)/test_attention --quick
 
 # Device-memory traffic per kernel (bench/emu_traffic.cc; docs/gpu.md,
 # "Memory-bound kernels"): the race build's trainer with the access hooks and

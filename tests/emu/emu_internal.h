@@ -56,6 +56,16 @@ bool in_kernel();
 void describe_kernel_context(FILE *f);
 void order_from_env();
 
+// emu_kernel.cc, for the warp-wide instructions and cp.async (emu_mma.cc):
+// a collective of the 32 lanes of the calling warp (see its definition); the
+// serial number of the block being run (0 outside kernels); the __syncthreads
+// it has completed; whether [p, p + bytes) is shared memory of that block
+// (1: its dynamic shared memory, 2: static __shared__ variables, 0: neither).
+void warp_collective(const void *mine, void (*between)(const void *const *all, void *ctx), void *ctx);
+uint64_t block_serial();
+uint64_t block_barriers();
+int is_shared(const void *p, size_t bytes);
+
 // emu_nccl.cc: tells the other ranks of this process's communicators that it stops.
 void nccl_mark_aborted();
 
@@ -80,6 +90,11 @@ void race_leave(int exited);                                          // exited:
 void race_block_barrier();                                            // a __syncthreads completed
 void race_warp_sync(int warp, unsigned int lanes);                    // a __syncwarp completed for these lanes
 void race_launch_end();
+// An access the emulator makes for the running kernel thread (emu_mma.cc: a
+// cp.async's source read and shared-memory write, the rows an ldmatrix
+// lane names), checked as if the thread's own code had made it; pc: the
+// kernel code that asked, for the message.
+void race_access(const void *p, size_t bytes, int write, void *pc);
 
 // emu_memory.cc, for the race checker: the device allocation whose mapping
 // (guard pages included) holds p; false if p is not device memory. With

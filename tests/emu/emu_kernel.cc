@@ -1,7 +1,7 @@
 // CUDA emulation on the CPU: kernel launches (tests/emu; see emu_memory.cc).
 // A launch runs the grid block after block; the threads of a block are
 // coroutines with their own stacks that switch only at __syncthreads,
-// __syncwarp and warp shuffles.
+// __syncwarp, warp shuffles and the warp-wide matrix instructions.
 //
 // Barriers, as CUDA and PTX define them:
 //   - __syncthreads completes when every thread of the block that has not
@@ -15,9 +15,12 @@
 //   - a shuffle with a mask completes when every lane of the mask that has
 //     not exited waits at a shuffle with the same mask (shfl.sync); the caller
 //     and the lane it reads must be in the mask, and the lane it reads must
-//     not have exited.
+//     not have exited;
+//   - a warp-wide instruction (mma.sync, ldmatrix: .sync.aligned) completes
+//     when all 32 lanes of the warp wait at one; no lane is excused.
 // A state where nothing can move (lanes of a mask that never arrive, a
-// shuffle and a __syncwarp mixed in one warp, half a warp at __syncthreads)
+// shuffle and a __syncwarp mixed in one warp, an mma.sync half of whose
+// lanes have exited, half a warp at __syncthreads)
 // stops with "deadlock" and says who waits for whom.
 #include <errno.h>
 #include <stdint.h>
@@ -83,8 +86,10 @@ namespace emu {
 
 enum { T_RUN, T_AT_BLOCK, T_AT_WARP, T_DONE };
 // What a thread in T_AT_WARP waits at: a __syncwarp, a shuffle offering its
-// value, or a shuffle waiting for every lane to have read the offers.
-enum { W_SYNC, W_SHFL, W_SHFL_READ };
+// value, a shuffle waiting for every lane to have read the offers, a
+// warp-wide instruction (mma.sync, ldmatrix) offering its operands, or one
+// waiting for lane 0 to have computed it for the warp.
+enum { W_SYNC, W_SHFL, W_SHFL_READ, W_COLL, W_COLL_DONE };
 
 struct Thread {
     void *sp;   // saved stack pointer while switched out
@@ -92,7 +97,8 @@ struct Thread {
     int state;
     int lane, warp;
     uint64_t shfl;      // the value this thread offers in a shuffle
-    int wkind;          // T_AT_WARP: W_SYNC, W_SHFL or W_SHFL_READ
+    const void *coll;   // what it offers in a warp-wide instruction (warp_collective), NULL elsewhere
+    int wkind;          // T_AT_WARP: W_SYNC, W_SHFL, W_SHFL_READ, W_COLL or W_COLL_DONE
     unsigned int wmask; // T_AT_WARP: the mask
     const char *file;   // T_AT_BLOCK: where the __syncthreads is
     int line;
@@ -108,11 +114,13 @@ struct Block {
     void *sched_sp; // the scheduler's saved stack pointer
     const std::function<void()> *body;
     char *smem;
+    uint64_t barriers; // __syncthreads completed in this block
 };
 
 } // namespace emu
 
 static thread_local emu::Block *t_blk; // the block being run by this OS thread (NULL outside kernels)
+static thread_local uint64_t t_block_serial; // blocks run by this OS thread, the current one included
 
 static const size_t STACK_BYTES = 256 * 1024;
 
@@ -293,7 +301,23 @@ static void lane_set(unsigned int lanes, char *buf, size_t size) {
     }
 }
 
-static const char *warp_op(int kind) { return kind == W_SYNC ? "__syncwarp" : "a shuffle"; }
+// The kinds of warp operation, for messages and for what they wait for.
+enum { OP_SYNCWARP, OP_SHUFFLE, OP_COLLECTIVE };
+static int warp_op_family(int kind) {
+    return kind == W_SYNC ? OP_SYNCWARP : kind == W_SHFL || kind == W_SHFL_READ ? OP_SHUFFLE : OP_COLLECTIVE;
+}
+static const char *warp_op(int kind) {
+    static const char *names[] = {"__syncwarp", "a shuffle", "a warp-wide instruction (mma.sync, ldmatrix)"};
+    return names[warp_op_family(kind)];
+}
+// The same with an article, for "a shuffle and a __syncwarp mixed in one warp".
+static const char *warp_op_a(int kind) {
+    static const char *names[] = {"a __syncwarp", "a shuffle", "a warp-wide instruction (mma.sync, ldmatrix)"};
+    return names[warp_op_family(kind)];
+}
+// Shuffles excuse exited (or absent) lanes of their mask; __syncwarp and the
+// warp-wide instructions wait for every lane of theirs.
+static int excuses_exited(int kind) { return warp_op_family(kind) == OP_SHUFFLE; }
 
 // The lanes of warp w (a bit per lane) that exist in the block.
 static unsigned int warp_lanes(const Block *b, int w) {
@@ -304,10 +328,10 @@ static unsigned int warp_lanes(const Block *b, int w) {
 // Whether lane l of warp w is ready for the warp operation (kind, mask):
 // waiting at one with the same mask, or, for a shuffle, exited or absent.
 static int lane_ready(const Block *b, int w, int l, int kind, unsigned int mask) {
-    if (!(warp_lanes(b, w) >> l & 1u)) return kind != W_SYNC;
+    if (!(warp_lanes(b, w) >> l & 1u)) return excuses_exited(kind);
     const Thread *x = &b->threads[w * 32 + l];
     if (x->state == T_AT_WARP) return x->wkind == kind && x->wmask == mask;
-    return x->state == T_DONE && kind != W_SYNC;
+    return x->state == T_DONE && excuses_exited(kind);
 }
 
 // Completes every warp operation whose lanes are all there; returns whether one did.
@@ -352,6 +376,7 @@ static void release_block(Block *b) {
         if (!first) first = t;
         t->state = T_RUN;
     }
+    b->barriers++;
     race_block_barrier();
 }
 
@@ -377,17 +402,64 @@ static void release_block(Block *b) {
             if (!x)
                 snprintf(why, sizeof why, "does not exist (the block has %d threads)", b->nthreads);
             else if (x->state == T_DONE)
-                snprintf(why, sizeof why, "has exited (a __syncwarp waits for every lane of its mask)");
+                snprintf(why, sizeof why, "has exited (%s)",
+                         warp_op_family(t->wkind) == OP_SYNCWARP ? "a __syncwarp waits for every lane of its mask"
+                                                                  : "a warp-wide instruction needs all 32 lanes");
             else if (x->state == T_AT_BLOCK)
                 snprintf(why, sizeof why, "waits at __syncthreads (%s:%d)", x->file, x->line);
-            else
-                snprintf(why, sizeof why, "waits at %s with mask 0x%08x%s", warp_op(x->wkind), x->wmask,
-                         x->wkind != t->wkind && (x->wkind == W_SYNC || t->wkind == W_SYNC)
-                             ? ": a shuffle and a __syncwarp mixed in one warp" : "");
+            else {
+                // Two kinds of warp operation in one warp: named in the order
+                // warp-wide instruction, shuffle, __syncwarp.
+                int fx = warp_op_family(x->wkind), ft = warp_op_family(t->wkind);
+                char mixed[128] = "";
+                if (fx != ft)
+                    snprintf(mixed, sizeof mixed, ": %s and %s mixed in one warp",
+                             warp_op_a(fx > ft ? x->wkind : t->wkind), warp_op_a(fx > ft ? t->wkind : x->wkind));
+                snprintf(why, sizeof why, "waits at %s with mask 0x%08x%s", warp_op(x->wkind), x->wmask, mixed);
+            }
             emu_fail("deadlock: in warp %d, %s %s at %s with mask 0x%08x for lane %d, which %s", w, who,
                      __builtin_popcount(waiting) == 1 ? "waits" : "wait", warp_op(t->wkind), t->wmask, missing, why);
         }
     emu_fail("deadlock: no thread can move"); // not reached: only warp operations can be incomplete
+}
+
+// Warp-wide instructions (mma.sync, ldmatrix: emu_mma.cc; .sync.aligned in
+// PTX: every lane of the warp executes the same instruction). Every lane
+// offers `mine` and waits at a rendezvous of the whole warp (mask
+// 0xffffffff, no lane excused: release_warps); then lane 0 runs
+// between(all, ctx) with the 32 offered pointers -- it computes the
+// instruction for the warp, writing each lane's results through its
+// pointer -- and a second rendezvous keeps every lane (and its offer) there
+// until it has. A lane that has exited, or is at another warp operation or
+// at __syncthreads, leaves the rest waiting: report_deadlock names it.
+// Like a shuffle, neither rendezvous orders memory for the race checker.
+void warp_collective(const void *mine, void (*between)(const void *const *all, void *ctx), void *ctx) {
+    Block *b = t_blk;
+    if (!b) emu_fail("a warp-wide instruction called outside a kernel");
+    Thread *t = b->cur;
+    if (warp_lanes(b, t->warp) != 0xffffffffu)
+        emu_fail("a warp-wide instruction (mma.sync, ldmatrix) needs all 32 lanes, and warp %d has %d (block size "
+                 "not a multiple of 32)", t->warp, b->nthreads - t->warp * 32);
+    t->coll = mine;
+    wait_at_warp(W_COLL, 0xffffffffu);
+    if (t->lane == 0) {
+        const Thread *w = b->threads + t->warp * 32;
+        const void *all[32];
+        for (int l = 0; l < 32; l++) all[l] = w[l].coll;
+        between(all, ctx);
+    }
+    wait_at_warp(W_COLL_DONE, 0xffffffffu);
+    t->coll = NULL;
+}
+
+uint64_t block_serial() { return t_blk ? t_block_serial : 0; }
+uint64_t block_barriers() { return t_blk ? t_blk->barriers : 0; }
+
+int is_shared(const void *p, size_t bytes) {
+    uintptr_t a = (uintptr_t)p, d0 = (uintptr_t)t_smem.data(), s0 = (uintptr_t)__start_emu_shared,
+              s1 = (uintptr_t)__stop_emu_shared;
+    if (t_blk && a >= d0 && a + bytes <= d0 + t_smem.size()) return 1;
+    return s0 && a >= s0 && a + bytes <= s1 ? 2 : 0;
 }
 
 // Runs the live threads until each waits or ends, then releases barriers,
@@ -494,6 +566,8 @@ void launch(const char *name, dim3 grid, dim3 block, size_t smem, cudaStream_t s
         uintptr_t sh0 = (uintptr_t)__start_emu_shared, sh1 = (uintptr_t)__stop_emu_shared;
         if (sh0 && sh1 > sh0) memset(__start_emu_shared, 0xff, sh1 - sh0);
         for (int i = 0; i < n; i++) start_thread(&b, i);
+        b.barriers = 0;
+        t_block_serial++;
         race_block_begin(q);
         run_block(&b);
     }

@@ -18,6 +18,9 @@
 //     its mask before it with theirs after it; shuffles order nothing
 //     (PTX guarantees memory ordering for bar.warp.sync, not for shfl.sync);
 //   - atomics do not race with atomics.
+// The accesses the emulator's own code makes for a thread (emu_mma.cc: a
+// cp.async's source and destination, an ldmatrix's rows) come through
+// race_access and are checked as that thread's.
 // Two accesses to a byte race when at least one writes, they are not both
 // atomic and neither is ordered before the other. The first race stops the
 // run, naming both threads. Every access to device memory is also checked
@@ -381,6 +384,10 @@ static void access(const void *p, size_t n, int write, int atomic, void *pc) {
         else c->w = single(u, atomic);
         if (!r_open) c->r = Acc{};
     }
+}
+
+void emu::race_access(const void *p, size_t bytes, int write, void *pc) {
+    if (g_instrumented) access(p, bytes, write, 0, pc);
 }
 
 // ----------------------------------------------------------------------------

@@ -43,6 +43,7 @@
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <emu_mma.h>
 
 #include "tests/check.h"
 
@@ -904,6 +905,246 @@ static void expect_stop(const char *what, void (*fn)(void), const char *want) {
     if (!(stopped && named)) fprintf(stderr, "child's stderr:\n%s\n", buf);
 }
 
+// ----------------------------------------------------------------------------
+// Warp-level matrix instructions and cp.async (emu_mma.cc), against the PTX
+// ISA's definitions written out here on their own: each lane fills its
+// registers from plain matrices by the ISA's formulas for the fragment
+// layouts, and the results are compared with plain loops.
+
+static uint16_t mma_bf16_bits(float f) { return __float2bfloat16_rn(f).x; }
+
+// d (16 x 8) = a (16 x 16) b (16 x 8) + c, through emu::mma_m16n8k16_bf16;
+// a, b as bf16 bits, row-major.
+__global__ void mma_emu_kernel(float *d, const uint16_t *a, const uint16_t *b, const float *c) {
+    int lane = threadIdx.x, g = lane >> 2, t = lane % 4;
+    uint32_t ra[4] = {0, 0, 0, 0}, rb[2] = {0, 0};
+    float rc[4], rd[4];
+    for (int i = 0; i < 8; i++) { // A: row groupID (+ 8 for a2, a3, a6, a7), col 2 t + (i & 1) (+ 8 for i >= 4)
+        int row = (i % 4 < 2) ? g : g + 8, col = 2 * t + (i & 1) + (i >= 4 ? 8 : 0);
+        ra[i / 2] |= (uint32_t)a[row * 16 + col] << (16 * (i % 2));
+    }
+    for (int i = 0; i < 4; i++) { // B: row 2 t + (i & 1) (+ 8 for i >= 2), col groupID
+        int row = 2 * t + (i & 1) + (i >= 2 ? 8 : 0);
+        rb[i / 2] |= (uint32_t)b[row * 8 + g] << (16 * (i % 2));
+    }
+    for (int i = 0; i < 4; i++) rc[i] = c[(i < 2 ? g : g + 8) * 8 + 2 * t + (i & 1)];
+    emu::mma_m16n8k16_bf16(rd, ra, rb, rc);
+    for (int i = 0; i < 4; i++) d[(i < 2 ? g : g + 8) * 8 + 2 * t + (i & 1)] = rd[i];
+}
+
+// Lane l of the warp gives row (perm[l % 8] + 8 (l / 8)) of a 32 x 8 matrix of
+// 16-bit values in shared memory; out[l * 4 + i] = its register i.
+__global__ void ldmatrix_emu_kernel(uint32_t *out, const uint16_t *m, const int *perm, int num, int trans) {
+    extern __shared__ uint16_t ldm_smem[];
+    for (int i = threadIdx.x; i < 32 * 8; i += 32) ldm_smem[i] = m[i];
+    __syncthreads();
+    int lane = threadIdx.x;
+    uint32_t r[4] = {0, 0, 0, 0};
+    emu::ldmatrix_m8n8(r, num, trans, ldm_smem + (perm[lane % 8] + 8 * (lane / 8)) * 8);
+    for (int i = 0; i < 4; i++) out[lane * 4 + i] = r[i];
+}
+
+// Thread i: 16 bytes of src[i] into the first half of shared memory (group
+// 0), then 8 of src[32 + i], zero-filled to 16, into the second (group 1);
+// reads each half after the wait that must have landed it.
+__global__ void cp_async_emu_kernel(uint32_t *out, const uint32_t *src) {
+    extern __shared__ uint32_t cpa_smem[];
+    int i = threadIdx.x;
+    emu::cp_async(cpa_smem + 4 * i, src + 4 * i, 16, 16);
+    emu::cp_async_commit();
+    emu::cp_async(cpa_smem + 128 + 4 * i, src + 128 + 4 * i, 16, 8);
+    emu::cp_async_commit();
+    emu::cp_async_wait(1); // group 0 landed, group 1 may still be in flight
+    for (int k = 0; k < 4; k++) {
+        emu::smem_read_check(cpa_smem + 4 * i + k, 4);
+        out[4 * i + k] = cpa_smem[4 * i + k];
+    }
+    emu::cp_async_wait(0);
+    __syncthreads(); // other threads' copies become visible
+    int j = (i + 1) % 32; // a neighbour's data, after the barrier
+    for (int k = 0; k < 4; k++) {
+        emu::smem_read_check(cpa_smem + 128 + 4 * j + k, 4);
+        out[128 + 4 * i + k] = cpa_smem[128 + 4 * j + k];
+    }
+}
+
+static void test_mma_instructions(void) {
+    unsigned int seed = 3;
+    uint16_t a[256], b[128];
+    float af[256], bf[128], c[128], d[128];
+    for (int i = 0; i < 256; i++) af[i] = (float)(int)(frand(&seed) * 16.0f), a[i] = mma_bf16_bits(af[i]);
+    for (int i = 0; i < 128; i++) bf[i] = (float)(int)(frand(&seed) * 16.0f), b[i] = mma_bf16_bits(bf[i]);
+    for (int i = 0; i < 128; i++) c[i] = (float)(int)(frand(&seed) * 64.0f);
+    uint16_t *da, *db;
+    float *dc, *dd;
+    CK(cudaMalloc(&da, sizeof a));
+    CK(cudaMalloc(&db, sizeof b));
+    CK(cudaMalloc(&dc, sizeof c));
+    CK(cudaMalloc(&dd, sizeof d));
+    CK(cudaMemcpy(da, a, sizeof a, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(db, b, sizeof b, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dc, c, sizeof c, cudaMemcpyHostToDevice));
+    mma_emu_kernel<<<1, 32>>>(dd, da, db, dc);
+    CK(cudaMemcpy(d, dd, sizeof d, cudaMemcpyDeviceToHost));
+    double err = 0;
+    for (int r = 0; r < 16; r++)
+        for (int n = 0; n < 8; n++) {
+            double s = c[r * 8 + n];
+            for (int k = 0; k < 16; k++) s += (double)af[r * 16 + k] * bf[k * 8 + n];
+            err = fmax(err, fabs(s - d[r * 8 + n]));
+        }
+    check(err == 0, "mma.sync.m16n8k16 bf16 (fragments filled by the ISA's layout formulas) equals A B + C: max "
+          "error %g (small integers: exact)", err);
+
+    uint16_t m[256];
+    int perm[8] = {3, 0, 7, 5, 1, 6, 2, 4}, *dperm;
+    for (int i = 0; i < 256; i++) m[i] = (uint16_t)(1000 + i);
+    uint16_t *dm;
+    uint32_t *dout, got[128];
+    CK(cudaMalloc(&dm, sizeof m));
+    CK(cudaMalloc(&dperm, sizeof perm));
+    CK(cudaMalloc(&dout, sizeof got));
+    CK(cudaMemcpy(dm, m, sizeof m, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dperm, perm, sizeof perm, cudaMemcpyHostToDevice));
+    int bad = 0;
+    for (int num = 1; num <= 4; num *= 2)
+        for (int trans = 0; trans < 2; trans++) {
+            ldmatrix_emu_kernel<<<1, 32, sizeof m>>>(dout, dm, dperm, num, trans);
+            CK(cudaMemcpy(got, dout, sizeof got, cudaMemcpyDeviceToHost));
+            for (int l = 0; l < 32; l++)
+                for (int i = 0; i < num; i++) {
+                    // element (row, col) of matrix i = the row lane 8 i + row gave
+                    int g = l / 4, t = l % 4;
+                    int r0 = trans ? 2 * t : g, c0 = trans ? g : 2 * t, r1 = trans ? 2 * t + 1 : g,
+                        c1 = trans ? g : 2 * t + 1;
+                    uint32_t want = (uint32_t)m[(perm[r0] + 8 * i) * 8 + c0] |
+                                    (uint32_t)m[(perm[r1] + 8 * i) * 8 + c1] << 16;
+                    bad += got[l * 4 + i] != want;
+                }
+        }
+    check(bad == 0, "ldmatrix .x1 .x2 .x4, plain and .trans: every lane's registers as the ISA defines them (%d wrong)",
+          bad);
+
+    uint32_t src[256], out[256];
+    for (int i = 0; i < 256; i++) src[i] = 0x01000000u + (uint32_t)i;
+    uint32_t *dsrc, *dres;
+    CK(cudaMalloc(&dsrc, sizeof src));
+    CK(cudaMalloc(&dres, sizeof out));
+    CK(cudaMemcpy(dsrc, src, sizeof src, cudaMemcpyHostToDevice));
+    cp_async_emu_kernel<<<1, 32, 256 * sizeof(uint32_t)>>>(dres, dsrc);
+    CK(cudaMemcpy(out, dres, sizeof out, cudaMemcpyDeviceToHost));
+    bad = 0;
+    for (int i = 0; i < 32; i++)
+        for (int k = 0; k < 4; k++) {
+            int j = (i + 1) % 32;
+            bad += out[4 * i + k] != src[4 * i + k];
+            bad += out[128 + 4 * i + k] != (k < 2 ? src[128 + 4 * j + k] : 0u);
+        }
+    check(bad == 0, "cp.async: wait_group 1 lands the older group, wait_group 0 the newer; src-size 8 of 16 "
+          "zero-fills; visible to other threads after __syncthreads (%d wrong words)", bad);
+    cudaFree(da);
+    cudaFree(db);
+    cudaFree(dc);
+    cudaFree(dd);
+    cudaFree(dm);
+    cudaFree(dperm);
+    cudaFree(dout);
+    cudaFree(dsrc);
+    cudaFree(dres);
+}
+
+// The bugs the emulator must stop on.
+__global__ void cp_async_bug_kernel(const uint32_t *src, int bug) {
+    extern __shared__ uint32_t cpb_smem[];
+    int i = threadIdx.x;
+    if (bug == 0) { // reads its destination before waiting
+        emu::cp_async(cpb_smem + 4 * i, src + 4 * i, 16, 16);
+        emu::cp_async_commit();
+        emu::smem_read_check(cpb_smem + 4 * i, 4);
+    } else if (bug == 1) { // waits, but reads the other warp's copy with no __syncthreads
+        emu::cp_async(cpb_smem + 4 * i, src + 4 * i, 16, 16);
+        emu::cp_async_commit();
+        emu::cp_async_wait(0);
+        __syncwarp(); // orders this warp only
+        emu::smem_read_check(cpb_smem + 4 * ((i + 32) % 64), 4);
+    } else if (bug == 2) { // an ldmatrix of rows whose copies are in flight
+        emu::cp_async(cpb_smem + 4 * i, src + 4 * i, 16, 16);
+        emu::cp_async_commit();
+        uint32_t r[4];
+        emu::ldmatrix_m8n8(r, 4, 0, cpb_smem + 4 * i);
+    } else if (bug == 3) { // a copy to global memory
+        emu::cp_async((void *)(src + 4 * i), src + 4 * i, 16, 16);
+    } else if (bug == 4) { // an ldmatrix row address off by 4 bytes
+        uint32_t r[4];
+        emu::ldmatrix_m8n8(r, 4, 0, cpb_smem + 4 * i + 1);
+    } else if (bug == 5) { // mma with half the warp gone
+        if (i >= 16) return;
+        uint32_t a[4] = {0, 0, 0, 0}, b[2] = {0, 0};
+        float c[4] = {0, 0, 0, 0};
+        emu::mma_m16n8k16_bf16(c, a, b, c);
+    } else if (bug == 8) { // half the warp at a shuffle, half at an mma.sync
+        uint32_t a[4] = {0, 0, 0, 0}, b[2] = {0, 0};
+        float c[4] = {0, 0, 0, 0};
+        if (i % 32 < 16)
+            c[0] = __shfl_xor_sync(0xffffffffu, c[0], 1);
+        else
+            emu::mma_m16n8k16_bf16(c, a, b, c);
+    } else if (bug == 6) { // race build: warp 0's ldmatrix reads the rows warp 1 writes, with no __syncthreads
+        if (i >= 32) {
+            for (int k = 0; k < 4; k++) cpb_smem[4 * i + k] = (uint32_t)k;
+        } else {
+            uint32_t r[4];
+            emu::ldmatrix_m8n8(r, 4, 0, cpb_smem + 4 * (i + 32));
+        }
+    } else if (bug == 7) { // race build: warp 0's cp.async overwrites what warp 1 reads, with no __syncthreads
+        if (i >= 32) {
+            volatile uint32_t x = cpb_smem[4 * (i - 32)];
+            (void)x;
+        } else {
+            emu::cp_async(cpb_smem + 4 * i, src + 4 * i, 16, 16);
+            emu::cp_async_commit();
+            emu::cp_async_wait(0);
+        }
+    }
+}
+
+static void cp_async_bug(int bug) {
+    uint32_t *d;
+    cudaMalloc(&d, 1024);
+    cudaMemset(d, 0, 1024);
+    cp_async_bug_kernel<<<1, 64, 1024>>>(d, bug); // 2 warps
+}
+static void bug_cp_async_read_early(void) { cp_async_bug(0); }
+static void bug_cp_async_no_barrier(void) { cp_async_bug(1); }
+static void bug_ldmatrix_in_flight(void) { cp_async_bug(2); }
+static void bug_cp_async_to_global(void) { cp_async_bug(3); }
+static void bug_ldmatrix_unaligned(void) { cp_async_bug(4); }
+static void bug_mma_half_warp(void) { cp_async_bug(5); }
+static void bug_mma_shuffle_mixed(void) { cp_async_bug(8); }
+static void bug_ldmatrix_race(void) { cp_async_bug(6); }
+static void bug_cp_async_race(void) { cp_async_bug(7); }
+
+static void test_mma_detection(void) {
+    expect_stop("a read of a cp.async destination before cp.async.wait_group", bug_cp_async_read_early,
+                "has not landed: cp.async.wait_group is missing");
+    expect_stop("a read of another warp's cp.async with no __syncthreads after its wait", bug_cp_async_no_barrier,
+                "with no __syncthreads since");
+    expect_stop("an ldmatrix of rows whose cp.async is in flight", bug_ldmatrix_in_flight, "ldmatrix by thread");
+    expect_stop("a cp.async into global memory", bug_cp_async_to_global, "is not shared memory");
+    expect_stop("an ldmatrix row address not 16-byte aligned", bug_ldmatrix_unaligned, "is not 16-byte aligned");
+    expect_stop("an mma.sync with half the warp exited", bug_mma_half_warp, "needs all 32 lanes");
+    expect_stop("half a warp at an mma.sync, half at a shuffle", bug_mma_shuffle_mixed,
+                "a warp-wide instruction (mma.sync, ldmatrix) and a shuffle mixed in one warp");
+    // Plain stores read by an ldmatrix, and a plain load overwritten by a
+    // cp.async: no copy is in flight, so only the race build sees them.
+    if (emu::race_on()) {
+        expect_stop("an ldmatrix of rows another warp writes, with no __syncthreads", bug_ldmatrix_race,
+                    "data race in kernel cp_async_bug_kernel");
+        expect_stop("a cp.async into bytes another warp reads, with no __syncthreads", bug_cp_async_race,
+                    "data race in kernel cp_async_bug_kernel");
+    }
+}
+
 int main(void) {
     printf("CUDA emulator self-test\n");
     test_kernels();
@@ -924,6 +1165,8 @@ int main(void) {
     test_barrier_misuse();
     test_race_detection();
     test_async();
+    test_mma_instructions();
+    test_mma_detection();
     expect_stop("host reading a pinned buffer a pending copy fills", bug_read_before_sync,
                 "before the stream was synchronised");
     expect_stop("host writing a pinned buffer a pending copy reads", bug_write_before_sync,
