@@ -231,7 +231,12 @@ done
 #    gradient norms identical to the log's digits, parameters 3.0e-6,
 #    moments 3.4e-6; BF16 losses 1.2e-3, gradient norms 1.5e-3 (relative),
 #    parameters 4.2e-3, moments 2.2e-2 (bf16 copies of master weights that
-#    differ in the last fp32 bits can round apart).
+#    differ in the last fp32 bits can round apart). In BF16 such a rounding
+#    can also flip a near-tie routing decision, and one flipped count moves
+#    an expert's bias by one step of gamma (1e-3 here; measured once the
+#    fused attention and the vectorised kernels came in: 1e-3 in each of
+#    the four layouts), so the biases are held to 3e-3 of the single
+#    process's there, and to bit identity across the ranks of a run.
 mkdir -p "$TMP/mr" && ./build/gen_shards "$TMP/mr" 64 100000 10000 3 > /dev/null || { echo "FAIL gen_shards"; exit 1; }
 MR=(--config tiny --train-data "$TMP/mr/train_*.bin" --val-data "$TMP/mr/val_*.bin" --lr 1e-2 --warmup-steps 2
     --steps 10 --threads 1 --print-every 100 --init-std 0.1 --eval-batches 2 --ckpt-every 5 --keep-last 0)
@@ -252,14 +257,24 @@ mrun() { # name ranks ep [extra...]
                          grep -h -m1 -i 'emulator:\|error' "$TMP/$name.$r.out" || tail -n 2 "$TMP/$name.$r.out"; done
                      return 1; }
 }
-if [ $BF16 = 1 ]; then MR_TOL=(4e-3 5e-3 1.5e-2 7e-2); else MR_TOL=(5e-6 2e-5 1e-5 1e-5); fi
+if [ $BF16 = 1 ]; then MR_TOL=(4e-3 5e-3 1.5e-2 7e-2 3e-3); else MR_TOL=(5e-6 2e-5 1e-5 1e-5 0); fi
 mr_close() { # name: against the single process
-    local name=$1 hashes nranks
+    local name=$1 hashes nranks d
     hashes=$(grep -o 'final bias xxh64 [0-9a-f]*' "$TMP/$name.out" | sort -u)
     nranks=$(grep -c 'final bias xxh64' "$TMP/$name.out")
-    if [ "$(echo "$hashes" | wc -l)" = 1 ] && [ "$hashes" = "$(grep -o 'final bias xxh64 [0-9a-f]*' "$TMP/mr1.out")" ]; then
-        ok "$name: the $nranks ranks hold bit-identical biases, equal to the single process's"
-    else bad "$name: biases differ between ranks or from the single process"; fi
+    # Every rank applies the same update from the same all-reduced counts:
+    # their biases agree bit for bit in both precisions.
+    if [ "$(echo "$hashes" | wc -l)" = 1 ]; then ok "$name: the $nranks ranks hold bit-identical biases"
+    else bad "$name: the ranks' biases differ: $(echo $hashes)"; fi
+    if [ "$hashes" = "$(grep -o 'final bias xxh64 [0-9a-f]*' "$TMP/mr1.out")" ]; then
+        ok "$name: biases equal to the single process's"
+    elif [ $BF16 = 1 ]; then
+        d=$("${MOE_BIN_DIR:-.}/moe_ckpt" diff "$TMP/mr1/ckpt_00000010.bin" "$TMP/$name/ckpt_00000010.bin" 2>&1 \
+            | awk '$1 == "bias" { print $3 }')
+        if awk -v d="${d:-1}" -v t="${MR_TOL[4]}" 'BEGIN { exit !(d <= t) }'; then
+            ok "$name: biases within $d of the single process's (tol ${MR_TOL[4]}: bf16 near ties)"
+        else bad "$name: biases differ from the single process's by ${d:-?} (tol ${MR_TOL[4]})"; fi
+    else bad "$name: biases differ from the single process's"; fi
     run_close "$name" "$TMP/mr1.jsonl" "$TMP/$name.jsonl" "$TMP/mr1/ckpt_00000010.bin" "$TMP/$name/ckpt_00000010.bin" 10 \
         "${MR_TOL[@]}"
 }

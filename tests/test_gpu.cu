@@ -77,7 +77,7 @@ extern "C" {
 #define TOL_GRAD 0.1         // relative to the tensor's max; measured 5.1e-2
 #define TOL_GRAD_ROUTER 0.16 // measured 8.2e-2: the router's gradient is a difference of nearly equal gate terms
 #define TOL_SCORE 4e-2       // measured 2.0e-2; at most half of ROUTE_MARGIN, so no selection can flip
-#define TOL_TRAIN_LOSS 8e-3  // relative; measured 3.8e-3
+#define TOL_TRAIN_LOSS 1.6e-2 // relative; measured 8.7e-3 (3.8e-3 before the fused attention and vectorised kernels)
 #define TOL_NORM 0.12        // gradient norms in training, relative; measured 5.6e-2
 #define TOL_TRAIN 0.15       // final parameters after 10 steps, max abs; measured 7.2e-2
 #define TOL_TRAIN_RMS 0.15   // RMS of (gpu - ref) / RMS of the reference's parameter change; measured 7.6e-2
