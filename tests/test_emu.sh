@@ -4,7 +4,8 @@
 #  1. the emulator's self-test (it computes what CUDA and cuBLAS define, and
 #     stops on the bugs it is meant to catch);
 #  2. the GPU tests, unchanged: the fused attention and its tensor-core
-#     building blocks against the CPU model's attention, routing and
+#     building blocks against the CPU model's attention, the grouped expert
+#     GEMMs (device and cuBLAS paths) against a loop over experts, routing and
 #     permutation kernels against CPU implementations, every PyTorch
 #     fixture (logits, loss, every gradient),
 #     10 training steps against the reference, the backend cases; then the
@@ -32,10 +33,11 @@ ok() { echo "ok   $*"; }
 bad() { echo "FAIL $*"; fails=$((fails + 1)); }
 
 # 1 and 2: the test programs print their own checks. The fused attention's
-# T = 2048 case runs in the BF16 build (the tensor-core path; --quick in FP32).
-ATT="$B/test_attention"
-[ "$(basename "$B")" = BF16 ] || ATT="$ATT --quick"
-for t in "$B/test_emu" "$ATT" "$B/test_gpu tests/fixtures" "$B/test_gpu_dist"; do
+# T = 2048 case and the grouped GEMMs' 1b shapes run in the BF16 build (the
+# tensor-core path; --quick in FP32).
+ATT="$B/test_attention" GG="$B/test_grouped_gemm"
+[ "$(basename "$B")" = BF16 ] || { ATT="$ATT --quick"; GG="$GG --quick"; }
+for t in "$B/test_emu" "$ATT" "$GG" "$B/test_gpu tests/fixtures" "$B/test_gpu_dist"; do
     if $t > "$TMP/out" 2>&1; then
         ok "$t: $(tail -1 "$TMP/out")"
     else
