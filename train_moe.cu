@@ -42,6 +42,7 @@ extern "C" {
 #include "model/moe.h"
 #include "train/backend.h"
 #include "train/optim.h"
+#include "train/options.h"
 #include "train/trainer.h"
 }
 
@@ -90,12 +91,13 @@ typedef struct {
     int *slot_of;   // (N K) slot of each row
     // The expert side: the R rows of this rank's local experts, expert-major
     // (kernels/dispatch.cuh). Without the EP exchange it is the token side:
-    // R = N K rows by row, and h_exp_off = h_offsets.
+    // R = N K rows by row, h_exp_off = h_offsets and exp_off = offsets.
     floatX *xe;     // (R, d) expert inputs
     floatX *e13;    // (R, 2 de) expert pre-activations
     floatX *eact;   // (R, de)
     int R, R_cap;   // rows of the last forward; rows xe, e13, eact (and exp_src) can hold
     int *h_exp_off; // (El + 1) host: first expert-major row of each local expert
+    int *exp_off;   // (El + 1) the same on the device (the device grouped GEMMs read it)
     // the EP exchange (NULL without it)
     int *recv_cnt;  // (P, El) rows EP rank q sends to local expert j, device
     int *h_recv_cnt; // (P, El) pinned copy
@@ -117,7 +119,8 @@ typedef struct {
     cudaStream_t stream;
     cublasHandle_t cublas; // the expert GEMMs
     Matmul mm;             // the dense matmuls (cuBLASLt)
-    GroupedGemm gg;
+    GroupedGemm gg;            // the cuBLAS path of the expert GEMMs (host offsets)
+    int gg_device;             // 1: the expert GEMMs by kernels/grouped_gemm.cu's device path (--grouped-gemm)
     // every allocation, for destroy, and the bytes per category (printed at create)
     void **dev_ptrs, **host_ptrs;
     size_t *dev_size;          // (n_dev) bytes of each device allocation
@@ -331,7 +334,10 @@ static int env_flag(const char *name) {
 // (or MOE_NCCL=1, to exercise the NCCL path on one GPU); MOE_EP_EXCHANGE=1
 // routes the MoE rows through the EP exchange even with --ep 1 (a test).
 static int gpu_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, int B, int T) {
-    GpuBackendOptions opt = { NULL, env_flag("MOE_EP_EXCHANGE") };
+    // MOE_GROUPED_GEMM=0 (the cuBLAS path's per-expert fallback) implies the cuBLAS path.
+    const char *gg_env = getenv("MOE_GROUPED_GEMM");
+    GpuBackendOptions opt = { NULL, env_flag("MOE_EP_EXCHANGE"),
+                              !options_grouped_gemm_device() || (gg_env && strcmp(gg_env, "0") == 0) };
     GpuComm gc;
     const Comm *comm = be->comm;
     // A build with MPI started by a launcher that MPI does not know (torchrun,
@@ -390,6 +396,12 @@ int gpu_backend_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, 
     g->exchange = g->n_moe > 0 && (g->P > 1 || (opt && opt->force_exchange));
     if (g->exchange && !g->has_comm) {
         fprintf(stderr, "internal error: the expert-parallel exchange needs the ranks' collectives\n");
+        return -1;
+    }
+    g->gg_device = !(opt && opt->grouped_cublas);
+    if (g->n_moe > 0 && g->gg_device && !grouped_dev_supported(c->d_model, c->d_expert)) {
+        fprintf(stderr, "error: --grouped-gemm device needs d_model and d_expert multiples of 8 (got %d and %d); "
+                "use --grouped-gemm cublas\n", c->d_model, c->d_expert);
         return -1;
     }
     layout_build(&g->lay, c);
@@ -499,6 +511,7 @@ int gpu_backend_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, 
         la->eout = DEV(floatX, NK * d);
         if (g->exchange) {
             la->h_exp_off = PINNED(int, El + 1);
+            la->exp_off = DEV(int, El + 1);
             la->recv_cnt = DEV(int, E);
             la->h_recv_cnt = PINNED(int, E);
             la->exp_src = DEV(int, R0);
@@ -506,6 +519,7 @@ int gpu_backend_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, 
             la->recv_rows = PINNED(int, P);
         } else {
             la->h_exp_off = la->h_offsets;
+            la->exp_off = la->offsets;
         }
         if (sh > 0) {
             la->s13 = DEV(floatX, N * 2 * sh);
@@ -579,7 +593,10 @@ int gpu_backend_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, 
     free(st);
 
     // The grouped GEMMs run over this rank's El experts.
-    if (g->n_moe > 0) grouped_gemm_init(&g->gg, g->cublas, g->stream, (int)El, g->n_moe * GG_PER_LAYER);
+    if (g->n_moe > 0 && !g->gg_device)
+        grouped_gemm_init(&g->gg, g->cublas, g->stream, (int)El, g->n_moe * GG_PER_LAYER);
+    if (g->n_moe > 0 && g->gg_device && dc->rank == 0)
+        printf("expert GEMMs: device kernels, expert offsets on the GPU (--grouped-gemm device)\n");
     if (dc->rank == 0) {
         printf("GPU memory%s: %.2f GiB parameters + gradients + AdamW, %.2f GiB activations, %.2f GiB scratch "
                "(micro-batch %d x %d)\n", dc->world > 1 ? " of rank 0" : "",
@@ -749,6 +766,50 @@ static void gpu_reserve_rows(GpuState *g, GpuLayer *la, int l, int R) {
 // ----------------------------------------------------------------------------
 // Forward
 
+// The routed experts of this rank on their expert-major rows (la->xe, R
+// rows): ye (R, d) = W2_e (silu(g) * u) with [g | u] = la->e13 = W13_e x,
+// expert by expert through the grouped GEMMs: the device path reads the
+// offsets on the GPU (la->exp_off), the cuBLAS path on the host
+// (la->h_exp_off). The GPU counterpart of model/moe.c's expert_ffn_forward,
+// for all local experts at once.
+static void expert_ffn_forward(GpuState *g, GpuLayer *la, int l, int k, floatX *ye) {
+    int d = g->cfg.d_model, de = g->cfg.d_expert, El = g->El, slot = k * GG_PER_LAYER;
+    const floatX *w13 = gpu_paramX(g, l, P_EXPERTS_W13), *w2 = gpu_paramX(g, l, P_EXPERTS_W2);
+    cudaStream_t st = g->stream;
+    if (g->gg_device) {
+        grouped_dev_forward(la->e13, la->xe, w13, la->exp_off, El, la->R, d, 2 * de, st);
+        swiglu_forward(la->eact, la->e13, la->R, de, st);
+        grouped_dev_forward(ye, la->eact, w2, la->exp_off, El, la->R, de, d, st);
+    } else {
+        grouped_matmul_forward(&g->gg, slot + GG_FWD13, la->e13, la->xe, w13, la->h_exp_off, d, 2 * de);
+        swiglu_forward(la->eact, la->e13, la->R, de, st);
+        grouped_matmul_forward(&g->gg, slot + GG_FWD2, ye, la->eact, w2, la->h_exp_off, de, d);
+    }
+}
+
+// Its backward from dye (R, d): the expert weights' gradients (added to the
+// fp32 gradient) and g->dxe (R, d), the gradient of la->xe.
+static void expert_ffn_backward(GpuState *g, GpuLayer *la, int l, int k, const floatX *dye) {
+    int d = g->cfg.d_model, de = g->cfg.d_expert, El = g->El, slot = k * GG_PER_LAYER;
+    const floatX *w13 = gpu_paramX(g, l, P_EXPERTS_W13), *w2 = gpu_paramX(g, l, P_EXPERTS_W2);
+    float *dw13 = gpu_grad(g, l, P_EXPERTS_W13), *dw2 = gpu_grad(g, l, P_EXPERTS_W2);
+    cudaStream_t st = g->stream;
+    if (g->gg_device) {
+        grouped_dev_backward_weight(dw2, dye, la->eact, la->exp_off, El, de, d, st);
+        grouped_dev_backward_input(g->dact_e, dye, w2, la->exp_off, El, la->R, de, d, st);
+        swiglu_backward(g->d13_e, g->dact_e, la->e13, la->R, de, st);
+        grouped_dev_backward_weight(dw13, g->d13_e, la->xe, la->exp_off, El, d, 2 * de, st);
+        grouped_dev_backward_input(g->dxe, g->d13_e, w13, la->exp_off, El, la->R, d, 2 * de, st);
+    } else {
+        const int *off = la->h_exp_off; // the forward's expert-side row counts, still on the host
+        grouped_matmul_backward_weight(&g->gg, slot + GG_BWD_W2, dw2, dye, la->eact, off, de, d);
+        grouped_matmul_backward_input(&g->gg, slot + GG_BWD_IN2, g->dact_e, dye, w2, off, de, d);
+        swiglu_backward(g->d13_e, g->dact_e, la->e13, la->R, de, st);
+        grouped_matmul_backward_weight(&g->gg, slot + GG_BWD_W13, dw13, g->d13_e, la->xe, off, d, 2 * de);
+        grouped_matmul_backward_input(&g->gg, slot + GG_BWD_IN13, g->dxe, g->d13_e, w13, off, d, 2 * de);
+    }
+}
+
 // The MoE FFN of layer l (k-th MoE layer): xout (N, d) fp32 = xmid + moe(h2).
 static void gpu_moe_forward(GpuState *g, int l, int k, int B, int T, float *xout) {
     const MoeConfig *c = &g->cfg;
@@ -800,6 +861,12 @@ static void gpu_moe_forward(GpuState *g, int l, int k, int B, int T, float *xout
         gpu_reserve_rows(g, la, l, R);
         moe_ep_order(P, El, la->h_recv_cnt, la->recv_rows, la->h_exp_off, g->h_exp_src);
         la->R = R;
+        // The device grouped GEMMs read the expert-major offsets on the GPU (from
+        // pinned memory: rewritten only by this layer's next forward, after its
+        // synchronisation).
+        if (g->gg_device)
+            CUDA_CHECK(cudaMemcpyAsync(la->exp_off, la->h_exp_off, sizeof(int) * (El + 1), cudaMemcpyHostToDevice,
+                                       st));
         // From pinned memory, asynchronously: the next writer of h_exp_src is the
         // next MoE layer, after its own synchronisation.
         if (R > 0)
@@ -813,11 +880,7 @@ static void gpu_moe_forward(GpuState *g, int l, int k, int B, int T, float *xout
 
     // This rank's routed experts on their expert-major rows.
     floatX *ye = g->exchange ? g->ye : la->eout;
-    grouped_matmul_forward(&g->gg, k * GG_PER_LAYER + GG_FWD13, la->e13, la->xe, gpu_paramX(g, l, P_EXPERTS_W13),
-                           la->h_exp_off, d, 2 * de);
-    swiglu_forward(la->eact, la->e13, la->R, de, st);
-    grouped_matmul_forward(&g->gg, k * GG_PER_LAYER + GG_FWD2, ye, la->eact, gpu_paramX(g, l, P_EXPERTS_W2),
-                           la->h_exp_off, de, d);
+    expert_ffn_forward(g, la, l, k, ye);
     if (g->exchange) {
         // Back to received order, and to the tokens' ranks (model/moe.c's moe_return).
         moe_rows_scatter(g->xr, g->ye, la->exp_src, la->R, rb, st);
@@ -911,8 +974,6 @@ static void gpu_moe_backward(GpuState *g, int l, int k, int B, int T, float grad
     GpuLayer *la = &g->layer[l];
     int N = B * T, E = c->n_routed, K = c->top_k, d = c->d_model, de = c->d_expert, sh = c->n_shared * de;
     cudaStream_t st = g->stream;
-    const int *off = la->h_exp_off; // the forward's expert-side row counts, still on the host
-    int s0 = k * GG_PER_LAYER;
     const GpuComm *dc = &g->dist;
     size_t rb = sizeof(floatX) * d;
 
@@ -926,14 +987,7 @@ static void gpu_moe_backward(GpuState *g, int l, int k, int B, int T, float grad
         dye = g->ye;
     }
     // This rank's routed experts.
-    grouped_matmul_backward_weight(&g->gg, s0 + GG_BWD_W2, gpu_grad(g, l, P_EXPERTS_W2), dye, la->eact, off, de, d);
-    grouped_matmul_backward_input(&g->gg, s0 + GG_BWD_IN2, g->dact_e, dye, gpu_paramX(g, l, P_EXPERTS_W2), off, de,
-                                  d);
-    swiglu_backward(g->d13_e, g->dact_e, la->e13, la->R, de, st);
-    grouped_matmul_backward_weight(&g->gg, s0 + GG_BWD_W13, gpu_grad(g, l, P_EXPERTS_W13), g->d13_e, la->xe, off, d,
-                                   2 * de);
-    grouped_matmul_backward_input(&g->gg, s0 + GG_BWD_IN13, g->dxe, g->d13_e, gpu_paramX(g, l, P_EXPERTS_W13), off,
-                                  d, 2 * de);
+    expert_ffn_backward(g, la, l, k, dye);
     // The input gradients come back to the tokens' ranks (moe_return).
     const floatX *dxs = g->dxe;
     if (g->exchange) {
