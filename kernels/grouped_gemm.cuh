@@ -28,8 +28,8 @@
 //     laid over the experts' segments, each block finds its expert and rows
 //     by a prefix over the offsets (a segment's last tile is partial; no
 //     padding of the segments is needed); the grid has one block per
-//     possible tile, cdiv(rows, 64) + E, and the blocks past the real tiles
-//     return at once;
+//     possible tile, cdiv(rows, 64) + min(E, rows), and the blocks past the
+//     real tiles return at once;
 //   k-grouped (weight gradients): one block per (expert, 64 x 64 tile of
 //     dW_e), looping over the expert's rows in order; it adds to the fp32
 //     gradient (which sums the micro-batches). No atomics: every output

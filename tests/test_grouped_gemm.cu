@@ -219,7 +219,8 @@ static void test_case(const char *name, int E, int IC, int OC, const int *counts
     double e_out = max_rel(out, 1, out_ref, (size_t)in.R * OC), e_dx = max_rel(dx, 1, dx_ref, (size_t)in.R * IC);
     double e_dw = max_rel(dw, 0, dw_ref, nw);
     // cuBLAS vs device: the cuBLAS result as the reference
-    double *tmp = (double *)xmalloc(sizeof(double) * (nw > nx ? (nw > ny ? nw : ny) : (nx > ny ? nx : ny)) + 8);
+    size_t nmax = nw > nx ? nw : nx;
+    double *tmp = (double *)xmalloc(sizeof(double) * ((nmax > ny ? nmax : ny) + 1));
     double p_out, p_dx, p_dw;
     for (size_t i = 0; i < (size_t)in.R * OC; i++) tmp[i] = to_f(cout[i]);
     p_out = max_rel(out, 1, tmp, (size_t)in.R * OC);
