@@ -784,11 +784,22 @@ static void test_backend_case(const char *name, const MoeConfig *c, const RouteO
     report("grouped vs per-expert GEMMs: loss", fabs(a.loss - b.loss) / fabs(b.loss), TOL_PATHS, !same_counts);
     ParamLayout lay;
     layout_build(&lay, c);
-    double worst = 0;
+    double worst = 0, gmax = 0;
     const char *worst_name = "";
+    for (int64_t i = 0; i < lay.total; i++) gmax = fmax(gmax, fabs((double)b.grads[i]));
     for (int i = 0; i < lay.n; i++) {
         const ParamTensor *t = &lay.t[i];
         double e = rel_err_ff(a.grads + t->offset, b.grads + t->offset, t->numel);
+        // A gradient that is zero up to rounding (the router's when every gate
+        // is s / s = 1: K = 1, norm_topk, no auxiliary loss) is noise, which
+        // the two paths' sum orders change: its error is measured against the
+        // largest gradient of the model instead.
+        double tmax = 0, emax = 0;
+        for (int64_t j = 0; j < t->numel; j++) {
+            tmax = fmax(tmax, fabs((double)b.grads[t->offset + j]));
+            emax = fmax(emax, fabs((double)a.grads[t->offset + j] - (double)b.grads[t->offset + j]));
+        }
+        if (tmax < 1e-6 * gmax) e = emax / gmax;
         if (e > worst) {
             worst = e;
             worst_name = t->name;

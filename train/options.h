@@ -37,6 +37,7 @@ typedef struct {
     uint64_t seed;              // initialisation and data order
     int threads;                // OpenMP threads (0: the runtime's default)
     int ep;                     // expert-parallel group size (ranks sharing out the experts)
+    char grouped_gemm[OPT_PATH]; // GPU expert GEMMs: "device" (offsets on the GPU) or "cublas" (on the host)
     // evaluation
     int eval_every;             // steps between evaluations (0: only at the end)
     int eval_batches;           // micro-batches per evaluation (0: the whole set)
@@ -69,6 +70,10 @@ void options_default(TrainOptions *o);
 // options override earlier ones. Prints a message naming the option and
 // returns -1 on any unknown option or bad value; returns 1 after --help.
 int options_parse(TrainOptions *o, int argc, char **argv, const char *prog);
+// The --grouped-gemm of the last successful options_parse in this process
+// (1: device, 0: cublas; 1 before any): the GPU trainer's create reads it,
+// since the shared loop hands a backend only the model and the routing.
+int options_grouped_gemm_device(void);
 // Checks the options together with the model (e.g. top_k <= n_routed, heads
 // dividing d, batch_tokens a multiple of B*T*world). Returns 0, or -1 with a message.
 int options_validate(const TrainOptions *o, int world, char *err, size_t errlen);

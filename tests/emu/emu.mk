@@ -61,8 +61,12 @@ $(EMU_BUILD)/test_attention: $(EMU_BUILD)/tests/test_attention.o $(EMU_BUILD)/ke
                              $(EMU_LIB)
 	$(CXX) $^ -o $@ $(EMU_LIBS)
 
+# The grouped expert GEMMs (device and cuBLAS paths) against a loop over experts on the host.
+$(EMU_BUILD)/test_grouped_gemm: $(EMU_BUILD)/tests/test_grouped_gemm.o $(EMU_BUILD)/kernels/grouped_gemm.o $(EMU_LIB)
+	$(CXX) $^ -o $@ $(EMU_LIBS)
+
 emu-build: $(EMU_BUILD)/test_emu $(EMU_BUILD)/train_moecu $(EMU_BUILD)/test_gpu $(EMU_BUILD)/test_gpu_dist \
-           $(EMU_BUILD)/test_attention
+           $(EMU_BUILD)/test_attention $(EMU_BUILD)/test_grouped_gemm
 
 $(EMU_BUILD)/test_emu: $(EMU_BUILD)/tests/emu/test_emu.o $(EMU_LIB)
 	$(CXX) $^ -o $@ $(EMU_LIBS)
