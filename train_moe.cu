@@ -63,7 +63,6 @@ extern "C" {
 #include "train/backend.h"       // defines: Backend, the interface the training loop calls
 #include "train/memplan.h"       // defines: MemoryPlan, MemCategory (--print-memory)
 #include "train/optim.h"         // defines: AdamWConfig, DecayRanges, adamw_scalars
-#include "train/options.h"       // defines: options_grouped_gemm_device (--grouped-gemm)
 #include "train/trainer.h"       // defines: trainer_main, the shared training loop
 #include "util/util.h"           // defines: xcalloc, xmalloc, ASSERT
 }
@@ -328,14 +327,19 @@ static int env_flag(const char *name) {
     return v && v[0] && strcmp(v, "0") != 0;
 }
 
+// The expert GEMMs' path from the run's options (--grouped-gemm; the device
+// path without options). MOE_GROUPED_GEMM=0, the cuBLAS path's per-expert
+// fallback (kernels/grouped_gemm.cuh), implies the cuBLAS path.
+static int gpu_grouped_cublas(const Backend *be) {
+    const char *env = getenv("MOE_GROUPED_GEMM");
+    return (be->opts && strcmp(be->opts->grouped_gemm, "cublas") == 0) || (env && strcmp(env, "0") == 0);
+}
+
 // The backend's create (train/backend.h): NCCL when the run has several ranks
 // (or MOE_NCCL=1, to exercise the NCCL path on one GPU); MOE_EP_EXCHANGE=1
 // routes the MoE rows through the EP exchange even with --ep 1 (a test).
 static int gpu_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, int B, int T) {
-    // MOE_GROUPED_GEMM=0 (the cuBLAS path's per-expert fallback) implies the cuBLAS path.
-    const char *gg_env = getenv("MOE_GROUPED_GEMM");
-    GpuBackendOptions opt = { NULL, env_flag("MOE_EP_EXCHANGE"),
-                              !options_grouped_gemm_device() || (gg_env && strcmp(gg_env, "0") == 0) };
+    GpuBackendOptions opt = { NULL, env_flag("MOE_EP_EXCHANGE"), gpu_grouped_cublas(be) };
     GpuComm gc;
     const Comm *comm = be->comm;
     // A build with MPI started by a launcher that MPI does not know (torchrun,
@@ -400,11 +404,14 @@ static int gpu_check_ranks(GpuModel *gm, const GpuBackendOptions *opt) {
                 c->n_routed);
         return -1;
     }
+    // The device grouped GEMM copies whole 16-byte rows (cp.async): with
+    // other sizes the expert GEMMs take the cuBLAS path, which takes any.
     gm->gg_device = !(opt && opt->grouped_cublas);
     if (gm->n_moe > 0 && gm->gg_device && !grouped_dev_supported(c->d_model, c->d_expert)) {
-        fprintf(stderr, "error: --grouped-gemm device needs d_model and d_expert multiples of 8 (got %d and %d); "
-                "use --grouped-gemm cublas\n", c->d_model, c->d_expert);
-        return -1;
+        gm->gg_device = 0;
+        if (!gm->dry && rk->rank == 0)
+            printf("note: the device grouped GEMM needs d_model and d_expert multiples of 8 (%d and %d): the expert "
+                   "GEMMs take the cuBLAS path (--grouped-gemm cublas)\n", c->d_model, c->d_expert);
     }
     gm->shard = ep_shard(c->n_routed, P, rk->ep_rank);
     gm->exchange = gm->n_moe > 0 && (P > 1 || (opt && opt->force_exchange));
@@ -1266,7 +1273,7 @@ static int gpu_plan_memory(Backend *be, const MoeConfig *c, const RouteOptions *
     memset(&ranks, 0, sizeof ranks); // sizes only: a dry run calls no collective
     ranks.world = ranks.ep = ep;
     ranks.edp = 1;
-    GpuBackendOptions opt = { &ranks, 0, 0 };
+    GpuBackendOptions opt = { &ranks, 0, gpu_grouped_cublas(be) };
     GpuModel *gm = (GpuModel *)xcalloc(1, sizeof(GpuModel));
     Backend dry = *be;
     dry.ctx = gm;

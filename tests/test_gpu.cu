@@ -915,6 +915,14 @@ static void test_backend(void) {
                           bias, 3);
         free(bias);
     }
+    // d_expert = 12, not a multiple of 8: the device grouped GEMM cannot take
+    // it, so create falls back to the cuBLAS path (with a note), not refuses.
+    c = gpu_test_config(8, 2, GATE_SIGMOID, 1);
+    c.d_expert = 12;
+    nb = (size_t)config_n_moe(&c) * c.n_routed;
+    bias = (float *)calloc(nb, sizeof(float));
+    test_backend_case("d_expert 12 (the cuBLAS path: the device kernels need multiples of 8)", &c, &ro, bias, -1);
+    free(bias);
     test_resume();
 }
 
@@ -924,12 +932,21 @@ static void test_backend(void) {
 // model really allocates, category by category, byte for byte.
 static void test_memory_plan(void) {
     printf("memory plan (--print-memory) vs the allocations of create:\n");
-    const int cases[][3] = { { 8, 2, 2 }, { 16, 1, 0 }, { 8, 4, 1 } }; // E, K, shared experts
+    // E, K, shared experts, d_expert, --grouped-gemm cublas (the cuBLAS path's
+    // staging instead of the device kernels: asked for, or d_expert 12, which
+    // the device kernels do not take)
+    const int cases[][5] = { { 8, 2, 2, 16, 0 }, { 16, 1, 0, 16, 0 }, { 8, 4, 1, 16, 0 }, { 8, 2, 1, 12, 0 },
+                             { 8, 2, 1, 16, 1 } };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         MoeConfig c = gpu_test_config(cases[i][0], cases[i][1], GATE_SIGMOID, cases[i][2]);
+        c.d_expert = cases[i][3];
         RouteOptions ro = { 0, AUX_SEQ, 0.01f };
         Backend be;
         gpu_backend_init(&be);
+        TrainOptions o;
+        options_default(&o);
+        if (cases[i][4]) snprintf(o.grouped_gemm, sizeof o.grouped_gemm, "cublas");
+        be.opts = &o;
         MemoryPlan plan;
         int B = 3, T = c.seq_len;
         int planned = be.plan_memory(&be, &c, &ro, B, T, 1, &plan) == 0;
@@ -938,8 +955,9 @@ static void test_memory_plan(void) {
         if (created) gpu_debug_memory(&be, actual);
         char detail[256];
         int same = planned && created && memcmp(plan.bytes, actual, sizeof actual) == 0;
-        snprintf(detail, sizeof detail, "(E=%d K=%d S=%d: planned %zu bytes, allocated %zu)", cases[i][0], cases[i][1],
-                 cases[i][2], memplan_total(&plan), actual[0] + actual[1] + actual[2] + actual[3] + actual[4]);
+        snprintf(detail, sizeof detail, "(E=%d K=%d S=%d de=%d %s: planned %zu bytes, allocated %zu)", cases[i][0],
+                 cases[i][1], cases[i][2], cases[i][3], o.grouped_gemm, memplan_total(&plan),
+                 actual[0] + actual[1] + actual[2] + actual[3] + actual[4]);
         report_bool("plan == allocation, every category", same, detail);
         if (created) be.destroy(&be);
     }

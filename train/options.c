@@ -199,9 +199,6 @@ static int options_load_file(TrainOptions *o, const char *path) {
     return rc;
 }
 
-// --grouped-gemm of the last successful options_parse (options.h).
-static int options_gg_device = 1;
-
 int options_parse(TrainOptions *o, int argc, char **argv, const char *prog) {
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -237,11 +234,8 @@ int options_parse(TrainOptions *o, int argc, char **argv, const char *prog) {
         fprintf(stderr, "error: --grouped-gemm must be device or cublas (got '%s')\n", o->grouped_gemm);
         return -1;
     }
-    options_gg_device = strcmp(o->grouped_gemm, "device") == 0;
     return 0;
 }
-
-int options_grouped_gemm_device(void) { return options_gg_device; }
 
 int options_validate(const TrainOptions *o, int world, char *err, size_t errlen) {
     char sub[512];

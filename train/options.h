@@ -70,10 +70,6 @@ void options_default(TrainOptions *o);
 // options override earlier ones. Prints a message naming the option and
 // returns -1 on any unknown option or bad value; returns 1 after --help.
 int options_parse(TrainOptions *o, int argc, char **argv, const char *prog);
-// The --grouped-gemm of the last successful options_parse in this process
-// (1: device, 0: cublas; 1 before any): the GPU trainer's create reads it,
-// since the shared loop hands a backend only the model and the routing.
-int options_grouped_gemm_device(void);
 // Checks the options together with the model (e.g. top_k <= n_routed, heads
 // dividing d, batch_tokens a multiple of B*T*world). Returns 0, or -1 with a message.
 int options_validate(const TrainOptions *o, int world, char *err, size_t errlen);
