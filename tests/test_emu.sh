@@ -26,9 +26,9 @@
 # its comparison with the fp32 CPU trainer is test_gpu's, with bf16 tolerances.
 # The race build, whose kernels have every memory access checked for races
 # and out-of-bounds bytes (tests/emu/emu_race.cc), runs 1 (its race
-# detections included), test_attention --quick, test_gpu, and a 10-step
-# train_moecu run through one-rank NCCL with the EP exchange: any race
-# stops them.
+# detections included), test_attention --quick, test_grouped_gemm --quick,
+# test_gpu, and a 10-step train_moecu run through one-rank NCCL with the EP
+# exchange: any race stops them.
 set -u
 cd "$(dirname "$0")/.."
 RACE=0
@@ -45,8 +45,8 @@ bad() { echo "FAIL $*"; fails=$((fails + 1)); }
 # tensor-core path; --quick in FP32 and in the race build).
 ATT="$B/test_attention" GG="$B/test_grouped_gemm"
 [ "$(basename "$B")" = BF16 ] || { ATT="$ATT --quick"; GG="$GG --quick"; }
-PROGS=("$B/test_emu" "$ATT" "$B/test_gpu tests/fixtures")
-[ $RACE = 1 ] || PROGS+=("$GG" "$B/test_gpu_dist")
+PROGS=("$B/test_emu" "$ATT" "$GG" "$B/test_gpu tests/fixtures")
+[ $RACE = 1 ] || PROGS+=("$B/test_gpu_dist")
 for t in "${PROGS[@]}"; do
     if $t > "$TMP/out" 2>&1; then
         ok "$t: $(tail -1 "$TMP/out")"
