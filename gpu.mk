@@ -143,8 +143,13 @@ $(GPU_BUILD)/test_attention: tests/test_attention.cu $(GPU_BUILD)/kernels/attent
 	$(NVCC) $(NVCCFLAGS) tests/test_attention.cu $(GPU_BUILD)/kernels/attention.o $(BUILD)/f32/model/ops.o -o $@ \
 	    -lgomp -lm
 
-gpu-build: train_moecu $(GPU_BUILD)/test_gpu $(GPU_BUILD)/test_gpu_dist $(GPU_BUILD)/test_attention $(GPU_BUILD)/test_kernels \
-           $(GPU_BUILD)/gpu_versions
+# The grouped expert GEMMs (device and cuBLAS paths) against a loop over experts on the host.
+$(GPU_BUILD)/test_grouped_gemm: tests/test_grouped_gemm.cu $(GPU_BUILD)/kernels/grouped_gemm.o $(GPU_HEADERS) \
+                                $(GPU_CONFIG)
+	$(NVCC) $(NVCCFLAGS) tests/test_grouped_gemm.cu $(GPU_BUILD)/kernels/grouped_gemm.o -o $@ -lcublas -lm
+
+gpu-build: train_moecu $(GPU_BUILD)/test_gpu $(GPU_BUILD)/test_gpu_dist $(GPU_BUILD)/test_attention \
+           $(GPU_BUILD)/test_grouped_gemm $(GPU_BUILD)/test_kernels $(GPU_BUILD)/gpu_versions
 
 # The CUDA driver, runtime, cuBLAS and NCCL versions this machine loads (scripts/gpu_check.sh).
 # Plain flags, not NVCCFLAGS: it must not depend on (or rebuild) the trainer's configuration.
@@ -164,12 +169,14 @@ test-launch: $(BUILD)/test_launch
 # the trainer itself (tests/test_gpu_trainer.sh): the NCCL path bitwise equal
 # to the plain one, and a short run that must learn the synthetic chain of
 # tests/gen_shards.c as the CPU trainer's test does (val_loss < 2.5 after 80 steps).
-test-gpu: train_moecu $(GPU_BUILD)/test_gpu $(GPU_BUILD)/test_gpu_dist $(GPU_BUILD)/test_attention $(GPU_BUILD)/test_kernels \
+test-gpu: train_moecu $(GPU_BUILD)/test_gpu $(GPU_BUILD)/test_gpu_dist $(GPU_BUILD)/test_attention \
+          $(GPU_BUILD)/test_grouped_gemm $(GPU_BUILD)/test_kernels \
           $(BUILD)/gen_shards moe_ckpt
 	@# First the tensor-core building blocks alone: a fragment layout wrong in both the kernels and
 	@# the emulator passes every emulated test and fails only here (docs/gpu.md).
 	$(GPU_BUILD)/test_attention --mma
 	$(GPU_BUILD)/test_attention
+	$(GPU_BUILD)/test_grouped_gemm
 	$(GPU_BUILD)/test_kernels
 	$(GPU_BUILD)/test_gpu tests/fixtures
 	$(GPU_BUILD)/test_gpu_dist
@@ -177,7 +184,8 @@ test-gpu: train_moecu $(GPU_BUILD)/test_gpu $(GPU_BUILD)/test_gpu_dist $(GPU_BUI
 
 # Out-of-bounds and misaligned accesses, on a tiny run through every backend
 # call (training, evaluation, checkpoint, sampling) and on the kernel tests.
-test-gpu-memcheck: train_moecu $(GPU_BUILD)/test_gpu $(GPU_BUILD)/test_attention $(GPU_BUILD)/test_kernels $(BUILD)/gen_shards
+test-gpu-memcheck: train_moecu $(GPU_BUILD)/test_gpu $(GPU_BUILD)/test_attention $(GPU_BUILD)/test_grouped_gemm $(GPU_BUILD)/test_kernels \
+                   $(BUILD)/gen_shards
 	@set -e; d=$$(mktemp -d); trap 'rm -rf "$$d"' EXIT; \
 	./$(BUILD)/gen_shards "$$d" 64 20000 4000 1; \
 	$(COMPUTE_SANITIZER) --tool memcheck --error-exitcode 1 ./train_moecu --config tiny \
@@ -188,6 +196,8 @@ test-gpu-memcheck: train_moecu $(GPU_BUILD)/test_gpu $(GPU_BUILD)/test_attention
 	$(COMPUTE_SANITIZER) --tool memcheck --error-exitcode 1 $(GPU_BUILD)/test_attention --quick
 	@# Shared-memory hazards of the attention kernels' tiles (cp.async, ldmatrix, barriers).
 	$(COMPUTE_SANITIZER) --tool racecheck --error-exitcode 1 $(GPU_BUILD)/test_attention --quick
+	$(COMPUTE_SANITIZER) --tool memcheck --error-exitcode 1 $(GPU_BUILD)/test_grouped_gemm --quick
+	$(COMPUTE_SANITIZER) --tool racecheck --error-exitcode 1 $(GPU_BUILD)/test_grouped_gemm --quick
 	$(COMPUTE_SANITIZER) --tool memcheck --error-exitcode 1 $(GPU_BUILD)/test_gpu_dist --quick
 
 clean-gpu:

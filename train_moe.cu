@@ -76,7 +76,7 @@ extern "C" {
 #include "kernels/embedding.cuh"    // defines: embedding_forward, embedding_backward and its index
 #include "kernels/gpu_backend.cuh"  // defines: gpu_backend_init, gpu_backend_create, the test hooks
 #include "kernels/gradnorm.cuh"     // defines: gradnorm_sumsq
-#include "kernels/grouped_gemm.cuh" // defines: GroupedGemm, grouped_matmul_forward / _backward_*
+#include "kernels/grouped_gemm.cuh" // defines: GroupedGemm, grouped_matmul_* (cuBLAS), grouped_dev_* (device offsets)
 #include "kernels/matmul.cuh"       // defines: Matmul (cuBLASLt plans), matmul_forward / _backward_*
 #include "kernels/permute.cuh"      // defines: moe_permute, moe_gather, moe_combine_*, moe_scatter
 #include "kernels/profiler.cuh"     // defines: GpuProfiler (--profile: per-phase CUDA events)
@@ -113,13 +113,14 @@ typedef struct {
     int *slot_of;   // (N K) slot of each row
     // The expert side: the R rows of this rank's local experts, expert-major
     // (kernels/dispatch.cuh). Without the EP exchange it is the token side:
-    // R = N K rows by row, and h_exp_off = h_offsets.
+    // R = N K rows by row, h_exp_off = h_offsets and exp_off = offsets.
     floatX *xe;     // (R, d) expert inputs
     floatX *e13;    // (R, 2 de) expert pre-activations
     floatX *eact;   // (R, de)
     int R;          // rows of the last forward
     int rows_cap;   // rows xe, e13, eact (and exp_src) can hold
     int *h_exp_off; // (El + 1) host: first expert-major row of each local expert
+    int *exp_off;   // (El + 1) the same on the device (the device grouped GEMMs read it)
     // the EP exchange (NULL without it)
     int *recv_cnt;  // (P, El) rows EP rank q sends to local expert j, device
     int *h_recv_cnt; // (P, El) pinned copy
@@ -141,7 +142,8 @@ typedef struct {
     cudaStream_t stream;
     cublasHandle_t cublas; // the expert GEMMs
     Matmul mm;             // the dense matmuls (cuBLASLt)
-    GroupedGemm gg;
+    GroupedGemm gg;        // the cuBLAS path of the expert GEMMs (host offsets)
+    int gg_device;         // 1: the expert GEMMs by kernels/grouped_gemm.cu's device path (--grouped-gemm)
     GpuProfiler prof;      // --profile: CUDA events at the phase boundaries
     char device_name[256]; // cudaDeviceProp.name
     // every allocation, for destroy, and the bytes per category (printed at create)
@@ -325,11 +327,19 @@ static int env_flag(const char *name) {
     return v && v[0] && strcmp(v, "0") != 0;
 }
 
+// The expert GEMMs' path from the run's options (--grouped-gemm; the device
+// path without options). MOE_GROUPED_GEMM=0, the cuBLAS path's per-expert
+// fallback (kernels/grouped_gemm.cuh), implies the cuBLAS path.
+static int gpu_grouped_cublas(const Backend *be) {
+    const char *env = getenv("MOE_GROUPED_GEMM");
+    return (be->opts && strcmp(be->opts->grouped_gemm, "cublas") == 0) || (env && strcmp(env, "0") == 0);
+}
+
 // The backend's create (train/backend.h): NCCL when the run has several ranks
 // (or MOE_NCCL=1, to exercise the NCCL path on one GPU); MOE_EP_EXCHANGE=1
 // routes the MoE rows through the EP exchange even with --ep 1 (a test).
 static int gpu_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, int B, int T) {
-    GpuBackendOptions opt = { NULL, env_flag("MOE_EP_EXCHANGE") };
+    GpuBackendOptions opt = { NULL, env_flag("MOE_EP_EXCHANGE"), gpu_grouped_cublas(be) };
     GpuComm gc;
     const Comm *comm = be->comm;
     // A build with MPI started by a launcher that MPI does not know (torchrun,
@@ -393,6 +403,15 @@ static int gpu_check_ranks(GpuModel *gm, const GpuBackendOptions *opt) {
         fprintf(stderr, "error: the GPU routing kernels take at most 8192 routed experts (n_routed = %d)\n",
                 c->n_routed);
         return -1;
+    }
+    // The device grouped GEMM copies whole 16-byte rows (cp.async): with
+    // other sizes the expert GEMMs take the cuBLAS path, which takes any.
+    gm->gg_device = !(opt && opt->grouped_cublas);
+    if (gm->n_moe > 0 && gm->gg_device && !grouped_dev_supported(c->d_model, c->d_expert)) {
+        gm->gg_device = 0;
+        if (!gm->dry && rk->rank == 0)
+            printf("note: the device grouped GEMM needs d_model and d_expert multiples of 8 (%d and %d): the expert "
+                   "GEMMs take the cuBLAS path (--grouped-gemm cublas)\n", c->d_model, c->d_expert);
     }
     gm->shard = ep_shard(c->n_routed, P, rk->ep_rank);
     gm->exchange = gm->n_moe > 0 && (P > 1 || (opt && opt->force_exchange));
@@ -493,6 +512,7 @@ static void gpu_alloc_layer(GpuModel *gm, GpuLayer *la, int l) {
     la->eout = DEV(floatX, NK * d);
     if (gm->exchange) {
         la->h_exp_off = PINNED(int, El + 1);
+        la->exp_off = DEV(int, El + 1);
         la->recv_cnt = DEV(int, E);
         la->h_recv_cnt = PINNED(int, E);
         la->exp_src = DEV(int, NK);
@@ -500,6 +520,7 @@ static void gpu_alloc_layer(GpuModel *gm, GpuLayer *la, int l) {
         la->recv_rows = PINNED(int, P);
     } else {
         la->h_exp_off = la->h_offsets;
+        la->exp_off = la->offsets;
     }
     if (sh > 0) {
         la->s13 = DEV(floatX, N * 2 * sh);
@@ -587,12 +608,14 @@ static void gpu_alloc_scratch(GpuModel *gm) {
 }
 
 // What stays constant: the RoPE tables (computed on the host exactly as the
-// CPU model does), and the grouped GEMMs' staging over this rank's experts.
-// The library workspaces are counted here (allocated by their own modules).
+// CPU model does), and the cuBLAS grouped GEMMs' staging over this rank's
+// experts (the device path needs none). The library workspaces are counted
+// here (allocated by their own modules).
 static void gpu_upload_constants(GpuModel *gm) {
     const MoeConfig *c = &gm->cfg;
+    int gg_cublas = gm->n_moe > 0 && !gm->gg_device;
     gm->bytes[MEM_WORKSPACE] += MATMUL_WORKSPACE_BYTES;
-    if (gm->n_moe > 0)
+    if (gg_cublas)
         gm->bytes[MEM_WORKSPACE] += grouped_gemm_device_bytes(gm->shard.n_local, gm->n_moe * GG_PER_LAYER);
     if (gm->dry) return;
     int T = gm->maxT, hd = c->d_model / c->n_heads;
@@ -603,8 +626,7 @@ static void gpu_upload_constants(GpuModel *gm) {
     gpu_copy(gm, gm->rope_sin, st, sizeof(float) * T * half, cudaMemcpyHostToDevice);
     free(ct);
     free(st);
-    if (gm->n_moe > 0)
-        grouped_gemm_init(&gm->gg, gm->cublas, gm->stream, gm->shard.n_local, gm->n_moe * GG_PER_LAYER);
+    if (gg_cublas) grouped_gemm_init(&gm->gg, gm->cublas, gm->stream, gm->shard.n_local, gm->n_moe * GG_PER_LAYER);
 }
 
 static void gpu_print_memory(const GpuModel *gm) {
@@ -649,6 +671,8 @@ int gpu_backend_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, 
     gpu_alloc_scratch(gm);
     gpu_upload_constants(gm);
     gpu_print_memory(gm);
+    if (gm->n_moe > 0 && gm->gg_device && gm->ranks.rank == 0)
+        printf("expert GEMMs: device kernels, expert offsets on the GPU (--grouped-gemm device)\n");
     CUDA_CHECK(cudaDeviceSynchronize());
     return 0;
 }
@@ -812,16 +836,24 @@ static void gpu_reserve_rows(GpuModel *gm, GpuLayer *la, int l, int R) {
 // Forward
 
 // The routed experts of this rank on their expert-major rows (la->xe, R
-// rows, la->h_exp_off on the host): ye (R, d) = W2_e (silu(g) * u) with
-// [g | u] = la->e13 = W13_e x, expert by expert through the grouped GEMMs.
-// The GPU counterpart of model/moe.c's expert_ffn_forward, for all local experts at once.
+// rows): ye (R, d) = W2_e (silu(g) * u) with [g | u] = la->e13 = W13_e x,
+// expert by expert through the grouped GEMMs: the device path reads the
+// offsets on the GPU (la->exp_off), the cuBLAS path on the host
+// (la->h_exp_off). The GPU counterpart of model/moe.c's expert_ffn_forward,
+// for all local experts at once.
 static void expert_ffn_forward(GpuModel *gm, GpuLayer *la, int l, int moe_idx, floatX *ye) {
-    int d = gm->cfg.d_model, de = gm->cfg.d_expert, slot = moe_idx * GG_PER_LAYER;
-    grouped_matmul_forward(&gm->gg, slot + GG_FWD13, la->e13, la->xe, gpu_paramX(gm, l, P_EXPERTS_W13), la->h_exp_off,
-                           d, 2 * de);
-    swiglu_forward(la->eact, la->e13, la->R, de, gm->stream);
-    grouped_matmul_forward(&gm->gg, slot + GG_FWD2, ye, la->eact, gpu_paramX(gm, l, P_EXPERTS_W2), la->h_exp_off, de,
-                           d);
+    int d = gm->cfg.d_model, de = gm->cfg.d_expert, El = gm->shard.n_local, slot = moe_idx * GG_PER_LAYER;
+    const floatX *w13 = gpu_paramX(gm, l, P_EXPERTS_W13), *w2 = gpu_paramX(gm, l, P_EXPERTS_W2);
+    cudaStream_t st = gm->stream;
+    if (gm->gg_device) {
+        grouped_dev_forward(la->e13, la->xe, w13, la->exp_off, El, la->R, d, 2 * de, st);
+        swiglu_forward(la->eact, la->e13, la->R, de, st);
+        grouped_dev_forward(ye, la->eact, w2, la->exp_off, El, la->R, de, d, st);
+    } else {
+        grouped_matmul_forward(&gm->gg, slot + GG_FWD13, la->e13, la->xe, w13, la->h_exp_off, d, 2 * de);
+        swiglu_forward(la->eact, la->e13, la->R, de, st);
+        grouped_matmul_forward(&gm->gg, slot + GG_FWD2, ye, la->eact, w2, la->h_exp_off, de, d);
+    }
 }
 
 // The MoE FFN of layer l (the moe_idx-th MoE layer): xout (N, d) fp32 = xmid + moe(h2).
@@ -874,6 +906,12 @@ static void gpu_moe_forward(GpuModel *gm, int l, int moe_idx, int B, int T, floa
         gpu_reserve_rows(gm, la, l, R);
         ep_expert_major_order(ep, la->h_recv_cnt, la->recv_rows, la->h_exp_off, gm->h_exp_src);
         la->R = R;
+        // The device grouped GEMMs read the expert-major offsets on the GPU (from
+        // pinned memory: rewritten only by this layer's next forward, after its
+        // synchronisation).
+        if (gm->gg_device)
+            CUDA_CHECK(cudaMemcpyAsync(la->exp_off, la->h_exp_off, sizeof(int) * (ep->n_local + 1),
+                                       cudaMemcpyHostToDevice, st));
         // From pinned memory, asynchronously: the next writer of h_exp_src is the
         // next MoE layer, after its own synchronisation.
         if (R > 0)
@@ -988,20 +1026,28 @@ static void gpu_forward(GpuModel *gm, const int *tokens, const int *targets, int
 // Backward
 
 // Backward of expert_ffn_forward for the local experts: from dye (R, d), the
-// gradient of their outputs, adds the weight gradients of W13_e and W2_e and
-// leaves the input gradient in gm->dxe (R, d).
+// gradient of their outputs, adds the weight gradients of W13_e and W2_e (to
+// the fp32 gradient, which sums the micro-batches) and leaves the input
+// gradient in gm->dxe (R, d).
 static void expert_ffn_backward(GpuModel *gm, GpuLayer *la, int l, int moe_idx, const floatX *dye) {
-    int d = gm->cfg.d_model, de = gm->cfg.d_expert, slot = moe_idx * GG_PER_LAYER;
-    const int *off = la->h_exp_off; // the forward's expert-side row counts, still on the host
-    grouped_matmul_backward_weight(&gm->gg, slot + GG_BWD_W2, gpu_grad(gm, l, P_EXPERTS_W2), dye, la->eact, off, de,
-                                   d);
-    grouped_matmul_backward_input(&gm->gg, slot + GG_BWD_IN2, gm->dact_e, dye, gpu_paramX(gm, l, P_EXPERTS_W2), off,
-                                  de, d);
-    swiglu_backward(gm->d13_e, gm->dact_e, la->e13, la->R, de, gm->stream);
-    grouped_matmul_backward_weight(&gm->gg, slot + GG_BWD_W13, gpu_grad(gm, l, P_EXPERTS_W13), gm->d13_e, la->xe, off,
-                                   d, 2 * de);
-    grouped_matmul_backward_input(&gm->gg, slot + GG_BWD_IN13, gm->dxe, gm->d13_e, gpu_paramX(gm, l, P_EXPERTS_W13),
-                                  off, d, 2 * de);
+    int d = gm->cfg.d_model, de = gm->cfg.d_expert, El = gm->shard.n_local, slot = moe_idx * GG_PER_LAYER;
+    const floatX *w13 = gpu_paramX(gm, l, P_EXPERTS_W13), *w2 = gpu_paramX(gm, l, P_EXPERTS_W2);
+    float *dw13 = gpu_grad(gm, l, P_EXPERTS_W13), *dw2 = gpu_grad(gm, l, P_EXPERTS_W2);
+    cudaStream_t st = gm->stream;
+    if (gm->gg_device) {
+        grouped_dev_backward_weight(dw2, dye, la->eact, la->exp_off, El, de, d, st);
+        grouped_dev_backward_input(gm->dact_e, dye, w2, la->exp_off, El, la->R, de, d, st);
+        swiglu_backward(gm->d13_e, gm->dact_e, la->e13, la->R, de, st);
+        grouped_dev_backward_weight(dw13, gm->d13_e, la->xe, la->exp_off, El, d, 2 * de, st);
+        grouped_dev_backward_input(gm->dxe, gm->d13_e, w13, la->exp_off, El, la->R, d, 2 * de, st);
+    } else {
+        const int *off = la->h_exp_off; // the forward's expert-side row counts, still on the host
+        grouped_matmul_backward_weight(&gm->gg, slot + GG_BWD_W2, dw2, dye, la->eact, off, de, d);
+        grouped_matmul_backward_input(&gm->gg, slot + GG_BWD_IN2, gm->dact_e, dye, w2, off, de, d);
+        swiglu_backward(gm->d13_e, gm->dact_e, la->e13, la->R, de, st);
+        grouped_matmul_backward_weight(&gm->gg, slot + GG_BWD_W13, dw13, gm->d13_e, la->xe, off, d, 2 * de);
+        grouped_matmul_backward_input(&gm->gg, slot + GG_BWD_IN13, gm->dxe, gm->d13_e, w13, off, d, 2 * de);
+    }
 }
 
 // The MoE FFN of layer l: from dres (the gradient at xout), dh (N, d) fp32 =
@@ -1227,7 +1273,7 @@ static int gpu_plan_memory(Backend *be, const MoeConfig *c, const RouteOptions *
     memset(&ranks, 0, sizeof ranks); // sizes only: a dry run calls no collective
     ranks.world = ranks.ep = ep;
     ranks.edp = 1;
-    GpuBackendOptions opt = { &ranks, 0 };
+    GpuBackendOptions opt = { &ranks, 0, gpu_grouped_cublas(be) };
     GpuModel *gm = (GpuModel *)xcalloc(1, sizeof(GpuModel));
     Backend dry = *be;
     dry.ctx = gm;

@@ -24,6 +24,7 @@ void gpu_backend_init(Backend *be);
 typedef struct {
     const GpuComm *comm;   // the ranks' collectives; NULL: one process, nothing is shared
     int force_exchange;    // 1: the MoE rows go through comm's EP exchange even when ep == 1
+    int grouped_cublas;    // 1: the expert GEMMs through cuBLAS (host offsets), not the device kernels
 } GpuBackendOptions;
 int gpu_backend_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, int B, int T,
                        const GpuBackendOptions *opt);

@@ -3,6 +3,8 @@
 
 #include <string.h>
 
+#include "mma.cuh"
+
 void grouped_gemm_free(GroupedGemm *gg) {
     if (gg->h_ptrs) CUDA_CHECK(cudaFreeHost(gg->h_ptrs));
     if (gg->d_ptrs) CUDA_CHECK(cudaFree(gg->d_ptrs));
@@ -215,4 +217,193 @@ void grouped_gemm_init(GroupedGemm *gg, cublasHandle_t handle, cudaStream_t stre
     printf("expert GEMMs: C %s via %s; C fp32 (weight gradients) via %s\n", FLOATX_NAME,
            gg->grouped[0] ? "cublasGemmGroupedBatchedEx" : "per-expert cublasGemmEx",
            gg->grouped[1] ? "cublasGemmGroupedBatchedEx" : "per-expert cublasGemmEx");
+}
+
+// ----------------------------------------------------------------------------
+// The device path: offsets on the device, tensor cores (kernels/mma.cuh)
+//
+// A block of GG_WARPS warps computes a GG_M x GG_N output tile, each warp
+// 16 of its rows across all GG_N columns, stepping through the reduction
+// GG_K at a time with two shared-memory stages: the next step's tiles are in
+// flight (cp.async) while this step's are multiplied. Tiles past a matrix's
+// edge are zero-filled, so partial tiles need no other case.
+
+#define GG_M 64
+#define GG_N 64
+#define GG_K 32
+#define GG_WARPS (GG_M / 16)
+#define GG_THREADS (GG_WARPS * 32)
+
+// One shared-memory stage: the A tile and the B tile of one reduction step.
+#define GG_STAGE (GG_M * GG_K + GG_N * GG_K)
+
+// Writes the warp's 16 x GG_N accumulators to dst (row r at dst + r * ld),
+// rows [r0, r0 + 16) of which the first `rows` exist and columns [c0, c0 +
+// GG_N) of which the first `cols`; ADD: dst (fp32) += acc, else dst = acc
+// rounded to the output type.
+template <bool ADD, class T>
+__device__ __forceinline__ void grouped_store(T *dst, int64_t ld, const FragC *acc, int r0, int rows, int c0,
+                                              int cols) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    UNROLL
+    for (int n = 0; n < GG_N / 8; n++)
+        UNROLL
+        for (int i = 0; i < 4; i++) {
+            int r = g + 8 * (i >> 1), c = 8 * n + 2 * t + (i & 1);
+            if (r >= rows || c >= cols) continue;
+            T *p = dst + (int64_t)(r0 + r) * ld + c0 + c;
+            if constexpr (ADD)
+                *p = *p + acc[n].x[i];
+            else
+                *p = to_x(acc[n].x[i]);
+        }
+}
+
+// One reduction step of the m-grouped product into `stage`, as one
+// cp.async group: A = columns [k0, k0 + GG_K) of the block's `rows` rows of
+// xa (rows, K); B = the same k range of the columns [n0, n0 + cols) of the
+// output in We, stored (N, K), or (K, N) when W_KM.
+template <bool W_KM>
+__device__ __forceinline__ void grouped_mgemm_load(floatX *stage, const floatX *xa, const floatX *We, int k0, int K,
+                                                   int N, int n0, int rows, int cols) {
+    int kv = min(GG_K, K - k0);
+    tile_load_async<GG_M, GG_K>(stage, xa + k0, K, rows, kv);
+    if (W_KM)
+        tile_load_async<GG_K, GG_N>(stage + GG_M * GG_K, We + (int64_t)k0 * N + n0, N, kv, cols);
+    else
+        tile_load_async<GG_N, GG_K>(stage + GG_M * GG_K, We + (int64_t)n0 * K + k0, K, cols, kv);
+    cp_async_commit();
+}
+
+// One reduction step of the k-grouped product into `stage`, as one cp.async
+// group: rows [k0, k0 + GG_K) of the expert's n_e rows, of dya (columns m0 ..
+// m0 + mv of dY, row width M) and of xa (columns n0 .. n0 + nv of X, width N).
+__device__ __forceinline__ void grouped_kgemm_load(floatX *stage, const floatX *dya, const floatX *xa, int k0, int n_e,
+                                                   int M, int N, int mv, int nv) {
+    int kv = min(GG_K, n_e - k0);
+    tile_load_async<GG_K, GG_M>(stage, dya + (int64_t)k0 * M, M, kv, mv);
+    tile_load_async<GG_K, GG_N>(stage + GG_K * GG_M, xa + (int64_t)k0 * N, N, kv, nv);
+    cp_async_commit();
+}
+
+// m-grouped: out (rows, N) = x (rows, K) W_e^T row by row, expert e's rows
+// against its own weights, W_e (N, K) (forward) or, W_KM, W_e (K, N) (the
+// input gradient: out = dY W_e). Grid (cdiv(rows, GG_M) + E, cdiv(N, GG_N)).
+template <bool W_KM>
+__global__ void __launch_bounds__(GG_THREADS)
+    grouped_mgemm_kernel(floatX *out, const floatX *x, const floatX *W, const int *offsets, int E, int K, int N) {
+    extern __shared__ uint4 grouped_m_smem[];
+    floatX *smem = (floatX *)grouped_m_smem; // (2, GG_STAGE): A (GG_M, GG_K), B (GG_N, GG_K) or (GG_K, GG_N)
+
+    // This block's tile: the j-th over the experts' segments in order, each
+    // segment cdiv(n_e, GG_M) tiles. Every thread walks the offsets (E + 1
+    // ints, the same for all: broadcast reads) so no barrier is needed.
+    int j = blockIdx.x, e = 0, r0 = 0, rows = 0;
+    for (; e < E; e++) {
+        int a = offsets[e], n_e = offsets[e + 1] - a, tiles = (n_e + GG_M - 1) / GG_M;
+        if (j < tiles) {
+            r0 = a + j * GG_M;
+            rows = min(GG_M, n_e - j * GG_M);
+            break;
+        }
+        j -= tiles;
+    }
+    if (e == E) return; // past the last tile (uniform over the block)
+    const int n0 = blockIdx.y * GG_N, cols = min(GG_N, N - n0), warp = threadIdx.x >> 5;
+    const floatX *xa = x + (int64_t)r0 * K;  // (rows, K)
+    const floatX *We = W + (int64_t)e * N * K; // (N, K) or (K, N)
+
+    FragC acc[GG_N / 8];
+    frag_zero(acc, GG_N / 8);
+    const int nk = (K + GG_K - 1) / GG_K;
+    grouped_mgemm_load<W_KM>(smem, xa, We, 0, K, N, n0, rows, cols);
+    for (int kt = 0; kt < nk; kt++) {
+        floatX *cur = smem + (kt & 1) * GG_STAGE;
+        if (kt + 1 < nk) { // the next step's tiles into the other stage, then wait for this one's
+            grouped_mgemm_load<W_KM>(smem + ((kt + 1) & 1) * GG_STAGE, xa, We, (kt + 1) * GG_K, K, N, n0, rows, cols);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads(); // this stage's tiles visible to every warp
+        warp_gemm_acc<GG_N, GG_K, GG_K, W_KM ? GG_N : GG_K, false, W_KM>(acc, cur, 16 * warp, cur + GG_M * GG_K);
+        __syncthreads(); // every warp done with this stage before the next step refills it
+    }
+    grouped_store<false>(out, N, acc, r0 + 16 * warp, rows - 16 * warp, n0, cols);
+}
+
+// k-grouped: dW_e (M, N) += dY_e^T (M, rows_e) X_e (rows_e, N), the rows of
+// expert e the reduction. Grid (cdiv(N, GG_N), cdiv(M, GG_M), E); an expert
+// without rows leaves its gradient as it is.
+__global__ void __launch_bounds__(GG_THREADS)
+    grouped_kgemm_kernel(float *dW, const floatX *dy, const floatX *x, const int *offsets, int M, int N) {
+    extern __shared__ uint4 grouped_k_smem[];
+    floatX *smem = (floatX *)grouped_k_smem; // (2, GG_STAGE): A (GG_K, GG_M) and B (GG_K, GG_N), both k-major
+    const int e = blockIdx.z, r0 = offsets[e], n_e = offsets[e + 1] - r0;
+    if (n_e <= 0) return;
+    const int m0 = blockIdx.y * GG_M, n0 = blockIdx.x * GG_N, warp = threadIdx.x >> 5;
+    const int mv = min(GG_M, M - m0), nv = min(GG_N, N - n0);
+    const floatX *dya = dy + (int64_t)r0 * M + m0, *xa = x + (int64_t)r0 * N + n0; // row 0 of the expert's segment
+
+    FragC acc[GG_N / 8];
+    frag_zero(acc, GG_N / 8);
+    const int nk = (n_e + GG_K - 1) / GG_K;
+    grouped_kgemm_load(smem, dya, xa, 0, n_e, M, N, mv, nv);
+    for (int kt = 0; kt < nk; kt++) {
+        floatX *cur = smem + (kt & 1) * GG_STAGE;
+        if (kt + 1 < nk) {
+            grouped_kgemm_load(smem + ((kt + 1) & 1) * GG_STAGE, dya, xa, (kt + 1) * GG_K, n_e, M, N, mv, nv);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        warp_gemm_acc<GG_N, GG_K, GG_M, GG_N, true, true>(acc, cur, 16 * warp, cur + GG_K * GG_M);
+        __syncthreads();
+    }
+    grouped_store<true>(dW + (int64_t)e * M * N, N, acc, m0 + 16 * warp, mv - 16 * warp, n0, nv);
+}
+
+int grouped_dev_supported(int IC, int OC) { return IC > 0 && OC > 0 && IC % 8 == 0 && OC % 8 == 0; }
+
+// The shapes and pointers every launch needs: whole 16-byte chunks per row.
+static void grouped_dev_check(const char *what, int IC, int OC, const void *a, const void *b) {
+    if (!grouped_dev_supported(IC, OC))
+        FATAL("grouped GEMM (device path, %s): the sizes %d x %d must be multiples of 8", what, OC, IC);
+    if (((uintptr_t)a | (uintptr_t)b) % 16 != 0)
+        FATAL("grouped GEMM (device path, %s): inputs not 16-byte aligned", what);
+}
+
+static void grouped_mgemm_launch(floatX *out, const floatX *x, const floatX *W, int w_kmajor, const int *offsets,
+                                 int E, int rows, int K, int N, cudaStream_t st) {
+    if (rows <= 0 || E <= 0) return;
+    // Tiles over the segments: sum_e cdiv(n_e, GG_M) < rows / GG_M + (experts with rows).
+    dim3 grid(cdiv_u(rows, GG_M) + (unsigned int)(E < rows ? E : rows), cdiv_u(N, GG_N));
+    size_t smem = sizeof(floatX) * 2 * GG_STAGE;
+    if (w_kmajor)
+        grouped_mgemm_kernel<true><<<grid, GG_THREADS, smem, st>>>(out, x, W, offsets, E, K, N);
+    else
+        grouped_mgemm_kernel<false><<<grid, GG_THREADS, smem, st>>>(out, x, W, offsets, E, K, N);
+    KERNEL_CHECK();
+}
+
+void grouped_dev_forward(floatX *out, const floatX *inp, const floatX *W, const int *offsets, int E, int rows, int IC,
+                         int OC, cudaStream_t st) {
+    grouped_dev_check("forward", IC, OC, inp, W);
+    grouped_mgemm_launch(out, inp, W, 0, offsets, E, rows, IC, OC, st); // out_e = inp_e W_e^T, W_e (OC, IC)
+}
+
+void grouped_dev_backward_input(floatX *dinp, const floatX *dout, const floatX *W, const int *offsets, int E, int rows,
+                                int IC, int OC, cudaStream_t st) {
+    grouped_dev_check("input gradient", IC, OC, dout, W);
+    grouped_mgemm_launch(dinp, dout, W, 1, offsets, E, rows, OC, IC, st); // dinp_e = dout_e W_e, W_e (OC, IC)
+}
+
+void grouped_dev_backward_weight(float *dW, const floatX *dout, const floatX *inp, const int *offsets, int E, int IC,
+                                 int OC, cudaStream_t st) {
+    grouped_dev_check("weight gradient", IC, OC, dout, inp);
+    if (E <= 0) return;
+    dim3 grid(cdiv_u(IC, GG_N), cdiv_u(OC, GG_M), E);
+    grouped_kgemm_kernel<<<grid, GG_THREADS, sizeof(floatX) * 2 * GG_STAGE, st>>>(dW, dout, inp, offsets, OC, IC);
+    KERNEL_CHECK();
 }

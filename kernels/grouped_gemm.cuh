@@ -19,6 +19,22 @@
 //
 // Experts with no rows are left out of the groups (their weight gradient is
 // unchanged, their outputs have no rows).
+//
+// The device path (grouped_dev_*): the project's own kernels on tensor cores
+// (kernels/mma.cuh; fp32 FMAs in the FP32 build), whose expert offsets are a
+// DEVICE array, so nothing about the routing has to reach the host before
+// they are enqueued. Over the expert-contiguous rows:
+//   m-grouped (forward, input gradients): the output's row tiles of 64 are
+//     laid over the experts' segments, each block finds its expert and rows
+//     by a prefix over the offsets (a segment's last tile is partial; no
+//     padding of the segments is needed); the grid has one block per
+//     possible tile, cdiv(rows, 64) + min(E, rows), and the blocks past the
+//     real tiles return at once;
+//   k-grouped (weight gradients): one block per (expert, 64 x 64 tile of
+//     dW_e), looping over the expert's rows in order; it adds to the fp32
+//     gradient (which sums the micro-batches). No atomics: every output
+//     element is written by one block, in a fixed order, so the bits do not
+//     depend on the order the blocks run in.
 #ifndef KERNELS_GROUPED_GEMM_CUH
 #define KERNELS_GROUPED_GEMM_CUH
 
@@ -57,5 +73,17 @@ void grouped_matmul_backward_input(GroupedGemm *gg, int slot, floatX *dinp, cons
 // backward weight: dW_e (OC, IC) fp32 += dout_e^T @ inp_e
 void grouped_matmul_backward_weight(GroupedGemm *gg, int slot, float *dW, const floatX *dout, const floatX *inp,
                                     const int *offsets, int IC, int OC);
+
+// The device path. offsets (E + 1) in DEVICE memory: expert e owns rows
+// [offsets[e], offsets[e + 1]); rows >= offsets[E] is a bound the host knows
+// (the rows the buffers hold: it sizes the grid). Shapes as above; IC and OC
+// multiples of 8 (grouped_dev_supported), pointers 16-byte aligned.
+int grouped_dev_supported(int IC, int OC);
+void grouped_dev_forward(floatX *out, const floatX *inp, const floatX *W, const int *offsets, int E, int rows, int IC,
+                         int OC, cudaStream_t st);
+void grouped_dev_backward_input(floatX *dinp, const floatX *dout, const floatX *W, const int *offsets, int E, int rows,
+                                int IC, int OC, cudaStream_t st);
+void grouped_dev_backward_weight(float *dW, const floatX *dout, const floatX *inp, const int *offsets, int E, int IC,
+                                 int OC, cudaStream_t st);
 
 #endif

@@ -1,9 +1,9 @@
 // Tensor-core building blocks, shared by the kernels that multiply tiles
-// staged in shared memory (the fused attention; meant for the grouped expert
-// GEMM too): the warp-level fragments of mma.m16n8k16 (bf16 inputs, fp32
+// staged in shared memory (the fused attention, the grouped expert GEMM):
+// the warp-level fragments of mma.m16n8k16 (bf16 inputs, fp32
 // accumulators), their loads from shared memory (ldmatrix), the mma itself,
 // the asynchronous global -> shared copies that stage tiles (cp.async), a
-// swizzled shared-memory tile layout, and two warp-level GEMM loops built
+// swizzled shared-memory tile layout, and the warp-level GEMM loops built
 // from them.
 //
 // Why mma.sync and not WMMA: the PTX ISA documents which lane holds which
@@ -175,17 +175,19 @@ template <int COLS> struct Tile {
     }
 };
 
-// Stages rows [0, valid) of a ROWS x COLS tile from global memory (row r at
-// src + r * ld, 16-byte aligned rows) into `tile` with 16-byte cp.async,
-// and zero-fills rows [valid, ROWS); valid >= 1 (row 0 is the address the
-// zero-filling copies name). Every thread of the block takes part; the
+// Stages rows [0, valid) and columns [0, valid_cols) of a ROWS x COLS tile
+// from global memory (row r at src + r * ld, 16-byte aligned rows) into
+// `tile` with 16-byte cp.async, and zero-fills the rest; valid >= 1 and
+// valid_cols >= 1 a multiple of Tile<COLS>::CHUNK (src itself is the address
+// the zero-filling copies name). Every thread of the block takes part; the
 // caller commits and waits.
 template <int ROWS, int COLS>
-__device__ __forceinline__ void tile_load_async(floatX *tile, const floatX *src, int64_t ld, int valid) {
+__device__ __forceinline__ void tile_load_async(floatX *tile, const floatX *src, int64_t ld, int valid,
+                                                int valid_cols = COLS) {
     constexpr int NCH = Tile<COLS>::NCHUNK, CH = Tile<COLS>::CHUNK;
     for (int i = threadIdx.x; i < ROWS * NCH; i += blockDim.x) {
-        int r = i / NCH, c = i % NCH * CH, ok = r < valid;
-        cp_async_16(tile + Tile<COLS>::at(r, c), src + (ok ? (int64_t)r * ld : 0) + c, ok ? 16 : 0);
+        int r = i / NCH, c = i % NCH * CH, ok = r < valid && c < valid_cols;
+        cp_async_16(tile + Tile<COLS>::at(r, c), src + (ok ? (int64_t)r * ld + c : 0), ok ? 16 : 0);
     }
 }
 
@@ -258,6 +260,28 @@ template <int COLS> __device__ __forceinline__ void frag_load_a(FragA &a, const 
     // matrices: rows r0 / r0 + 8 (bit 0 of the matrix index) x columns k0 / k0 + 8 (bit 1)
     int m = lane >> 3, r = r0 + (lane & 7) + 8 * (m & 1), c = k0 + 8 * (m >> 1);
     ldmatrix_x4<false>(a.x, tile + Tile<COLS>::at(r, c));
+#endif
+}
+
+// A (16 x 16) from a tile stored k-major: A[m][k] = tile[k0 + k][m0 + m]
+// (e.g. dY in dW = dY^T X, whose rows are the reduction).
+template <int COLS> __device__ __forceinline__ void frag_load_a_km(FragA &a, const floatX *tile, int k0, int m0) {
+    int lane = threadIdx.x & 31;
+#ifdef ENABLE_FP32
+    int g = lane >> 2, t = lane & 3;
+    UNROLL
+    for (int h = 0; h < 2; h++)
+        UNROLL
+        for (int s = 0; s < 16; s++) {
+            const floatX *p = tile + Tile<COLS>::at(k0 + frag_k(s, t), m0 + g + 8 * h);
+            smem_check(p, sizeof(floatX));
+            a.x[h][s] = *p;
+        }
+#else
+    // transposed matrices: columns m0 / m0 + 8 (bit 0 of the matrix index) x rows k0 / k0 + 8 (bit 1),
+    // the order of the A registers (x[1]: rows + 8, x[2]: columns + 8 of A)
+    int m = lane >> 3, r = k0 + (lane & 7) + 8 * (m >> 1), c = m0 + 8 * (m & 1);
+    ldmatrix_x4<true>(a.x, tile + Tile<COLS>::at(r, c));
 #endif
 }
 
@@ -361,24 +385,39 @@ __device__ __forceinline__ void mma(FragC &c, const FragA &a, const FragB &b) {
 // ----------------------------------------------------------------------------
 // Warp-level GEMM loops over shared-memory tiles
 
-// c (16 x N, N/8 fragments) = ta[ra0 .. ra0 + 15][0 .. K) tb[0 .. N)[0 .. K)^T:
-// both tiles k-contiguous (row widths CA and CB).
-template <int N, int K, int CA, int CB>
-__device__ __forceinline__ void warp_gemm_abt(FragC *c, const floatX *ta, int ra0, const floatX *tb) {
+// c (16 x N, N/8 fragments) += A (16 x K) B (K x N), with A the rows
+// ra0 .. ra0 + 15 of tile ta and B the columns 0 .. N of tile tb, each
+// stored either way: A_KM: ta[k][m] (k-major), else ta[m][k]; B_KM: tb[k][n],
+// else tb[n][k]. Row widths CA and CB.
+template <int N, int K, int CA, int CB, bool A_KM, bool B_KM>
+__device__ __forceinline__ void warp_gemm_acc(FragC *c, const floatX *ta, int ra0, const floatX *tb) {
     static_assert(N % 16 == 0 && K % 16 == 0, "whole 16 x 16 steps");
-    frag_zero(c, N / 8);
     UNROLL_K
     for (int kk = 0; kk < K; kk += 16) {
         FragA a;
-        frag_load_a<CA>(a, ta, ra0, kk);
+        if (A_KM)
+            frag_load_a_km<CA>(a, ta, kk, ra0);
+        else
+            frag_load_a<CA>(a, ta, ra0, kk);
         UNROLL
         for (int n = 0; n < N; n += 16) {
             FragB b[2];
-            frag_load_b2_nk<CB>(b, tb, n, kk);
+            if (B_KM)
+                frag_load_b2_kn<CB>(b, tb, kk, n);
+            else
+                frag_load_b2_nk<CB>(b, tb, n, kk);
             mma(c[n / 8], a, b[0]);
             mma(c[n / 8 + 1], a, b[1]);
         }
     }
+}
+
+// c (16 x N, N/8 fragments) = ta[ra0 .. ra0 + 15][0 .. K) tb[0 .. N)[0 .. K)^T:
+// both tiles k-contiguous (row widths CA and CB).
+template <int N, int K, int CA, int CB>
+__device__ __forceinline__ void warp_gemm_abt(FragC *c, const floatX *ta, int ra0, const floatX *tb) {
+    frag_zero(c, N / 8);
+    warp_gemm_acc<N, K, CA, CB, false, false>(c, ta, ra0, tb);
 }
 
 // c (16 x N, N/8 fragments) += p (16 x K, K/8 accumulator fragments used as

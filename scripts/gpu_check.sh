@@ -13,9 +13,11 @@
 # Stages, in this order; "need" is the least time worth starting a stage
 # with, "limit" the most it gets (--limit NAME=SECONDS changes it):
 #   versions        5   60  GPU, driver, CUDA runtime, cuBLAS, NCCL, nvcc, PyTorch
-#   build          60  300  FP32 and BF16 builds side by side (two copies of the sources, parallel make)
+#   build          60  300  FP32 and BF16 builds side by side (two copies of the sources, parallel make),
+#                           then test_grouped_gemm --quick of each (the cuBLAS grouped-GEMM probe's line)
 #   bf16-attention 10  120  test_attention --mma (the tensor-core building blocks alone, exact), then
-#                           test_attention: the fused attention against the CPU model's, causality
+#                           test_attention: the fused attention against the CPU model's, causality; then
+#                           test_grouped_gemm: the device grouped GEMM against a host loop and cuBLAS
 #   fp32-attention 10  120  the same in the FP32 build
 #   fp32-unit       5   60  test_gpu --unit: routing and permutation kernels against the CPU code
 #   fp32-fixtures  10  120  test_gpu: every PyTorch fixture, 10 training steps, the backend cases
@@ -33,8 +35,8 @@
 # --stages, when what it needs is missing (its build, compute-sanitizer,
 # PyTorch), or when less of the budget (default 540 s) is left than it needs. A running
 # stage is stopped at its limit or at the end of the budget, whichever comes
-# first (status "timeout"). The grouped-GEMM probe line of each build is
-# recorded with the versions. Exit status: 0 when no stage failed or timed
+# first (status "timeout"). The grouped-GEMM probe line of each build (from
+# the build stage's test_grouped_gemm --quick) is recorded with the versions. Exit status: 0 when no stage failed or timed
 # out, 1 otherwise, 2 for bad usage.
 #
 # --emu: the dry mode, for a machine without a GPU (make test runs it): the
@@ -51,8 +53,8 @@ die() { echo "gpu_check.sh: $*" >&2; exit 2; }
 STAGES=(
     "versions|5|60|GPU, driver, CUDA runtime, cuBLAS, NCCL, nvcc and PyTorch versions"
     "build|60|300|FP32 and BF16 builds of train_moecu and the GPU tests, side by side"
-    "bf16-attention|10|120|test_attention --mma, then test_attention (BF16): tensor-core fragments, fused attention"
-    "fp32-attention|10|120|test_attention --mma, then test_attention (FP32)"
+    "bf16-attention|10|120|test_attention --mma, test_attention, test_grouped_gemm (BF16): tensor-core fragments, fused attention, grouped GEMM"
+    "fp32-attention|10|120|test_attention --mma, test_attention, test_grouped_gemm (FP32)"
     "fp32-unit|5|60|test_gpu --unit (FP32): routing and permutation kernels against the CPU code"
     "fp32-fixtures|10|120|test_gpu (FP32): PyTorch fixtures, 10 training steps, backend cases"
     "fp32-dist|10|120|test_gpu_dist (FP32): the multi-GPU code on one GPU"
@@ -209,8 +211,20 @@ stage_build() {
     for p in "${pids[@]}"; do wait "$p"; done
     for p in FP32 BF16; do
         [ -x "$(trainer $p)" ] && [ -x "$(testbin $p test_gpu)" ] && [ -x "$(testbin $p test_gpu_dist)" ] &&
-            [ -x "$(testbin $p test_attention)" ] || {
+            [ -x "$(testbin $p test_attention)" ] && [ -x "$(testbin $p test_grouped_gemm)" ] || {
             echo "the $p build is incomplete"; rc=1; }
+    done
+    # The cuBLAS grouped-GEMM probe line of each build, for the system record:
+    # the trainer takes the device path by default and probes nothing, and
+    # test_grouped_gemm --quick runs both paths (seconds).
+    [ $rc = 0 ] && for p in FP32 BF16; do
+        local out
+        if out=$(cd "$(workdir "$p")" && "$(testbin "$p" test_grouped_gemm)" --quick 2>&1); then
+            grep -m1 '^expert GEMMs: C ' <<< "$out"
+            echo "[$p] $(tail -1 <<< "$out")"
+        else
+            grep -v '^ok' <<< "$out" | tail -20 | sed "s/^/[$p] /"; echo "[$p] test_grouped_gemm --quick failed"; rc=1
+        fi
     done
     return $rc
 }
@@ -223,7 +237,8 @@ stage_tests() { # PRECISION attention|unit|fixtures|dist|trainer
         # misread alike in the kernels and the emulator fails only there. On
         # the emulator both leave out the T = 2048 case (--quick; make test-emu runs it).
         attention) "$(testbin "$p" test_attention)" --mma &&
-                   "$(testbin "$p" test_attention)" $([ "$MODE" = emu ] && echo --quick) ;;
+                   "$(testbin "$p" test_attention)" $([ "$MODE" = emu ] && echo --quick) &&
+                   "$(testbin "$p" test_grouped_gemm)" $([ "$MODE" = emu ] && echo --quick) ;;
         unit) "$(testbin "$p" test_gpu)" --unit ;;
         fixtures) "$(testbin "$p" test_gpu)" tests/fixtures ;;
         dist) "$(testbin "$p" test_gpu_dist)" ;;

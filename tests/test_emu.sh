@@ -4,7 +4,8 @@
 #  1. the emulator's self-test (it computes what CUDA and cuBLAS define, and
 #     stops on the bugs it is meant to catch);
 #  2. the GPU tests, unchanged: the fused attention and its tensor-core
-#     building blocks against the CPU model's attention, routing and
+#     building blocks against the CPU model's attention, the grouped expert
+#     GEMMs (device and cuBLAS paths) against a loop over experts, routing and
 #     permutation kernels against CPU implementations, every PyTorch
 #     fixture (logits, loss, every gradient),
 #     10 training steps against the reference, the backend cases; then the
@@ -27,9 +28,9 @@
 #   tests/test_emu.sh --race [DIR]        the race build (default build/emu-race; make test-emu-race)
 # The race build, whose kernels have every memory access checked for races
 # and out-of-bounds bytes (tests/emu/emu_race.cc), runs 1 (its race
-# detections included), test_attention --quick, test_gpu, and a 10-step
-# train_moecu run through one-rank NCCL with the EP exchange: any race
-# stops them.
+# detections included), test_attention --quick, test_grouped_gemm --quick,
+# test_gpu, and a 10-step train_moecu run through one-rank NCCL with the EP
+# exchange: any race stops them.
 # A BF16 build (a directory named .../BF16) runs the same checks with the
 # tolerances of bf16 activations, each derived from the error measured on
 # the emulator (written next to it), except where bf16 legitimately differs
@@ -50,11 +51,11 @@ ok() { echo "ok   $*"; }
 bad() { echo "FAIL $*"; fails=$((fails + 1)); }
 
 # 1 and 2: the test programs print their own checks. The fused attention's
-# T = 2048 case runs in the BF16 build (the tensor-core path; --quick in FP32
-# and in the race build).
-ATT="$B/test_attention"
-[ "$(basename "$B")" = BF16 ] || ATT="$ATT --quick"
-PROGS=("$B/test_emu" "$ATT" "$B/test_gpu tests/fixtures")
+# T = 2048 case and the grouped GEMMs' 1b shapes run in the BF16 build (the
+# tensor-core path; --quick in FP32 and in the race build).
+ATT="$B/test_attention" GG="$B/test_grouped_gemm"
+[ "$(basename "$B")" = BF16 ] || { ATT="$ATT --quick"; GG="$GG --quick"; }
+PROGS=("$B/test_emu" "$ATT" "$GG" "$B/test_gpu tests/fixtures")
 [ $RACE = 1 ] || PROGS+=("$B/test_gpu_dist")
 for t in "${PROGS[@]}"; do
     if $t > "$TMP/out" 2>&1; then
@@ -63,6 +64,7 @@ for t in "${PROGS[@]}"; do
         bad "$t:"
         grep -v '^ok\|^  .* ok' "$TMP/out" | tail -40
     fi
+    [ "$t" != "$GG" ] || cp "$TMP/out" "$TMP/gg.out"
 done
 
 # 3. The same run on both trainers.
@@ -88,16 +90,21 @@ if [ $RACE = 1 ]; then
 fi
 "$B/train_moecu" "${RUN[@]}" --ckpt-dir "$TMP/gpu" --log "$TMP/gpu.jsonl" > "$TMP/gpu.out" 2>&1 \
     || { bad "train_moecu (emulated) failed:"; cat "$TMP/gpu.out"; }
-# The grouped-GEMM probe gives the answer of the cuBLAS documentation's type
-# table (tests/emu/emu_blas.cc): the grouped call when A, B and C have one
-# type, the per-expert fallback for bf16 inputs with an fp32 C.
+# The trainer's expert GEMMs take the device path by default (--grouped-gemm).
+# The cuBLAS path's probe (in test_grouped_gemm, which runs both paths) gives
+# the answer of the cuBLAS documentation's type table (tests/emu/emu_blas.cc):
+# the grouped call when A, B and C have one type, the per-expert fallback
+# for bf16 inputs with an fp32 C.
+want_dev="expert GEMMs: device kernels, expert offsets on the GPU (--grouped-gemm device)"
+if grep -qxF "$want_dev" "$TMP/gpu.out"; then ok "train_moecu: $want_dev"
+else bad "train_moecu: want '$want_dev', got '$(grep 'expert GEMMs' "$TMP/gpu.out")'"; fi
 if [ "$(basename "$B")" = BF16 ]; then
     want_probe="expert GEMMs: C bf16 via cublasGemmGroupedBatchedEx; C fp32 (weight gradients) via per-expert cublasGemmEx"
 else
     want_probe="expert GEMMs: C fp32 via cublasGemmGroupedBatchedEx; C fp32 (weight gradients) via cublasGemmGroupedBatchedEx"
 fi
-if grep -qxF "$want_probe" "$TMP/gpu.out"; then ok "train_moecu: $want_probe"
-else bad "train_moecu: grouped-GEMM probe: want '$want_probe', got '$(grep 'expert GEMMs' "$TMP/gpu.out")'"; fi
+if grep -qxF "$want_probe" "$TMP/gg.out"; then ok "test_grouped_gemm's cuBLAS path: $want_probe"
+else bad "test_grouped_gemm: grouped-GEMM probe: want '$want_probe', got '$(grep -m1 'expert GEMMs' "$TMP/gg.out")'"; fi
 
 ./train_moe "${RUN[@]}" --ckpt-dir "$TMP/cpu" --log "$TMP/cpu.jsonl" > "$TMP/cpu.out" 2>&1 \
     || { bad "train_moe failed:"; cat "$TMP/cpu.out"; }

@@ -421,7 +421,7 @@ static void rank_main(const RunSpec *sp, int r, VWorld *vw, HostSum *hs, RunOut 
     size_t nb = (size_t)nmoe * E;
     VRank vr = { vw, r, NULL, 0 };
     GpuComm gc;
-    GpuBackendOptions opt = { NULL, sp->force_exchange };
+    GpuBackendOptions opt = { NULL, sp->force_exchange, 0 };
     if (sp->mode == MODE_NCCL) opt.comm = sp->nccl;
     if (sp->mode == MODE_VIRTUAL) {
         gc = vcomm(&vr);

@@ -14,6 +14,7 @@
 #include "../model/moe.h"
 #include "memplan.h"
 #include "optim.h"
+#include "options.h"
 
 typedef struct Backend Backend;
 
@@ -22,6 +23,7 @@ struct Backend {
     void *ctx;          // the backend's own state
     int64_t n_params;   // elements of the flat fp32 parameter buffer (the layout total)
     const Comm *comm;   // the ranks of this run (set by the loop before create)
+    const TrainOptions *opts; // the run's options (set by the loop before create; NULL: the defaults)
 
     // Allocates the model for micro-batches of up to B x T tokens, with the
     // given routing behaviour. Returns 0, or -1 with a message printed.

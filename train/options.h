@@ -39,6 +39,7 @@ typedef struct {
     uint64_t seed;              // initialisation and data order
     int threads;                // OpenMP threads (0: the runtime's default)
     int ep;                     // expert-parallel group size (ranks sharing out the experts)
+    char grouped_gemm[OPT_PATH]; // GPU expert GEMMs: "device" (offsets on the GPU) or "cublas" (on the host)
     // evaluation
     int eval_every;             // steps between evaluations (0: only at the end)
     int eval_batches;           // micro-batches per evaluation (0: the whole set)

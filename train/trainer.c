@@ -992,6 +992,7 @@ static int trainer_print_memory(const TrainOptions *o, Backend *be) {
 static int trainer_dispatch(int argc, char **argv, const char *prog, Backend *be) {
     TrainOptions o;
     options_default(&o);
+    be->opts = &o; // what a backend reads of them at create (e.g. the GPU's --grouped-gemm)
     int main_rank = be->comm->rank == 0;
     if (argc >= 2 && strcmp(argv[1], "sample") == 0) {
         // PROG sample CKPT [options]: generate from a checkpoint.

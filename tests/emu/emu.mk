@@ -6,7 +6,7 @@
 #   make test-emu EMU_PRECISION=BF16   the same with bf16 activations
 #   make test-emu-race     the race build: the CUDA code compiled with -fsanitize=thread, every memory
 #                          access of a kernel checked for races and exact bounds (emu_race.cc), FP32, and
-#                          test_attention also in BF16; part of `make test`
+#                          test_attention and test_grouped_gemm also in BF16; part of `make test`
 #
 # Needs only a C++17 compiler: the emulator's headers stand in for the CUDA
 # runtime, cuBLAS and NCCL. It checks logic, not a GPU: see docs/gpu.md.
@@ -65,8 +65,12 @@ $(EMU_BUILD)/test_attention: $(EMU_BUILD)/tests/test_attention.o $(EMU_BUILD)/ke
                              $(EMU_LIB)
 	$(CXX) $^ -o $@ $(EMU_LIBS)
 
+# The grouped expert GEMMs (device and cuBLAS paths) against a loop over experts on the host.
+$(EMU_BUILD)/test_grouped_gemm: $(EMU_BUILD)/tests/test_grouped_gemm.o $(EMU_BUILD)/kernels/grouped_gemm.o $(EMU_LIB)
+	$(CXX) $^ -o $@ $(EMU_LIBS)
+
 emu-build: $(EMU_BUILD)/test_emu $(EMU_BUILD)/train_moecu $(EMU_BUILD)/test_gpu $(EMU_BUILD)/test_gpu_dist \
-           $(EMU_BUILD)/test_attention $(EMU_BUILD)/test_kernels
+           $(EMU_BUILD)/test_attention $(EMU_BUILD)/test_grouped_gemm $(EMU_BUILD)/test_kernels
 
 $(EMU_BUILD)/test_emu: $(EMU_BUILD)/tests/emu/test_emu.o $(EMU_LIB)
 	$(CXX) $^ -o $@ $(EMU_LIBS)
@@ -125,10 +129,16 @@ $(EMU_RACE_BUILD)/test_attention: $(EMU_RACE_BUILD)/tests/test_attention.o $(EMU
                                   $(BUILD)/f32/model/ops.o $(EMU_LIB)
 	$(CXX) $^ -o $@ $(EMU_LIBS)
 
-# The attention kernels also in bf16: the FP32 build stages tiles by
+$(EMU_RACE_BUILD)/test_grouped_gemm: $(EMU_RACE_BUILD)/tests/test_grouped_gemm.o \
+                                     $(EMU_RACE_BUILD)/kernels/grouped_gemm.o $(EMU_LIB)
+	$(CXX) $^ -o $@ $(EMU_LIBS)
+
+# The tensor-core kernels also in bf16: the FP32 build stages tiles by
 # cp.async but loads fragments with plain reads, while the BF16 build (the
-# one users train with) has other tiles (64 rows, not 32) and its operands
-# come through ldmatrix. Only test_attention is built this way.
+# one users train with) has other tiles (the attention's are 64 rows, not
+# 32) and its operands come through ldmatrix (ldmatrix.trans for the grouped
+# GEMM's k-major operands). Only test_attention and test_grouped_gemm are
+# built this way.
 EMU_RACE_BF16_BUILD = $(BUILD)/emu-race-bf16
 EMU_RACE_BF16_CXXFLAGS = $(filter-out -DENABLE_FP32,$(EMU_RACE_CXXFLAGS))
 .PRECIOUS: $(EMU_RACE_BF16_BUILD)/%.cc
@@ -144,8 +154,14 @@ $(EMU_RACE_BF16_BUILD)/test_attention: $(EMU_RACE_BF16_BUILD)/tests/test_attenti
                                        $(EMU_RACE_BF16_BUILD)/kernels/attention.o $(BUILD)/f32/model/ops.o $(EMU_LIB)
 	$(CXX) $^ -o $@ $(EMU_LIBS)
 
+$(EMU_RACE_BF16_BUILD)/test_grouped_gemm: $(EMU_RACE_BF16_BUILD)/tests/test_grouped_gemm.o \
+                                          $(EMU_RACE_BF16_BUILD)/kernels/grouped_gemm.o $(EMU_LIB)
+	$(CXX) $^ -o $@ $(EMU_LIBS)
+
 emu-race-build: $(EMU_RACE_BUILD)/test_emu $(EMU_RACE_BUILD)/test_gpu $(EMU_RACE_BUILD)/train_moecu \
-                $(EMU_RACE_BUILD)/test_attention $(EMU_RACE_BF16_BUILD)/test_attention $(EMU_RACE_BUILD)/test_kernels
+                $(EMU_RACE_BUILD)/test_attention $(EMU_RACE_BF16_BUILD)/test_attention \
+                $(EMU_RACE_BUILD)/test_grouped_gemm $(EMU_RACE_BF16_BUILD)/test_grouped_gemm \
+                $(EMU_RACE_BUILD)/test_kernels
 
 # The kernels' two paths, then tests/test_emu.sh --race: any race or out-of-bounds access stops them.
 test-emu-race: emu-race-build $(BUILD)/gen_shards
@@ -153,6 +169,7 @@ test-emu-race: emu-race-build $(BUILD)/gen_shards
 	tail -1 $(EMU_RACE_BUILD)/test_kernels.out
 	bash tests/test_emu.sh --race $(EMU_RACE_BUILD)
 	$(EMU_RACE_BF16_BUILD)/test_attention --quick
+	$(EMU_RACE_BF16_BUILD)/test_grouped_gemm --quick
 
 # Device-memory traffic per kernel (bench/emu_traffic.cc; docs/gpu.md,
 # "Memory-bound kernels"): the race build's trainer with the access hooks and
