@@ -176,7 +176,8 @@ stage_build() {
         make -j"$JOBS" emu-build train_moe moe_ckpt build/gen_shards build/gpu_peak &&
             make -j"$JOBS" EMU_PRECISION=BF16 emu-build || return 1
         fig builds "$ROOT/build/emu/FP32, $ROOT/build/emu/BF16"
-        return 0
+        build_probe
+        return
     fi
     # The architecture of the GPU here, unless GPU_ARCH says otherwise.
     local arch cc
@@ -214,11 +215,15 @@ stage_build() {
             [ -x "$(testbin $p test_attention)" ] && [ -x "$(testbin $p test_grouped_gemm)" ] || {
             echo "the $p build is incomplete"; rc=1; }
     done
-    # The cuBLAS grouped-GEMM probe line of each build, for the system record:
-    # the trainer takes the device path by default and probes nothing, and
-    # test_grouped_gemm --quick runs both paths (seconds).
-    [ $rc = 0 ] && for p in FP32 BF16; do
-        local out
+    [ $rc = 0 ] && build_probe
+}
+
+# The cuBLAS grouped-GEMM probe line of each build, for the system record:
+# the trainer takes the device path by default and probes nothing, and
+# test_grouped_gemm --quick runs both paths (seconds).
+build_probe() {
+    local p out rc=0
+    for p in FP32 BF16; do
         if out=$(cd "$(workdir "$p")" && "$(testbin "$p" test_grouped_gemm)" --quick 2>&1); then
             grep -m1 '^expert GEMMs: C ' <<< "$out"
             echo "[$p] $(tail -1 <<< "$out")"
@@ -309,7 +314,7 @@ stage_compare() { # preset micro-batch steps reps outdir
 stage_peers() { if [ "$MODE" = emu ]; then stage_compare tiny 4 5 1 peers; else stage_compare small 16 12 3 peers; fi; }
 stage_peers-1b() { stage_compare 1b 4 8 2 peers-1b; }
 
-export -f fig test_figures sanitizer stage_versions stage_build stage_tests stage_bf16-attention stage_fp32-attention \
+export -f fig test_figures sanitizer stage_versions stage_build build_probe stage_tests stage_bf16-attention stage_fp32-attention \
     stage_fp32-unit stage_fp32-fixtures stage_fp32-dist stage_fp32-trainer stage_bf16-fixtures stage_bf16-dist \
     stage_bf16-trainer stage_memcheck stage_gpu_bench stage_bench stage_bench-large stage_compare stage_peers stage_peers-1b
 
