@@ -96,22 +96,6 @@ static double rel_err_f(const float *a, const double *ref, int64_t n) {
     return rmax > 0 ? emax / rmax : emax;
 }
 
-static floatX host_to_x(float v) {
-#ifdef ENABLE_FP32
-    return v;
-#else
-    return __float2bfloat16_rn(v);
-#endif
-}
-
-static float host_to_f(floatX v) {
-#ifdef ENABLE_FP32
-    return v;
-#else
-    return __bfloat162float(v);
-#endif
-}
-
 static void *to_device(const void *src, size_t bytes) {
     void *p;
     CUDA_CHECK(cudaMalloc(&p, bytes ? bytes : 1));
@@ -658,11 +642,11 @@ static void test_permute_case(const char *name, int N, int E, int K, int kind, u
     float *gates = (float *)xmalloc(sizeof(float) * NK), *out0 = (float *)xmalloc(sizeof(float) * N * d);
     float *dout = (float *)xmalloc(sizeof(float) * N * d);
     for (int i = 0; i < N * d; i++) {
-        h[i] = host_to_x((float)rng_normal(&rng));
+        h[i] = to_x((float)rng_normal(&rng));
         out0[i] = (float)rng_normal(&rng);
         dout[i] = (float)rng_normal(&rng);
     }
-    for (int i = 0; i < NK * d; i++) eout[i] = host_to_x((float)rng_normal(&rng));
+    for (int i = 0; i < NK * d; i++) eout[i] = to_x((float)rng_normal(&rng));
     for (int i = 0; i < NK; i++) gates[i] = (float)rng_uniform(&rng);
     floatX *d_h = (floatX *)to_device(h, sizeof(floatX) * N * d), *d_eout = (floatX *)to_device(eout, sizeof(floatX) * NK * d);
     float *d_gates = (float *)to_device(gates, sizeof(float) * NK), *d_out = (float *)to_device(out0, sizeof(float) * N * d);
@@ -695,8 +679,8 @@ static void test_permute_case(const char *name, int N, int E, int K, int kind, u
             double o = out0[(size_t)t * d + c], s = 0;
             for (int j = 0; j < K; j++) {
                 size_t r = c_row[(size_t)t * K + j];
-                o += (double)gates[(size_t)t * K + j] * host_to_f(eout[r * d + c]);
-                s += host_to_f(eout[r * d + c]);
+                o += (double)gates[(size_t)t * K + j] * to_f(eout[r * d + c]);
+                s += to_f(eout[r * d + c]);
             }
             cout[(size_t)t * d + c] = (float)o;
             cdh[(size_t)t * d + c] = (float)s;
@@ -706,9 +690,9 @@ static void test_permute_case(const char *name, int N, int E, int K, int kind, u
             double dot = 0;
             for (int c = 0; c < d; c++) {
                 float go = dout[(size_t)t * d + c];
-                dot += (double)go * host_to_f(eout[r * d + c]);
-                cdeout[r * d + c] = host_to_f(host_to_x(gates[slot_i] * go));
-                gdeout[r * d + c] = host_to_f(deout[r * d + c]);
+                dot += (double)go * to_f(eout[r * d + c]);
+                cdeout[r * d + c] = to_f(to_x(gates[slot_i] * go));
+                gdeout[r * d + c] = to_f(deout[r * d + c]);
             }
             cdg[slot_i] = (float)dot;
         }
@@ -991,7 +975,7 @@ static void test_memory_plan(void) {
         if (created) gpu_debug_memory(&be, actual);
         char detail[256];
         int same = planned && created && memcmp(plan.bytes, actual, sizeof actual) == 0;
-        snprintf(detail, sizeof detail, "(E=%d K=%d S=%d de=%d %s: planned %zu bytes, allocated %zu)", cases[i][0],
+        snprintf(detail, sizeof detail, "(E=%d K=%d S=%d de=%d %.32s: planned %zu bytes, allocated %zu)", cases[i][0],
                  cases[i][1], cases[i][2], cases[i][3], o.grouped_gemm, memplan_total(&plan),
                  actual[0] + actual[1] + actual[2] + actual[3] + actual[4]);
         report_bool("plan == allocation, every category", same, detail);

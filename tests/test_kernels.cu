@@ -57,14 +57,6 @@ static_assert(sizeof(real) == sizeof(double), "the oracles are the fp64 build of
 #endif
 #define TOL_F 2e-6
 
-static floatX host_to_x(float v) {
-#ifdef ENABLE_FP32
-    return v;
-#else
-    return __float2bfloat16_rn(v);
-#endif
-}
-
 static double host_to_d(float v) { return v; }
 static double host_to_d(double v) { return v; }
 #ifndef ENABLE_FP32
@@ -108,7 +100,7 @@ static std::vector<float> randn_f(Rng *rng, int64_t n, double scale) {
 }
 static std::vector<floatX> randn_x(Rng *rng, int64_t n, double scale) {
     std::vector<floatX> v((size_t)n);
-    for (int64_t i = 0; i < n; i++) v[i] = host_to_x((float)(scale * rng_normal(rng)));
+    for (int64_t i = 0; i < n; i++) v[i] = to_x((float)(scale * rng_normal(rng)));
     return v;
 }
 template <class T> static std::vector<double> to_d(const std::vector<T> &v) {
@@ -405,7 +397,7 @@ static void test_convert(int64_t n, uint64_t seed) {
     std::vector<float> f = randn_f(&rng, n, 1.0);
     std::vector<floatX> x = randn_x(&rng, n, 1.0);
     std::vector<double> x_ref((size_t)n), f_ref = to_d(x);
-    for (int64_t i = 0; i < n; i++) x_ref[i] = host_to_d(host_to_x(f[i]));
+    for (int64_t i = 0; i < n; i++) x_ref[i] = host_to_d(to_x(f[i]));
     static const char *const names[] = { "dst unaligned", "src unaligned" };
     FOR_SHIFTS(2, s) {
         printf("convert: n=%lld, %s\n", (long long)n, shift_name(names, s));
@@ -462,7 +454,7 @@ static void test_adamw(int64_t n, int64_t off, int with_copy, float grad_mult, u
         if (with_copy) {
             int bad = 0;
             for (int64_t i = 0; i < n; i++) {
-                double px = r[3 * n + i], pr = i < off ? 0.0 : host_to_d(host_to_x((float)r[i]));
+                double px = r[3 * n + i], pr = i < off ? 0.0 : host_to_d(to_x((float)r[i]));
                 bad += px != pr;
             }
             char detail[64];
