@@ -170,7 +170,7 @@ cudaError_t emu::capture_unsafe_call(const char *what) {
                                                     : t_mode == cudaStreamCaptureModeGlobal &&
                                                           c->mode == cudaStreamCaptureModeGlobal;
         if (!prohibits) continue;
-        invalidate_locked(c, what, "(potentially unsafe) during a capture its mode prohibits it in",
+        invalidate_locked(c, what, "is potentially unsafe during a capture (the capture's and the thread's modes prohibit it)",
                           cudaErrorStreamCaptureUnsupported);
         refused = true;
     }
