@@ -2,8 +2,7 @@
 # The GPU trainer's own CUDA code, run on the CPU by the emulator in tests/emu
 # (docs/gpu.md, "The emulator"); `make test-emu`, part of `make test`.
 #  1. the emulator's self-test (it computes what CUDA and cuBLAS define, and
-#     stops on the bugs it is meant to catch), and its profile of a graph's
-#     replays;
+#     stops on the bugs it is meant to catch);
 #  2. the GPU tests, unchanged: routing and permutation kernels against CPU
 #     implementations, every PyTorch fixture (logits, loss, every gradient),
 #     10 training steps against the reference, the backend cases; then the
@@ -48,24 +47,6 @@ for t in "${PROGS[@]}"; do
         grep -v '^ok\|^  .* ok' "$TMP/out" | tail -40
     fi
 done
-
-# EMU_PROFILE counts what a graph's replays run: test_emu --graph-profile N
-# captures a small sequence (a copy in, a kernel, a memset, a device copy,
-# cublasGemmEx, cublasLtMatmul, two copies out) and replays it N times, so
-# with N = 3 each of its calls counts 3 times (the copies out 6) and
-# cudaGraphLaunch 3; with N = 0 (the capture alone) none of them counts.
-graph_counts() { # N: "launches kernel gemm lt d2h memset", from the profile
-    EMU_PROFILE=1 "$B/test_emu" --graph-profile "$1" 2>&1 >/dev/null | awk '
-        { n = $1; k = $0; sub(/^ *[0-9]+ +/, "", k); sub(/ \([0-9]+ threads per launch\)$/, "", k); c[k] = n }
-        END { printf "%d %d %d %d %d %d", c["cudaGraphLaunch"], c["affine_kernel"], c["cublasGemmEx"],
-              c["cublasLtMatmul"], c["cudaMemcpyAsync to host"], c["cudaMemset(Async)"] }'
-}
-g3=$(graph_counts 3) g0=$(graph_counts 0)
-if [ "$g3" = "3 3 3 3 6 3" ] && [ "$g0" = "0 0 0 0 0 0" ]; then
-    ok "EMU_PROFILE and graphs: 3 replays count 3 graph launches and their work 3 times (launches, kernel, cublasGemmEx, cublasLtMatmul, copies to host, memsets: $g3); the capture alone counts none ($g0)"
-else
-    bad "EMU_PROFILE and graphs: want '3 3 3 3 6 3' after 3 replays and '0 0 0 0 0 0' after the capture alone, got '$g3' and '$g0'"
-fi
 
 # 3. The same run on both trainers.
 ./build/gen_shards "$TMP" 64 20000 4000 1 > /dev/null || { echo "FAIL gen_shards"; exit 1; }

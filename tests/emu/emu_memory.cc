@@ -28,7 +28,9 @@
 //
 // The emulator's files: emu_memory.cc (this one: reporting, the profile,
 // device and pinned memory, the runtime API), emu_kernel.cc (kernel launches,
-// barriers, shuffles), emu_blas.cc (cuBLAS, cuBLASLt), emu_nccl.cc (NCCL).
+// barriers, shuffles), emu_event.cc (events), emu_graph.cc (stream capture
+// and graphs), emu_blas.cc (cuBLAS, cuBLASLt), emu_nccl.cc (NCCL),
+// emu_race.cc (the race build's access checker).
 #include <errno.h>
 #include <execinfo.h>
 #include <signal.h>

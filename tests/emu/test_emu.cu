@@ -31,6 +31,14 @@
 //     __syncthreads, a __syncwarp whose mask leaves out the lane that wrote,
 //     a __syncthreads the writing threads never reached (they exited), a read
 //     in an allocation's rounding slack.
+//  6. graphs (stream capture and replay): a captured sequence of every kind
+//     of work runs nothing at the capture and, replayed with new inputs in
+//     the same buffers, gives the bits of running it directly; host values
+//     (kernel arguments, alpha, a grouped GEMM's sizes) are the capture's,
+//     device memory (data, pointer arrays) is read at the replay; each call
+//     a GPU refuses during a capture returns CUDA's code and invalidates the
+//     capture; in child processes, the emulator's checks at the replay, and
+//     EMU_PROFILE's counts of replays (test_emu --graph-profile N).
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1050,18 +1058,31 @@ static void test_graph_replay(void) {
     CK(cudaGraphLaunch(exec, other));
     CK(cudaStreamSynchronize(other)); // the copies into h_out land with the launch stream's synchronisation
     int same_other = memcmp(q.h_out, direct[0], sizeof direct[0]) == 0;
+    // Launched into a capture, the graph becomes part of the new one (a child graph).
+    cudaGraph_t outer;
+    cudaGraphExec_t outer_exec;
+    CK(cudaStreamBeginCapture(other, cudaStreamCaptureModeGlobal));
+    CK(cudaGraphLaunch(exec, other));
+    CK(cudaStreamEndCapture(other, &outer));
+    CK(cudaGraphInstantiate(&outer_exec, outer, 0));
+    seq_input(&q, 101);
+    CK(cudaGraphLaunch(outer_exec, other));
+    CK(cudaStreamSynchronize(other));
+    int same_child = memcmp(q.h_out, direct[1], sizeof direct[1]) == 0;
+    CK(cudaGraphExecDestroy(outer_exec));
+    CK(cudaGraphDestroy(outer));
     cudaError_t destroyed = cudaGraphExecDestroy(exec);
     cudaError_t again = cudaGraphLaunch(exec, q.st);
-    check(same_other && destroyed == cudaSuccess && again == cudaErrorInvalidResourceHandle,
-          "a replay on another stream gives the same bits (%s); a destroyed executable graph is refused (%s)",
-          same_other ? "same" : "DIFFERENT", cudaGetErrorName(again));
+    check(same_other && same_child && destroyed == cudaSuccess && again == cudaErrorInvalidResourceHandle,
+          "a replay on another stream, and of a graph holding it as a child graph, give the same bits (%s, %s); a "
+          "destroyed executable graph is refused (%s)", same_other ? "same" : "DIFFERENT",
+          same_child ? "same" : "DIFFERENT", cudaGetErrorName(again));
     CK(cudaStreamDestroy(other));
     seq_destroy(&q);
 }
 
-// EMU_PROFILE=1 test_emu --graph-profile N: capture the sequence and replay
-// it N times; tests/test_emu.sh reads the profile (N graph launches, N times
-// the sequence's work, none of it counted at capture).
+// test_emu --graph-profile N (run with EMU_PROFILE=1 by test_graph_profile):
+// capture the sequence and replay it N times.
 static int graph_profile(int replays) {
     Seq q;
     seq_create(&q, 21);
@@ -1075,6 +1096,67 @@ static int graph_profile(int replays) {
     CK(cudaGraphExecDestroy(exec));
     seq_destroy(&q);
     return bad != 0;
+}
+
+// The profile of `test_emu --graph-profile N`, run in a child with
+// EMU_PROFILE=1 (the profile is set up once per process): the counts of the
+// graph launches, the sequence's kernel, cublasGemmEx, cublasLtMatmul,
+// copies to the host and memsets. Returns the child's exit status.
+static int graph_profile_counts(int replays, long counts[6]) {
+    static const char *names[6] = {"cudaGraphLaunch", "affine_kernel", "cublasGemmEx", "cublasLtMatmul",
+                                   "cudaMemcpyAsync to host", "cudaMemset(Async)"};
+    int fds[2];
+    if (pipe(fds) != 0) exit(1);
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(fds[1], 2);
+        close(fds[0]);
+        if (!freopen("/dev/null", "w", stdout)) _exit(127);
+        setenv("EMU_PROFILE", "1", 1);
+        char n[16];
+        snprintf(n, sizeof n, "%d", replays);
+        execl("/proc/self/exe", "test_emu", "--graph-profile", n, (char *)NULL);
+        _exit(127);
+    }
+    close(fds[1]);
+    static char buf[1 << 14];
+    size_t len = 0;
+    ssize_t r;
+    while ((r = read(fds[0], buf + len, sizeof buf - 1 - len)) > 0) len += (size_t)r;
+    buf[len] = 0;
+    close(fds[0]);
+    int status;
+    waitpid(pid, &status, 0);
+    // Lines "  <count>  <name>" (kernels: "<name> (<n> threads per launch)").
+    for (int i = 0; i < 6; i++) counts[i] = 0;
+    for (char *line = strtok(buf, "\n"); line; line = strtok(NULL, "\n")) {
+        long c;
+        int at;
+        if (sscanf(line, " %ld %n", &c, &at) != 1) continue;
+        char *name = line + at, *paren = strstr(name, " (");
+        if (paren && strstr(paren, "threads per launch)")) *paren = 0;
+        for (int i = 0; i < 6; i++)
+            if (strcmp(name, names[i]) == 0) counts[i] = c;
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+}
+
+// EMU_PROFILE counts what replays run -- one graph launch per replay, and
+// the sequence's work each time -- and nothing at the capture.
+static void test_graph_profile(void) {
+    long three[6], none[6];
+    int st3 = graph_profile_counts(3, three), st0 = graph_profile_counts(0, none);
+    const long want[6] = {3, 3, 3, 3, 6, 3};
+    int ok3 = st3 == 0, ok0 = st0 == 0;
+    for (int i = 0; i < 6; i++) {
+        ok3 &= three[i] == want[i];
+        ok0 &= none[i] == 0;
+    }
+    check(ok3 && ok0, "EMU_PROFILE: 3 replays count %ld graph launches, %ld kernel launches, %ld cublasGemmEx, %ld "
+          "cublasLtMatmul, %ld copies to the host, %ld memsets (want 3 3 3 3 6 3); the capture alone %ld %ld %ld %ld "
+          "%ld %ld (want none)", three[0], three[1], three[2], three[3], three[4], three[5], none[0], none[1], none[2],
+          none[3], none[4], none[5]);
 }
 
 // A grouped GEMM in a graph: its device pointer arrays are read at each
@@ -1468,6 +1550,7 @@ static void bug_graph_race(void) {
 
 static void test_graphs(void) {
     test_graph_replay();
+    test_graph_profile();
     test_graph_grouped();
     test_graph_nccl();
     test_graph_events();
