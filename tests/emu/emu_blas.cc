@@ -1,7 +1,11 @@
 // CUDA emulation on the CPU: cuBLAS and cuBLASLt (tests/emu; see
 // emu_memory.cc). The GEMMs are loops over cuBLAS's definition in double,
 // rounded once to the output type; their arguments are checked as cuBLAS
-// checks them, and their matrices must be device memory.
+// checks them, and their matrices must be device memory. On a stream that
+// captures (emu_graph.cc) a call is checked the same way and recorded:
+// alpha, beta and the grouped call's per-group arrays are host values,
+// taken at the call; the matrices and the grouped call's device pointer
+// arrays are read when a replay runs it.
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -161,18 +165,27 @@ static size_t span_bytes(int rows, int cols, int ld, cudaDataType t) {
     return ((size_t)(cols - 1) * ld + rows) * type_bytes(t);
 }
 
-// One GEMM, D = alpha op(A) op(B) + beta C, column-major (cuBLAS's
-// definition; cuBLAS itself has D = C, cuBLASLt may not).
-static cublasStatus_t gemm_cd(const char *who, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
-                              float alpha, const void *A, cudaDataType at, int lda, const void *B, cudaDataType bt,
-                              int ldb, float beta, const void *C, cudaDataType ct, int ldc, void *D, cudaDataType dt,
-                              int ldd) {
-    int a_rows = ta == CUBLAS_OP_N ? m : k, a_cols = ta == CUBLAS_OP_N ? k : m;
-    int b_rows = tb == CUBLAS_OP_N ? k : n, b_cols = tb == CUBLAS_OP_N ? n : k;
+// A GEMM's sizes and leading dimensions as cuBLAS checks them.
+static cublasStatus_t gemm_dims(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, int lda, int ldb,
+                                int ldc, int ldd) {
+    int a_rows = ta == CUBLAS_OP_N ? m : k, b_rows = tb == CUBLAS_OP_N ? k : n;
     if (m < 0 || n < 0 || k < 0 || lda < (a_rows > 1 ? a_rows : 1) || ldb < (b_rows > 1 ? b_rows : 1) ||
         ldc < (m > 1 ? m : 1) || ldd < (m > 1 ? m : 1))
         return CUBLAS_STATUS_INVALID_VALUE;
-    if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+// One GEMM, D = alpha op(A) op(B) + beta C, column-major (cuBLAS's
+// definition; cuBLAS itself has D = C, cuBLASLt may not). run = false: only
+// the checks (a call being captured).
+static cublasStatus_t gemm_cd(const char *who, bool run, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+                              int k, float alpha, const void *A, cudaDataType at, int lda, const void *B,
+                              cudaDataType bt, int ldb, float beta, const void *C, cudaDataType ct, int ldc, void *D,
+                              cudaDataType dt, int ldd) {
+    int a_rows = ta == CUBLAS_OP_N ? m : k, a_cols = ta == CUBLAS_OP_N ? k : m;
+    int b_rows = tb == CUBLAS_OP_N ? k : n, b_cols = tb == CUBLAS_OP_N ? n : k;
+    cublasStatus_t st = gemm_dims(ta, tb, m, n, k, lda, ldb, ldc, ldd);
+    if (st != CUBLAS_STATUS_SUCCESS || m == 0 || n == 0) return st;
     char what[128];
     snprintf(what, sizeof what, "%s: matrix A", who);
     if (k > 0) need_device(A, span_bytes(a_rows, a_cols, lda, at), what);
@@ -182,6 +195,7 @@ static cublasStatus_t gemm_cd(const char *who, cublasOperation_t ta, cublasOpera
     if (beta != 0.0f) need_device(C, span_bytes(m, n, ldc, ct), what);
     snprintf(what, sizeof what, "%s: matrix D", who);
     need_device(D, span_bytes(m, n, ldd, dt), what);
+    if (!run) return CUBLAS_STATUS_SUCCESS;
     enter_device();
     std::vector<float> a((size_t)m * k), b((size_t)n * k); // a[i][p] = op(A)(i,p), b[j][p] = op(B)(p,j)
     for (int i = 0; i < m; i++)
@@ -203,10 +217,32 @@ static cublasStatus_t gemm_cd(const char *who, cublasOperation_t ta, cublasOpera
     return CUBLAS_STATUS_SUCCESS;
 }
 
-static cublasStatus_t gemm_one(const char *who, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
-                               float alpha, const void *A, cudaDataType at, int lda, const void *B, cudaDataType bt,
-                               int ldb, float beta, void *C, cudaDataType ct, int ldc) {
-    return gemm_cd(who, ta, tb, m, n, k, alpha, A, at, lda, B, bt, ldb, beta, C, ct, ldc, C, ct, ldc);
+static cublasStatus_t gemm_one(const char *who, bool run, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+                               int k, float alpha, const void *A, cudaDataType at, int lda, const void *B,
+                               cudaDataType bt, int ldb, float beta, void *C, cudaDataType ct, int ldc) {
+    return gemm_cd(who, run, ta, tb, m, n, k, alpha, A, at, lda, B, bt, ldb, beta, C, ct, ldc, C, ct, ldc);
+}
+
+// Runs a call now, or, when its stream captures, checks it (call(false))
+// and records it (call(true) at every replay). A stream the call may not
+// use now (the legacy stream during a blocking capture, an invalidated
+// capture) fails its launch, which cuBLAS reports as
+// CUBLAS_STATUS_EXECUTION_FAILED.
+template <class Call>
+static cublasStatus_t blas_enqueue(cudaStream_t stream, const char *who, int prof, const Call &call) {
+    bool record;
+    if (capture_check(stream, who, &record) != cudaSuccess) return CUBLAS_STATUS_EXECUTION_FAILED;
+    if (!record) {
+        prof_count(prof);
+        return call(true);
+    }
+    cublasStatus_t st = call(false);
+    if (st == CUBLAS_STATUS_SUCCESS)
+        capture_record(stream, who, [call, prof](cudaStream_t) {
+            prof_count(prof);
+            call(true);
+        });
+    return st;
 }
 
 extern "C" cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb,
@@ -215,15 +251,17 @@ extern "C" cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t 
                                        cudaDataType Ctype, int ldc, cublasComputeType_t computeType,
                                        cublasGemmAlgo_t algo) {
     (void)algo;
-    prof_count(PROF_GEMM);
     if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (!types_listed(GEMM_EX_TYPES, N_ROWS(GEMM_EX_TYPES), computeType, -1, Atype, Btype, Ctype))
         return CUBLAS_STATUS_NOT_SUPPORTED;
     need_emulated("cublasGemmEx", computeType, Atype, Ctype);
     need_host(alpha, "cublasGemmEx alpha (host pointer mode)");
     need_host(beta, "cublasGemmEx beta (host pointer mode)");
-    return gemm_one("cublasGemmEx", transa, transb, m, n, k, *(const float *)alpha, A, Atype, lda, B, Btype, ldb,
-                    *(const float *)beta, C, Ctype, ldc);
+    float al = *(const float *)alpha, be = *(const float *)beta;
+    return blas_enqueue(handle->stream, "cublasGemmEx", PROF_GEMM, [=](bool run) {
+        return gemm_one("cublasGemmEx", run, transa, transb, m, n, k, al, A, Atype, lda, B, Btype, ldb, be, C, Ctype,
+                        ldc);
+    });
 }
 
 extern "C" cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t handle, cublasOperation_t transa,
@@ -234,7 +272,6 @@ extern "C" cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t handle, cubl
                                                      long long int strideC, int batchCount,
                                                      cublasComputeType_t computeType, cublasGemmAlgo_t algo) {
     (void)algo;
-    prof_count(PROF_GEMM_STRIDED);
     if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (!types_listed(GEMM_EX_TYPES, N_ROWS(GEMM_EX_TYPES), computeType, -1, Atype, Btype, Ctype))
         return CUBLAS_STATUS_NOT_SUPPORTED;
@@ -242,15 +279,17 @@ extern "C" cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t handle, cubl
     if (batchCount < 0) return CUBLAS_STATUS_INVALID_VALUE;
     need_host(alpha, "cublasGemmStridedBatchedEx alpha (host pointer mode)");
     need_host(beta, "cublasGemmStridedBatchedEx beta (host pointer mode)");
-    for (int i = 0; i < batchCount; i++) {
-        cublasStatus_t st = gemm_one("cublasGemmStridedBatchedEx", transa, transb, m, n, k, *(const float *)alpha,
-                                     (const char *)A + i * strideA * (long long)type_bytes(Atype), Atype, lda,
-                                     (const char *)B + i * strideB * (long long)type_bytes(Btype), Btype, ldb,
-                                     *(const float *)beta, (char *)C + i * strideC * (long long)type_bytes(Ctype),
-                                     Ctype, ldc);
-        if (st != CUBLAS_STATUS_SUCCESS) return st;
-    }
-    return CUBLAS_STATUS_SUCCESS;
+    float al = *(const float *)alpha, be = *(const float *)beta;
+    return blas_enqueue(handle->stream, "cublasGemmStridedBatchedEx", PROF_GEMM_STRIDED, [=](bool run) {
+        for (int i = 0; i < batchCount; i++) {
+            cublasStatus_t st = gemm_one("cublasGemmStridedBatchedEx", run, transa, transb, m, n, k, al,
+                                         (const char *)A + i * strideA * (long long)type_bytes(Atype), Atype, lda,
+                                         (const char *)B + i * strideB * (long long)type_bytes(Btype), Btype, ldb, be,
+                                         (char *)C + i * strideC * (long long)type_bytes(Ctype), Ctype, ldc);
+            if (st != CUBLAS_STATUS_SUCCESS) return st;
+        }
+        return CUBLAS_STATUS_SUCCESS;
+    });
 }
 
 extern "C" cublasStatus_t cublasGemmGroupedBatchedEx(
@@ -259,7 +298,6 @@ extern "C" cublasStatus_t cublasGemmGroupedBatchedEx(
     cudaDataType_t Atype, const int lda_array[], const void *const Barray[], cudaDataType_t Btype,
     const int ldb_array[], const void *beta_array, void *const Carray[], cudaDataType_t Ctype, const int ldc_array[],
     int group_count, const int group_size[], cublasComputeType_t computeType) {
-    prof_count(PROF_GEMM_GROUPED);
     if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (!types_listed(GROUPED_TYPES, N_ROWS(GROUPED_TYPES), computeType, -1, Atype, Btype, Ctype))
         return CUBLAS_STATUS_NOT_SUPPORTED;
@@ -279,24 +317,39 @@ extern "C" cublasStatus_t cublasGemmGroupedBatchedEx(
     need_device(Aarray, sizeof(void *) * total, "cublasGemmGroupedBatchedEx Aarray");
     need_device(Barray, sizeof(void *) * total, "cublasGemmGroupedBatchedEx Barray");
     need_device(Carray, sizeof(void *) * total, "cublasGemmGroupedBatchedEx Carray");
-    std::vector<const void *> pa(total), pb(total);
-    std::vector<void *> pc(total);
-    enter_device();
-    for (int i = 0; i < total; i++) {
-        pa[i] = Aarray[i];
-        pb[i] = Barray[i];
-        pc[i] = Carray[i];
-    }
-    exit_device();
-    const float *alphas = (const float *)alpha_array, *betas = (const float *)beta_array;
-    for (int g = 0, idx = 0; g < group_count; g++)
-        for (int i = 0; i < group_size[g]; i++, idx++) {
-            cublasStatus_t st = gemm_one(who, transa_array[g], transb_array[g], m_array[g], n_array[g], k_array[g],
-                                         alphas[g], pa[idx], Atype, lda_array[g], pb[idx], Btype, ldb_array[g],
-                                         betas[g], pc[idx], Ctype, ldc_array[g]);
-            if (st != CUBLAS_STATUS_SUCCESS) return st;
+    // The per-group parameters as they are now (host memory, read at the call).
+    std::vector<cublasOperation_t> ta(transa_array, transa_array + group_count), tb(transb_array, transb_array + group_count);
+    std::vector<int> ms(m_array, m_array + group_count), ns(n_array, n_array + group_count),
+        ks(k_array, k_array + group_count), ldas(lda_array, lda_array + group_count),
+        ldbs(ldb_array, ldb_array + group_count), ldcs(ldc_array, ldc_array + group_count),
+        sizes(group_size, group_size + group_count);
+    std::vector<float> alphas((const float *)alpha_array, (const float *)alpha_array + group_count),
+        betas((const float *)beta_array, (const float *)beta_array + group_count);
+    return blas_enqueue(handle->stream, who, PROF_GEMM_GROUPED, [=](bool run) {
+        if (!run) { // captured: the pointer arrays may be filled by earlier work of the capture, so only the sizes
+            for (int g = 0; g < group_count; g++) {
+                cublasStatus_t st = gemm_dims(ta[g], tb[g], ms[g], ns[g], ks[g], ldas[g], ldbs[g], ldcs[g], ldcs[g]);
+                if (st != CUBLAS_STATUS_SUCCESS) return st;
+            }
+            return CUBLAS_STATUS_SUCCESS;
         }
-    return CUBLAS_STATUS_SUCCESS;
+        std::vector<const void *> pa(total), pb(total);
+        std::vector<void *> pc(total);
+        enter_device();
+        for (int i = 0; i < total; i++) {
+            pa[i] = Aarray[i];
+            pb[i] = Barray[i];
+            pc[i] = Carray[i];
+        }
+        exit_device();
+        for (int g = 0, idx = 0; g < group_count; g++)
+            for (int i = 0; i < sizes[g]; i++, idx++) {
+                cublasStatus_t st = gemm_one(who, true, ta[g], tb[g], ms[g], ns[g], ks[g], alphas[g], pa[idx], Atype,
+                                             ldas[g], pb[idx], Btype, ldbs[g], betas[g], pc[idx], Ctype, ldcs[g]);
+                if (st != CUBLAS_STATUS_SUCCESS) return st;
+            }
+        return CUBLAS_STATUS_SUCCESS;
+    });
 }
 
 // ----------------------------------------------------------------------------
@@ -427,8 +480,6 @@ extern "C" cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_
                                          const void *beta, const void *C, cublasLtMatrixLayout_t Cdesc, void *D,
                                          cublasLtMatrixLayout_t Ddesc, const cublasLtMatmulAlgo_t *algo,
                                          void *workspace, size_t workspace_bytes, cudaStream_t stream) {
-    (void)stream;
-    prof_count(PROF_LT_MATMUL);
     if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
     int m, n, k;
     cublasStatus_t st = lt_shape(d, Adesc, Bdesc, Cdesc, Ddesc, &m, &n, &k);
@@ -447,8 +498,13 @@ extern "C" cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_
     if (C == D && (Cdesc->ld != Ddesc->ld || Cdesc->type != Ddesc->type)) return CUBLAS_STATUS_INVALID_VALUE;
     need_host(alpha, "cublasLtMatmul alpha (host pointer mode)");
     need_host(beta, "cublasLtMatmul beta (host pointer mode)");
-    return gemm_cd("cublasLtMatmul", d->ta, d->tb, m, n, k, *(const float *)alpha, A, Adesc->type, (int)Adesc->ld, B,
-                   Bdesc->type, (int)Bdesc->ld, *(const float *)beta, C, Cdesc->type, (int)Cdesc->ld, D, Ddesc->type,
-                   (int)Ddesc->ld);
+    // The descriptors' contents as they are now (the caller may change or destroy them after the call).
+    float al = *(const float *)alpha, be = *(const float *)beta;
+    cublasOperation_t ta = d->ta, tb = d->tb;
+    EmuLtLayout la = *Adesc, lb = *Bdesc, lc = *Cdesc, ld = *Ddesc;
+    return blas_enqueue(stream, "cublasLtMatmul", PROF_LT_MATMUL, [=](bool run) {
+        return gemm_cd("cublasLtMatmul", run, ta, tb, m, n, k, al, A, la.type, (int)la.ld, B, lb.type, (int)lb.ld, be,
+                       C, lc.type, (int)lc.ld, D, ld.type, (int)ld.ld);
+    });
 }
 

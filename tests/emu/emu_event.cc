@@ -14,6 +14,17 @@
 //   - a destroyed or null event: cudaErrorInvalidResourceHandle.
 // cudaEventSynchronize completes the pending copies enqueued before the
 // record (not those after it), as the GPU's stream order does.
+//
+// In a stream capture (emu_graph.cc), cudaEventRecord records no work: the
+// event only marks a point of the capture (for other streams to join, which
+// the emulator does not model), and the host can neither wait for it nor
+// query it -- cudaEventSynchronize, cudaEventQuery and cudaEventElapsedTime
+// return cudaErrorCapturedEvent (and invalidate the capture while it is in
+// progress) until the event is recorded again outside a capture. The
+// documentation does not say what they return once the capture has ended;
+// the emulator keeps refusing, the strict reading. A record with
+// cudaEventRecordWithFlags(..., cudaEventRecordExternal) is a node of the
+// graph: every replay records the event on the launch stream.
 #include <stdint.h>
 #include <time.h>
 
@@ -28,6 +39,7 @@ using namespace emu;
 
 struct EmuEvent {
     int recorded;          // cudaEventRecord was called
+    unsigned long capture; // the last record was in this capture (emu_graph.cc), 0: it was not
     cudaStream_t stream;   // of the last record
     unsigned long seq;     // emu::work_seq() at the last record
     double t_ms;           // host clock at the last record, in milliseconds
@@ -62,7 +74,7 @@ void emu::events_synced(cudaStream_t stream) {
 extern "C" cudaError_t cudaEventCreateWithFlags(cudaEvent_t *event, unsigned int flags) {
     if (!event || flags != cudaEventDefault) return cudaErrorInvalidValue;
     install_handler();
-    EmuEvent *e = new EmuEvent{ 0, NULL, 0, 0.0 };
+    EmuEvent *e = new EmuEvent{0, 0, NULL, 0, 0.0};
     std::lock_guard<std::mutex> lock(g_event_mutex);
     g_events.insert(e);
     *event = e;
@@ -79,29 +91,60 @@ extern "C" cudaError_t cudaEventDestroy(cudaEvent_t event) {
     return cudaSuccess;
 }
 
-extern "C" cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
-    if (in_kernel()) emu_fail("cudaEventRecord called from device code");
+// The record itself, when it runs (enqueued, or replayed on stream).
+static cudaError_t record_run(cudaEvent_t event, cudaStream_t stream) {
     unsigned long seq = work_seq();
     double t = now_ms();
     std::lock_guard<std::mutex> lock(g_event_mutex);
     if (!live(event)) return cudaErrorInvalidResourceHandle;
     event->recorded = 1;
+    event->capture = 0;
     event->stream = stream;
     event->seq = seq;
     event->t_ms = t;
     return cudaSuccess;
 }
 
-extern "C" cudaError_t cudaEventSynchronize(cudaEvent_t event) {
-    cudaStream_t stream;
-    unsigned long seq;
+extern "C" cudaError_t cudaEventRecordWithFlags(cudaEvent_t event, cudaStream_t stream, unsigned int flags) {
+    if (in_kernel()) emu_fail("cudaEventRecord called from device code");
+    if (flags != cudaEventRecordDefault && flags != cudaEventRecordExternal) return cudaErrorInvalidValue;
     {
         std::lock_guard<std::mutex> lock(g_event_mutex);
         if (!live(event)) return cudaErrorInvalidResourceHandle;
-        if (!event->recorded) return cudaSuccess; // as CUDA: nothing to wait for
+    }
+    bool record;
+    unsigned long capture;
+    cudaError_t e = capture_check(stream, "cudaEventRecord", &record, &capture);
+    if (e != cudaSuccess) return e;
+    if (!record) return flags == cudaEventRecordExternal ? cudaErrorInvalidValue : record_run(event, stream);
+    if (flags == cudaEventRecordExternal) {
+        capture_record(stream, "cudaEventRecordWithFlags", [event](cudaStream_t s) {
+            if (record_run(event, s) != cudaSuccess)
+                emu_fail("a graph replays the record of event %p, which was destroyed", (void *)event);
+        });
+        return cudaSuccess;
+    }
+    std::lock_guard<std::mutex> lock(g_event_mutex);
+    event->capture = capture;
+    return cudaSuccess;
+}
+
+extern "C" cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
+    return cudaEventRecordWithFlags(event, stream, cudaEventRecordDefault);
+}
+
+extern "C" cudaError_t cudaEventSynchronize(cudaEvent_t event) {
+    cudaStream_t stream;
+    unsigned long seq, capture;
+    {
+        std::lock_guard<std::mutex> lock(g_event_mutex);
+        if (!live(event)) return cudaErrorInvalidResourceHandle;
+        capture = event->capture;
+        if (!capture && !event->recorded) return cudaSuccess; // as CUDA: nothing to wait for
         stream = event->stream;
         seq = event->seq;
     }
+    if (capture) return capture_event_use(capture, "cudaEventSynchronize");
     complete_pending_before(stream, seq);
     std::lock_guard<std::mutex> lock(g_event_mutex);
     unsigned long &s = g_synced[stream];
@@ -110,15 +153,26 @@ extern "C" cudaError_t cudaEventSynchronize(cudaEvent_t event) {
 }
 
 extern "C" cudaError_t cudaEventQuery(cudaEvent_t event) {
-    std::lock_guard<std::mutex> lock(g_event_mutex);
-    if (!live(event)) return cudaErrorInvalidResourceHandle;
-    if (!event->recorded) return cudaSuccess;
-    return complete_locked(event) ? cudaSuccess : cudaErrorNotReady;
+    unsigned long capture;
+    {
+        std::lock_guard<std::mutex> lock(g_event_mutex);
+        if (!live(event)) return cudaErrorInvalidResourceHandle;
+        capture = event->capture;
+        if (!capture) return !event->recorded || complete_locked(event) ? cudaSuccess : cudaErrorNotReady;
+    }
+    return capture_event_use(capture, "cudaEventQuery");
 }
 
 extern "C" cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end) {
+    unsigned long capture = 0;
+    {
+        std::lock_guard<std::mutex> lock(g_event_mutex);
+        if (!ms || !live(start) || !live(end)) return cudaErrorInvalidResourceHandle;
+        capture = start->capture ? start->capture : end->capture;
+    }
+    if (capture) return capture_event_use(capture, "cudaEventElapsedTime");
     std::lock_guard<std::mutex> lock(g_event_mutex);
-    if (!ms || !live(start) || !live(end)) return cudaErrorInvalidResourceHandle;
+    if (!live(start) || !live(end)) return cudaErrorInvalidResourceHandle;
     if (!start->recorded || !end->recorded) return cudaErrorInvalidResourceHandle;
     if (!complete_locked(start) || !complete_locked(end)) return cudaErrorNotReady;
     *ms = (float)(end->t_ms - start->t_ms);

@@ -8,11 +8,21 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include <functional>
+
 #include "cuda_runtime.h"
 
 #if !defined(__x86_64__) || !defined(__linux__)
 #error "the CUDA emulator (tests/emu) switches threads with x86-64 Linux assembly"
 #endif
+
+// A stream (created in emu_memory.cc): its flags tell a blocking stream,
+// which the legacy default stream (NULL) waits for, from a
+// cudaStreamNonBlocking one. Work runs when it is enqueued, so a stream
+// holds nothing else.
+struct EmuStream {
+    unsigned int flags;
+};
 
 namespace emu {
 
@@ -45,7 +55,7 @@ void set_error(cudaError_t e);
 enum {
     PROF_STREAM_SYNC, PROF_DEVICE_SYNC, PROF_COPY_SYNC, PROF_COPY_D2H_ASYNC, PROF_COPY_H2D_ASYNC, PROF_COPY_D2D_ASYNC,
     PROF_MEMSET, PROF_GEMM, PROF_LT_MATMUL, PROF_GEMM_STRIDED, PROF_GEMM_GROUPED, PROF_NCCL_ALLREDUCE, PROF_NCCL_BCAST,
-    PROF_NCCL_GROUP, PROF_MALLOC, PROF_N
+    PROF_NCCL_GROUP, PROF_MALLOC, PROF_GRAPH_LAUNCH, PROF_N
 };
 void prof_count(int what);
 void prof_kernel(const char *name, long long threads);
@@ -95,6 +105,25 @@ void race_launch_end();
 // lane names), checked as if the thread's own code had made it; pc: the
 // kernel code that asked, for the message.
 void race_access(const void *p, size_t bytes, int write, void *pc);
+
+// emu_graph.cc: stream capture (docs/gpu.md, "Graphs"). Every call that
+// enqueues work on a stream asks capture_check first: an error is returned
+// as the call's own (the work is refused, and the capture it conflicts with
+// is invalidated, as CUDA does); *record set: the stream captures, so the
+// call validates its arguments as the library would and hands the work to
+// capture_record instead of running it; otherwise it runs now. capture_id:
+// the capture's id when *record is set (events remember it).
+typedef std::function<void(cudaStream_t)> Work; // runs on the stream it is given (the launch stream at replay)
+cudaError_t capture_check(cudaStream_t stream, const char *what, bool *record, unsigned long *capture_id = NULL);
+void capture_record(cudaStream_t stream, const char *what, Work work);
+// The calls that are not stream work but conflict with a capture (CUDA
+// Runtime API, cudaThreadExchangeStreamCaptureMode and "Graphs" in the
+// Programming Guide); each returns cudaSuccess or the error to return:
+cudaError_t capture_unsafe_call(const char *what);                     // cudaMalloc, cudaFree, a synchronous copy...
+cudaError_t capture_host_wait(cudaStream_t stream, const char *what);  // cudaStreamSynchronize (NULL: the legacy stream)
+cudaError_t capture_device_wait(const char *what);                     // cudaDeviceSynchronize
+cudaError_t capture_event_use(unsigned long capture_id, const char *what); // an event last recorded in a capture
+void capture_stream_destroyed(cudaStream_t stream);
 
 // emu_memory.cc, for the race checker: the device allocation whose mapping
 // (guard pages included) holds p; false if p is not device memory. With

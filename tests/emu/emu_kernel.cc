@@ -503,31 +503,21 @@ static void start_thread(Block *b, int i) {
     t->sp = initial_stack(t_pool.stacks[i], STACK_BYTES);
 }
 
-void launch(const char *name, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-            const std::function<void()> &body, const void *const *ptrs, const int *ptr_arg_index, int n_ptrs) {
-    (void)stream;
-    install_handler();
-    if (t_blk) emu_fail("kernel %s launched from inside a kernel", name);
-    uint64_t nthreads = (uint64_t)block.x * block.y * block.z;
-    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || nthreads == 0 || nthreads > 1024 || block.z > 64 ||
-        grid.y > 65535 || grid.z > 65535 || grid.x > 2147483647u) {
-        fprintf(stderr, "emulator: kernel %s: invalid launch configuration grid (%u,%u,%u) block (%u,%u,%u)\n", name,
-                grid.x, grid.y, grid.z, block.x, block.y, block.z);
-        set_error(cudaErrorInvalidConfiguration);
-        return;
-    }
-    if (smem > 48 * 1024) {
-        fprintf(stderr, "emulator: kernel %s asks for %zu bytes of dynamic shared memory (> 48 KiB without "
-                        "cudaFuncSetAttribute)\n", name, smem);
-        set_error(cudaErrorInvalidValue);
-        return;
-    }
+// Kernel pointer arguments must be device (or pinned) memory: checked at the
+// launch, at its capture into a graph and at every replay.
+static void check_ptr_args(const char *name, const void *const *ptrs, const int *ptr_arg_index, int n_ptrs) {
     for (int i = 0; i < n_ptrs; i++) {
         if (!ptrs[i]) continue;
         Where w = where_range(ptrs[i], 0, name);
         if (w == WHERE_HOST) emu_fail("kernel %s: argument %d (%p) is a host pointer", name, ptr_arg_index[i], ptrs[i]);
     }
+}
 
+// Runs a launch that passed its checks: every block, one after the other.
+static void run_launch(const char *name, dim3 grid, dim3 block, size_t smem, const std::function<void()> &body,
+                       const void *const *ptrs, const int *ptr_arg_index, int n_ptrs) {
+    check_ptr_args(name, ptrs, ptr_arg_index, n_ptrs);
+    uint64_t nthreads = (uint64_t)block.x * block.y * block.z;
     int n = (int)nthreads;
     while ((int)t_pool.stacks.size() < n) {
         size_t pg = page_size();
@@ -574,6 +564,42 @@ void launch(const char *name, dim3 grid, dim3 block, size_t smem, cudaStream_t s
     race_launch_end();
     t_blk = NULL;
     exit_device();
+}
+
+void launch(const char *name, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+            const std::function<void()> &body, const void *const *ptrs, const int *ptr_arg_index, int n_ptrs) {
+    install_handler();
+    if (t_blk) emu_fail("kernel %s launched from inside a kernel", name);
+    uint64_t nthreads = (uint64_t)block.x * block.y * block.z;
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || nthreads == 0 || nthreads > 1024 || block.z > 64 ||
+        grid.y > 65535 || grid.z > 65535 || grid.x > 2147483647u) {
+        fprintf(stderr, "emulator: kernel %s: invalid launch configuration grid (%u,%u,%u) block (%u,%u,%u)\n", name,
+                grid.x, grid.y, grid.z, block.x, block.y, block.z);
+        set_error(cudaErrorInvalidConfiguration);
+        return;
+    }
+    if (smem > 48 * 1024) {
+        fprintf(stderr, "emulator: kernel %s asks for %zu bytes of dynamic shared memory (> 48 KiB without "
+                        "cudaFuncSetAttribute)\n", name, smem);
+        set_error(cudaErrorInvalidValue);
+        return;
+    }
+    bool record;
+    cudaError_t e = capture_check(stream, name, &record);
+    if (e != cudaSuccess) {
+        set_error(e);
+        return;
+    }
+    if (!record) {
+        run_launch(name, grid, block, smem, body, ptrs, ptr_arg_index, n_ptrs);
+        return;
+    }
+    // Captured: the configuration and the arguments (by value, in body) as they are now.
+    check_ptr_args(name, ptrs, ptr_arg_index, n_ptrs);
+    std::vector<const void *> p(ptrs, ptrs + n_ptrs);
+    std::vector<int> idx(ptr_arg_index, ptr_arg_index + n_ptrs);
+    std::function<void()> b = body;
+    capture_record(stream, name, [=](cudaStream_t) { run_launch(name, grid, block, smem, b, p.data(), idx.data(), n_ptrs); });
 }
 
 } // namespace emu

@@ -28,7 +28,9 @@
 //
 // The emulator's files: emu_memory.cc (this one: reporting, the profile,
 // device and pinned memory, the runtime API), emu_kernel.cc (kernel launches,
-// barriers, shuffles), emu_blas.cc (cuBLAS, cuBLASLt), emu_nccl.cc (NCCL).
+// barriers, shuffles), emu_event.cc (events), emu_graph.cc (stream capture
+// and graphs), emu_blas.cc (cuBLAS, cuBLASLt), emu_nccl.cc (NCCL),
+// emu_race.cc (the race build's access checker).
 #include <errno.h>
 #include <execinfo.h>
 #include <signal.h>
@@ -87,7 +89,7 @@ static const char *prof_names[PROF_N] = {
     "cudaMemcpyAsync to device", "cudaMemcpyAsync device to device", "cudaMemset(Async)", "cublasGemmEx",
     "cublasLtMatmul",
     "cublasGemmStridedBatchedEx", "cublasGemmGroupedBatchedEx", "ncclAllReduce", "ncclBroadcast",
-    "ncclGroupEnd (send/recv)", "cudaMalloc"};
+    "ncclGroupEnd (send/recv)", "cudaMalloc", "cudaGraphLaunch"};
 static long g_prof[PROF_N];
 struct ProfKernel {
     long launches;
@@ -435,6 +437,12 @@ extern "C" const char *cudaGetErrorName(cudaError_t err) {
     case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
     case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
     case cudaErrorNotReady: return "cudaErrorNotReady";
+    case cudaErrorIllegalState: return "cudaErrorIllegalState";
+    case cudaErrorStreamCaptureUnsupported: return "cudaErrorStreamCaptureUnsupported";
+    case cudaErrorStreamCaptureInvalidated: return "cudaErrorStreamCaptureInvalidated";
+    case cudaErrorStreamCaptureImplicit: return "cudaErrorStreamCaptureImplicit";
+    case cudaErrorCapturedEvent: return "cudaErrorCapturedEvent";
+    case cudaErrorStreamCaptureWrongThread: return "cudaErrorStreamCaptureWrongThread";
     }
     return "cudaErrorUnknown";
 }
@@ -449,6 +457,12 @@ extern "C" const char *cudaGetErrorString(cudaError_t err) {
     case cudaErrorInvalidDevice: return "invalid device ordinal";
     case cudaErrorInvalidResourceHandle: return "invalid resource handle";
     case cudaErrorNotReady: return "device not ready";
+    case cudaErrorIllegalState: return "not possible in the current state";
+    case cudaErrorStreamCaptureUnsupported: return "not allowed while a stream captures";
+    case cudaErrorStreamCaptureInvalidated: return "the capture was invalidated by an earlier error";
+    case cudaErrorStreamCaptureImplicit: return "the legacy stream would depend on a capturing blocking stream";
+    case cudaErrorCapturedEvent: return "not allowed on an event last recorded in a capture";
+    case cudaErrorStreamCaptureWrongThread: return "capture ended from another thread than the one that began it";
     }
     return "unknown error";
 }
@@ -491,6 +505,8 @@ extern "C" cudaError_t cudaGetDeviceProperties(cudaDeviceProp *prop, int device)
 }
 
 extern "C" cudaError_t cudaDeviceSynchronize(void) {
+    cudaError_t e = capture_device_wait("cudaDeviceSynchronize");
+    if (e != cudaSuccess) return e;
     prof_count(PROF_DEVICE_SYNC);
     complete_pending(NULL, 1);
     events_synced(NULL);
@@ -508,6 +524,8 @@ void emu::complete_pending_before(cudaStream_t stream, unsigned long seq) { comp
 
 extern "C" cudaError_t cudaMalloc(void **ptr, size_t bytes) {
     install_handler();
+    cudaError_t e = capture_unsafe_call("cudaMalloc");
+    if (e != cudaSuccess) return e;
     prof_count(PROF_MALLOC);
     if (!ptr) return cudaErrorInvalidValue;
     size_t pg = page_size(), data_len = round_up(round_up(bytes, 256), pg);
@@ -544,6 +562,8 @@ extern "C" cudaError_t cudaMalloc(void **ptr, size_t bytes) {
 }
 
 extern "C" cudaError_t cudaFree(void *ptr) {
+    cudaError_t e = capture_unsafe_call("cudaFree");
+    if (e != cudaSuccess) return e;
     if (!ptr) return cudaSuccess;
     Alloc al;
     {
@@ -563,6 +583,8 @@ extern "C" cudaError_t cudaFree(void *ptr) {
 
 extern "C" cudaError_t cudaMallocHost(void **ptr, size_t bytes) {
     install_handler();
+    cudaError_t e = capture_unsafe_call("cudaMallocHost");
+    if (e != cudaSuccess) return e;
     size_t map_len = round_up(bytes ? bytes : 1, page_size());
     void *p = mmap(NULL, map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) return cudaErrorMemoryAllocation;
@@ -573,6 +595,8 @@ extern "C" cudaError_t cudaMallocHost(void **ptr, size_t bytes) {
 }
 
 extern "C" cudaError_t cudaFreeHost(void *ptr) {
+    cudaError_t e = capture_unsafe_call("cudaFreeHost");
+    if (e != cudaSuccess) return e;
     if (!ptr) return cudaSuccess;
     size_t map_len;
     {
@@ -588,30 +612,44 @@ extern "C" cudaError_t cudaFreeHost(void *ptr) {
     return cudaSuccess;
 }
 
-static cudaError_t memcpy_checked(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind) {
-    if (bytes == 0) return cudaSuccess;
-    if (!dst || !src) return cudaErrorInvalidValue;
-    Where d = where_range(dst, bytes, "cudaMemcpy destination"), s = where_range(src, bytes, "cudaMemcpy source");
-    int d_dev = d == WHERE_DEVICE, s_dev = s == WHERE_DEVICE;
+// Where a copy's ends live (*d, *s), checked against its kind: a mismatch stops the run.
+static void memcpy_check_kind(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind, Where *d, Where *s) {
+    *d = where_range(dst, bytes, "cudaMemcpy destination");
+    *s = where_range(src, bytes, "cudaMemcpy source");
+    int d_dev = *d == WHERE_DEVICE, s_dev = *s == WHERE_DEVICE;
     static const char *names[] = {"HostToHost", "HostToDevice", "DeviceToHost", "DeviceToDevice", "Default"};
     int want_d = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
     int want_s = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
     if (kind != cudaMemcpyDefault && (d_dev != want_d || s_dev != want_s))
         emu_fail("cudaMemcpy%s of %zu bytes, but the source is %s memory and the destination %s memory",
                  names[kind], bytes, s_dev ? "device" : "host", d_dev ? "device" : "host");
+}
+
+static cudaError_t memcpy_checked(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind) {
+    if (bytes == 0) return cudaSuccess;
+    if (!dst || !src) return cudaErrorInvalidValue;
+    Where d, s;
+    memcpy_check_kind(dst, src, bytes, kind, &d, &s);
     enter_device();
     memmove(dst, src, bytes);
     exit_device();
     return cudaSuccess;
 }
 
+// The synchronous copy runs on the legacy stream and waits for it: refused
+// while a blocking stream captures, and "potentially unsafe" (emu_graph.cc).
 extern "C" cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind) {
+    bool record; // never set: the legacy stream does not capture
+    cudaError_t e = capture_check(NULL, "cudaMemcpy", &record);
+    if (e == cudaSuccess) e = capture_unsafe_call("cudaMemcpy");
+    if (e != cudaSuccess) return e;
     prof_count(PROF_COPY_SYNC);
     return memcpy_checked(dst, src, bytes, kind);
 }
 
-extern "C" cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind,
-                                       cudaStream_t stream) {
+// cudaMemcpyAsync's work, when it runs (enqueued, or replayed on stream).
+static cudaError_t memcpy_async_run(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind,
+                                    cudaStream_t stream) {
     prof_count(kind == cudaMemcpyDeviceToHost ? PROF_COPY_D2H_ASYNC
                : kind == cudaMemcpyHostToDevice ? PROF_COPY_H2D_ASYNC : PROF_COPY_D2D_ASYNC);
     if (bytes == 0) return cudaSuccess;
@@ -644,25 +682,57 @@ extern "C" cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes,
     return cudaSuccess;
 }
 
-extern "C" cudaError_t cudaMemset(void *ptr, int value, size_t bytes) {
+extern "C" cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind,
+                                       cudaStream_t stream) {
+    bool record;
+    cudaError_t e = capture_check(stream, "cudaMemcpyAsync", &record);
+    if (e != cudaSuccess) return e;
+    if (!record) return memcpy_async_run(dst, src, bytes, kind, stream);
+    // Captured: checked now, run at every replay (reading its source then).
+    if (bytes && (!dst || !src)) return cudaErrorInvalidValue;
+    if (bytes) {
+        Where d, s;
+        memcpy_check_kind(dst, src, bytes, kind, &d, &s);
+        if (d == WHERE_HOST || s == WHERE_HOST)
+            emu_fail("cudaMemcpyAsync of %zu bytes %s pageable host memory in a stream capture: not emulated (use "
+                     "pinned memory, cudaMallocHost)", bytes, d == WHERE_HOST ? "to" : "from");
+    }
+    capture_record(stream, "cudaMemcpyAsync", [=](cudaStream_t s) { memcpy_async_run(dst, src, bytes, kind, s); });
+    return cudaSuccess;
+}
+
+static void memset_run(void *ptr, int value, size_t bytes) {
     prof_count(PROF_MEMSET);
-    if (bytes == 0) return cudaSuccess;
+    if (bytes == 0) return;
     need_device(ptr, bytes, "cudaMemset");
     enter_device();
     memset(ptr, value, bytes);
     exit_device();
+}
+
+// The synchronous memset is work on the legacy stream (it does not wait for it).
+extern "C" cudaError_t cudaMemset(void *ptr, int value, size_t bytes) {
+    bool record; // never set: the legacy stream does not capture
+    cudaError_t e = capture_check(NULL, "cudaMemset", &record);
+    if (e != cudaSuccess) return e;
+    memset_run(ptr, value, bytes);
     return cudaSuccess;
 }
 
 extern "C" cudaError_t cudaMemsetAsync(void *ptr, int value, size_t bytes, cudaStream_t stream) {
-    (void)stream;
-    return cudaMemset(ptr, value, bytes);
+    bool record;
+    cudaError_t e = capture_check(stream, "cudaMemsetAsync", &record);
+    if (e != cudaSuccess) return e;
+    if (!record) {
+        memset_run(ptr, value, bytes);
+        return cudaSuccess;
+    }
+    need_device(ptr, bytes, "cudaMemsetAsync");
+    capture_record(stream, "cudaMemsetAsync", [=](cudaStream_t) { memset_run(ptr, value, bytes); });
+    return cudaSuccess;
 }
 
-// Streams: everything is synchronous; a stream is a tag.
-struct EmuStream {
-    unsigned int flags;
-};
+// Streams: everything is synchronous; a stream is a tag (and a capture's key).
 extern "C" cudaError_t cudaStreamCreate(cudaStream_t *stream) { return cudaStreamCreateWithFlags(stream, 0); }
 extern "C" cudaError_t cudaStreamCreateWithFlags(cudaStream_t *stream, unsigned int flags) {
     install_handler();
@@ -670,10 +740,13 @@ extern "C" cudaError_t cudaStreamCreateWithFlags(cudaStream_t *stream, unsigned 
     return cudaSuccess;
 }
 extern "C" cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+    capture_stream_destroyed(stream);
     delete stream;
     return cudaSuccess;
 }
 extern "C" cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+    cudaError_t e = capture_host_wait(stream, "cudaStreamSynchronize");
+    if (e != cudaSuccess) return e;
     prof_count(PROF_STREAM_SYNC);
     complete_pending(stream, 0);
     events_synced(stream);

@@ -29,6 +29,10 @@ using namespace emu;
 // rank order -- the same bits on every rank, like NCCL's deterministic
 // algorithms with a fixed topology. A rank that does not arrive within
 // EMU_NCCL_TIMEOUT seconds (default 300) stops every waiting rank.
+//
+// On a stream that captures (emu_graph.cc), a collective (or a group's sends
+// and receives, at ncclGroupEnd) is checked and recorded; each replay runs
+// it, so every rank must replay its graph as it would have run the calls.
 
 static const uint32_t SHM_MAGIC = 0x4e43434cu; // "NCCL"
 static const int SHM_MAX_RANKS = 64, SHM_MAX_MSGS = 16;
@@ -63,6 +67,7 @@ struct EmuNcclComm {
 
 struct PendingP2P {
     ncclComm_t comm;
+    cudaStream_t stream;
     int peer;
     const void *send;
     void *recv;
@@ -328,15 +333,27 @@ static void reduce_typed(void *acc, const void *x, size_t n, ncclDataType_t t, n
     }
 }
 
-extern "C" ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count, ncclDataType_t datatype,
-                                      ncclRedOp_t op, ncclComm_t comm, cudaStream_t stream) {
-    (void)stream;
+// A collective's work: run now, or checked (already) and recorded when its
+// stream captures. A stream it may not use now (the legacy stream during a
+// blocking capture, an invalidated capture) fails its kernel launch, which
+// NCCL reports as ncclUnhandledCudaError.
+static ncclResult_t nccl_enqueue(cudaStream_t stream, const char *who, Work work) {
+    bool record;
+    cudaError_t e = capture_check(stream, who, &record);
+    if (e != cudaSuccess) return nccl_error(ncclUnhandledCudaError, cudaGetErrorString(e));
+    if (record)
+        capture_record(stream, who, work);
+    else
+        work(stream);
+    return ncclSuccess;
+}
+
+static void allreduce_run(const void *sendbuff, void *recvbuff, size_t count, ncclDataType_t datatype, ncclRedOp_t op,
+                          ncclComm_t comm) {
     prof_count(PROF_NCCL_ALLREDUCE);
-    if (!comm) return nccl_error(ncclInvalidArgument, "NULL communicator");
     size_t es = nccl_type_bytes(datatype), bytes = count * es;
     need_device(sendbuff, bytes, "ncclAllReduce send buffer");
     need_device(recvbuff, bytes, "ncclAllReduce receive buffer");
-    if (op == ncclAvg) return nccl_error(ncclInvalidArgument, "ncclAvg is not emulated");
     enter_device();
     if (comm->nranks == 1) {
         if (sendbuff != recvbuff) memmove(recvbuff, sendbuff, bytes);
@@ -354,15 +371,22 @@ extern "C" ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size
         }
     }
     exit_device();
-    return ncclSuccess;
 }
 
-extern "C" ncclResult_t ncclBroadcast(const void *sendbuff, void *recvbuff, size_t count, ncclDataType_t datatype,
-                                      int root, ncclComm_t comm, cudaStream_t stream) {
-    (void)stream;
+extern "C" ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count, ncclDataType_t datatype,
+                                      ncclRedOp_t op, ncclComm_t comm, cudaStream_t stream) {
     if (!comm) return nccl_error(ncclInvalidArgument, "NULL communicator");
+    size_t bytes = count * nccl_type_bytes(datatype);
+    need_device(sendbuff, bytes, "ncclAllReduce send buffer");
+    need_device(recvbuff, bytes, "ncclAllReduce receive buffer");
+    if (op == ncclAvg) return nccl_error(ncclInvalidArgument, "ncclAvg is not emulated");
+    return nccl_enqueue(stream, "ncclAllReduce",
+                        [=](cudaStream_t) { allreduce_run(sendbuff, recvbuff, count, datatype, op, comm); });
+}
+
+static void broadcast_run(const void *sendbuff, void *recvbuff, size_t count, ncclDataType_t datatype, int root,
+                          ncclComm_t comm) {
     prof_count(PROF_NCCL_BCAST);
-    if (root < 0 || root >= comm->nranks) return nccl_error(ncclInvalidArgument, "ncclBroadcast root outside the communicator");
     size_t bytes = count * nccl_type_bytes(datatype);
     if (comm->rank == root) need_device(sendbuff, bytes, "ncclBroadcast send buffer");
     need_device(recvbuff, bytes, "ncclBroadcast receive buffer");
@@ -380,29 +404,37 @@ extern "C" ncclResult_t ncclBroadcast(const void *sendbuff, void *recvbuff, size
         }
     }
     exit_device();
-    return ncclSuccess;
+}
+
+extern "C" ncclResult_t ncclBroadcast(const void *sendbuff, void *recvbuff, size_t count, ncclDataType_t datatype,
+                                      int root, ncclComm_t comm, cudaStream_t stream) {
+    if (!comm) return nccl_error(ncclInvalidArgument, "NULL communicator");
+    if (root < 0 || root >= comm->nranks) return nccl_error(ncclInvalidArgument, "ncclBroadcast root outside the communicator");
+    size_t bytes = count * nccl_type_bytes(datatype);
+    if (comm->rank == root) need_device(sendbuff, bytes, "ncclBroadcast send buffer");
+    need_device(recvbuff, bytes, "ncclBroadcast receive buffer");
+    return nccl_enqueue(stream, "ncclBroadcast",
+                        [=](cudaStream_t) { broadcast_run(sendbuff, recvbuff, count, datatype, root, comm); });
 }
 
 static ncclResult_t p2p(const char *who, const void *send, void *recv, size_t count, ncclDataType_t t, int peer,
-                        ncclComm_t comm) {
+                        ncclComm_t comm, cudaStream_t stream) {
     if (!comm) return nccl_error(ncclInvalidArgument, "NULL communicator");
     if (peer < 0 || peer >= comm->nranks) return nccl_error(ncclInvalidArgument, "peer outside the communicator");
     size_t bytes = count * nccl_type_bytes(t);
     need_device(send ? send : recv, bytes, who);
     if (t_group_depth == 0) emu_fail("%s outside ncclGroupStart/End: the emulator pairs sends and receives there", who);
-    (send ? t_sends : t_recvs).push_back(PendingP2P{comm, peer, send, recv, bytes});
+    (send ? t_sends : t_recvs).push_back(PendingP2P{comm, stream, peer, send, recv, bytes});
     return ncclSuccess;
 }
 
 extern "C" ncclResult_t ncclSend(const void *sendbuff, size_t count, ncclDataType_t datatype, int peer,
                                  ncclComm_t comm, cudaStream_t stream) {
-    (void)stream;
-    return p2p("ncclSend", sendbuff, NULL, count, datatype, peer, comm);
+    return p2p("ncclSend", sendbuff, NULL, count, datatype, peer, comm, stream);
 }
 extern "C" ncclResult_t ncclRecv(void *recvbuff, size_t count, ncclDataType_t datatype, int peer, ncclComm_t comm,
                                  cudaStream_t stream) {
-    (void)stream;
-    return p2p("ncclRecv", NULL, recvbuff, count, datatype, peer, comm);
+    return p2p("ncclRecv", NULL, recvbuff, count, datatype, peer, comm, stream);
 }
 
 extern "C" ncclResult_t ncclGroupStart(void) {
@@ -413,12 +445,7 @@ extern "C" ncclResult_t ncclGroupStart(void) {
 // The point-to-point operations of one communicator in a group: every rank
 // posts its sends in its slot, then takes, for its i-th receive from peer p,
 // p's i-th send to it.
-static void p2p_exchange(ncclComm_t comm) {
-    std::vector<PendingP2P> sends, recvs;
-    for (auto &x : t_sends)
-        if (x.comm == comm) sends.push_back(x);
-    for (auto &x : t_recvs)
-        if (x.comm == comm) recvs.push_back(x);
+static void p2p_exchange(ncclComm_t comm, const std::vector<PendingP2P> &sends, const std::vector<PendingP2P> &recvs) {
     enter_device();
     if (comm->nranks == 1) {
         if (sends.size() != recvs.size())
@@ -488,14 +515,34 @@ static void p2p_exchange(ncclComm_t comm) {
 extern "C" ncclResult_t ncclGroupEnd(void) {
     if (t_group_depth == 0) return nccl_error(ncclInvalidUsage, "ncclGroupEnd without ncclGroupStart");
     if (--t_group_depth > 0) return ncclSuccess;
-    std::vector<ncclComm_t> comms; // in order of first use
-    for (auto *v : {&t_sends, &t_recvs})
-        for (auto &x : *v)
-            if (std::find(comms.begin(), comms.end(), x.comm) == comms.end()) comms.push_back(x.comm);
-    for (ncclComm_t c : comms) p2p_exchange(c);
-    if (!comms.empty()) prof_count(PROF_NCCL_GROUP);
-    t_sends.clear();
-    t_recvs.clear();
-    return ncclSuccess;
+    std::vector<PendingP2P> sends, recvs;
+    sends.swap(t_sends);
+    recvs.swap(t_recvs);
+    if (sends.empty() && recvs.empty()) return ncclSuccess;
+    // The group is one piece of work on one stream; on several, it may not
+    // involve a capture (the emulator does not join streams).
+    cudaStream_t stream = (sends.empty() ? recvs : sends)[0].stream;
+    for (auto *v : {&sends, &recvs})
+        for (auto &x : *v) {
+            bool record;
+            if (x.stream != stream && (capture_check(x.stream, "ncclGroupEnd", &record) != cudaSuccess || record ||
+                                       capture_check(stream, "ncclGroupEnd", &record) != cudaSuccess || record))
+                emu_fail("ncclGroupEnd: a group on several streams, one of which captures: not emulated");
+        }
+    return nccl_enqueue(stream, "ncclGroupEnd", [sends, recvs](cudaStream_t) {
+        std::vector<ncclComm_t> comms; // in order of first use
+        for (auto *v : {&sends, &recvs})
+            for (auto &x : *v)
+                if (std::find(comms.begin(), comms.end(), x.comm) == comms.end()) comms.push_back(x.comm);
+        for (ncclComm_t c : comms) {
+            std::vector<PendingP2P> cs, cr;
+            for (auto &x : sends)
+                if (x.comm == c) cs.push_back(x);
+            for (auto &x : recvs)
+                if (x.comm == c) cr.push_back(x);
+            p2p_exchange(c, cs, cr);
+        }
+        prof_count(PROF_NCCL_GROUP);
+    });
 }
 

@@ -31,6 +31,14 @@
 //     __syncthreads, a __syncwarp whose mask leaves out the lane that wrote,
 //     a __syncthreads the writing threads never reached (they exited), a read
 //     in an allocation's rounding slack.
+//  6. graphs (stream capture and replay): a captured sequence of every kind
+//     of work runs nothing at the capture and, replayed with new inputs in
+//     the same buffers, gives the bits of running it directly; host values
+//     (kernel arguments, alpha, a grouped GEMM's sizes) are the capture's,
+//     device memory (data, pointer arrays) is read at the replay; each call
+//     a GPU refuses during a capture returns CUDA's code and invalidates the
+//     capture; in child processes, the emulator's checks at the replay, and
+//     EMU_PROFILE's counts of replays (test_emu --graph-profile N).
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -44,6 +52,9 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <emu_mma.h>
+#include <nccl.h>
+
+#include <thread>
 
 #include "tests/check.h"
 
@@ -878,8 +889,219 @@ static void bug_read_after_event(void) {
     printf("%g\n", h[0]); // not synchronised with the copy
 }
 
-// Runs fn in a child; the child must die and its stderr must contain want.
-static void expect_stop(const char *what, void (*fn)(void), const char *want) {
+// ----------------------------------------------------------------------------
+// Graphs: stream capture and replay (emu_graph.cc)
+
+// y[i] = x[i] * s + i.
+__global__ void affine_kernel(float *y, const float *x, float s, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = x[i] * s + (float)i;
+}
+
+// A micro-batch in small, with every kind of work the trainer captures: a
+// copy in from pinned memory, a kernel, a memset, a device-to-device copy, a
+// cuBLAS GEMM and a cuBLASLt one, copies out into pinned memory.
+enum { SEQ_N = 64, SEQ_M = 6, SEQ_K = 8, SEQ_C = 8 }; // x, y, z: SEQ_N; A: M x K; z as K x C; c, d: M x C
+struct Seq {
+    cudaStream_t st;
+    cublasHandle_t h; // on st
+    cublasLtHandle_t lt;
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatrixLayout_t la, lz, lc;
+    cublasLtMatmulHeuristicResult_t algo;
+    float *h_in, *h_out;          // pinned: SEQ_N inputs; c then d (2 M C)
+    float *x, *y, *z, *A, *c, *d; // device
+    float hA[SEQ_M * SEQ_K];
+};
+
+static void seq_create(Seq *q, unsigned int seed) {
+    CK(cudaStreamCreate(&q->st)); // a blocking stream, as the trainer's
+    CK(cublasCreate(&q->h));
+    CK(cublasSetStream(q->h, q->st));
+    CK(cublasLtCreate(&q->lt));
+    CK(cublasLtMatmulDescCreate(&q->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    CK(cublasLtMatrixLayoutCreate(&q->la, CUDA_R_32F, SEQ_M, SEQ_K, SEQ_M));
+    CK(cublasLtMatrixLayoutCreate(&q->lz, CUDA_R_32F, SEQ_K, SEQ_C, SEQ_K));
+    CK(cublasLtMatrixLayoutCreate(&q->lc, CUDA_R_32F, SEQ_M, SEQ_C, SEQ_M));
+    cublasLtMatmulPreference_t pref;
+    int found = 0;
+    CK(cublasLtMatmulPreferenceCreate(&pref));
+    CK(cublasLtMatmulAlgoGetHeuristic(q->lt, q->desc, q->la, q->lz, q->lc, q->lc, pref, 1, &q->algo, &found));
+    CK(cublasLtMatmulPreferenceDestroy(pref));
+    CK(cudaMallocHost(&q->h_in, SEQ_N * sizeof(float)));
+    CK(cudaMallocHost(&q->h_out, 2 * SEQ_M * SEQ_C * sizeof(float)));
+    float **dev[] = {&q->x, &q->y, &q->z, &q->A, &q->c, &q->d};
+    for (float **p : dev) CK(cudaMalloc(p, SEQ_N * sizeof(float)));
+    for (float &v : q->hA) v = frand(&seed);
+    CK(cudaMemcpy(q->A, q->hA, sizeof q->hA, cudaMemcpyHostToDevice));
+}
+
+static void seq_destroy(Seq *q) {
+    float *dev[] = {q->x, q->y, q->z, q->A, q->c, q->d};
+    for (float *p : dev) CK(cudaFree(p));
+    CK(cudaFreeHost(q->h_in));
+    CK(cudaFreeHost(q->h_out));
+    cublasLtMatrixLayoutDestroy(q->la);
+    cublasLtMatrixLayoutDestroy(q->lz);
+    cublasLtMatrixLayoutDestroy(q->lc);
+    cublasLtMatmulDescDestroy(q->desc);
+    cublasLtDestroy(q->lt);
+    cublasDestroy(q->h);
+    CK(cudaStreamDestroy(q->st));
+}
+
+// Enqueues the sequence on q->st; s and alpha are host values (a kernel
+// argument, a GEMM's alpha). Returns how many calls did not succeed.
+static int seq_enqueue(const Seq *q, float s, float alpha) {
+    float zero = 0.0f, one = 1.0f;
+    int bad = 0;
+    bad += cudaMemcpyAsync(q->x, q->h_in, SEQ_N * sizeof(float), cudaMemcpyHostToDevice, q->st) != cudaSuccess;
+    affine_kernel<<<2, 32, 0, q->st>>>(q->y, q->x, s, SEQ_N);
+    bad += cudaGetLastError() != cudaSuccess;
+    bad += cudaMemsetAsync(q->z, 0, SEQ_N * sizeof(float), q->st) != cudaSuccess;
+    bad += cudaMemcpyAsync(q->z, q->y, SEQ_N / 2 * sizeof(float), cudaMemcpyDeviceToDevice, q->st) != cudaSuccess;
+    bad += cublasGemmEx(q->h, CUBLAS_OP_N, CUBLAS_OP_N, SEQ_M, SEQ_C, SEQ_K, &alpha, q->A, CUDA_R_32F, SEQ_M, q->z,
+                        CUDA_R_32F, SEQ_K, &zero, q->c, CUDA_R_32F, SEQ_M, CUBLAS_COMPUTE_32F,
+                        CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS;
+    bad += cublasLtMatmul(q->lt, q->desc, &one, q->A, q->la, q->z, q->lz, &one, q->c, q->lc, q->d, q->lc, &q->algo.algo,
+                          NULL, 0, q->st) != CUBLAS_STATUS_SUCCESS;
+    bad += cudaMemcpyAsync(q->h_out, q->c, SEQ_M * SEQ_C * sizeof(float), cudaMemcpyDeviceToHost, q->st) != cudaSuccess;
+    bad += cudaMemcpyAsync(q->h_out + SEQ_M * SEQ_C, q->d, SEQ_M * SEQ_C * sizeof(float), cudaMemcpyDeviceToHost,
+                           q->st) != cudaSuccess;
+    return bad;
+}
+
+// The sequence written out on the host: c = alpha A z, d = A z + c, with
+// z = (x s + i for the first half, 0 after).
+static void seq_ref(const Seq *q, const float *in, float s, float alpha, double *out) {
+    double z[SEQ_N] = {0};
+    for (int i = 0; i < SEQ_N / 2; i++) z[i] = (double)in[i] * s + i;
+    for (int j = 0; j < SEQ_C; j++)
+        for (int i = 0; i < SEQ_M; i++) {
+            double az = 0.0;
+            for (int p = 0; p < SEQ_K; p++) az += (double)q->hA[i + p * SEQ_M] * z[p + j * SEQ_K];
+            out[i + j * SEQ_M] = alpha * az;
+            out[SEQ_M * SEQ_C + i + j * SEQ_M] = az + alpha * az;
+        }
+}
+
+static void seq_input(const Seq *q, unsigned int seed) {
+    for (int i = 0; i < SEQ_N; i++) q->h_in[i] = frand(&seed);
+}
+
+// Captures the sequence (s = 1.5, alpha = 2) into an executable graph.
+static cudaGraphExec_t seq_capture(const Seq *q, int *bad) {
+    cudaGraph_t g = NULL;
+    cudaGraphExec_t exec = NULL;
+    CK(cudaStreamBeginCapture(q->st, cudaStreamCaptureModeGlobal));
+    *bad = seq_enqueue(q, 1.5f, 2.0f);
+    CK(cudaStreamEndCapture(q->st, &g));
+    CK(cudaGraphInstantiate(&exec, g, 0));
+    CK(cudaGraphDestroy(g)); // the executable graph does not need it
+    return exec;
+}
+
+// The captured sequence replayed twice, with new inputs in the same pinned
+// buffer each time, gives the bits of running it directly with those inputs
+// (which match the host's definition); nothing runs during the capture; the
+// host values are the capture's; a replay runs on the stream it is launched on.
+static void test_graph_replay(void) {
+    Seq q;
+    seq_create(&q, 21);
+    const int nout = 2 * SEQ_M * SEQ_C;
+    float direct[2][nout];
+    double ref[nout], err = 0.0;
+    int bad = 0;
+    for (int r = 0; r < 2; r++) {
+        seq_input(&q, 100 + r);
+        float in[SEQ_N];
+        memcpy(in, q.h_in, sizeof in);
+        bad += seq_enqueue(&q, 1.5f, 2.0f);
+        CK(cudaStreamSynchronize(q.st));
+        memcpy(direct[r], q.h_out, sizeof direct[r]);
+        seq_ref(&q, in, 1.5f, 2.0f, ref);
+        for (int i = 0; i < nout; i++) err = fmax(err, fabs(direct[r][i] - ref[i]));
+    }
+    check(bad == 0 && err < 1e-5, "the sequence run directly (H2D copy, kernel, memset, D2D copy, cublasGemmEx, "
+          "cublasLtMatmul, D2H copies): max error %.1e against the host", err);
+
+    // Poison what the sequence writes, then capture it: it must not run.
+    float *outs[] = {q.x, q.y, q.z, q.c, q.d};
+    for (float *p : outs) CK(cudaMemset(p, 0xff, SEQ_N * sizeof(float)));
+    for (int i = 0; i < nout; i++) q.h_out[i] = 7.0f;
+    seq_input(&q, 999);
+    int capture_bad;
+    cudaGraphExec_t exec = seq_capture(&q, &capture_bad);
+    int untouched = 1;
+    for (float *p : outs) {
+        unsigned int back[SEQ_N];
+        CK(cudaMemcpy(back, p, sizeof back, cudaMemcpyDeviceToHost));
+        for (unsigned int b : back) untouched &= b == 0xffffffffu;
+    }
+    for (int i = 0; i < nout; i++) untouched &= q.h_out[i] == 7.0f;
+    check(capture_bad == 0 && untouched, "a capture records the sequence and runs none of it (%d calls failed; device "
+          "buffers and the pinned output %s)", capture_bad, untouched ? "untouched" : "CHANGED");
+
+    // Replays read the inputs the host has put in place by then.
+    int same[2];
+    for (int r = 0; r < 2; r++) {
+        seq_input(&q, 100 + r);
+        CK(cudaGraphLaunch(exec, q.st));
+        CK(cudaStreamSynchronize(q.st));
+        same[r] = memcmp(q.h_out, direct[r], sizeof direct[r]) == 0;
+    }
+    check(same[0] && same[1], "two replays with new inputs in the same buffers: bitwise the direct runs' outputs (%s, %s)",
+          same[0] ? "same" : "DIFFERENT", same[1] ? "same" : "DIFFERENT");
+
+    cudaStream_t other;
+    CK(cudaStreamCreate(&other));
+    seq_input(&q, 100);
+    CK(cudaGraphLaunch(exec, other));
+    CK(cudaStreamSynchronize(other)); // the copies into h_out land with the launch stream's synchronisation
+    int same_other = memcmp(q.h_out, direct[0], sizeof direct[0]) == 0;
+    // Launched into a capture, the graph becomes part of the new one (a child graph).
+    cudaGraph_t outer;
+    cudaGraphExec_t outer_exec;
+    CK(cudaStreamBeginCapture(other, cudaStreamCaptureModeGlobal));
+    CK(cudaGraphLaunch(exec, other));
+    CK(cudaStreamEndCapture(other, &outer));
+    CK(cudaGraphInstantiate(&outer_exec, outer, 0));
+    seq_input(&q, 101);
+    CK(cudaGraphLaunch(outer_exec, other));
+    CK(cudaStreamSynchronize(other));
+    int same_child = memcmp(q.h_out, direct[1], sizeof direct[1]) == 0;
+    CK(cudaGraphExecDestroy(outer_exec));
+    CK(cudaGraphDestroy(outer));
+    cudaError_t destroyed = cudaGraphExecDestroy(exec);
+    cudaError_t again = cudaGraphLaunch(exec, q.st);
+    check(same_other && same_child && destroyed == cudaSuccess && again == cudaErrorInvalidResourceHandle,
+          "a replay on another stream, and of a graph holding it as a child graph, give the same bits (%s, %s); a "
+          "destroyed executable graph is refused (%s)", same_other ? "same" : "DIFFERENT",
+          same_child ? "same" : "DIFFERENT", cudaGetErrorName(again));
+    CK(cudaStreamDestroy(other));
+    seq_destroy(&q);
+}
+
+// test_emu --graph-profile N (run with EMU_PROFILE=1 by test_graph_profile):
+// capture the sequence and replay it N times.
+static int graph_profile(int replays) {
+    Seq q;
+    seq_create(&q, 21);
+    seq_input(&q, 100);
+    int bad;
+    cudaGraphExec_t exec = seq_capture(&q, &bad);
+    for (int r = 0; r < replays; r++) {
+        CK(cudaGraphLaunch(exec, q.st));
+        CK(cudaStreamSynchronize(q.st));
+    }
+    CK(cudaGraphExecDestroy(exec));
+    seq_destroy(&q);
+    return bad != 0;
+}
+
+// Runs fn(arg) in a child process and returns its wait status; what the
+// child wrote to stderr is in buf (size bytes at most, NUL-terminated).
+static int run_child(void (*fn)(void *), void *arg, char *buf, size_t size) {
     int fds[2];
     if (pipe(fds) != 0) exit(1);
     fflush(stdout);
@@ -887,19 +1109,483 @@ static void expect_stop(const char *what, void (*fn)(void), const char *want) {
     if (pid == 0) {
         dup2(fds[1], 2);
         close(fds[0]);
-        fn();
-        _exit(0); // not stopped: the emulator missed it
+        fn(arg);
+        _exit(0);
     }
     close(fds[1]);
-    static char buf[1 << 16];
     size_t len = 0;
     ssize_t r;
-    while ((r = read(fds[0], buf + len, sizeof buf - 1 - len)) > 0) len += (size_t)r;
+    while ((r = read(fds[0], buf + len, size - 1 - len)) > 0) len += (size_t)r;
     buf[len] = 0;
     close(fds[0]);
     int status;
     waitpid(pid, &status, 0);
-    int stopped = !(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    return status;
+}
+
+// In the child: this program again, as `test_emu --graph-profile N` with
+// EMU_PROFILE=1 (the profile is set up once per process, so a fork of this
+// one would not count).
+static void exec_graph_profile(void *replays) {
+    if (!freopen("/dev/null", "w", stdout)) _exit(127);
+    setenv("EMU_PROFILE", "1", 1);
+    char n[16];
+    snprintf(n, sizeof n, "%d", *(int *)replays);
+    execl("/proc/self/exe", "test_emu", "--graph-profile", n, (char *)NULL);
+    _exit(127);
+}
+
+// The profile of `test_emu --graph-profile N`: the counts of the graph
+// launches, the sequence's kernel, cublasGemmEx, cublasLtMatmul, copies to
+// the host and memsets. Returns the child's wait status.
+static int graph_profile_counts(int replays, long counts[6]) {
+    static const char *names[6] = {"cudaGraphLaunch", "affine_kernel", "cublasGemmEx", "cublasLtMatmul",
+                                   "cudaMemcpyAsync to host", "cudaMemset(Async)"};
+    static char buf[1 << 14];
+    int status = run_child(exec_graph_profile, &replays, buf, sizeof buf);
+    // Lines "  <count>  <name>" (kernels: "<name> (<n> threads per launch)").
+    for (int i = 0; i < 6; i++) counts[i] = 0;
+    for (char *line = strtok(buf, "\n"); line; line = strtok(NULL, "\n")) {
+        long c;
+        int at;
+        if (sscanf(line, " %ld %n", &c, &at) != 1) continue;
+        char *name = line + at, *paren = strstr(name, " (");
+        if (paren && strstr(paren, "threads per launch)")) *paren = 0;
+        for (int i = 0; i < 6; i++)
+            if (strcmp(name, names[i]) == 0) counts[i] = c;
+    }
+    return status;
+}
+
+// EMU_PROFILE counts what replays run -- one graph launch per replay, and
+// the sequence's work each time -- and nothing at the capture.
+static void test_graph_profile(void) {
+    long three[6], none[6];
+    int st3 = graph_profile_counts(3, three), st0 = graph_profile_counts(0, none);
+    const long want[6] = {3, 3, 3, 3, 6, 3};
+    int ok3 = WIFEXITED(st3) && WEXITSTATUS(st3) == 0, ok0 = WIFEXITED(st0) && WEXITSTATUS(st0) == 0;
+    for (int i = 0; i < 6; i++) {
+        ok3 &= three[i] == want[i];
+        ok0 &= none[i] == 0;
+    }
+    check(ok3 && ok0, "EMU_PROFILE: 3 replays count %ld graph launches, %ld kernel launches, %ld cublasGemmEx, %ld "
+          "cublasLtMatmul, %ld copies to the host, %ld memsets (want 3 3 3 3 6 3); the capture alone %ld %ld %ld %ld "
+          "%ld %ld (want none)", three[0], three[1], three[2], three[3], three[4], three[5], none[0], none[1], none[2],
+          none[3], none[4], none[5]);
+}
+
+// A grouped GEMM in a graph: its device pointer arrays are read at each
+// replay (here filled by a copy captured before it), its per-group sizes and
+// alpha are the capture's.
+static void test_graph_grouped(void) {
+    const int n = 4;
+    cudaStream_t st;
+    cublasHandle_t h;
+    CK(cudaStreamCreate(&st));
+    CK(cublasCreate(&h));
+    CK(cublasSetStream(h, st));
+    float ones[n * n], twos[n * n], *dA1, *dA2, *dC, *out;
+    for (int i = 0; i < n * n; i++) {
+        ones[i] = 1.0f;
+        twos[i] = 2.0f;
+    }
+    dA1 = dev_copy(ones, n * n);
+    dA2 = dev_copy(twos, n * n);
+    CK(cudaMalloc(&dC, sizeof ones));
+    CK(cudaMallocHost(&out, sizeof ones));
+    const void **hptr, **dptr;
+    CK(cudaMallocHost(&hptr, 3 * sizeof(void *)));
+    CK(cudaMalloc(&dptr, 3 * sizeof(void *)));
+    cublasOperation_t op = CUBLAS_OP_N;
+    int dims[1] = {n}, size1[1] = {1};
+    float alpha[1] = {1.0f}, beta[1] = {0.0f};
+    cudaGraph_t g;
+    cudaGraphExec_t exec;
+    CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+    CK(cudaMemcpyAsync(dptr, hptr, 3 * sizeof(void *), cudaMemcpyHostToDevice, st));
+    cublasStatus_t cs = cublasGemmGroupedBatchedEx(h, &op, &op, dims, dims, dims, alpha, dptr, CUDA_R_32F, dims,
+                                                   dptr + 1, CUDA_R_32F, dims, beta, (void *const *)(dptr + 2),
+                                                   CUDA_R_32F, dims, 1, size1, CUBLAS_COMPUTE_32F);
+    CK(cudaMemcpyAsync(out, dC, sizeof ones, cudaMemcpyDeviceToHost, st));
+    CK(cudaStreamEndCapture(st, &g));
+    CK(cudaGraphInstantiate(&exec, g, 0));
+    dims[0] = 2; // after the capture: the graph keeps 4
+    alpha[0] = 10.0f;
+    float got[2];
+    const void *a_of[2] = {dA1, dA2};
+    for (int r = 0; r < 2; r++) {
+        hptr[0] = a_of[r];
+        hptr[1] = dA1;
+        hptr[2] = dC;
+        CK(cudaGraphLaunch(exec, st));
+        CK(cudaStreamSynchronize(st));
+        got[r] = out[n * n - 1];
+    }
+    check(cs == CUBLAS_STATUS_SUCCESS && got[0] == n && got[1] == 2 * n,
+          "cublasGemmGroupedBatchedEx in a graph: pointer arrays read at each replay, sizes and alpha from the capture "
+          "(C = %g, then %g with the other A; want %d, %d)", got[0], got[1], n, 2 * n);
+    CK(cudaGraphExecDestroy(exec));
+    CK(cudaGraphDestroy(g));
+    cudaFree(dA1);
+    cudaFree(dA2);
+    cudaFree(dC);
+    cudaFree(dptr);
+    cudaFreeHost(out);
+    cudaFreeHost(hptr);
+    cublasDestroy(h);
+    CK(cudaStreamDestroy(st));
+}
+
+// NCCL in a graph (one rank): the all-reduce and a send/receive group run at
+// the replay, not at the capture.
+static void test_graph_nccl(void) {
+    cudaStream_t st;
+    ncclComm_t comm;
+    ncclUniqueId id;
+    CK(cudaStreamCreate(&st));
+    CK(ncclGetUniqueId(&id));
+    CK(ncclCommInitRank(&comm, 1, id, 0));
+    float h[8], back[2][8];
+    for (int i = 0; i < 8; i++) h[i] = (float)(i + 1);
+    float *x = dev_copy(h, 8), *y, *z;
+    CK(cudaMalloc(&y, sizeof h));
+    CK(cudaMalloc(&z, sizeof h));
+    CK(cudaMemset(y, 0xff, sizeof h));
+    CK(cudaMemset(z, 0xff, sizeof h));
+    cudaGraph_t g;
+    cudaGraphExec_t exec;
+    CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+    ncclResult_t r1 = ncclAllReduce(x, y, 8, ncclFloat32, ncclSum, comm, st);
+    ncclResult_t r2 = ncclGroupStart(), r3 = ncclSend(y, 8, ncclFloat32, 0, comm, st),
+                 r4 = ncclRecv(z, 8, ncclFloat32, 0, comm, st), r5 = ncclGroupEnd();
+    CK(cudaStreamEndCapture(st, &g));
+    CK(cudaMemcpy(back[0], z, sizeof h, cudaMemcpyDeviceToHost));
+    CK(cudaGraphInstantiate(&exec, g, 0));
+    CK(cudaGraphLaunch(exec, st));
+    CK(cudaStreamSynchronize(st));
+    CK(cudaMemcpy(back[1], z, sizeof h, cudaMemcpyDeviceToHost));
+    unsigned int poison;
+    memcpy(&poison, &back[0][0], 4);
+    check(r1 == ncclSuccess && r2 == ncclSuccess && r3 == ncclSuccess && r4 == ncclSuccess && r5 == ncclSuccess &&
+              poison == 0xffffffffu && memcmp(back[1], h, sizeof h) == 0,
+          "ncclAllReduce and a send/receive group captured: nothing moved at the capture, the replay delivers "
+          "(z[7] = %g)", back[1][7]);
+    CK(cudaGraphExecDestroy(exec));
+    CK(cudaGraphDestroy(g));
+    CK(ncclCommDestroy(comm));
+    cudaFree(x);
+    cudaFree(y);
+    cudaFree(z);
+    CK(cudaStreamDestroy(st));
+}
+
+// Events in a capture: a plain record is no node (the host cannot wait for
+// it); cudaEventRecordExternal records the event at every replay, and is
+// invalid outside a capture.
+static void test_graph_events(void) {
+    cudaStream_t st;
+    cudaEvent_t a, b, plain;
+    float *d;
+    CK(cudaStreamCreate(&st));
+    CK(cudaEventCreate(&a));
+    CK(cudaEventCreate(&b));
+    CK(cudaEventCreate(&plain));
+    CK(cudaMalloc(&d, sizeof(float)));
+    cudaError_t outside = cudaEventRecordWithFlags(a, st, cudaEventRecordExternal);
+    cudaGraph_t g;
+    cudaGraphExec_t exec;
+    CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+    CK(cudaEventRecordWithFlags(a, st, cudaEventRecordExternal));
+    spin_kernel<<<1, 32, 0, st>>>(d, 2000);
+    CK(cudaEventRecordWithFlags(b, st, cudaEventRecordExternal));
+    CK(cudaEventRecord(plain, st));
+    CK(cudaStreamEndCapture(st, &g));
+    float ms = -1.0f;
+    cudaError_t before = cudaEventElapsedTime(&ms, a, b); // never recorded yet
+    cudaError_t plain_q = cudaEventQuery(plain);
+    CK(cudaGraphInstantiate(&exec, g, 0));
+    CK(cudaGraphLaunch(exec, st));
+    CK(cudaEventSynchronize(b));
+    cudaError_t after = cudaEventElapsedTime(&ms, a, b);
+    CK(cudaEventRecord(plain, st)); // recorded again outside a capture: usable again
+    CK(cudaStreamSynchronize(st));
+    cudaError_t plain_again = cudaEventQuery(plain);
+    check(outside == cudaErrorInvalidValue && before == cudaErrorInvalidResourceHandle &&
+              plain_q == cudaErrorCapturedEvent && after == cudaSuccess && ms >= 0.0f && plain_again == cudaSuccess,
+          "events: cudaEventRecordExternal outside a capture %s; its records in a graph happen at the replay (elapsed "
+          "%s before, %s and %.3f ms after); a plain record in a capture %s, until recorded again (%s)",
+          cudaGetErrorName(outside), cudaGetErrorName(before), cudaGetErrorName(after), ms, cudaGetErrorName(plain_q),
+          cudaGetErrorName(plain_again));
+    CK(cudaGraphExecDestroy(exec));
+    CK(cudaGraphDestroy(g));
+    CK(cudaEventDestroy(a));
+    CK(cudaEventDestroy(b));
+    CK(cudaEventDestroy(plain));
+    cudaFree(d);
+    CK(cudaStreamDestroy(st));
+}
+
+// A capture on st (mode) holding one kernel, the refused call's return code
+// `got` (want), then: the capture reads as invalidated, further work on it is
+// refused, and ending it gives cudaErrorStreamCaptureInvalidated and no graph.
+static void expect_invalidated(const char *what, cudaStream_t st, float *d, long got, long want, const char *got_name) {
+    cudaStreamCaptureStatus during = cudaStreamCaptureStatusNone, after = cudaStreamCaptureStatusActive;
+    CK(cudaStreamIsCapturing(st, &during));
+    cudaError_t later = cudaMemsetAsync(d, 0, sizeof(float), st);
+    cudaGraph_t g = (cudaGraph_t)d; // any non-NULL value: must come back NULL
+    cudaError_t end = cudaStreamEndCapture(st, &g);
+    CK(cudaStreamIsCapturing(st, &after));
+    check(got == want && during == cudaStreamCaptureStatusInvalidated && later == cudaErrorStreamCaptureInvalidated &&
+              end == cudaErrorStreamCaptureInvalidated && g == NULL && after == cudaStreamCaptureStatusNone,
+          "%s during a capture: %s; the capture is invalidated (then: work %s, end %s, graph %s)", what, got_name,
+          cudaGetErrorName(later), cudaGetErrorName(end), g ? "returned" : "NULL");
+}
+
+static void begin_with_kernel(cudaStream_t st, cudaStreamCaptureMode mode, float *d) {
+    CK(cudaStreamBeginCapture(st, mode));
+    write_kernel<<<1, 1, 0, st>>>(d, 0);
+    CK(cudaGetLastError());
+}
+
+// Each call a GPU refuses during a capture, with CUDA's return code, and the
+// capture it conflicts with invalidated.
+static void test_graph_refusals(void) {
+    cudaStream_t st;
+    cudaEvent_t ev;
+    cublasHandle_t legacy_h; // its stream is the legacy default stream
+    float *d, *p = NULL, h[4] = {0};
+    CK(cudaStreamCreate(&st));
+    CK(cudaEventCreate(&ev));
+    CK(cublasCreate(&legacy_h));
+    CK(cudaMalloc(&d, 64 * sizeof(float)));
+    const cudaStreamCaptureMode G = cudaStreamCaptureModeGlobal;
+    cudaError_t e;
+#define REFUSED(what, call, want)                                 \
+    do {                                                          \
+        begin_with_kernel(st, G, d);                              \
+        e = (call);                                               \
+        expect_invalidated(what, st, d, e, want, cudaGetErrorName(e)); \
+    } while (0)
+    REFUSED("cudaStreamSynchronize of the capturing stream", cudaStreamSynchronize(st), cudaErrorStreamCaptureUnsupported);
+    REFUSED("cudaStreamSynchronize of the legacy stream", cudaStreamSynchronize(0), cudaErrorStreamCaptureImplicit);
+    REFUSED("cudaDeviceSynchronize", cudaDeviceSynchronize(), cudaErrorStreamCaptureUnsupported);
+    REFUSED("cudaEventSynchronize of an event recorded in the capture",
+            (cudaEventRecord(ev, st), cudaEventSynchronize(ev)), cudaErrorCapturedEvent);
+    REFUSED("cudaEventQuery of an event recorded in the capture", (cudaEventRecord(ev, st), cudaEventQuery(ev)),
+            cudaErrorCapturedEvent);
+    REFUSED("a synchronous cudaMemcpy", cudaMemcpy(d, h, sizeof h, cudaMemcpyHostToDevice),
+            cudaErrorStreamCaptureImplicit);
+    REFUSED("a synchronous cudaMemset", cudaMemset(d, 0, 16), cudaErrorStreamCaptureImplicit);
+    REFUSED("cudaMalloc (global mode)", cudaMalloc(&p, 64), cudaErrorStreamCaptureUnsupported);
+    REFUSED("cudaMallocHost (global mode)", cudaMallocHost(&p, 64), cudaErrorStreamCaptureUnsupported);
+    float *spare;
+    CK(cudaMalloc(&spare, 64));
+    REFUSED("cudaFree (global mode)", cudaFree(spare), cudaErrorStreamCaptureUnsupported);
+    CK(cudaFree(spare)); // it was not freed
+    REFUSED("a kernel on the legacy stream", (write_kernel<<<1, 1>>>(d, 0), cudaGetLastError()),
+            cudaErrorStreamCaptureImplicit);
+    REFUSED("cudaMemcpyAsync on the legacy stream", cudaMemcpyAsync(d + 1, d, 4, cudaMemcpyDeviceToDevice, 0),
+            cudaErrorStreamCaptureImplicit);
+    float one = 1.0f;
+    begin_with_kernel(st, G, d);
+    cublasStatus_t bs = cublasGemmEx(legacy_h, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 2, &one, d, CUDA_R_32F, 2, d + 4,
+                                     CUDA_R_32F, 2, &one, d + 8, CUDA_R_32F, 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    expect_invalidated("cublasGemmEx with a handle on the legacy stream", st, d, bs, CUBLAS_STATUS_EXECUTION_FAILED,
+                       cublasGetStatusName(bs));
+    check(p == NULL, "the refused allocations returned nothing");
+
+    // Modes: ThreadLocal prohibits unsafe calls on the capturing thread;
+    // Relaxed (the capture's, or the thread's) allows them.
+    begin_with_kernel(st, cudaStreamCaptureModeThreadLocal, d);
+    e = cudaMalloc(&p, 64);
+    expect_invalidated("cudaMalloc (thread-local mode, same thread)", st, d, e, cudaErrorStreamCaptureUnsupported,
+                       cudaGetErrorName(e));
+    cudaGraph_t g;
+    cudaStreamCaptureStatus s1, s2;
+    begin_with_kernel(st, cudaStreamCaptureModeRelaxed, d);
+    cudaError_t relaxed = cudaMalloc(&p, 64);
+    CK(cudaStreamIsCapturing(st, &s1));
+    cudaError_t relaxed_end = cudaStreamEndCapture(st, &g);
+    if (relaxed_end == cudaSuccess) CK(cudaGraphDestroy(g));
+    if (relaxed == cudaSuccess) CK(cudaFree(p));
+    begin_with_kernel(st, G, d);
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    CK(cudaThreadExchangeStreamCaptureMode(&mode));
+    cudaError_t thread_relaxed = cudaMalloc(&p, 64);
+    CK(cudaThreadExchangeStreamCaptureMode(&mode)); // back to Global
+    CK(cudaStreamIsCapturing(st, &s2));
+    cudaError_t thread_relaxed_end = cudaStreamEndCapture(st, &g);
+    if (thread_relaxed_end == cudaSuccess) CK(cudaGraphDestroy(g));
+    if (thread_relaxed == cudaSuccess) CK(cudaFree(p));
+    check(relaxed == cudaSuccess && s1 == cudaStreamCaptureStatusActive && relaxed_end == cudaSuccess &&
+              thread_relaxed == cudaSuccess && s2 == cudaStreamCaptureStatusActive && thread_relaxed_end == cudaSuccess &&
+              mode == cudaStreamCaptureModeRelaxed, // the exchange gives back the mode it replaces
+          "cudaMalloc in a relaxed capture (%s, end %s) and from a thread in relaxed mode during a global one (%s, end "
+          "%s): allowed, the capture stays valid", cudaGetErrorName(relaxed), cudaGetErrorName(relaxed_end),
+          cudaGetErrorName(thread_relaxed), cudaGetErrorName(thread_relaxed_end));
+
+    // Other threads: a global capture prohibits their unsafe calls, a thread-local one does not.
+    begin_with_kernel(st, G, d);
+    std::thread([&] { e = cudaMalloc(&p, 64); }).join();
+    expect_invalidated("cudaMalloc from another thread (global mode)", st, d, e, cudaErrorStreamCaptureUnsupported,
+                       cudaGetErrorName(e));
+    begin_with_kernel(st, cudaStreamCaptureModeThreadLocal, d);
+    std::thread([&] { e = cudaMalloc(&p, 64); }).join();
+    CK(cudaStreamIsCapturing(st, &s1));
+    cudaError_t tl_end = cudaStreamEndCapture(st, &g);
+    if (tl_end == cudaSuccess) CK(cudaGraphDestroy(g));
+    if (e == cudaSuccess) CK(cudaFree(p));
+    check(e == cudaSuccess && s1 == cudaStreamCaptureStatusActive && tl_end == cudaSuccess,
+          "cudaMalloc from another thread during a thread-local capture: allowed (%s), the capture stays valid (end %s)",
+          cudaGetErrorName(e), cudaGetErrorName(tl_end));
+
+    // Ending from another thread: refused for a global capture, allowed for a relaxed one.
+    begin_with_kernel(st, G, d);
+    cudaError_t wrong = cudaSuccess, relaxed_other = cudaSuccess;
+    std::thread([&] { wrong = cudaStreamEndCapture(st, &g); }).join();
+    cudaError_t own = cudaStreamEndCapture(st, &g);
+    if (own == cudaSuccess) CK(cudaGraphDestroy(g));
+    begin_with_kernel(st, cudaStreamCaptureModeRelaxed, d);
+    std::thread([&] { relaxed_other = cudaStreamEndCapture(st, &g); }).join();
+    if (relaxed_other == cudaSuccess) CK(cudaGraphDestroy(g));
+    check(wrong == cudaErrorStreamCaptureWrongThread && own == cudaSuccess && relaxed_other == cudaSuccess,
+          "cudaStreamEndCapture from another thread: %s for a global capture (its own thread then ends it: %s), %s for "
+          "a relaxed one", cudaGetErrorName(wrong), cudaGetErrorName(own), cudaGetErrorName(relaxed_other));
+
+    // Refused without invalidating anything.
+    cudaStream_t other;
+    CK(cudaStreamCreate(&other));
+    cudaError_t legacy = cudaStreamBeginCapture(0, G);
+    cudaError_t bad_mode = cudaStreamBeginCapture(st, (cudaStreamCaptureMode)7);
+    begin_with_kernel(st, G, d);
+    cudaError_t twice = cudaStreamBeginCapture(st, G);
+    cudaError_t wrong_stream = cudaStreamEndCapture(other, &g);
+    cudaStreamCaptureStatus legacy_status;
+    cudaError_t legacy_query = cudaStreamIsCapturing(0, &legacy_status);
+    CK(cudaStreamIsCapturing(st, &s1));
+    cudaError_t end = cudaStreamEndCapture(st, &g);
+    if (end == cudaSuccess) CK(cudaGraphDestroy(g));
+    cudaError_t not_capturing = cudaStreamEndCapture(st, &g);
+    check(legacy == cudaErrorStreamCaptureUnsupported && bad_mode == cudaErrorInvalidValue &&
+              twice == cudaErrorIllegalState && wrong_stream == cudaErrorIllegalState &&
+              legacy_query == cudaErrorStreamCaptureImplicit && s1 == cudaStreamCaptureStatusActive && end == cudaSuccess &&
+              not_capturing == cudaErrorIllegalState,
+          "capturing the legacy stream %s, an unknown mode %s, a stream that captures %s, ending on another stream %s, "
+          "asking the legacy stream %s -- the capture stays valid (end %s); ending when not capturing %s",
+          cudaGetErrorName(legacy), cudaGetErrorName(bad_mode), cudaGetErrorName(twice), cudaGetErrorName(wrong_stream),
+          cudaGetErrorName(legacy_query), cudaGetErrorName(end), cudaGetErrorName(not_capturing));
+
+    // A non-blocking stream's capture: the legacy stream does not wait for it.
+    cudaStream_t nb;
+    CK(cudaStreamCreateWithFlags(&nb, cudaStreamNonBlocking));
+    CK(cudaMemset(d, 0, sizeof(float)));
+    begin_with_kernel(nb, G, d + 1);
+    write_kernel<<<1, 1>>>(d, 0); // legacy stream: runs now
+    cudaError_t nb_launch = cudaGetLastError();
+    cudaError_t nb_query = cudaStreamIsCapturing(0, &legacy_status);
+    CK(cudaStreamIsCapturing(nb, &s1));
+    cudaError_t nb_end = cudaStreamEndCapture(nb, &g);
+    if (nb_end == cudaSuccess) CK(cudaGraphDestroy(g));
+    float ran = 0.0f;
+    CK(cudaMemcpy(&ran, d, sizeof ran, cudaMemcpyDeviceToHost));
+    check(nb_launch == cudaSuccess && ran == 1.0f && nb_query == cudaSuccess &&
+              legacy_status == cudaStreamCaptureStatusNone && s1 == cudaStreamCaptureStatusActive && nb_end == cudaSuccess,
+          "during a cudaStreamNonBlocking capture the legacy stream works (kernel %s, ran: %g; query %s) and the capture "
+          "stays valid (end %s)", cudaGetErrorName(nb_launch), ran, cudaGetErrorName(nb_query), cudaGetErrorName(nb_end));
+#undef REFUSED
+    CK(cudaStreamDestroy(nb));
+    CK(cudaStreamDestroy(other));
+    CK(cudaEventDestroy(ev));
+    cublasDestroy(legacy_h);
+    CK(cudaFree(d));
+    CK(cudaStreamDestroy(st));
+}
+
+// One kernel on st, captured, and its executable graph.
+static cudaGraphExec_t one_kernel_graph(cudaStream_t st, float *d) {
+    cudaGraph_t g;
+    cudaGraphExec_t exec;
+    begin_with_kernel(st, cudaStreamCaptureModeGlobal, d);
+    cudaStreamEndCapture(st, &g);
+    cudaGraphInstantiate(&exec, g, 0);
+    return exec;
+}
+
+// The replay's copy into pinned memory lands at the launch stream's synchronisation.
+static void bug_graph_read_before_sync(void) {
+    cudaStream_t st;
+    float *d, *h;
+    cudaGraph_t g;
+    cudaGraphExec_t exec;
+    cudaStreamCreate(&st);
+    cudaMalloc(&d, 64);
+    cudaMemset(d, 0, 64);
+    cudaMallocHost(&h, 64);
+    cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal);
+    cudaMemcpyAsync(h, d, 64, cudaMemcpyDeviceToHost, st);
+    cudaStreamEndCapture(st, &g);
+    cudaGraphInstantiate(&exec, g, 0);
+    printf("%g\n", h[0]); // before any replay: nothing pending, allowed
+    cudaGraphLaunch(exec, st);
+    printf("%g\n", h[0]); // no cudaStreamSynchronize after the replay
+}
+// A buffer the graph uses, freed before the replay.
+static void bug_graph_freed_buffer(void) {
+    cudaStream_t st;
+    float *d;
+    cudaStreamCreate(&st);
+    cudaMalloc(&d, 64);
+    cudaGraphExec_t exec = one_kernel_graph(st, d);
+    cudaFree(d);
+    cudaGraphLaunch(exec, st);
+}
+static void bug_graph_pageable(void) {
+    cudaStream_t st;
+    float *d, h[16];
+    cudaStreamCreate(&st);
+    cudaMalloc(&d, sizeof h);
+    cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal);
+    cudaMemcpyAsync(d, h, sizeof h, cudaMemcpyHostToDevice, st);
+}
+// A racy kernel captured: nothing runs at the capture, the replay is checked.
+static void bug_graph_race(void) {
+    cudaStream_t st;
+    cudaGraph_t g;
+    cudaGraphExec_t exec;
+    unsigned int *d;
+    cudaStreamCreate(&st);
+    cudaMalloc(&d, 64 * sizeof(unsigned int));
+    cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal);
+    racy_kernel<<<1, 64, 0, st>>>(d);
+    cudaStreamEndCapture(st, &g);
+    cudaGraphInstantiate(&exec, g, 0);
+    fprintf(stderr, "captured without a report; replaying\n");
+    cudaGraphLaunch(exec, st);
+}
+
+static void test_graphs(void) {
+    test_graph_replay();
+    test_graph_profile();
+    test_graph_grouped();
+    test_graph_nccl();
+    test_graph_events();
+    test_graph_refusals();
+    expect_stop("host reading a pinned buffer a replayed copy fills, before the stream's synchronisation",
+                bug_graph_read_before_sync, "before the stream was synchronised");
+    expect_stop("a replay using a buffer freed since the capture", bug_graph_freed_buffer, "is a host pointer");
+    expect_stop("a captured copy from pageable host memory", bug_graph_pageable,
+                "pageable host memory in a stream capture: not emulated");
+    if (emu::race_on())
+        expect_stop("a racy kernel in a graph, at its replay", bug_graph_race, "data race in kernel racy_kernel");
+}
+
+static void call_fn(void *fn) { (*(void (**)(void))fn)(); }
+
+// Runs fn in a child; the child must die and its stderr must contain want.
+static void expect_stop(const char *what, void (*fn)(void), const char *want) {
+    static char buf[1 << 16];
+    int status = run_child(call_fn, &fn, buf, sizeof buf);
+    int stopped = !(WIFEXITED(status) && WEXITSTATUS(status) == 0); // exit 0: the emulator missed it
     int named = strstr(buf, want) != NULL;
     check(stopped && named, "stops on %s (\"%s\")", what, want);
     if (!(stopped && named)) fprintf(stderr, "child's stderr:\n%s\n", buf);
@@ -1145,7 +1831,8 @@ static void test_mma_detection(void) {
     }
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+    if (argc == 3 && strcmp(argv[1], "--graph-profile") == 0) return graph_profile(atoi(argv[2]));
     printf("CUDA emulator self-test\n");
     test_kernels();
     test_gemm();
@@ -1174,5 +1861,6 @@ int main(void) {
     test_events();
     expect_stop("host reading a copy enqueued after the event it synchronised with", bug_read_after_event,
                 "before the stream was synchronised");
+    test_graphs();
     return check_summary("test_emu");
 }

@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include <functional>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -86,12 +87,13 @@ struct Cfg {
     template <class... P> auto run(void (*kernel)(P...)) const {
         Cfg cfg = *this;
         return [cfg, kernel](auto &&...a) {
-            std::tuple<std::decay_t<P>...> args(std::forward<decltype(a)>(a)...);
+            // The arguments by value, kept with the launch (a captured launch runs at every replay).
+            auto args = std::make_shared<std::tuple<std::decay_t<P>...>>(std::forward<decltype(a)>(a)...);
             const void *ptrs[sizeof...(P) + 1];
             int idx[sizeof...(P) + 1], n = 0, i = 0;
-            std::apply([&](const auto &...x) { ((collect_ptr(x, ptrs, idx, i++, n)), ...); }, args);
+            std::apply([&](const auto &...x) { ((collect_ptr(x, ptrs, idx, i++, n)), ...); }, *args);
             // Every thread gets its own copy of the arguments, as on the GPU.
-            std::function<void()> body = [&]() { std::apply(kernel, args); };
+            std::function<void()> body = [args, kernel]() { std::apply(kernel, *args); };
             launch(cfg.name, cfg.grid, cfg.block, cfg.smem, cfg.stream, body, ptrs, idx, n);
         };
     }
