@@ -48,7 +48,7 @@ endif
 # libgomp: the host objects are compiled with -fopenmp.
 GPU_LDLIBS = -lcublas -lcublasLt -lnccl -lgomp -lm $(if $(NCCL_HOME),-L$(NCCL_HOME)/lib)
 
-GPU_KERNELS = embedding rmsnorm matmul attention swiglu classifier convert adamw gradnorm routing permute \
+GPU_KERNELS = embedding rmsnorm matmul attention swiglu classifier convert adamw gradnorm routing permute stats \
               grouped_gemm dispatch profiler
 GPU_KOBJ = $(patsubst %,$(GPU_BUILD)/kernels/%.o,$(GPU_KERNELS))
 # tests/test_kernels.cu: the memory-bound kernels (kernels/vec.cuh), against

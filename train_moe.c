@@ -54,6 +54,9 @@ typedef struct {
     int n_slices;
     EpShard shard;          // this rank's place in its EP group
     MoeExchange exchange;   // the EP group, for the MoE layers
+    // the statistics of the micro-batches since the last step_stats
+    int64_t *counts;        // (n_moe, E) tokens per expert
+    double loss, aux;       // sums of the mean losses and auxiliary losses, each / loss_div
 } CpuState;
 
 static CpuState *cpu_state(Backend *be) { return (CpuState *)be->ctx; }
@@ -99,6 +102,7 @@ static int cpu_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, i
     int64_t n = cs->model.lay.total;
     cs->adam_m = xcalloc((size_t)n, sizeof(float));
     cs->adam_v = xcalloc((size_t)n, sizeof(float));
+    cs->counts = xcalloc((size_t)config_n_moe(c) * c->n_routed + 1, sizeof(int64_t));
     cpu_build_slices(cs);
     be->ctx = cs;
     be->n_params = n;
@@ -112,6 +116,7 @@ static void cpu_destroy(Backend *be) {
     free(cs->adam_m);
     free(cs->adam_v);
     free(cs->slices);
+    free(cs->counts);
     free(cs);
     be->ctx = NULL;
 }
@@ -162,14 +167,26 @@ static void cpu_zero_grad(Backend *be) {
 }
 
 static void cpu_micro_batch(Backend *be, const int *tokens, const int *targets, int B, int T, int train,
-                            float grad_scale, int64_t *counts, double *loss, double *aux) {
-    Model *m = &cpu_state(be)->model;
+                            float grad_scale, double loss_div) {
+    CpuState *cs = cpu_state(be);
+    Model *m = &cs->model;
     model_forward(m, tokens, targets, B, T);
     if (train) model_backward(m, grad_scale);
-    memcpy(counts, m->counts, sizeof(int64_t) * (size_t)config_n_moe(&m->cfg) * m->cfg.n_routed);
-    *loss = m->loss;
-    *aux = m->aux_loss;
+    size_t nc = (size_t)config_n_moe(&m->cfg) * m->cfg.n_routed;
+    for (size_t i = 0; i < nc; i++) cs->counts[i] += m->counts[i];
+    cs->loss += m->loss / loss_div;
+    cs->aux += m->aux_loss / loss_div;
     phase_mark(PH_HOST); // the model marked its phases (model/phase.h)
+}
+
+static void cpu_step_stats(Backend *be, int64_t *counts, double *loss, double *aux) {
+    CpuState *cs = cpu_state(be);
+    size_t nc = (size_t)config_n_moe(&cs->model.cfg) * cs->model.cfg.n_routed;
+    memcpy(counts, cs->counts, sizeof(int64_t) * nc);
+    *loss = cs->loss;
+    *aux = cs->aux;
+    memset(cs->counts, 0, sizeof(int64_t) * nc);
+    cs->loss = cs->aux = 0;
 }
 
 // Each rank's loss is the mean over its own tokens, so the run's gradient is
@@ -259,6 +276,7 @@ int main(int argc, char **argv) {
         .set_bias = cpu_set_bias,
         .zero_grad = cpu_zero_grad,
         .micro_batch = cpu_micro_batch,
+        .step_stats = cpu_step_stats,
         .sync_grads = cpu_sync_grads,
         .grad_norm = cpu_grad_norm,
         .update = cpu_update,

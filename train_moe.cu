@@ -43,9 +43,15 @@
 // into them), AdamW moments, residual stream and its gradient, router logits
 // and affinities, balancing biases; exact integer token counts.
 //
-// Host synchronisation: one per MoE layer in the forward (the expert row
-// counts, see gpu_moe_forward; under expert parallelism after the counts
-// exchange, so it is still one), and one at the end of every backend call.
+// Host synchronisation (docs/gpu.md, "Host waits and CUDA graphs"): with one
+// EP rank and the device grouped GEMM, none inside a micro-batch: the inputs
+// go in by asynchronous copies, the expert offsets stay on the GPU, and the
+// counts and losses are summed on the device (kernels/stats.cu) and read once
+// per step (gpu_step_stats), as is the gradient norm (gpu_grad_norm). The
+// micro-batch's work is then captured once into a CUDA graph and replayed
+// (--cuda-graph). Under expert parallelism (the all-to-all-v needs the counts
+// on the host) and with --grouped-gemm cublas (its GEMMs take host row
+// counts) each MoE layer's forward keeps one host wait, and graphs are off.
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -82,6 +88,7 @@ extern "C" {
 #include "kernels/profiler.cuh"     // defines: GpuProfiler (--profile: per-phase CUDA events)
 #include "kernels/rmsnorm.cuh"      // defines: rmsnorm_forward, rmsnorm_backward
 #include "kernels/routing.cuh"      // defines: moe_route, moe_aux_forward, moe_route_backward
+#include "kernels/stats.cuh"        // defines: StepStats, stats_accumulate (the step's counts and losses)
 #include "kernels/swiglu.cuh"       // defines: swiglu_forward, swiglu_backward
 #include "parallel/comm_nccl.h"     // defines: GpuComm, comm_nccl_open (NCCL collectives on a stream)
 
@@ -107,8 +114,8 @@ typedef struct {
     int *sel;       // (N, K) selected experts, by decreasing score
     float *gates;   // (N, K) gate values
     int *counts;    // (E) tokens per expert
-    int *offsets;   // (E + 1) first row of each expert
-    int *h_offsets; // (E + 1) pinned host copy, read by the grouped GEMMs
+    int *offsets;   // (E + 1) first row of each expert (a row of gm->offsets_all)
+    int *h_offsets; // (E + 1) pinned host copy (exchange or cuBLAS path only)
     int *row_of;    // (N K) row of each slot
     int *slot_of;   // (N K) slot of each row
     // The expert side: the R rows of this rank's local experts, expert-major
@@ -131,6 +138,18 @@ typedef struct {
     floatX *sact;   // (N, S de)
     int *aux_f;     // (B, E) tokens per expert per auxiliary-loss group
 } GpuLayer;
+
+// A training micro-batch's forward, backward and statistics captured as one
+// CUDA graph, with what it was captured for: everything else it reads lives
+// in device memory at fixed addresses (inputs, parameters, biases).
+typedef struct {
+    int B, T;
+    float grad_scale;
+    double loss_div;
+    cudaGraphExec_t exec;
+} GpuGraph;
+// Shapes kept at once (a run trains one; the tests a few).
+enum { GPU_GRAPHS = 4 };
 
 typedef struct {
     MoeConfig cfg;
@@ -170,21 +189,31 @@ typedef struct {
     floatX *paramsX;           // floatX copy for the matmuls (== params in the FP32 build)
     float *grads, *adam_m, *adam_v;
     float *bias;               // (n_moe, E) balancing biases
-    // inputs of the last micro-batch
-    int *tokens, *targets;     // (N) device
-    int *h_tokens, *h_targets; // (N) pinned staging
-    int *emb_uniq, *emb_off, *emb_pos;       // (N), (N + 1), (N) embedding-backward index, device
-    int *h_emb_uniq, *h_emb_off, *h_emb_pos; // pinned staging
+    // Inputs of the last micro-batch, one device buffer at fixed places
+    // (IN_* below) so that a captured graph reads each replay's inputs, and
+    // its host image, copied in by one asynchronous copy from pageable
+    // memory (taken at the call: the host may rewrite it at once).
+    int *in, *h_in;            // (IN_TOTAL(N)) device, host
+    int *tokens, *targets;     // (N) each, in `in`
+    int *emb_n;                // (1) unique tokens of the micro-batch (sizes nothing: a launch covers N)
+    int *emb_uniq, *emb_off, *emb_pos;       // (N), (N + 1), (N) embedding-backward index, in `in`
     int *h_count;              // (V) host scratch of the index
-    int n_uniq;
     // activations
     float *x;                  // (L + 1, N, d) residual stream entering each layer, and the final one
     GpuLayer *layer;           // (L)
     float *rstdf;              // (N) final RMSNorm
     floatX *hf;                // (N, d) final normed stream
     floatX *logits;            // (N, V) logits, then their gradient
-    double *losses, *h_losses; // (N) per-position cross-entropy, device and pinned
-    double *aux, *h_aux;       // (n_moe) auxiliary loss per MoE layer, device and pinned
+    double *losses;            // (N) per-position cross-entropy
+    double *aux;               // (n_moe) auxiliary loss per MoE layer
+    int *offsets_all;          // (n_moe, E + 1) every MoE layer's expert offsets, for stats_accumulate
+    StepStats stats;           // the step's counts and losses, summed over its micro-batches, in stats_buf
+    int64_t *stats_buf, *h_stats; // (n_moe E + 3) device, pinned (the same layout)
+    // CUDA graphs (--cuda-graph): the captured training micro-batches, by shape
+    int graphs;                // 1: training micro-batches are captured once and replayed
+    const char *graphs_off;    // why not, when not
+    GpuGraph graph[GPU_GRAPHS];
+    int n_graphs, next_graph;  // entries in use; the one replaced when a new shape comes and all are in use
     float *rope_cos, *rope_sin; // (maxT, hd/2)
     // scratch shared by the layers
     float *att_D;              // (B, H, T) rowsum(dout * out) of the attention backward
@@ -335,11 +364,18 @@ static int gpu_grouped_cublas(const Backend *be) {
     return (be->opts && strcmp(be->opts->grouped_gemm, "cublas") == 0) || (env && strcmp(env, "0") == 0);
 }
 
+// Whether the run's options turn the CUDA graphs off: --cuda-graph 0, or
+// --profile, whose per-phase events between kernels a graph would not time
+// (kernels/profiler.cuh records plain events).
+static int gpu_no_graphs(const Backend *be) {
+    return be->opts && (!be->opts->cuda_graph || be->opts->profile > 0);
+}
+
 // The backend's create (train/backend.h): NCCL when the run has several ranks
 // (or MOE_NCCL=1, to exercise the NCCL path on one GPU); MOE_EP_EXCHANGE=1
 // routes the MoE rows through the EP exchange even with --ep 1 (a test).
 static int gpu_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, int B, int T) {
-    GpuBackendOptions opt = { NULL, env_flag("MOE_EP_EXCHANGE"), gpu_grouped_cublas(be) };
+    GpuBackendOptions opt = { NULL, env_flag("MOE_EP_EXCHANGE"), gpu_grouped_cublas(be), gpu_no_graphs(be) };
     GpuComm gc;
     const Comm *comm = be->comm;
     // A build with MPI started by a launcher that MPI does not know (torchrun,
@@ -416,6 +452,18 @@ static int gpu_check_ranks(GpuModel *gm, const GpuBackendOptions *opt) {
     gm->shard = ep_shard(c->n_routed, P, rk->ep_rank);
     gm->exchange = gm->n_moe > 0 && (P > 1 || (opt && opt->force_exchange));
     ASSERT(!gm->exchange || gm->has_comm, "the expert-parallel exchange needs the ranks' collectives");
+    // Graphs need a micro-batch whose work the host does not size: not under
+    // the EP exchange (the all-to-all-v's row counts reach the host inside
+    // the forward) nor the cuBLAS expert GEMMs (host row counts).
+    const char *why = NULL;
+    if (opt && opt->no_graphs) why = "--cuda-graph 0 or --profile, whose per-phase timers run between the kernels";
+    else if (gm->n_moe > 0 && gm->exchange) why = "the EP all-to-all's row counts reach the host inside each MoE layer";
+    else if (gm->n_moe > 0 && !gm->gg_device) why = "the cuBLAS expert GEMMs take their row counts on the host";
+#ifdef GPU_DEBUG_SYNC
+    else why = "GPU_DEBUG_SYNC waits for the device after every kernel";
+#endif
+    gm->graphs = why == NULL;
+    gm->graphs_off = why;
     return 0;
 }
 
@@ -501,8 +549,8 @@ static void gpu_alloc_layer(GpuModel *gm, GpuLayer *la, int l) {
     la->sel = DEV(int, NK);
     la->gates = DEV(float, NK);
     la->counts = DEV(int, E);
-    la->offsets = DEV(int, E + 1);
-    la->h_offsets = PINNED(int, E + 1);
+    if (!gm->dry) la->offsets = gm->offsets_all + (size_t)(l - c->n_dense) * (E + 1);
+    if (gm->exchange || !gm->gg_device) la->h_offsets = PINNED(int, E + 1);
     la->row_of = DEV(int, NK);
     la->slot_of = DEV(int, NK);
     la->rows_cap = (int)NK;
@@ -534,11 +582,18 @@ static void gpu_alloc_activations(GpuModel *gm) {
     const MoeConfig *c = &gm->cfg;
     size_t N = (size_t)gm->maxB * gm->maxT, d = c->d_model, L = c->n_layers, V = c->vocab_size;
     gm->category = MEM_ACTIVATIONS;
-    gm->tokens = DEV(int, N);
-    gm->targets = DEV(int, N);
-    gm->emb_uniq = DEV(int, N);
-    gm->emb_off = DEV(int, N + 1);
-    gm->emb_pos = DEV(int, N);
+    // tokens (N) | targets (N) | n_uniq (1) | uniq (N) | offsets (N + 1) | positions (N)
+    gm->in = DEV(int, 5 * N + 2);
+    if (!gm->dry) {
+        gm->tokens = gm->in;
+        gm->targets = gm->in + N;
+        gm->emb_n = gm->in + 2 * N;
+        gm->emb_uniq = gm->in + 2 * N + 1;
+        gm->emb_off = gm->in + 3 * N + 1;
+        gm->emb_pos = gm->in + 4 * N + 2;
+        gm->h_in = (int *)xcalloc(5 * N + 2, sizeof(int));
+    }
+    gm->offsets_all = DEV(int, (size_t)gm->n_moe * (c->n_routed + 1));
     gm->x = DEV(float, (L + 1) * N * d);
     gm->layer = (GpuLayer *)xcalloc(L, sizeof(GpuLayer));
     for (size_t l = 0; l < L; l++) gpu_alloc_layer(gm, &gm->layer[l], (int)l);
@@ -547,6 +602,10 @@ static void gpu_alloc_activations(GpuModel *gm) {
     gm->logits = DEV(floatX, N * V);
     gm->losses = DEV(double, N);
     gm->aux = DEV(double, (size_t)gm->n_moe + 1);
+    // counts (n_moe E) | sums (2 doubles) | bad (1 int, in an 8-byte word): one copy to the host, one memset
+    size_t nc = (size_t)gm->n_moe * c->n_routed;
+    gm->stats_buf = DEV(int64_t, nc + 3);
+    if (!gm->dry) gm->stats = (StepStats){ gm->stats_buf, (double *)(gm->stats_buf + nc), (int *)(gm->stats_buf + nc + 2) };
     gm->rope_cos = DEV(float, (size_t)gm->maxT * (d / c->n_heads / 2));
     gm->rope_sin = DEV(float, (size_t)gm->maxT * (d / c->n_heads / 2));
 }
@@ -595,13 +654,7 @@ static void gpu_alloc_scratch(GpuModel *gm) {
             gm->gather_buf = DEV(float, P * per);
         }
     }
-    gm->h_tokens = PINNED(int, N);
-    gm->h_targets = PINNED(int, N);
-    gm->h_emb_uniq = PINNED(int, N);
-    gm->h_emb_off = PINNED(int, N + 1);
-    gm->h_emb_pos = PINNED(int, N);
-    gm->h_losses = PINNED(double, N);
-    gm->h_aux = PINNED(double, nmoe + 1);
+    gm->h_stats = PINNED(int64_t, nmoe * E + 3);
     gm->h_gn = PINNED(double, P + 1);
     gm->h_row = PINNED(float, V);
     gm->h_count = (int *)xcalloc(V, sizeof(int));
@@ -673,6 +726,10 @@ int gpu_backend_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, 
     gpu_print_memory(gm);
     if (gm->n_moe > 0 && gm->gg_device && gm->ranks.rank == 0)
         printf("expert GEMMs: device kernels, expert offsets on the GPU (--grouped-gemm device)\n");
+    if (gm->ranks.rank == 0 && gm->graphs)
+        printf("CUDA graphs: on (a training micro-batch captured once per shape, then replayed)\n");
+    else if (gm->ranks.rank == 0)
+        printf("CUDA graphs: off (%s)\n", gm->graphs_off);
     CUDA_CHECK(cudaDeviceSynchronize());
     return 0;
 }
@@ -681,6 +738,7 @@ static void gpu_destroy(Backend *be) {
     GpuModel *gm = gpu_model(be);
     if (!gm) return;
     if (gm->stream) CUDA_CHECK(cudaStreamSynchronize(gm->stream));
+    for (int i = 0; i < gm->n_graphs; i++) CUDA_CHECK(cudaGraphExecDestroy(gm->graph[i].exec));
     if (gm->n_moe > 0 && gm->gg.handle) grouped_gemm_free(&gm->gg);
     for (int i = 0; i < gm->n_dev; i++) CUDA_CHECK(cudaFree(gm->dev_ptrs[i]));
     for (int i = 0; i < gm->n_host; i++) CUDA_CHECK(cudaFreeHost(gm->host_ptrs[i]));
@@ -695,6 +753,7 @@ static void gpu_destroy(Backend *be) {
     free(gm->host_ptrs);
     free(gm->layer);
     free(gm->h_count);
+    free(gm->h_in);
     free(gm->local_to_whole);
     layout_free(&gm->lay);
     layout_free(&gm->local_lay);
@@ -883,17 +942,20 @@ static void gpu_moe_forward(GpuModel *gm, int l, int moe_idx, int B, int T, floa
         CUDA_CHECK(cudaMemcpyAsync(la->h_recv_cnt, la->recv_cnt, sizeof(int) * E, cudaMemcpyDeviceToHost, st));
     }
 
-    // The layer's one host synchronisation, which the algorithm needs:
+    // The layer's host synchronisation, only where the algorithm needs it:
     // cublasGemmGroupedBatchedEx takes every expert's row count as a host
-    // array, so the offsets (and under expert parallelism the counts received,
-    // which size the all-to-all-v) must reach the host before the expert GEMMs
-    // can be enqueued. They also give the host its exact per-expert counts.
-    CUDA_CHECK(cudaMemcpyAsync(la->h_offsets, la->offsets, sizeof(int) * (E + 1), cudaMemcpyDeviceToHost, st));
-    PHASE(PH_HOST);
-    CUDA_CHECK(cudaStreamSynchronize(st));
-    PHASE(PH_PERMUTE);
-    ASSERT(la->h_offsets[E] == NK, "layer %d routed %d slots, expected %d (routing counts and permutation disagree)",
-           l, la->h_offsets[E], NK);
+    // array, and under expert parallelism the counts received size the
+    // all-to-all-v, so the offsets (and those counts) must reach the host
+    // before the expert GEMMs can be enqueued. The device grouped GEMM reads
+    // them on the GPU; the step's counts come from gm->stats either way.
+    if (gm->exchange || !gm->gg_device) {
+        CUDA_CHECK(cudaMemcpyAsync(la->h_offsets, la->offsets, sizeof(int) * (E + 1), cudaMemcpyDeviceToHost, st));
+        PHASE(PH_HOST);
+        CUDA_CHECK(cudaStreamSynchronize(st));
+        PHASE(PH_PERMUTE);
+        ASSERT(la->h_offsets[E] == NK, "layer %d routed %d slots, expected %d (routing counts and permutation "
+               "disagree)", l, la->h_offsets[E], NK);
+    }
 
     if (gm->exchange) {
         // Sizes and order of the expert side (parallel/ep_layout.h), then the
@@ -949,36 +1011,43 @@ static void gpu_moe_forward(GpuModel *gm, int l, int moe_idx, int B, int T, floa
     moe_aux_forward(gm->aux + moe_idx, la->aux_f, gm->aux_scratch, la->s, la->zsum, la->sel, B, T, &rp, st);
 }
 
-// Forward of tokens (B, T); with targets also the per-position losses, and
-// with want_grad the logits' gradient (grad_scale / N scaled) in place and the
-// embedding-backward index.
-static void gpu_forward(GpuModel *gm, const int *tokens, const int *targets, int B, int T, int want_grad,
-                        float grad_scale) {
-    const MoeConfig *c = &gm->cfg;
+// The inputs of a micro-batch of tokens (B, T) into their fixed device
+// buffers (gm->in): with targets the targets too, with want_grad the
+// embedding-backward index. One asynchronous copy from pageable memory: CUDA
+// takes the data before it returns, so the host neither waits nor keeps it.
+static void gpu_stage_inputs(GpuModel *gm, const int *tokens, const int *targets, int B, int T, int want_grad) {
     ASSERT(B >= 1 && T >= 1 && B <= gm->maxB && T <= gm->maxT, "forward of %d x %d exceeds the allocated %d x %d",
            B, T, gm->maxB, gm->maxT);
+    int N = B * T, maxN = gm->maxB * gm->maxT;
+    int *h = gm->h_in;
+    size_t n = (size_t)N; // ints to copy: a prefix of the buffer
+    memcpy(h, tokens, sizeof(int) * N);
+    if (targets) {
+        memcpy(h + maxN, targets, sizeof(int) * N);
+        n = (size_t)maxN + N;
+    }
+    if (want_grad) {
+        int *uniq = h + 2 * maxN + 1, *off = h + 3 * maxN + 1, *pos = h + 4 * maxN + 2;
+        h[2 * maxN] = embedding_backward_index(tokens, N, gm->cfg.vocab_size, gm->h_count, uniq, off, pos);
+        n = (size_t)5 * maxN + 2;
+    }
+    PHASE(PH_EMBEDDING);
+    CUDA_CHECK(cudaMemcpyAsync(gm->in, h, sizeof(int) * n, cudaMemcpyHostToDevice, gm->stream));
+}
+
+// Forward of the staged tokens (B, T); with targets also the per-position
+// losses, and with want_grad the logits' gradient (grad_scale / N scaled) in
+// place. Enqueues only, with nothing that depends on the host but the
+// shapes: a micro-batch's forward can be captured into a graph.
+static void gpu_forward(GpuModel *gm, int B, int T, int targets, int want_grad, float grad_scale) {
+    const MoeConfig *c = &gm->cfg;
     int N = B * T, d = c->d_model, H = c->n_heads, V = c->vocab_size, L = c->n_layers;
     size_t Nd = (size_t)N * d;
     cudaStream_t st = gm->stream;
     gm->B = B;
     gm->T = T;
 
-    // Inputs through the pinned staging (free: every backend call ends synchronised).
     PHASE(PH_EMBEDDING);
-    memcpy(gm->h_tokens, tokens, sizeof(int) * N);
-    CUDA_CHECK(cudaMemcpyAsync(gm->tokens, gm->h_tokens, sizeof(int) * N, cudaMemcpyHostToDevice, st));
-    if (targets) {
-        memcpy(gm->h_targets, targets, sizeof(int) * N);
-        CUDA_CHECK(cudaMemcpyAsync(gm->targets, gm->h_targets, sizeof(int) * N, cudaMemcpyHostToDevice, st));
-    }
-    if (want_grad) {
-        gm->n_uniq = embedding_backward_index(tokens, N, V, gm->h_count, gm->h_emb_uniq, gm->h_emb_off, gm->h_emb_pos);
-        CUDA_CHECK(cudaMemcpyAsync(gm->emb_uniq, gm->h_emb_uniq, sizeof(int) * gm->n_uniq, cudaMemcpyHostToDevice, st));
-        CUDA_CHECK(cudaMemcpyAsync(gm->emb_off, gm->h_emb_off, sizeof(int) * (gm->n_uniq + 1), cudaMemcpyHostToDevice,
-                                   st));
-        CUDA_CHECK(cudaMemcpyAsync(gm->emb_pos, gm->h_emb_pos, sizeof(int) * N, cudaMemcpyHostToDevice, st));
-    }
-
     embedding_forward(gm->x, gm->tokens, gpu_param(gm, -1, P_TOK_EMB), N, d, st);
     for (int l = 0; l < L; l++) {
         GpuLayer *la = &gm->layer[l];
@@ -1014,12 +1083,7 @@ static void gpu_forward(GpuModel *gm, const int *tokens, const int *targets, int
     PHASE(PH_DENSE_MATMUL);
     matmul_forward(&gm->mm, gm->logits, CUDA_R_FLOATX, gm->hf, head, N, d, V, NULL);
     PHASE(PH_CLASSIFIER);
-    if (targets) {
-        classifier_forward(gm->logits, gm->losses, gm->targets, N, V, grad_scale / (float)N, want_grad, st);
-        CUDA_CHECK(cudaMemcpyAsync(gm->h_losses, gm->losses, sizeof(double) * N, cudaMemcpyDeviceToHost, st));
-    }
-    if (gm->n_moe > 0)
-        CUDA_CHECK(cudaMemcpyAsync(gm->h_aux, gm->aux, sizeof(double) * gm->n_moe, cudaMemcpyDeviceToHost, st));
+    if (targets) classifier_forward(gm->logits, gm->losses, gm->targets, N, V, grad_scale / (float)N, want_grad, st);
 }
 
 // ----------------------------------------------------------------------------
@@ -1152,36 +1216,90 @@ static void gpu_backward(GpuModel *gm, float grad_scale) {
                          gm->x + (size_t)l * Nd, gpu_param(gm, l, P_ATTN_NORM), la->rstd1, N, d, 1, st);
     }
     PHASE(PH_EMBEDDING);
-    embedding_backward(gpu_grad(gm, -1, P_TOK_EMB), gm->dres, gm->emb_uniq, gm->emb_off, gm->emb_pos, gm->n_uniq, d, st);
+    embedding_backward(gpu_grad(gm, -1, P_TOK_EMB), gm->dres, gm->emb_uniq, gm->emb_off, gm->emb_pos, gm->emb_n, N, d,
+                       st);
 }
 
 // ----------------------------------------------------------------------------
 // The rest of the Backend
 
-static void gpu_micro_batch(Backend *be, const int *tokens, const int *targets, int B, int T, int train,
-                            float grad_scale, int64_t *counts, double *loss, double *aux) {
-    GpuModel *gm = gpu_model(be);
+// One micro-batch's device work, from the staged inputs: forward, backward
+// (train), and its counts and losses added to the step's statistics.
+// Enqueues only: this is what a graph captures.
+static void gpu_micro_batch_work(GpuModel *gm, int B, int T, int targets, int train, float grad_scale,
+                                 double loss_div) {
     const MoeConfig *c = &gm->cfg;
-    ASSERT(!train || targets, "a training micro-batch without targets");
-    gpu_forward(gm, tokens, targets, B, T, train, grad_scale);
+    int N = B * T;
+    gpu_forward(gm, B, T, targets, train, grad_scale);
+    stats_accumulate(gm->stats, gm->offsets_all, gm->n_moe, c->n_routed, N * c->top_k, targets ? gm->losses : NULL, N,
+                     gm->aux, loss_div, gm->stream);
     if (train) gpu_backward(gm, grad_scale);
-    PHASE(PH_HOST); // the host takes the losses and counts, and prepares the next micro-batch
-    CUDA_CHECK(cudaStreamSynchronize(gm->stream));
-    profiler_flush(&gm->prof); // free while the stream is idle
+}
 
-    int N = B * T, E = c->n_routed;
-    double sum = 0.0;
-    if (targets)
-        for (int i = 0; i < N; i++) sum += gm->h_losses[i];
-    *loss = targets ? sum / N : 0.0;
-    double aux_sum = 0.0;
-    for (int m = 0; m < gm->n_moe; m++) aux_sum += gm->h_aux[m];
-    *aux = aux_sum;
-    // Counts from the offsets the forward brought to the host (row m: the m-th MoE layer).
-    for (int m = 0; m < gm->n_moe; m++) {
-        const int *off = gm->layer[c->n_dense + m].h_offsets;
-        for (int e = 0; e < E; e++) counts[(size_t)m * E + e] = off[e + 1] - off[e];
+// The executable graph of a training micro-batch of this shape: captured
+// the first time (the capture runs nothing; the caller launches it), then
+// reused. With every entry in use the oldest is replaced, after the stream
+// has finished with it.
+static cudaGraphExec_t gpu_graph(GpuModel *gm, int B, int T, float grad_scale, double loss_div) {
+    for (int i = 0; i < gm->n_graphs; i++) {
+        const GpuGraph *g = &gm->graph[i];
+        if (g->B == B && g->T == T && g->grad_scale == grad_scale && g->loss_div == loss_div) return g->exec;
     }
+    GpuGraph *g;
+    if (gm->n_graphs < GPU_GRAPHS) {
+        g = &gm->graph[gm->n_graphs++];
+    } else {
+        g = &gm->graph[gm->next_graph];
+        gm->next_graph = (gm->next_graph + 1) % GPU_GRAPHS;
+        CUDA_CHECK(cudaStreamSynchronize(gm->stream)); // a new shape, rare: no replay of the old one in flight
+        CUDA_CHECK(cudaGraphExecDestroy(g->exec));
+    }
+    cudaGraph_t graph;
+    CUDA_CHECK(cudaStreamBeginCapture(gm->stream, cudaStreamCaptureModeGlobal));
+    gpu_micro_batch_work(gm, B, T, 1, 1, grad_scale, loss_div);
+    CUDA_CHECK(cudaStreamEndCapture(gm->stream, &graph));
+    CUDA_CHECK(cudaGraphInstantiate(&g->exec, graph, 0));
+    CUDA_CHECK(cudaGraphDestroy(graph));
+    g->B = B;
+    g->T = T;
+    g->grad_scale = grad_scale;
+    g->loss_div = loss_div;
+    return g->exec;
+}
+
+static void gpu_micro_batch(Backend *be, const int *tokens, const int *targets, int B, int T, int train,
+                            float grad_scale, double loss_div) {
+    GpuModel *gm = gpu_model(be);
+    ASSERT(!train || targets, "a training micro-batch without targets");
+    gpu_stage_inputs(gm, tokens, targets, B, T, train);
+    if (train && gm->graphs) {
+        cudaGraphExec_t exec = gpu_graph(gm, B, T, grad_scale, loss_div);
+        gm->B = B; // what the captured work assumes, for the read-back hooks
+        gm->T = T;
+        CUDA_CHECK(cudaGraphLaunch(exec, gm->stream));
+    } else {
+        gpu_micro_batch_work(gm, B, T, targets != NULL, train, grad_scale, loss_div);
+    }
+    PHASE(PH_HOST); // the host prepares the next micro-batch while the device works
+}
+
+// The step's statistics (train/backend.h): one copy to pinned memory and the
+// one host wait of this call; the device sums start again from zero.
+static void gpu_step_stats(Backend *be, int64_t *counts, double *loss, double *aux) {
+    GpuModel *gm = gpu_model(be);
+    cudaStream_t st = gm->stream;
+    size_t nc = (size_t)gm->n_moe * gm->cfg.n_routed;
+    PHASE(PH_HOST);
+    CUDA_CHECK(cudaMemcpyAsync(gm->h_stats, gm->stats_buf, sizeof(int64_t) * (nc + 3), cudaMemcpyDeviceToHost, st));
+    CUDA_CHECK(cudaMemsetAsync(gm->stats_buf, 0, sizeof(int64_t) * (nc + 3), st));
+    CUDA_CHECK(cudaStreamSynchronize(st));
+    profiler_flush(&gm->prof); // free while the stream is idle
+    int bad = *(const int *)(gm->h_stats + nc + 2);
+    ASSERT(bad == 0, "MoE layer %d routed a number of slots other than N K (routing counts and permutation disagree)",
+           bad - 1);
+    memcpy(counts, gm->h_stats, sizeof(int64_t) * nc);
+    *loss = ((const double *)(gm->h_stats + nc))[0];
+    *aux = ((const double *)(gm->h_stats + nc))[1];
 }
 
 // As train_moe.c's cpu_sync_grads: each rank's loss is the mean over its own
@@ -1249,7 +1367,8 @@ static void gpu_update(Backend *be, const AdamWConfig *opt, double lr, int64_t t
 static void gpu_last_logits(Backend *be, const int *tokens, int n, float *logits) {
     GpuModel *gm = gpu_model(be);
     int V = gm->cfg.vocab_size;
-    gpu_forward(gm, tokens, NULL, 1, n, 0, 0.0f);
+    gpu_stage_inputs(gm, tokens, NULL, 1, n, 0);
+    gpu_forward(gm, 1, n, 0, 0, 0.0f);
     convert_x_to_f32(gm->row_f32, gm->logits + (size_t)(n - 1) * V, V, gm->stream);
     CUDA_CHECK(cudaMemcpyAsync(gm->h_row, gm->row_f32, sizeof(float) * V, cudaMemcpyDeviceToHost, gm->stream));
     CUDA_CHECK(cudaStreamSynchronize(gm->stream));
@@ -1273,7 +1392,7 @@ static int gpu_plan_memory(Backend *be, const MoeConfig *c, const RouteOptions *
     memset(&ranks, 0, sizeof ranks); // sizes only: a dry run calls no collective
     ranks.world = ranks.ep = ep;
     ranks.edp = 1;
-    GpuBackendOptions opt = { &ranks, 0, gpu_grouped_cublas(be) };
+    GpuBackendOptions opt = { &ranks, 0, gpu_grouped_cublas(be), 1 };
     GpuModel *gm = (GpuModel *)xcalloc(1, sizeof(GpuModel));
     Backend dry = *be;
     dry.ctx = gm;
@@ -1324,6 +1443,7 @@ void gpu_backend_init(Backend *be) {
     be->set_bias = gpu_set_bias;
     be->zero_grad = gpu_zero_grad;
     be->micro_batch = gpu_micro_batch;
+    be->step_stats = gpu_step_stats;
     be->sync_grads = gpu_sync_grads;
     be->grad_norm = gpu_grad_norm;
     be->update = gpu_update;

@@ -44,15 +44,15 @@ int embedding_backward_index(const int *tokens, int N, int V, int *count, int *u
     return n_uniq;
 }
 
-// grid (n_uniq, ceil(d / (VEC_F blockDim))): block (u, cb) owns column groups
-// [cb blockDim, ...) of token uniq[u]; each thread sums its VEC_F columns over
-// the token's positions, in order.
+// grid (max_uniq, ceil(d / (VEC_F blockDim))): block (u, cb) owns column
+// groups [cb blockDim, ...) of token uniq[u], u < *n_uniq; each thread sums its
+// VEC_F columns over the token's positions, in order.
 template <bool ALIGNED>
 static __global__ void embedding_backward_kernel(float *demb, const float *dx, const int *uniq, const int *offsets,
-                                                 const int *positions, int d) {
+                                                 const int *positions, const int *n_uniq, int d) {
     int u = blockIdx.x;
     int c = (blockIdx.y * blockDim.x + threadIdx.x) * VEC_F;
-    if (c >= d) return;
+    if (u >= *n_uniq || c >= d) return;
     float acc[VEC_F] = {}, g[VEC_F];
     for (int i = offsets[u]; i < offsets[u + 1]; i++) {
         vec_load<ALIGNED>(g, dx + (int64_t)positions[i] * d + c, d - c);
@@ -65,13 +65,13 @@ static __global__ void embedding_backward_kernel(float *demb, const float *dx, c
 }
 
 void embedding_backward(float *demb, const float *dx, const int *uniq, const int *offsets, const int *positions,
-                        int n_uniq, int d, cudaStream_t stream) {
-    if (n_uniq == 0) return;
+                        const int *n_uniq, int max_uniq, int d, cudaStream_t stream) {
+    if (max_uniq == 0) return;
     const int threads = 256;
-    dim3 grid(n_uniq, cdiv_u(cdiv_u(d, VEC_F), threads));
+    dim3 grid(max_uniq, cdiv_u(cdiv_u(d, VEC_F), threads));
     if (vec_path(d % VEC_F == 0, demb, dx))
-        embedding_backward_kernel<true><<<grid, threads, 0, stream>>>(demb, dx, uniq, offsets, positions, d);
+        embedding_backward_kernel<true><<<grid, threads, 0, stream>>>(demb, dx, uniq, offsets, positions, n_uniq, d);
     else
-        embedding_backward_kernel<false><<<grid, threads, 0, stream>>>(demb, dx, uniq, offsets, positions, d);
+        embedding_backward_kernel<false><<<grid, threads, 0, stream>>>(demb, dx, uniq, offsets, positions, n_uniq, d);
     KERNEL_CHECK();
 }

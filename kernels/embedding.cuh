@@ -23,8 +23,10 @@ int embedding_backward_index(const int *tokens, int N, int V, int *count, int *u
 
 // demb (V, d) fp32 += for each distinct token u: the sum over its positions p
 // (in order) of dx[p] (N, d) fp32. The index arrays are device copies of
-// embedding_backward_index's output.
+// embedding_backward_index's output, n_uniq (1) on the device too: the launch
+// covers max_uniq >= n_uniq tokens (N), the blocks beyond n_uniq do nothing,
+// so the launch's shape does not depend on the tokens (a CUDA graph replays it).
 void embedding_backward(float *demb, const float *dx, const int *uniq, const int *offsets, const int *positions,
-                        int n_uniq, int d, cudaStream_t stream);
+                        const int *n_uniq, int max_uniq, int d, cudaStream_t stream);
 
 #endif

@@ -25,9 +25,18 @@ typedef struct {
     const GpuComm *comm;   // the ranks' collectives; NULL: one process, nothing is shared
     int force_exchange;    // 1: the MoE rows go through comm's EP exchange even when ep == 1
     int grouped_cublas;    // 1: the expert GEMMs through cuBLAS (host offsets), not the device kernels
+    int no_graphs;         // 1: no CUDA graphs (--cuda-graph 0, --profile); 0: graphs where they work
 } GpuBackendOptions;
 int gpu_backend_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, int B, int T,
                        const GpuBackendOptions *opt);
+
+// One micro-batch and its own statistics: micro_batch with loss_div 1, then
+// step_stats (the tests compare micro-batch by micro-batch with references).
+static inline void gpu_micro_batch_stats(Backend *be, const int *tokens, const int *targets, int B, int T, int train,
+                                         float grad_scale, int64_t *counts, double *loss, double *aux) {
+    be->micro_batch(be, tokens, targets, B, T, train, grad_scale, 1.0);
+    be->step_stats(be, counts, loss, aux);
+}
 
 // The device bytes allocated per category (train/memplan.h) by create.
 void gpu_debug_memory(Backend *be, size_t *bytes);

@@ -198,7 +198,7 @@ static void check_case(const char *path) {
     const int *tk = (const int *)tok->data, *tg = (const int *)need(f, "targets")->data;
     int64_t *counts = (int64_t *)xmalloc(sizeof(int64_t) * ((size_t)nmoe * E + 1));
     double loss, aux;
-    be.micro_batch(&be, tk, tg, B, T, 0, 0.0f, counts, &loss, &aux);
+    gpu_micro_batch_stats(&be, tk, tg, B, T, 0, 0.0f, counts, &loss, &aux);
 
     // Routing: every token selects exactly as the reference, in both builds.
     // The fixtures' selections have margins bf16 resolves (ROUTE_MARGIN), and
@@ -284,7 +284,7 @@ static void check_case(const char *path) {
     // Gradients of loss + aux_loss.
     double loss_eval = loss;
     be.zero_grad(&be);
-    be.micro_batch(&be, tk, tg, B, T, 1, 1.0f, counts, &loss, &aux);
+    gpu_micro_batch_stats(&be, tk, tg, B, T, 1, 1.0f, counts, &loss, &aux);
     report_bool("training forward == eval forward", loss == loss_eval, "(bitwise)");
     float *grads = (float *)xmalloc(sizeof(float) * lay.total);
     gpu_debug_get_grads(&be, grads);
@@ -344,7 +344,7 @@ static void check_training(const char *path) {
         const int *tg = (const int *)need(f, "train.targets")->data + (size_t)s * N;
         double loss, aux;
         be.zero_grad(&be);
-        be.micro_batch(&be, tk, tg, B, T, 1, 1.0f, counts, &loss, &aux);
+        gpu_micro_batch_stats(&be, tk, tg, B, T, 1, 1.0f, counts, &loss, &aux);
         float gn = be.grad_norm(&be);
         loss_err = fmax(loss_err, fabs(loss - losses[s]) / losses[s]);
         norm_err = fmax(norm_err, fabs(gn - norms[s]) / norms[s]);
@@ -749,7 +749,7 @@ static RunResult backend_run(const MoeConfig *c, const RouteOptions *ro, const f
     r.counts = (int64_t *)xmalloc(sizeof(int64_t) * (nb + 1));
     r.grads = (float *)xmalloc(sizeof(float) * lay.total);
     be.zero_grad(&be);
-    be.micro_batch(&be, tokens, targets, B, T, 1, 0.5f, r.counts, &r.loss, &r.aux);
+    gpu_micro_batch_stats(&be, tokens, targets, B, T, 1, 0.5f, r.counts, &r.loss, &r.aux);
     gpu_debug_get_grads(&be, r.grads);
     if (repeat_check) {
         // The same micro-batch again from zero gradients: bitwise the same.
@@ -757,7 +757,7 @@ static RunResult backend_run(const MoeConfig *c, const RouteOptions *ro, const f
         r2.counts = (int64_t *)xmalloc(sizeof(int64_t) * (nb + 1));
         r2.grads = (float *)xmalloc(sizeof(float) * lay.total);
         be.zero_grad(&be);
-        be.micro_batch(&be, tokens, targets, B, T, 1, 0.5f, r2.counts, &r2.loss, &r2.aux);
+        gpu_micro_batch_stats(&be, tokens, targets, B, T, 1, 0.5f, r2.counts, &r2.loss, &r2.aux);
         gpu_debug_get_grads(&be, r2.grads);
         int same = r2.loss == r.loss && r2.aux == r.aux && memcmp(r2.counts, r.counts, sizeof(int64_t) * nb) == 0 &&
                    memcmp(r2.grads, r.grads, sizeof(float) * lay.total) == 0;
@@ -865,7 +865,7 @@ static void test_resume(void) {
         for (int s = s0; s < s1; s++) {
             double loss, aux;
             be->zero_grad(be);
-            be->micro_batch(be, tokens + (size_t)s * N, targets + (size_t)s * N, B, T, 1, 1.0f, counts, &loss, &aux);
+            gpu_micro_batch_stats(be, tokens + (size_t)s * N, targets + (size_t)s * N, B, T, 1, 1.0f, counts, &loss, &aux);
             float gn = be->grad_norm(be);
             be->update(be, &opt, 1e-3, s + 1, grad_clip_scale(gn, 1.0f));
             balance_update(&bc, s, 5, counts, nmoe, E, c.top_k, N, bias);
@@ -885,7 +885,7 @@ static void test_resume(void) {
     float *ll = (float *)xmalloc(sizeof(float) * c.vocab_size), *lg = (float *)xmalloc(sizeof(float) * T * c.vocab_size);
     be.last_logits(&be, tokens, 7, ll);
     double loss, aux;
-    be.micro_batch(&be, tokens, targets, 1, 7, 0, 0.0f, counts, &loss, &aux);
+    gpu_micro_batch_stats(&be, tokens, targets, 1, 7, 0, 0.0f, counts, &loss, &aux);
     gpu_debug_get_logits(&be, lg);
     report_bool("last_logits == last row of the forward", memcmp(ll, lg + (size_t)6 * c.vocab_size,
                                                                  sizeof(float) * c.vocab_size) == 0, "(bitwise)");

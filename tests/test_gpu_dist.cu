@@ -421,7 +421,7 @@ static void rank_main(const RunSpec *sp, int r, VWorld *vw, HostSum *hs, RunOut 
     size_t nb = (size_t)nmoe * E;
     VRank vr = { vw, r, NULL, 0 };
     GpuComm gc;
-    GpuBackendOptions opt = { NULL, sp->force_exchange, 0 };
+    GpuBackendOptions opt = { NULL, sp->force_exchange, 0, 0 };
     if (sp->mode == MODE_NCCL) opt.comm = sp->nccl;
     if (sp->mode == MODE_VIRTUAL) {
         gc = vcomm(&vr);
@@ -465,7 +465,7 @@ static void rank_main(const RunSpec *sp, int r, VWorld *vw, HostSum *hs, RunOut 
         const int *tg = sp->targets + ((size_t)s * Bg + (size_t)r * Bl) * T;
         double loss, aux;
         be.zero_grad(&be);
-        be.micro_batch(&be, tk, tg, Bl, T, 1, 1.0f, counts, &loss, &aux);
+        gpu_micro_batch_stats(&be, tk, tg, Bl, T, 1, 1.0f, counts, &loss, &aux);
         // The trainer's host sums: losses averaged, counts summed exactly.
         hs->loss[r] = loss;
         pthread_barrier_wait(&hs->bar);

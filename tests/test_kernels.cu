@@ -521,8 +521,8 @@ static void test_embedding(int N, int V, int d, uint64_t seed) {
         std::vector<double> r = both_paths(whole && s < 0, [&](std::vector<double> &out) {
             float *demb = dev_array(demb0.data(), (int64_t)V * d, SHIFT(0, s));
             embedding_backward(demb, dev_array(dx.data(), (int64_t)N * d, SHIFT(1, s)), dev_array(uniq.data(), n_uniq, 0),
-                               dev_array(offsets.data(), n_uniq + 1, 0), dev_array(positions.data(), N, 0), n_uniq, d,
-                               0);
+                               dev_array(offsets.data(), n_uniq + 1, 0), dev_array(positions.data(), N, 0),
+                               dev_array(&n_uniq, 1, 0), N, d, 0); // a launch over N tokens, n_uniq of them real
             append(out, demb, (int64_t)V * d);
             dev_free_all();
         });

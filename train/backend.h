@@ -42,11 +42,19 @@ struct Backend {
 
     void (*zero_grad)(Backend *be);
     // One micro-batch of tokens/targets (B, T). train = 1 also accumulates the
-    // gradient of grad_scale * (loss + aux_loss). counts (n_moe, E) receives the
-    // tokens routed to each expert. *loss gets the mean cross-entropy, *aux the
-    // auxiliary loss.
+    // gradient of grad_scale * (loss + aux_loss). Adds to the step's
+    // statistics (step_stats): the tokens routed to each expert, and the mean
+    // cross-entropy and the auxiliary loss, each divided by loss_div (the
+    // loop's mean over its micro-batches). The GPU backend only enqueues the
+    // work: nothing waits for the device inside a micro-batch.
     void (*micro_batch)(Backend *be, const int *tokens, const int *targets, int B, int T, int train,
-                        float grad_scale, int64_t *counts, double *loss, double *aux);
+                        float grad_scale, double loss_div);
+    // The statistics the micro-batches added since the last call, which then
+    // start again from zero: counts (n_moe, E) tokens per expert, *loss and
+    // *aux the sums of the micro-batches' mean cross-entropies and auxiliary
+    // losses, each divided by its loss_div. Called once per step (and once
+    // per evaluation); the GPU backend waits for the device here, once.
+    void (*step_stats)(Backend *be, int64_t *counts, double *loss, double *aux);
     // Averages the accumulated gradient over the ranks that share each
     // parameter (all ranks, or the EDP group for experts), once per step.
     void (*sync_grads)(Backend *be);

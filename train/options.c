@@ -41,6 +41,7 @@ static const TrainOption train_options[] = {
     OPT("threads", NULL, O_INT, threads, "0", "OpenMP threads (0: the runtime default)"),
     OPT("ep", NULL, O_INT, ep, "1", "expert parallelism: ranks that share out the routed experts (divides ranks and n-routed)"),
     OPT("grouped-gemm", NULL, O_STR, grouped_gemm, "device", "GPU trainer: the routed experts' GEMMs by the project's kernels with the expert offsets on the GPU (device) or by cuBLAS with them on the host (cublas)"),
+    OPT("cuda-graph", NULL, O_INT, cuda_graph, "1", "GPU trainer: capture a training micro-batch into a CUDA graph once and replay it (1), or launch its work one call at a time (0); off by itself with --ep > 1, --grouped-gemm cublas and --profile"),
     OPT("eval-every", NULL, O_INT, eval_every, "0", "steps between evaluations (0: only at the end)"),
     OPT("eval-batches", NULL, O_INT, eval_batches, "0", "micro-batches per evaluation (0: the whole validation set)"),
     OPT("ckpt-dir", NULL, O_STR, ckpt_dir, "", "checkpoint directory (empty: no checkpoints)"),
@@ -217,6 +218,10 @@ int options_parse(TrainOptions *o, int argc, char **argv, const char *prog) {
     }
     if (strcmp(o->grouped_gemm, "device") != 0 && strcmp(o->grouped_gemm, "cublas") != 0) {
         fprintf(stderr, "error: --grouped-gemm must be device or cublas (got '%s')\n", o->grouped_gemm);
+        return -1;
+    }
+    if (o->cuda_graph != 0 && o->cuda_graph != 1) {
+        fprintf(stderr, "error: --cuda-graph must be 1 or 0 (got %d)\n", o->cuda_graph);
         return -1;
     }
     return 0;

@@ -40,6 +40,7 @@ typedef struct {
     int threads;                // OpenMP threads (0: the runtime's default)
     int ep;                     // expert-parallel group size (ranks sharing out the experts)
     char grouped_gemm[OPT_PATH]; // GPU expert GEMMs: "device" (offsets on the GPU) or "cublas" (on the host)
+    int cuda_graph;             // GPU trainer: 1: training micro-batches captured once into a CUDA graph and replayed
     // evaluation
     int eval_every;             // steps between evaluations (0: only at the end)
     int eval_batches;           // micro-batches per evaluation (0: the whole set)

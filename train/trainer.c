@@ -58,7 +58,6 @@ typedef struct {
     int64_t step;           // optimizer steps completed
     float *bias;            // (n_moe, E) the authoritative fp32 biases
     int64_t *counts;        // (n_moe, E) counts of the current step
-    int64_t *micro_counts;  // (n_moe, E) counts of one micro-batch
     int *tokens, *targets;  // (B, T)
     Loader *train, *val;
     BalanceAccum eval_acc;  // counts over an evaluation pass
@@ -217,18 +216,18 @@ static int trainer_eval(Run *r, double *val_loss) {
     if (r->n_moe > 0) balance_accum_reset(&r->eval_acc);
     size_t ncounts = (size_t)r->n_moe * r->E;
     int64_t *sum_counts = xcalloc(ncounts + 1, sizeof(int64_t));
-    double sum = 0;
+    double sum = 0, aux;
     for (uint64_t i = 0; i < nb; i++) {
         if (loader_next(r->val, r->tokens, r->targets) != 0) {
             fprintf(stderr, "error: %s\n", loader_error(r->val));
+            free(sum_counts);
             return -1;
         }
-        double loss, aux;
         // An evaluation forward: no gradient, and its counts never reach the bias.
-        r->be->micro_batch(r->be, r->tokens, r->targets, B, T, 0, 0.0f, r->micro_counts, &loss, &aux);
-        for (size_t i = 0; i < ncounts; i++) sum_counts[i] += r->micro_counts[i];
-        sum += loss;
+        r->be->micro_batch(r->be, r->tokens, r->targets, B, T, 0, 0.0f, 1.0);
     }
+    // The sums of the batches' counts and mean losses, read once.
+    r->be->step_stats(r->be, sum_counts, &sum, &aux);
     // Sum over ranks: exact integer counts, and the mean of the per-batch losses.
     comm_allreduce_i64(r->comm, COMM_WORLD, sum_counts, ncounts);
     comm_allreduce_f64(r->comm, COMM_WORLD, &sum, 1);
@@ -400,21 +399,17 @@ static int trainer_step(Run *r, StepResult *res) {
     const TrainOptions *o = r->o;
     int B = o->micro_batch, T = r->cfg.seq_len;
     size_t nb = (size_t)r->n_moe * r->E;
-    memset(r->counts, 0, nb * sizeof(int64_t));
     r->be->zero_grad(r->be);
-    res->loss = res->aux = 0;
     for (int64_t a = 0; a < r->accum; a++) {
         if (loader_next(r->train, r->tokens, r->targets) != 0) {
             fprintf(stderr, "error: %s\n", loader_error(r->train));
             return -1;
         }
-        double loss, aux;
-        r->be->micro_batch(r->be, r->tokens, r->targets, B, T, 1, 1.0f / (float)r->accum, r->micro_counts,
-                           &loss, &aux);
-        for (size_t i = 0; i < nb; i++) r->counts[i] += r->micro_counts[i];
-        res->loss += loss / (double)r->accum;
-        res->aux += aux / (double)r->accum;
+        // Each micro-batch's mean loss enters the step's mean as loss / accum.
+        r->be->micro_batch(r->be, r->tokens, r->targets, B, T, 1, 1.0f / (float)r->accum, (double)r->accum);
     }
+    // The step's counts and losses reach the host once, after its micro-batches.
+    r->be->step_stats(r->be, r->counts, &res->loss, &res->aux);
     // One synchronisation per step: gradients averaged over the ranks, counts
     // summed as exact integers (every rank then applies the same bias update),
     // losses averaged for the log.
@@ -645,7 +640,6 @@ static int trainer_init_model(Run *r, const char *resume) {
     size_t nb = (size_t)r->n_moe * r->E;
     r->bias = xcalloc(nb, sizeof(float));
     r->counts = xcalloc(nb, sizeof(int64_t));
-    r->micro_counts = xcalloc(nb, sizeof(int64_t));
     r->tokens = xcalloc((size_t)B * T, sizeof(int));
     r->targets = xcalloc((size_t)B * T, sizeof(int));
     if (r->n_moe > 0 && balance_accum_init(&r->eval_acc, r->n_moe, r->E, r->cfg.top_k) != 0) {
@@ -824,7 +818,6 @@ static void trainer_teardown(Run *r) {
     if (r->has_eval_acc) balance_accum_free(&r->eval_acc);
     free(r->bias);
     free(r->counts);
-    free(r->micro_counts);
     free(r->tokens);
     free(r->targets);
     if (r->created) r->be->destroy(r->be);
