@@ -20,7 +20,10 @@
 #  4. gradient accumulation: 2 and 4 micro-batches against one micro-batch
 #     holding the same sequences;
 #  5. several ranks (processes) through the NCCL code path, DP, EP and both,
-#     against one process, and an EP=2 checkpoint resumed under EP=4.
+#     against one process, and an EP=2 checkpoint resumed under EP=4;
+#  6. what a --ep 1 step asks of the device, from the emulator's profile
+#     (EMU_PROFILE=1): no host wait inside a micro-batch, 2 per step, one graph
+#     launch per micro-batch, and a replay runs what the direct launches run.
 # This checks the logic of the CUDA code, not a GPU: see docs/gpu.md for what
 # only a GPU run can show.
 #
@@ -164,15 +167,22 @@ fi
 # The same run through NCCL (one rank) with the EP exchange forced, and with
 # the blocks and threads of every kernel run in reverse and in shuffled order
 # (a missing barrier or an order-dependent write would change the bits):
-# losses, parameters, AdamW state and biases bit for bit.
+# losses, parameters, AdamW state and biases bit for bit. And without CUDA
+# graphs: the plain run replays each training micro-batch from a graph, which
+# must run the same kernels in the same order as launching them one by one
+# (so the comparison with train_moe above holds with graphs on and off).
 hash_of() { # run-name -> its checkpoint sections' hashes and printed losses
     ./moe_ckpt info "$TMP/$1/ckpt_00000010.bin" | awk '$1 ~ /^(params|adam_m|adam_v|bias)$/ { print $1, $NF }'
     grep -o 'loss [0-9.]*' "$TMP/$1.out"
 }
-same_bits() { # run-name description env...
-    local name=$1 what=$2
+same_bits() { # run-name description [env...] [-- options...]
+    local name=$1 what=$2 envs=() args=()
     shift 2
-    env "$@" "$B/train_moecu" "${RUN[@]}" --ckpt-dir "$TMP/$name" > "$TMP/$name.out" 2>&1 \
+    while [ $# -gt 0 ]; do
+        if [ "$1" = -- ]; then shift; args=("$@"); break; fi
+        envs+=("$1"); shift
+    done
+    env "${envs[@]}" "$B/train_moecu" "${RUN[@]}" "${args[@]}" --ckpt-dir "$TMP/$name" > "$TMP/$name.out" 2>&1 \
         || { bad "train_moecu $what failed:"; cat "$TMP/$name.out"; return; }
     hash_of gpu > "$TMP/gpu.hash"
     hash_of "$name" > "$TMP/$name.hash"
@@ -187,6 +197,13 @@ same_bits reverse "with blocks and threads in reverse order" EMU_ORDER=reverse
 same_bits shuffle "with blocks and threads in shuffled order" EMU_ORDER=shuffle
 # Every memory-bound kernel on its scalar path instead of its 16-byte one (kernels/vec.cuh).
 same_bits scalar "with the scalar kernel paths (MOE_VEC=0)" MOE_VEC=0
+same_bits nograph "without CUDA graphs (--cuda-graph 0)" -- --cuda-graph 0
+for f in "gpu.out:CUDA graphs: on (a training micro-batch captured once per shape, then replayed)" \
+         "nograph.out:CUDA graphs: off (--cuda-graph 0 or --profile, whose per-phase timers run between the kernels)" \
+         "nccl.out:CUDA graphs: off (the EP all-to-all's row counts reach the host inside each MoE layer)"; do
+    if grep -qxF "${f#*:}" "$TMP/${f%%:*}"; then ok "train_moecu (${f%%.out:*}): ${f#*:}"
+    else bad "train_moecu (${f%%.out:*}): want '${f#*:}', got '$(grep 'CUDA graphs' "$TMP/${f%%:*}")'"; fi
+done
 
 # A GPU older than the build's architecture is refused, naming the fix.
 if EMU_DEVICE_CC=80 "$B/train_moecu" "${RUN[@]}" --ckpt-dir "$TMP/cc80" > "$TMP/cc80.out" 2>&1; then
@@ -296,5 +313,58 @@ if mrun switch 4 2 --run-steps 5 && mrun switch 4 4 --resume; then
     run_close "EP=2 checkpoint resumed under EP=4 vs an EP=4 run" "$TMP/ep4.jsonl" "$TMP/switch.jsonl" \
         "$TMP/ep4/ckpt_00000010.bin" "$TMP/switch/ckpt_00000010.bin" 10 "${MR_TOL[@]}"
 fi
+
+# 6. The emulator's profile of --ep 1 runs (docs/gpu.md, "Host waits and CUDA
+#    graphs"): S steps of A micro-batches for (S, A) = (2, 2), (4, 2), (4, 4),
+#    and (4, 4) without graphs. Per step, the host waits (cudaStreamSynchronize,
+#    cudaDeviceSynchronize, synchronous cudaMemcpy) are the step's statistics
+#    and the gradient norm: 2, whatever the micro-batches (twice as many add
+#    none: none inside a micro-batch). One cudaGraphLaunch per micro-batch
+#    (the first of a shape captures, then launches), one input copy per
+#    micro-batch, and the replays run the kernels, cuBLASLt matmuls and
+#    memsets that launching the same work one call at a time runs.
+PROF_WAITS_PER_STEP=2
+PR=(--config tiny --train-data "$TMP/train_*.bin" -b 4 --warmup-steps 1 --print-every 100 --threads 1)
+prof_run() { # name steps micro-batches [options...]
+    local name=$1 s=$2 a=$3
+    shift 3
+    EMU_PROFILE=1 "$B/train_moecu" "${PR[@]}" --steps "$s" --batch-tokens $((a * 64)) "$@" > "$TMP/$name.out" \
+        2> "$TMP/$name.prof" || { bad "profile run $name failed:"; tail -3 "$TMP/$name.prof"; }
+}
+pc() { # profile-file line-name: the count printed before the name (0 when absent)
+    awk -v k="$2" '{ n = $1; sub(/^ *[0-9]+  /, ""); if ($0 == k) { print n; f = 1; exit } } END { if (!f) print 0 }' "$1"
+}
+waits() { echo $(( $(pc "$1" cudaStreamSynchronize) + $(pc "$1" cudaDeviceSynchronize) + $(pc "$1" "cudaMemcpy (synchronous)") )); }
+prof_run p22 2 2; prof_run p42 4 2; prof_run p44 4 4; prof_run p44n 4 4 --cuda-graph 0
+P=$TMP
+w22=$(waits $P/p22.prof) w42=$(waits $P/p42.prof) w44=$(waits $P/p44.prof)
+per_step=$(( (w42 - w22) / 2 ))
+if [ $((w42 - w22)) = $((2 * PROF_WAITS_PER_STEP)) ] && [ "$w44" = "$w42" ]; then
+    ok "profile: $per_step host waits per step (2 -> 4 steps: $w22 -> $w42), none inside a micro-batch (2 -> 4 micro-batches per step: $w42 -> $w44)"
+else
+    bad "profile: host waits $w22 (2 steps x 2), $w42 (4 x 2), $w44 (4 x 4): want $PROF_WAITS_PER_STEP per step and none per micro-batch"
+fi
+g42=$(pc $P/p42.prof cudaGraphLaunch) g44=$(pc $P/p44.prof cudaGraphLaunch) g44n=$(pc $P/p44n.prof cudaGraphLaunch)
+if [ "$g42" = 8 ] && [ "$g44" = 16 ] && [ "$g44n" = 0 ]; then
+    ok "profile: one graph launch per micro-batch ($g42 for 4 x 2, $g44 for 4 x 4, $g44n with --cuda-graph 0)"
+else bad "profile: graph launches $g42 (4 x 2), $g44 (4 x 4), $g44n (--cuda-graph 0): want 8, 16, 0"; fi
+h22=$(pc $P/p22.prof "cudaMemcpyAsync to device") h42=$(pc $P/p42.prof "cudaMemcpyAsync to device")
+h44=$(pc $P/p44.prof "cudaMemcpyAsync to device")
+# Per step: one input copy per micro-batch, and the biases after the update.
+if [ $((h42 - h22)) = 6 ] && [ $((h44 - h42)) = 8 ]; then
+    ok "profile: copies to the device per step: $(( (h42 - h22) / 2 )) with 2 micro-batches, $(( (h42 - h22) / 2 + (h44 - h42) / 4 )) with 4 (one input copy per micro-batch, the biases)"
+else bad "profile: copies to the device $h22, $h42, $h44: want one per micro-batch and one per step"; fi
+same=1
+for k in "kernel launches:" cublasLtMatmul "cudaMemset(Async)" "cudaMemcpyAsync to host"; do
+    [ "$(pc $P/p44.prof "$k")" = "$(pc $P/p44n.prof "$k")" ] || { same=0; echo "  $k: $(pc $P/p44.prof "$k") with graphs, $(pc $P/p44n.prof "$k") without"; }
+done
+k44=$(pc $P/p44.prof "kernel launches:")
+if [ $same = 1 ] && [ "$k44" -gt 0 ]; then
+    ok "profile: graph replays run what direct launches run ($k44 kernel launches, $(pc $P/p44.prof cublasLtMatmul) cuBLASLt matmuls, memsets, copies to the host: the same counts with and without graphs)"
+else bad "profile: the replays' work differs from the direct launches'"; fi
+same_run() { grep -o 'loss [0-9.]*\|final bias xxh64 [0-9a-f]*' "$1"; }
+if [ -n "$(same_run $P/p44.out)" ] && [ "$(same_run $P/p44.out)" = "$(same_run $P/p44n.out)" ]; then
+    ok "profile: the 4 x 4 runs with and without graphs print the same losses and final biases"
+else bad "profile: the 4 x 4 runs with and without graphs differ:"; diff <(same_run $P/p44.out) <(same_run $P/p44n.out); fi
 
 summary
