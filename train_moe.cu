@@ -189,11 +189,11 @@ typedef struct {
     floatX *paramsX;           // floatX copy for the matmuls (== params in the FP32 build)
     float *grads, *adam_m, *adam_v;
     float *bias;               // (n_moe, E) balancing biases
-    // Inputs of the last micro-batch, one device buffer at fixed places
-    // (IN_* below) so that a captured graph reads each replay's inputs, and
-    // its host image, copied in by one asynchronous copy from pageable
-    // memory (taken at the call: the host may rewrite it at once).
-    int *in, *h_in;            // (IN_TOTAL(N)) device, host
+    // Inputs of the last micro-batch, one device buffer at fixed places (so
+    // that a captured graph reads each replay's inputs), and its host image,
+    // copied in by one asynchronous copy from pageable memory (taken at the
+    // call: the host may rewrite it at once). N = maxB maxT.
+    int *in, *h_in;            // (5 N + 2) tokens | targets | n_uniq | uniq | offsets | positions: device, host
     int *tokens, *targets;     // (N) each, in `in`
     int *emb_n;                // (1) unique tokens of the micro-batch (sizes nothing: a launch covers N)
     int *emb_uniq, *emb_off, *emb_pos;       // (N), (N + 1), (N) embedding-backward index, in `in`

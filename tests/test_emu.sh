@@ -32,8 +32,8 @@
 # The race build, whose kernels have every memory access checked for races
 # and out-of-bounds bytes (tests/emu/emu_race.cc), runs 1 (its race
 # detections included), test_attention --quick, test_grouped_gemm --quick,
-# test_gpu, and a 10-step train_moecu run through one-rank NCCL with the EP
-# exchange: any race stops them.
+# test_gpu, and 10-step train_moecu runs through one-rank NCCL with the EP
+# exchange and on the plain path with CUDA graphs: any race stops them.
 # A BF16 build (a directory named .../BF16) runs the same checks with the
 # tolerances of bf16 activations, each derived from the error measured on
 # the emulator (written next to it), except where bf16 legitimately differs
@@ -88,6 +88,14 @@ if [ $RACE = 1 ]; then
         ok "train_moecu (race build, through NCCL with the EP exchange): 10 steps, no race: $(grep -o 'loss [0-9.]*' "$TMP/race.out" | tail -1)"
     else
         bad "train_moecu (race build):"; grep -A3 'emulator:' "$TMP/race.out" || tail -5 "$TMP/race.out"
+    fi
+    # The plain path: each training micro-batch replayed from a CUDA graph,
+    # whose kernels the checker sees at every replay.
+    if "$B/train_moecu" "${RUN[@]}" --ckpt-dir "$TMP/race_graph" > "$TMP/race_graph.out" 2>&1 &&
+       grep -q "CUDA graphs: on" "$TMP/race_graph.out"; then
+        ok "train_moecu (race build, CUDA graphs): 10 steps, no race: $(grep -o 'loss [0-9.]*' "$TMP/race_graph.out" | tail -1)"
+    else
+        bad "train_moecu (race build, CUDA graphs):"; grep -A3 'emulator:' "$TMP/race_graph.out" || tail -5 "$TMP/race_graph.out"
     fi
     summary
 fi
