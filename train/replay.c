@@ -30,6 +30,7 @@ int replay_source_trace(ReplaySource *src, const char *path, int allow_unfinishe
     src->trace_mult = (h->flags & TRACE_MULT) != 0;
     src->tokens = M;
     src->run_steps = h->run_steps;
+    src->updates_per_step = h->updates_per_step;
     // Records are read step by step into per-step buffers, then laid out by layer.
     int64_t cap = 64, steps = 0;
     float *by_step = xmalloc(sizeof(float) * (size_t)(cap * L * M * E)); // (cap, L, M, E)
@@ -83,6 +84,7 @@ void replay_source_stream(ReplaySource *src, const StreamConfig *c) {
     src->steps = c->steps;
     src->tokens = c->tokens;
     src->repeated = c->repeat;
+    src->updates_per_step = 1;
     int64_t L = c->n_layers, T = c->steps, N = c->tokens, E = c->E;
     src->scores = xmalloc(sizeof(float) * (size_t)(L * T * N * E));
     src->step_ids = xmalloc(sizeof(int64_t) * (size_t)T);
@@ -209,7 +211,9 @@ static void route_chunk(const ReplaySource *src, const ReplayRun *run, int64_t t
 static void finish_step(const ReplaySource *src, const ReplaySetting *setting, const ReplayOptions *opt,
                         int64_t total, int64_t t, int n_chunks, RunState *st, ReplayRun *r) {
     int L = src->n_layers, E = src->E, K = src->K;
-    int64_t step = opt->first_step + t;
+    // The schedule runs over optimizer steps; a run that updated after every
+    // micro-batch recorded updates_per_step of them per optimizer step.
+    int64_t step = (opt->first_step + t) / (src->updates_per_step > 0 ? src->updates_per_step : 1);
     const float *b = r->bias + t * L * E; // (L, E) the bias that routed step t
     double maxvio = 0.0, moved = 0.0;
     int64_t moved_slots = 0, from_over = 0, to_under = 0;
@@ -339,7 +343,7 @@ int replay_save_trace(const ReplaySource *src, const ReplaySetting *setting, con
     int L = src->n_layers, E = src->E, K = src->K;
     int64_t T = src->steps, N = src->tokens;
     int mult = balance_bias_is_multiplicative(&setting->cfg);
-    TraceHeader h = {L, E, K, (bf16 ? TRACE_BF16 : 0) | (mult ? TRACE_MULT : 0), N, N, 0, T};
+    TraceHeader h = {L, E, K, (bf16 ? TRACE_BF16 : 0) | (mult ? TRACE_MULT : 0), N, N, 0, T, src->updates_per_step};
     TraceWriter *w = trace_writer_open(path, &h, err, errlen);
     if (!w) return -1;
     int *sel = xmalloc(sizeof(int) * (size_t)(N * K));              // (N, K)
