@@ -23,12 +23,12 @@ BUILD = build
 # The GPU trainer is built wherever nvcc exists (CI compiles it; the GPU tests need a GPU).
 NVCC_FOUND := $(shell command -v $(or $(NVCC),nvcc) 2>/dev/null)
 # Host code shared by every trainer.
-MODEL_SRC = model/config.c model/layout.c model/balance.c parallel/ep_layout.c
+MODEL_SRC = model/config.c model/layout.c model/balance.c model/dual.c parallel/ep_layout.c
 # The CPU model's compute: built in fp32 (the trainer) and in fp64 (the gradient check).
 COMPUTE_SRC = model/matmul.c model/ops.c model/moe.c model/model.c
 DATA_SRC = data/shard.c data/loader.c
 TOK_SRC = $(filter-out tokenizer/tok_main.c,$(wildcard tokenizer/*.c))
-TRAIN_SRC = train/options.c train/optim.c train/lr.c train/ckpt.c train/trainer.c train/profile.c train/memplan.c
+TRAIN_SRC = train/options.c train/optim.c train/lr.c train/ckpt.c train/trace.c train/trainer.c train/profile.c train/memplan.c
 
 f32 = $(patsubst %.c,$(BUILD)/f32/%.o,$(1))
 f64 = $(patsubst %.c,$(BUILD)/f64/%.o,$(1))
@@ -131,6 +131,10 @@ $(BUILD)/test_trace: tests/test_trace.c $(call f32,$(LAB_SRC))
 $(BUILD)/test_replay: tests/test_replay.c $(call f32,$(LAB_SRC))
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
+# A trained run's primal-dual quantities recomputed from its trace (tests/test_lab_trace.sh).
+$(BUILD)/trace_dual: tests/trace_dual.c $(call f32,$(LAB_SRC))
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
 # Everything that runs on a CPU: the CPU trainer's tests, and the GPU
 # trainer's CUDA code on the CPU emulator (tests/emu, test-emu); where nvcc
 # exists also compiling the GPU trainer and its tests for a GPU (running them
@@ -148,7 +152,8 @@ test:
 	$(MAKE) --no-print-directory -j$(JOBS) test-build
 	$(MAKE) --no-print-directory test-run
 
-test-build: train_moe moe_ckpt moe_tok moe_prepare moe_replay $(BUILD)/gen_shards $(BUILD)/hf_logits $(BUILD)/gpu_peak $(TESTS) $(if $(NVCC_FOUND),gpu-build)
+test-build: train_moe moe_ckpt moe_tok moe_prepare moe_replay $(BUILD)/gen_shards $(BUILD)/hf_logits $(BUILD)/gpu_peak \
+            $(BUILD)/trace_dual $(TESTS) $(if $(NVCC_FOUND),gpu-build)
 
 test-run: test-build
 	$(BUILD)/test_model

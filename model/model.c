@@ -27,6 +27,8 @@ void model_create(Model *m, const MoeConfig *c, int maxB, int maxT) {
     m->grads = xcalloc(m->lay.total, sizeof(real));
     m->bias = xcalloc(nmoe * E, sizeof(float));
     m->counts = xcalloc(nmoe * E, sizeof(int64_t));
+    m->dual = xcalloc(nmoe + 1, sizeof(DualAccum));
+    for (size_t l = 0; l < nmoe; l++) dual_accum_init(&m->dual[l], (int)E, c->top_k, 0);
     m->x = xcalloc((L + 1) * N * d, sizeof(real));
     m->layer = xcalloc(L, sizeof(LayerActs));
     m->rstdf = xcalloc(N, sizeof(real));
@@ -65,6 +67,8 @@ void model_free(Model *m) {
             moe_acts_free(&la->moe);
         }
     }
+    for (int l = 0; m->dual && l < config_n_moe(&m->cfg); l++) dual_accum_free(&m->dual[l]);
+    free(m->dual);
     free(m->layer); free(m->params); free(m->grads); free(m->bias); free(m->counts); free(m->x);
     free(m->rstdf); free(m->hf); free(m->logits); free(m->rope_cos); free(m->rope_sin);
     free(m->tokens); free(m->targets);
@@ -164,8 +168,11 @@ void model_forward(Model *m, const int *tokens, const int *targets, int B, int T
         } else {
             int moe_idx = l - c->n_dense; // index among the MoE layers: row of bias and counts
             MoeWeights w = model_moe_weights(m, l);
+            DualAccum *dual = &m->dual[moe_idx];
+            dual_accum_reset(dual);
+            dual->mult = m->route.bias_mult; // the routing may be set after model_create
             moe_forward(c, &m->route, m->ep, &w, m->bias + (size_t)moe_idx * E, la->h2, B, T, &la->moe, xout,
-                        m->counts + (size_t)moe_idx * E);
+                        m->counts + (size_t)moe_idx * E, dual);
             for (size_t i = 0; i < Nd; i++) xout[i] += la->xmid[i];
             m->aux_loss += la->moe.aux;
         }

@@ -52,6 +52,10 @@ static const TrainOption train_options[] = {
     OPT("temperature", NULL, O_FLOAT, temperature, "1.0", "sampling temperature (0: greedy)"),
     OPT("sample-top-k", NULL, O_INT, sample_top_k, "40", "sample among the k most likely tokens (0: all)"),
     OPT("prompt", NULL, O_STR, prompt, "", "text the sample continues (empty: starts after end-of-text)"),
+    OPT("trace-router", NULL, O_STR, trace_router, "", "write a router-score trace (docs/trace.md) to this file; a resumed run continues it from its checkpoint's step"),
+    OPT("trace-every", NULL, O_INT, trace_every, "1", "trace every N-th step (steps t with t % N == 0)"),
+    OPT("trace-tokens", NULL, O_I64, trace_tokens, "0", "score rows traced per step and MoE layer: a deterministic sample of M (0: every token of every rank)"),
+    OPT("trace-bf16", NULL, O_FLAG, trace_bf16, "0", "store the traced scores as bf16 (half the size; the replay then sees rounded scores)"),
     OPT("profile", NULL, O_INT, profile, "0", "time N steps per phase after 2 warm-up steps, print the table and stop (0: off; per-phase times need train_moecu)"),
 };
 #undef OPT
@@ -270,6 +274,9 @@ int options_validate(const TrainOptions *o, int world, char *err, size_t errlen)
     CHECK(o->sample_top_k >= 0, "--sample-top-k must be >= 0");
     CHECK(o->threads >= 0, "--threads must be >= 0");
     CHECK(o->profile >= 0, "--profile must be >= 0");
+    CHECK(o->trace_every >= 1, "--trace-every must be >= 1 (got %d)", o->trace_every);
+    CHECK(o->trace_tokens >= 0, "--trace-tokens must be >= 0 (0: every token)");
+    CHECK(!o->trace_router[0] || config_n_moe(&o->model) > 0, "--trace-router: the model has no MoE layer to trace");
     CHECK(o->profile == 0 || o->steps >= o->profile + TRAINER_PROFILE_WARMUP,
           "--profile %d runs %d warm-up steps first: --steps (%lld) must be at least %d", o->profile,
           TRAINER_PROFILE_WARMUP, (long long)o->steps, o->profile + TRAINER_PROFILE_WARMUP);
