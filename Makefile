@@ -180,6 +180,7 @@ test-run: test-build
 	bash tests/test_peers.sh $(PY_VENV)/bin/python
 	$(MAKE) --no-print-directory -j$(JOBS) emu-build
 	$(MAKE) --no-print-directory test-emu
+	bash tests/test_lab_trace.sh $(BUILD)/emu/FP32/train_moecu
 	bash tests/test_profile.sh $(BUILD)/emu/FP32/train_moecu
 	$(if $(NVCC_FOUND),bash tests/test_memplan.sh ./train_moecu,@echo "skip test_memplan.sh: no nvcc, no train_moecu")
 	$(MAKE) --no-print-directory -j$(JOBS) emu-race-build
