@@ -193,6 +193,8 @@ typedef struct {
     float *dres;               // (N, d) gradient of the residual stream
     floatX *dresX;             // (N, d) its floatX copy, for the matmuls
     float *dh;                 // (N, d) gradient of a norm's output
+    float *dh_ffn;             // (N, d) parallel residual only: the FFN norm's output gradient,
+                               // held while the attention block's backward uses dh
     floatX *dbig;              // (N, max(3d, 2 d_ff, 2 S de))
     floatX *dsmall;            // (N, max(d, d_ff, S de))
     float *dgates;             // (N, K)
@@ -549,6 +551,7 @@ static void gpu_alloc_scratch(GpuModel *gm) {
     gm->dres = DEV(float, N * d);
     gm->dresX = DEV(floatX, N * d);
     gm->dh = DEV(float, N * d);
+    if (c->parallel_residual) gm->dh_ffn = DEV(float, N * d);
     gm->dbig = DEV(floatX, N * max3(3 * d, 2 * dff, 2 * sh));
     gm->dsmall = DEV(floatX, N * max3(d, dff, sh));
     gm->norm_scratch = DEV(float, rmsnorm_scratch_floats((int)N, (int)d));
@@ -969,9 +972,11 @@ static void gpu_forward(GpuModel *gm, const int *tokens, const int *targets, int
         attention_forward(gm->cublas, la->a, la->att, gm->att_f32, la->qkv, B, T, d, H, st);
         PHASE(PH_DENSE_MATMUL);
         matmul_forward(&gm->mm, la->xmid, CUDA_R_32F, la->a, gpu_paramX(gm, l, P_WO), N, d, d, x); // + x: fused
-        // FFN block: xout = xmid + ffn(norm(xmid)).
+        // FFN block: xout = xmid + ffn(norm(xmid)); with a parallel residual
+        // the FFN reads the layer's input, xout = x + attn + ffn(norm(x)).
         PHASE(PH_ELEMENTWISE);
-        rmsnorm_forward(la->h2, la->rstd2, la->xmid, gpu_param(gm, l, P_FFN_NORM), N, d, c->rms_eps, st);
+        rmsnorm_forward(la->h2, la->rstd2, c->parallel_residual ? x : la->xmid, gpu_param(gm, l, P_FFN_NORM), N, d,
+                        c->rms_eps, st);
         if (!config_is_moe(c, l)) {
             PHASE(PH_DENSE_MATMUL);
             matmul_forward(&gm->mm, la->f13, CUDA_R_FLOATX, la->h2, gpu_paramX(gm, l, P_FFN_W13), N, d, 2 * c->d_ff,
@@ -1103,8 +1108,14 @@ static void gpu_backward(GpuModel *gm, float grad_scale) {
             gpu_moe_backward(gm, l, l - c->n_dense, B, T, grad_scale);
         }
         PHASE(PH_ELEMENTWISE);
-        rmsnorm_backward(gm->dres, gm->dresX, gpu_grad(gm, l, P_FFN_NORM), gm->norm_scratch, gm->dh, la->xmid,
-                         gpu_param(gm, l, P_FFN_NORM), la->rstd2, N, d, 1, st);
+        // Sequential: dres becomes the gradient at xmid. Parallel: the gradient
+        // at xmid is the one at xout, and the FFN norm's part reaches dres
+        // through the layer input, after the attention block (below).
+        if (c->parallel_residual)
+            CUDA_CHECK(cudaMemcpyAsync(gm->dh_ffn, gm->dh, sizeof(float) * Nd, cudaMemcpyDeviceToDevice, st));
+        else
+            rmsnorm_backward(gm->dres, gm->dresX, gpu_grad(gm, l, P_FFN_NORM), gm->norm_scratch, gm->dh, la->xmid,
+                             gpu_param(gm, l, P_FFN_NORM), la->rstd2, N, d, 1, st);
         // Attention block.
         floatX *da = gm->dsmall, *dqkv = gm->dbig;
         PHASE(PH_DENSE_MATMUL);
@@ -1120,6 +1131,9 @@ static void gpu_backward(GpuModel *gm, float grad_scale) {
         PHASE(PH_ELEMENTWISE);
         rmsnorm_backward(gm->dres, gm->dresX, gpu_grad(gm, l, P_ATTN_NORM), gm->norm_scratch, gm->dh,
                          gm->x + (size_t)l * Nd, gpu_param(gm, l, P_ATTN_NORM), la->rstd1, N, d, 1, st);
+        if (c->parallel_residual)
+            rmsnorm_backward(gm->dres, gm->dresX, gpu_grad(gm, l, P_FFN_NORM), gm->norm_scratch, gm->dh_ffn,
+                             gm->x + (size_t)l * Nd, gpu_param(gm, l, P_FFN_NORM), la->rstd2, N, d, 1, st);
     }
     PHASE(PH_EMBEDDING);
     embedding_backward(gpu_grad(gm, -1, P_TOK_EMB), gm->dres, gm->emb_uniq, gm->emb_off, gm->emb_pos, gm->n_uniq, d, st);

@@ -158,8 +158,10 @@ void model_forward(Model *m, const int *tokens, const int *targets, int B, int T
         attention_forward(la->a, la->att, la->qkv, B, T, d, H);
         memcpy(la->xmid, x, sizeof(real) * Nd);
         matmul_forward(la->xmid, la->a, model_param(m, l, P_WO), N, d, d, 1);
-        // FFN block: xout = xmid + ffn(norm(xmid)).
-        rmsnorm_forward(la->h2, la->rstd2, la->xmid, model_param(m, l, P_FFN_NORM), N, d, c->rms_eps);
+        // FFN block: xout = xmid + ffn(norm(xmid)); with a parallel residual
+        // the FFN reads the layer's input instead, xout = x + attn + ffn(norm(x)).
+        const real *ffn_in = c->parallel_residual ? x : la->xmid;
+        rmsnorm_forward(la->h2, la->rstd2, ffn_in, model_param(m, l, P_FFN_NORM), N, d, c->rms_eps);
         if (!config_is_moe(c, l)) {
             matmul_forward(la->f13, la->h2, model_param(m, l, P_FFN_W13), N, d, 2 * c->d_ff, 0);
             swiglu_forward(la->fact, la->f13, N, c->d_ff);
@@ -197,6 +199,9 @@ void model_backward(Model *m, real grad_scale) {
                                                                      : (size_t)N * 2 * c->d_ff,
                         sizeof(real));          // (N, max(3d, 2 d_ff)) scratch
     real *dsmall = xcalloc((size_t)N * (d > c->d_ff ? d : c->d_ff), sizeof(real)); // (N, max(d, d_ff))
+    // (N, d) parallel residual: the FFN norm's output gradient, held while the
+    // attention block's backward runs on the same residual gradient
+    real *dh_ffn = c->parallel_residual ? xcalloc(Nd, sizeof(real)) : NULL;
 
     // Loss and LM head.
     crossentropy_backward(m->logits, m->targets, N, V, grad_scale);
@@ -223,8 +228,12 @@ void model_backward(Model *m, real grad_scale) {
             memset(dh, 0, sizeof(real) * Nd);
             moe_backward(c, &m->route, m->ep, &w, la->h2, dx, B, T, &la->moe, dh, &dw, grad_scale);
         }
-        rmsnorm_backward(dx, model_grad(m, l, P_FFN_NORM), dh, la->xmid, model_param(m, l, P_FFN_NORM),
-                         la->rstd2, N, d);
+        // Sequential: dx becomes the gradient at xmid. Parallel: the gradient at
+        // xmid is the one at xout, so the FFN norm's part joins dx only after the
+        // attention block (below), through the layer input x.
+        if (c->parallel_residual) memcpy(dh_ffn, dh, sizeof(real) * Nd);
+        else rmsnorm_backward(dx, model_grad(m, l, P_FFN_NORM), dh, la->xmid, model_param(m, l, P_FFN_NORM),
+                              la->rstd2, N, d);
         // Attention block.
         real *da = dsmall, *dqkv = dbig;
         matmul_backward_weight(model_grad(m, l, P_WO), dx, la->a, N, d, d);
@@ -235,10 +244,14 @@ void model_backward(Model *m, real grad_scale) {
         matmul_backward_input(dh, dqkv, model_param(m, l, P_WQKV), N, d, 3 * d, 0);
         rmsnorm_backward(dx, model_grad(m, l, P_ATTN_NORM), dh, x, model_param(m, l, P_ATTN_NORM),
                          la->rstd1, N, d);
+        if (c->parallel_residual)
+            rmsnorm_backward(dx, model_grad(m, l, P_FFN_NORM), dh_ffn, x, model_param(m, l, P_FFN_NORM),
+                             la->rstd2, N, d);
     }
     encoder_backward(model_grad(m, -1, P_TOK_EMB), dx, m->tokens, N, d);
     free(dx);
     free(dh);
     free(dbig);
     free(dsmall);
+    free(dh_ffn);
 }

@@ -165,6 +165,8 @@ static void fixture_backend(Backend *be, const Fixture *f, int B, int T, MoeConf
     ro.bias_mult = (int)fixture_scalar(need(f, "route.bias_mult"));
     ro.aux_kind = (int)fixture_scalar(need(f, "route.aux_kind"));
     ro.aux_alpha = (float)fixture_scalar(need(f, "route.aux_alpha"));
+    const FixtureEntry *bl = fixture_get(f, "route.bias_logits"); // absent in the older fixtures: 0
+    ro.bias_logits = bl ? (int)fixture_scalar(bl) : 0;
     gpu_backend_init(be);
     layout_build(lay, c);
     if (be->create(be, c, &ro, B, T) != 0) {
@@ -992,7 +994,8 @@ int main(int argc, char **argv) {
     test_memory_plan();
     if (!unit_only) {
         const char *cases[] = { "ref_base", "ref_softmax_tied", "ref_softmax_aux_expert", "ref_sigmoid_aux_seq",
-                                "ref_mult_bias", "ref_top1_noshared", "ref_softmax_mult_seq" };
+                                "ref_mult_bias", "ref_top1_noshared", "ref_softmax_mult_seq", "ref_parallel_logits",
+                                "ref_parallel_sigmoid_seq" };
         char path[1024];
         for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
             snprintf(path, sizeof path, "%s/%s.bin", dir, cases[i]);

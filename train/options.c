@@ -24,7 +24,7 @@ typedef struct {
 
 #define OPT(n, a, t, f, d, h) { n, a, t, offsetof(TrainOptions, f), d, h }
 static const TrainOption train_options[] = {
-    OPT("config", NULL, O_STR, config, "tiny", "model preset (tiny, small, 1b, 3b) or key=value model file"),
+    OPT("config", NULL, O_STR, config, "tiny", "model preset (tiny, small, 1b, 1b-hz, 3b) or key=value model file"),
     OPT("print-config", NULL, O_FLAG, print_config, "0", "print the model, its parameter counts and FLOPs, and exit"),
     OPT("print-memory", NULL, O_FLAG, print_memory, "0", "print the device memory per rank for this model, micro-batch and --ep, the largest micro-batch that fits --gpu-mem, and exit (train_moecu; needs no GPU)"),
     OPT("gpu-mem", NULL, O_FLOAT, gpu_mem, "0", "GiB of device memory --print-memory fits micro-batches into (0: the detected GPU's, or 80 without one)"),
@@ -128,7 +128,7 @@ static int options_load_model(TrainOptions *o, const char *v) {
     if (config_preset(&o->model, v) == 0) return 0;
     config_preset(&o->model, "tiny"); // a file sets fields on top of the tiny preset
     if (config_load_file(&o->model, v, err, sizeof err) == 0) return 0;
-    fprintf(stderr, "error: --config %s: not a preset (tiny, small, 1b, 3b), and as a file: %s\n", v, err);
+    fprintf(stderr, "error: --config %s: not a preset (tiny, small, 1b, 1b-hz, 3b), and as a file: %s\n", v, err);
     return -1;
 }
 
