@@ -18,7 +18,10 @@
 #  6. the emulated GPU trainer (train_moecu built for tests/emu, the first
 #     argument): as in 1 and 2;
 #  7. a sample (--trace-tokens) holds M rows per step; bad trace options and a
-#     trace that exists already are refused, the file left as it was.
+#     trace that exists already are refused, the file left as it was;
+#  8. moe_replay --trace --repeat 1 (the deterministic setting from a real
+#     batch): with gamma 0 every step's MaxVio, D and primal equal those of
+#     the trace's first step replayed as it is.
 #
 #   tests/test_lab_trace.sh [EMU_TRAIN_MOECU]     (default build/emu/FP32/train_moecu)
 set -u
@@ -155,6 +158,20 @@ refuse "--bias-on sideways" "bias-on: unknown value 'sideways' (one of scores|lo
 refuse "--bias-on logits with --gamma-rule mult" "bias-on logits cannot go with --gamma-rule mult" --bias-on logits \
     --gamma-rule mult
 refuse "--trace-router without MoE layers" "no MoE layer" --n-dense 3 --trace-router "$TMP/x.trace"
+
+# 8. The first step of a real trace, repeated.
+./moe_replay --trace "$TMP/cpu.trace" --repeat 1 --steps 6 --gamma 0 --horizons 0 --threads 1 --out "$TMP/rep" \
+    > /dev/null 2>&1 && ./moe_replay --trace "$TMP/cpu.trace" --gamma 0 --horizons 0 --threads 1 --out "$TMP/once" \
+    > /dev/null 2>&1 || bad "moe_replay --repeat 1 on a trace failed"
+if python3 - "$TMP/rep/steps.csv" "$TMP/once/steps.csv" << 'EOF'
+import csv, sys
+rep = list(csv.DictReader(open(sys.argv[1])))
+first = [r for r in csv.DictReader(open(sys.argv[2])) if r["step"] == "0"][0]
+keys = ["maxvio", "dual", "primal", "subgrad_l1"]
+assert len(rep) == 6 and all(r[k] == first[k] for r in rep for k in keys), (rep[:2], first)
+EOF
+then ok "--repeat 1 on a trace: 6 steps, each the trace's first step (MaxVio, D, primal, ||c - C||_1 equal)"
+else bad "--repeat 1 on a trace does not repeat its first step"; fi
 
 if [ "$fails" -eq 0 ]; then echo "test_lab_trace.sh: all passed"; exit 0; fi
 echo "test_lab_trace.sh: $fails failure(s)"

@@ -94,6 +94,27 @@ void replay_source_stream(ReplaySource *src, const StreamConfig *c) {
         for (int64_t t = 0; t < T; t++) stream_generate(c, t, (int)l, src->scores + ((l * T + t) * N) * E);
 }
 
+void replay_source_repeat_first(ReplaySource *src, int64_t steps) {
+    int L = src->n_layers, E = src->E;
+    int64_t T = src->steps, N = src->tokens;
+    float *scores = xmalloc(sizeof(float) * (size_t)(L * steps * N * E)); // (L, steps, N, E)
+    for (int l = 0; l < L; l++)
+        for (int64_t t = 0; t < steps; t++) // step 0 of layer l is at (l T) N E
+            memcpy(scores + ((l * steps + t) * N) * E, src->scores + (l * T * N) * E, sizeof(float) * (size_t)(N * E));
+    free(src->scores);
+    src->scores = scores;
+    free(src->bias); // the trace's biases belong to its own steps
+    src->bias = NULL;
+    src->step_ids = xrealloc(src->step_ids, sizeof(int64_t) * (size_t)steps);
+    for (int64_t t = 0; t < steps; t++) src->step_ids[t] = t;
+    src->steps = steps;
+    src->repeated = 1;
+    src->updates_per_step = 1;
+    src->run_steps = 0;
+    size_t len = strlen(src->name);
+    snprintf(src->name + len, sizeof(src->name) - len, ", its first step repeated");
+}
+
 void replay_source_free(ReplaySource *src) {
     free(src->scores);
     free(src->step_ids);

@@ -36,6 +36,10 @@ typedef struct {
 int replay_source_trace(ReplaySource *src, const char *path, int allow_unfinished, int64_t max_steps,
                         char *err, size_t errlen);
 // Generates a stream (multithreaded; the same scores for any thread count).
+// The deterministic setting from a real batch: the source's first step,
+// repeated `steps` times (moe_replay --trace FILE --repeat 1 --steps N); the
+// trace's own biases are dropped (--bias-start trace then has nothing to start from).
+void replay_source_repeat_first(ReplaySource *src, int64_t steps);
 void replay_source_stream(ReplaySource *src, const StreamConfig *c);
 void replay_source_free(ReplaySource *src);
 
