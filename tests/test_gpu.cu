@@ -195,11 +195,16 @@ static void fixture_backend(Backend *be, const Fixture *f, int B, int T, MoeConf
 
 // Whether token t's reference routing is a near tie: the smallest gap between
 // consecutive scores of ranks 1..min(K+1, E) is below ROUTE_MARGIN times the
-// token's largest |score|. aff (E) the reference affinities, bias (E).
-static int near_tie(const double *aff, const float *bias, int E, int K, int mult, double *score, int *rank) {
+// token's largest |score|. aff (E) the reference affinities, bias (E). With the
+// bias on the logits (logit_gate: the gate, else -1) the scores are the logits
+// recovered from the affinities (for softmax up to the token's constant, which
+// leaves the gaps as they are).
+static int near_tie(const double *aff, const float *bias, int E, int K, int mult, int logit_gate, double *score,
+                    int *rank) {
     double mx = 0;
     for (int e = 0; e < E; e++) {
-        score[e] = mult ? aff[e] * bias[e] : aff[e] + bias[e];
+        double u = logit_gate < 0 ? aff[e] : logit_gate == GATE_SOFTMAX ? log(aff[e]) : log(aff[e] / (1 - aff[e]));
+        score[e] = mult ? u * bias[e] : u + bias[e];
         mx = fmax(mx, fabs(score[e]));
     }
     int K1 = K + 1 <= E ? K + 1 : E;
@@ -225,6 +230,8 @@ static void check_case(const char *path) {
     int nmoe = config_n_moe(&c), E = c.n_routed, K = c.top_k, V = c.vocab_size;
     RouteOptions ro = { 0, AUX_NONE, 0.0f, 0 };
     ro.bias_mult = (int)fixture_scalar(need(f, "route.bias_mult"));
+    const FixtureEntry *bl = fixture_get(f, "route.bias_logits"); // absent in the older fixtures: 0
+    ro.bias_logits = bl ? (int)fixture_scalar(bl) : 0;
     printf("%s (B=%d T=%d, %s, norm_topk %d, E=%d K=%d S=%d, dense %d, bias_mult %d, aux %d)\n", path, B, T,
            c.gate == GATE_SIGMOID ? "sigmoid" : "softmax", c.norm_topk, E, K, c.n_shared, c.n_dense, ro.bias_mult,
            (int)fixture_scalar(need(f, "route.aux_kind")));
@@ -256,7 +263,8 @@ static void check_case(const char *path) {
         int n_near = 0, diff_near = 0, diff_far = 0;
         double gerr = 0, gmax = 0;
         for (int t = 0; t < N; t++) {
-            int near = near_tie(aff + (size_t)t * E, bias + (size_t)k * E, E, K, ro.bias_mult, score, rank);
+            int near = near_tie(aff + (size_t)t * E, bias + (size_t)k * E, E, K, ro.bias_mult,
+                                ro.bias_logits ? c.gate : -1, score, rank);
             int same = memcmp(sel + (size_t)t * K, rsel + (size_t)t * K, sizeof(int) * K) == 0;
             n_near += near;
             if (!same) {
