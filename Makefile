@@ -26,13 +26,13 @@ BUILD = build
 # The GPU trainer is built wherever nvcc exists (CI compiles it; the GPU tests need a GPU).
 NVCC_FOUND := $(shell command -v $(or $(NVCC),nvcc) 2>/dev/null)
 # Host code shared by every trainer.
-MODEL_SRC = model/config.c model/layout.c model/balance.c parallel/ep_layout.c
+MODEL_SRC = model/config.c model/layout.c model/balance.c model/dual.c parallel/ep_layout.c
 # The CPU model's compute: built in fp32 (the trainer) and in fp64 (the gradient check).
 COMPUTE_SRC = model/matmul.c model/ops.c model/moe.c model/model.c model/phase.c
 DATA_SRC = data/shard.c data/loader.c
 TOK_SRC = $(filter-out tokenizer/tok_main.c,$(wildcard tokenizer/*.c))
-TRAIN_SRC = train/options.c train/optim.c train/lr.c train/ckpt.c train/ckpt_state.c train/trainer.c train/profile.c \
-            train/memplan.c
+TRAIN_SRC = train/options.c train/optim.c train/lr.c train/ckpt.c train/ckpt_state.c train/trace.c train/trainer.c \
+            train/profile.c train/memplan.c
 
 f32 = $(patsubst %.c,$(BUILD)/f32/%.o,$(1))
 f64 = $(patsubst %.c,$(BUILD)/f64/%.o,$(1))
@@ -152,6 +152,10 @@ $(BUILD)/test_trace: tests/test_trace.c $(call f32,$(LAB_SRC))
 $(BUILD)/test_replay: tests/test_replay.c $(call f32,$(LAB_SRC))
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
+# A trained run's primal-dual quantities recomputed from its trace (tests/test_lab_trace.sh).
+$(BUILD)/trace_dual: tests/trace_dual.c $(call f32,$(LAB_SRC))
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
 # Everything that runs on a CPU: the CPU trainer's tests, and the GPU
 # trainer's CUDA code on the CPU emulator (tests/emu, test-emu); where nvcc
 # exists also compiling the GPU trainer and its tests for a GPU (running them
@@ -169,7 +173,7 @@ test:
 	$(MAKE) --no-print-directory -j$(JOBS) test-build
 	$(MAKE) --no-print-directory test-run
 
-TEST_TOOLS = $(BUILD)/gen_shards $(BUILD)/ckpt_edit $(BUILD)/fuzz_inputs $(BUILD)/hf_logits $(BUILD)/gpu_peak
+TEST_TOOLS = $(BUILD)/gen_shards $(BUILD)/ckpt_edit $(BUILD)/fuzz_inputs $(BUILD)/hf_logits $(BUILD)/gpu_peak $(BUILD)/trace_dual
 test-build: train_moe moe_ckpt moe_tok moe_prepare moe_replay $(TEST_TOOLS) $(TESTS) $(if $(NVCC_FOUND),gpu-build)
 
 # The CPU tests: the C test programs and tools of $(BUILD), the shell tests on
@@ -206,6 +210,7 @@ test-run: test-build
 	bash tests/test_peers.sh $(PY_VENV)/bin/python
 	$(MAKE) --no-print-directory -j$(JOBS) emu-build
 	$(MAKE) --no-print-directory test-emu
+	bash tests/test_lab_trace.sh $(BUILD)/emu/FP32/train_moecu
 	bash tests/test_profile.sh $(BUILD)/emu/FP32/train_moecu
 	$(if $(NVCC_FOUND),bash tests/test_memplan.sh ./train_moecu,@echo "skip test_memplan.sh: no nvcc, no train_moecu")
 	$(MAKE) --no-print-directory -j$(JOBS) emu-race-build

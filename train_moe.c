@@ -241,6 +241,24 @@ static void cpu_profile_stop(Backend *be, double *ms, char *device, size_t len) 
 #endif
 }
 
+// The model computes the primal-dual sums in every forward (model/moe.c's moe_select).
+static void cpu_route_dual(Backend *be, DualAccum *dual) {
+    Model *m = &cpu_state(be)->model;
+    for (int l = 0; l < config_n_moe(&m->cfg); l++) dual_accum_add(&dual[l], &m->dual[l]);
+}
+
+// The activations keep the scores anyway: nothing to arm.
+static void cpu_keep_scores(Backend *be, int keep) {
+    (void)be;
+    (void)keep;
+}
+
+static void cpu_route_scores(Backend *be, int moe_idx, float *scores) {
+    Model *m = &cpu_state(be)->model;
+    const MoeActs *a = &m->layer[m->cfg.n_dense + moe_idx].moe;
+    moe_bias_scores(a, &m->route, m->B * m->T, m->cfg.n_routed, scores);
+}
+
 static void cpu_last_logits(Backend *be, const int *tokens, int n, float *logits) {
     Model *m = &cpu_state(be)->model;
     model_forward(m, tokens, NULL, 1, n);
@@ -265,6 +283,9 @@ int main(int argc, char **argv) {
         .last_logits = cpu_last_logits,
         .profile_start = cpu_profile_start,
         .profile_stop = cpu_profile_stop,
+        .route_dual = cpu_route_dual,
+        .keep_scores = cpu_keep_scores,
+        .route_scores = cpu_route_scores,
     };
     return trainer_main(argc, argv, "train_moe", &be);
 }

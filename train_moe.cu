@@ -107,6 +107,9 @@ typedef struct {
     int *sel;       // (N, K) selected experts, by decreasing score
     float *gates;   // (N, K) gate values
     int *counts;    // (E) tokens per expert
+    // the primal-dual parts of the routing (kernels/routing.cuh RouteDualOut)
+    double *primal_tok, *h_primal; // (N) each token's primal part, device and pinned
+    int *dual_cnt, *h_dual_cnt;    // (3, E) counts0, lost, gained, device and pinned
     int *offsets;   // (E + 1) first row of each expert
     int *h_offsets; // (E + 1) pinned host copy, read by the grouped GEMMs
     int *row_of;    // (N K) row of each slot
@@ -191,6 +194,8 @@ typedef struct {
     float *dres;               // (N, d) gradient of the residual stream
     floatX *dresX;             // (N, d) its floatX copy, for the matmuls
     float *dh;                 // (N, d) gradient of a norm's output
+    float *dh_ffn;             // (N, d) parallel residual only: the FFN norm's output gradient,
+                               // held while the attention block's backward uses dh
     floatX *dbig;              // (N, max(3d, 2 d_ff, 2 S de))
     floatX *dsmall;            // (N, max(d, d_ff, S de))
     float *dgates;             // (N, K)
@@ -212,6 +217,9 @@ typedef struct {
     double *gn_partials;       // gradnorm_partials(n_params)
     double *gn_out, *h_gn;     // (1 + P) device, pinned: sums of squares of the replicated tensors, of each EP position's experts
     float *row_f32, *h_row;    // (V) one logits row, device and pinned
+    // router-score traces (Backend keep_scores / route_scores)
+    int keep_scores;           // 1: the routing writes the scores the bias is added to into kept
+    float *kept;               // (n_moe, N, E) those scores, allocated on the first traced step
 } GpuModel;
 
 static GpuModel *gpu_model(Backend *be) { return (GpuModel *)be->ctx; }
@@ -501,6 +509,10 @@ static void gpu_alloc_layer(GpuModel *gm, GpuLayer *la, int l) {
     la->sel = DEV(int, NK);
     la->gates = DEV(float, NK);
     la->counts = DEV(int, E);
+    la->primal_tok = DEV(double, N);
+    la->h_primal = PINNED(double, N);
+    la->dual_cnt = DEV(int, 3 * E);
+    la->h_dual_cnt = PINNED(int, 3 * E);
     la->offsets = DEV(int, E + 1);
     la->h_offsets = PINNED(int, E + 1);
     la->row_of = DEV(int, NK);
@@ -564,6 +576,7 @@ static void gpu_alloc_scratch(GpuModel *gm) {
     gm->dres = DEV(float, N * d);
     gm->dresX = DEV(floatX, N * d);
     gm->dh = DEV(float, N * d);
+    if (c->parallel_residual) gm->dh_ffn = DEV(float, N * d);
     gm->dbig = DEV(floatX, N * max3(3 * d, 2 * dff, 2 * sh));
     gm->dsmall = DEV(floatX, N * max3(d, dff, sh));
     gm->norm_scratch = DEV(float, rmsnorm_scratch_floats((int)N, (int)d));
@@ -869,7 +882,13 @@ static void gpu_moe_forward(GpuModel *gm, int l, int moe_idx, int B, int T, floa
     PHASE(PH_ROUTER);
     matmul_forward(&gm->mm, la->s, CUDA_R_32F, la->h2, gpu_paramX(gm, l, P_ROUTER), N, d, E, NULL);
     CUDA_CHECK(cudaMemsetAsync(la->counts, 0, sizeof(int) * E, st));
-    moe_route(la->s, la->zsum, la->sel, la->gates, la->counts, gm->bias + (size_t)moe_idx * E, N, &rp, st);
+    CUDA_CHECK(cudaMemsetAsync(la->dual_cnt, 0, sizeof(int) * 3 * E, st));
+    RouteDualOut dual = { la->primal_tok, la->dual_cnt,
+                          gm->keep_scores ? gm->kept + (size_t)moe_idx * gm->maxB * gm->maxT * E : NULL };
+    moe_route(la->s, la->zsum, la->sel, la->gates, la->counts, gm->bias + (size_t)moe_idx * E, N, &rp, &dual, st);
+    // The primal-dual parts reach the host with the layer's synchronisation below.
+    CUDA_CHECK(cudaMemcpyAsync(la->h_primal, la->primal_tok, sizeof(double) * N, cudaMemcpyDeviceToHost, st));
+    CUDA_CHECK(cudaMemcpyAsync(la->h_dual_cnt, la->dual_cnt, sizeof(int) * 3 * E, cudaMemcpyDeviceToHost, st));
     PHASE(PH_PERMUTE);
     moe_permute(la->offsets, la->row_of, la->slot_of, gm->perm_scratch, la->sel, la->counts, NK, E, st);
     const GpuComm *rk = &gm->ranks;
@@ -993,9 +1012,11 @@ static void gpu_forward(GpuModel *gm, const int *tokens, const int *targets, int
         attention_forward(la->a, la->lse, la->qkv, gm->rope_cos, gm->rope_sin, B, T, d, H, st);
         PHASE(PH_DENSE_MATMUL);
         matmul_forward(&gm->mm, la->xmid, CUDA_R_32F, la->a, gpu_paramX(gm, l, P_WO), N, d, d, x); // + x: fused
-        // FFN block: xout = xmid + ffn(norm(xmid)).
+        // FFN block: xout = xmid + ffn(norm(xmid)); with a parallel residual
+        // the FFN reads the layer's input, xout = x + attn + ffn(norm(x)).
         PHASE(PH_ELEMENTWISE);
-        rmsnorm_forward(la->h2, la->rstd2, la->xmid, gpu_param(gm, l, P_FFN_NORM), N, d, c->rms_eps, st);
+        rmsnorm_forward(la->h2, la->rstd2, c->parallel_residual ? x : la->xmid, gpu_param(gm, l, P_FFN_NORM), N, d,
+                        c->rms_eps, st);
         if (!config_is_moe(c, l)) {
             PHASE(PH_DENSE_MATMUL);
             matmul_forward(&gm->mm, la->f13, CUDA_R_FLOATX, la->h2, gpu_paramX(gm, l, P_FFN_W13), N, d, 2 * c->d_ff,
@@ -1135,8 +1156,14 @@ static void gpu_backward(GpuModel *gm, float grad_scale) {
             gpu_moe_backward(gm, l, l - c->n_dense, B, T, grad_scale);
         }
         PHASE(PH_ELEMENTWISE);
-        rmsnorm_backward(gm->dres, gm->dresX, gpu_grad(gm, l, P_FFN_NORM), gm->norm_scratch, gm->dh, la->xmid,
-                         gpu_param(gm, l, P_FFN_NORM), la->rstd2, N, d, 1, st);
+        // Sequential: dres becomes the gradient at xmid. Parallel: the gradient
+        // at xmid is the one at xout, and the FFN norm's part reaches dres
+        // through the layer input, after the attention block (below).
+        if (c->parallel_residual)
+            CUDA_CHECK(cudaMemcpyAsync(gm->dh_ffn, gm->dh, sizeof(float) * Nd, cudaMemcpyDeviceToDevice, st));
+        else
+            rmsnorm_backward(gm->dres, gm->dresX, gpu_grad(gm, l, P_FFN_NORM), gm->norm_scratch, gm->dh, la->xmid,
+                             gpu_param(gm, l, P_FFN_NORM), la->rstd2, N, d, 1, st);
         // Attention block.
         floatX *da = gm->dsmall, *dqkv = gm->dbig;
         PHASE(PH_DENSE_MATMUL);
@@ -1150,6 +1177,9 @@ static void gpu_backward(GpuModel *gm, float grad_scale) {
         PHASE(PH_ELEMENTWISE);
         rmsnorm_backward(gm->dres, gm->dresX, gpu_grad(gm, l, P_ATTN_NORM), gm->norm_scratch, gm->dh,
                          gm->x + (size_t)l * Nd, gpu_param(gm, l, P_ATTN_NORM), la->rstd1, N, d, 1, st);
+        if (c->parallel_residual)
+            rmsnorm_backward(gm->dres, gm->dresX, gpu_grad(gm, l, P_FFN_NORM), gm->norm_scratch, gm->dh_ffn,
+                             gm->x + (size_t)l * Nd, gpu_param(gm, l, P_FFN_NORM), la->rstd2, N, d, 1, st);
     }
     PHASE(PH_EMBEDDING);
     embedding_backward(gpu_grad(gm, -1, P_TOK_EMB), gm->dres, gm->emb_uniq, gm->emb_off, gm->emb_pos, gm->n_uniq, d, st);
@@ -1182,6 +1212,46 @@ static void gpu_micro_batch(Backend *be, const int *tokens, const int *targets, 
         const int *off = gm->layer[c->n_dense + m].h_offsets;
         for (int e = 0; e < E; e++) counts[(size_t)m * E + e] = off[e + 1] - off[e];
     }
+}
+
+// The primal-dual sums of the last micro-batch (Backend route_dual), from
+// what each layer's routing brought to the host: the integer counts, and the
+// tokens' primal parts summed here in token order, as model/moe.c sums them.
+static void gpu_route_dual(Backend *be, DualAccum *dual) {
+    GpuModel *gm = gpu_model(be);
+    const MoeConfig *c = &gm->cfg;
+    int N = gm->B * gm->T, E = c->n_routed;
+    for (int m = 0; m < gm->n_moe; m++) {
+        const GpuLayer *la = &gm->layer[c->n_dense + m];
+        double primal = 0.0;
+        for (int t = 0; t < N; t++) primal += la->h_primal[t];
+        dual[m].primal += primal;
+        dual[m].n_tokens += N;
+        for (int e = 0; e < E; e++) {
+            dual[m].counts[e] += la->h_offsets[e + 1] - la->h_offsets[e];
+            dual[m].counts0[e] += la->h_dual_cnt[e];
+            dual[m].lost[e] += la->h_dual_cnt[E + e];
+            dual[m].gained[e] += la->h_dual_cnt[2 * E + e];
+        }
+    }
+}
+
+// On traced steps the routing kernels also write the scores the bias is
+// added to (the logits are gone after the routing, the affinities after the
+// next forward); the buffer is made on the first traced step.
+static void gpu_keep_scores(Backend *be, int keep) {
+    GpuModel *gm = gpu_model(be);
+    if (keep && !gm->kept && gm->n_moe > 0)
+        gm->kept = DEV(float, (size_t)gm->n_moe * gm->maxB * gm->maxT * gm->cfg.n_routed);
+    gm->keep_scores = keep;
+}
+
+static void gpu_route_scores(Backend *be, int moe_idx, float *scores) {
+    GpuModel *gm = gpu_model(be);
+    size_t E = gm->cfg.n_routed, n = (size_t)gm->B * gm->T * E;
+    ASSERT(gm->kept, "route_scores without keep_scores");
+    gpu_copy(gm, scores, gm->kept + (size_t)moe_idx * gm->maxB * gm->maxT * E, sizeof(float) * n,
+             cudaMemcpyDeviceToHost);
 }
 
 // As train_moe.c's cpu_sync_grads: each rank's loss is the mean over its own
@@ -1328,6 +1398,9 @@ void gpu_backend_init(Backend *be) {
     be->grad_norm = gpu_grad_norm;
     be->update = gpu_update;
     be->last_logits = gpu_last_logits;
+    be->route_dual = gpu_route_dual;
+    be->keep_scores = gpu_keep_scores;
+    be->route_scores = gpu_route_scores;
     be->profile_start = gpu_profile_start;
     be->profile_stop = gpu_profile_stop;
     be->plan_memory = gpu_plan_memory;
