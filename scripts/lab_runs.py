@@ -6,8 +6,9 @@
 Reads each run's JSONL log (train_moe --log; the step records' maxvio_batch and
 loss) and, with --replay, the per-step MaxVio of every setting of a moe_replay
 steps.csv. Plots MaxVio_batch over the steps (log scale) and prints a markdown
-table: MaxVio over the first 10 and the last 15 steps (means), and the loss over
-the last 15 steps (mean, the per-step loss being one small batch's).
+table: MaxVio over the first 10 and the last 15 steps (means), the first step
+whose MaxVio is below 1.5 (one step: a rough time to balance), and the loss
+over the last 15 steps (mean, the per-step loss being one small batch's).
 """
 import argparse
 import csv
@@ -35,6 +36,11 @@ def mean(v):
     return sum(v) / len(v)
 
 
+def first_below(pts, level=1.5):
+    """The first step (from 0) whose MaxVio is below level, or '-'."""
+    return next((p[0] for p in pts if p[1] < level), "-")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="LABEL=train_moe.jsonl")
@@ -44,8 +50,8 @@ def main():
     a = ap.parse_args()
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    print("| | MaxVio, first 10 steps | MaxVio, last 15 steps | loss, last 15 steps |")
-    print("|---|---|---|---|")
+    print("| | MaxVio, first 10 steps | MaxVio, last 15 steps | first step below 1.5 | loss, last 15 steps |")
+    print("|---|---|---|---|---|")
     if a.replay:
         by = {}
         for r in csv.DictReader(open(a.replay)):
@@ -54,7 +60,7 @@ def main():
         for i, (name, pts) in enumerate(by.items()):
             ax.plot(*zip(*pts), color=f"C{i}", lw=1, ls="--", label=f"replay {name} (open loop)")
             v = [m for _, m in pts]
-            print(f"| replay {name} | {mean(v[:10]):.2f} | {mean(v[-15:]):.2f} | |")
+            print(f"| replay {name} | {mean(v[:10]):.2f} | {mean(v[-15:]):.2f} | {first_below(pts)} | |")
     for i, spec in enumerate(a.runs):
         label, _, path = spec.rpartition("=")
         if not path:
@@ -63,7 +69,7 @@ def main():
         ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}", lw=1.6, label=f"{label} (trained)")
         v = [p[1] for p in pts]
         loss = [p[2] for p in pts]
-        print(f"| {label} | {mean(v[:10]):.2f} | {mean(v[-15:]):.2f} | {mean(loss[-15:]):.3f} |")
+        print(f"| {label} | {mean(v[:10]):.2f} | {mean(v[-15:]):.2f} | {first_below(pts)} | {mean(loss[-15:]):.3f} |")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("MaxVio_batch")
