@@ -64,7 +64,13 @@ $PY scripts/lab_runs.py --replay "$RUN/closed/steps.csv" --out "$DOC/real_closed
     --title "replay from the trace vs trained runs (small, 3 MoE layers, sign rule)" \
     "sign/const/g=0.001=$RUN/closed_loop/g0.001.jsonl" "sign/const/g=0.01 (the traced run)=$RUN/small.jsonl" \
     "sign/const/g=0.1=$RUN/closed_loop/g0.1.jsonl" > "$RUN/closed/runs.md"
-cp "$RUN/closed/summary.md" "$DOC/real_closed.md"
+{
+    cat "$RUN/closed/summary.md"
+    echo
+    echo "The replays next to the trained runs (their logged MaxVio_batch and loss):"
+    echo
+    cat "$RUN/closed/runs.md"
+} > "$DOC/real_closed.md"
 # (b) Online on the trace: schedules, 12 hindsight horizons (about 70 s of
 # hindsight solves). The whole trace from a zero bias, then its second half
 # (steps 75-149, where the router drifts less) from the run's own bias at step

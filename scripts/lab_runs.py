@@ -23,10 +23,17 @@ import matplotlib.pyplot as plt
 def run_steps(path):
     """(step from 0, maxvio_batch, loss) of every step record of a train_moe log."""
     out = []
-    for line in open(path):
-        r = json.loads(line)
-        if r.get("type") == "step":
-            out.append((r["step"] - 1, r["maxvio_batch"], r["loss"]))
+    try:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{path}:{n}: not a JSON record ({e.msg})")
+                if r.get("type") == "step":
+                    out.append((r["step"] - 1, r["maxvio_batch"], r["loss"]))
+    except OSError as e:
+        raise SystemExit(f"lab_runs.py: cannot read {path}: {e.strerror}")
     if not out:
         raise SystemExit(f"{path}: no step records")
     return out
@@ -48,6 +55,12 @@ def main():
     ap.add_argument("--out", required=True, help="the plot (png)")
     ap.add_argument("--title", default="MaxVio_batch of trained runs")
     a = ap.parse_args()
+    runs = []  # (label, steps) of every run, read before anything is drawn
+    for spec in a.runs:
+        label, sep, path = spec.rpartition("=")
+        if not sep or not label or not path:
+            raise SystemExit(f"lab_runs.py: {spec}: expected LABEL=run.jsonl")
+        runs.append((label, run_steps(path)))
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     print("| | MaxVio, first 10 steps | MaxVio, last 15 steps | first step below 1.5 | loss, last 15 steps |")
@@ -61,11 +74,7 @@ def main():
             ax.plot(*zip(*pts), color=f"C{i}", lw=1, ls="--", label=f"replay {name} (open loop)")
             v = [m for _, m in pts]
             print(f"| replay {name} | {mean(v[:10]):.2f} | {mean(v[-15:]):.2f} | {first_below(pts)} | |")
-    for i, spec in enumerate(a.runs):
-        label, _, path = spec.rpartition("=")
-        if not path:
-            raise SystemExit(f"{spec}: expected LABEL=run.jsonl")
-        pts = run_steps(path)
+    for i, (label, pts) in enumerate(runs):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}", lw=1.6, label=f"{label} (trained)")
         v = [p[1] for p in pts]
         loss = [p[2] for p in pts]
