@@ -277,8 +277,8 @@ include tests/emu/emu.mk
 # Parts of `make test`, each building what it runs: for a quicker loop, and
 # the checks tests/mutants.txt names. The test-emu-* ones take EMU_PRECISION
 # (FP32 or BF16) like test-emu.
-.PHONY: test-model test-reference test-balance test-infra test-trainer test-dist test-emu-gpu test-emu-gpu-dist \
-        test-emu-one test-mutants
+.PHONY: test-model test-reference test-balance test-lab test-infra test-trainer test-dist test-emu-gpu \
+        test-emu-gpu-dist test-emu-one test-mutants
 test-model: $(BUILD)/test_model $(BUILD)/test_gradcheck
 	$(BUILD)/test_model
 	$(BUILD)/test_gradcheck
@@ -289,6 +289,12 @@ test-reference: $(BUILD)/test_reference $(BUILD)/test_reference64
 
 test-balance: $(BUILD)/test_balance
 	$(BUILD)/test_balance
+
+test-lab: $(BUILD)/test_dual $(BUILD)/test_trace $(BUILD)/test_replay moe_replay
+	$(BUILD)/test_dual
+	$(BUILD)/test_trace
+	$(BUILD)/test_replay
+	bash tests/test_replay.sh
 
 test-infra: $(BUILD)/test_train_infra
 	$(BUILD)/test_train_infra
