@@ -156,6 +156,10 @@ $(BUILD)/test_replay: tests/test_replay.c $(call f32,$(LAB_SRC))
 $(BUILD)/trace_dual: tests/trace_dual.c $(call f32,$(LAB_SRC))
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
+# The hindsight solver on one instance from standard input (tests/test_hindsight_lp.py).
+$(BUILD)/hindsight_lp: tests/hindsight_lp.c $(call f32,$(LAB_SRC))
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
 # Everything that runs on a CPU: the CPU trainer's tests, and the GPU
 # trainer's CUDA code on the CPU emulator (tests/emu, test-emu); where nvcc
 # exists also compiling the GPU trainer and its tests for a GPU (running them
@@ -173,7 +177,7 @@ test:
 	$(MAKE) --no-print-directory -j$(JOBS) test-build
 	$(MAKE) --no-print-directory test-run
 
-TEST_TOOLS = $(BUILD)/gen_shards $(BUILD)/ckpt_edit $(BUILD)/fuzz_inputs $(BUILD)/hf_logits $(BUILD)/gpu_peak $(BUILD)/trace_dual
+TEST_TOOLS = $(BUILD)/gen_shards $(BUILD)/ckpt_edit $(BUILD)/fuzz_inputs $(BUILD)/hf_logits $(BUILD)/gpu_peak $(BUILD)/trace_dual $(BUILD)/hindsight_lp
 test-build: train_moe moe_ckpt moe_tok moe_prepare moe_replay $(TEST_TOOLS) $(TESTS) $(if $(NVCC_FOUND),gpu-build)
 
 # The CPU tests: the C test programs and tools of $(BUILD), the shell tests on
@@ -192,6 +196,7 @@ test-cpu:
 	$(BUILD)/test_trace
 	$(BUILD)/test_replay
 	bash tests/test_replay.sh
+	/usr/bin/python3 tests/test_hindsight_lp.py $(BUILD)/hindsight_lp
 	$(BUILD)/test_tokenizer
 	$(BUILD)/test_launch
 	$(BUILD)/test_safetensors
@@ -290,11 +295,12 @@ test-reference: $(BUILD)/test_reference $(BUILD)/test_reference64
 test-balance: $(BUILD)/test_balance
 	$(BUILD)/test_balance
 
-test-lab: $(BUILD)/test_dual $(BUILD)/test_trace $(BUILD)/test_replay moe_replay
+test-lab: $(BUILD)/test_dual $(BUILD)/test_trace $(BUILD)/test_replay $(BUILD)/hindsight_lp moe_replay
 	$(BUILD)/test_dual
 	$(BUILD)/test_trace
 	$(BUILD)/test_replay
 	bash tests/test_replay.sh
+	/usr/bin/python3 tests/test_hindsight_lp.py $(BUILD)/hindsight_lp
 
 test-infra: $(BUILD)/test_train_infra
 	$(BUILD)/test_train_infra
