@@ -26,13 +26,13 @@ BUILD = build
 # The GPU trainer is built wherever nvcc exists (CI compiles it; the GPU tests need a GPU).
 NVCC_FOUND := $(shell command -v $(or $(NVCC),nvcc) 2>/dev/null)
 # Host code shared by every trainer.
-MODEL_SRC = model/config.c model/layout.c model/balance.c parallel/ep_layout.c
+MODEL_SRC = model/config.c model/layout.c model/balance.c model/dual.c parallel/ep_layout.c
 # The CPU model's compute: built in fp32 (the trainer) and in fp64 (the gradient check).
 COMPUTE_SRC = model/matmul.c model/ops.c model/moe.c model/model.c model/phase.c
 DATA_SRC = data/shard.c data/loader.c
 TOK_SRC = $(filter-out tokenizer/tok_main.c,$(wildcard tokenizer/*.c))
-TRAIN_SRC = train/options.c train/optim.c train/lr.c train/ckpt.c train/ckpt_state.c train/trainer.c train/profile.c \
-            train/memplan.c
+TRAIN_SRC = train/options.c train/optim.c train/lr.c train/ckpt.c train/ckpt_state.c train/trace.c train/trainer.c \
+            train/profile.c train/memplan.c
 
 f32 = $(patsubst %.c,$(BUILD)/f32/%.o,$(1))
 f64 = $(patsubst %.c,$(BUILD)/f64/%.o,$(1))
@@ -152,6 +152,14 @@ $(BUILD)/test_trace: tests/test_trace.c $(call f32,$(LAB_SRC))
 $(BUILD)/test_replay: tests/test_replay.c $(call f32,$(LAB_SRC))
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
+# A trained run's primal-dual quantities recomputed from its trace (tests/test_lab_trace.sh).
+$(BUILD)/trace_dual: tests/trace_dual.c $(call f32,$(LAB_SRC))
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
+# The hindsight solver on one instance from standard input (tests/test_hindsight_lp.py).
+$(BUILD)/hindsight_lp: tests/hindsight_lp.c $(call f32,$(LAB_SRC))
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
 # Everything that runs on a CPU: the CPU trainer's tests, and the GPU
 # trainer's CUDA code on the CPU emulator (tests/emu, test-emu); where nvcc
 # exists also compiling the GPU trainer and its tests for a GPU (running them
@@ -169,7 +177,7 @@ test:
 	$(MAKE) --no-print-directory -j$(JOBS) test-build
 	$(MAKE) --no-print-directory test-run
 
-TEST_TOOLS = $(BUILD)/gen_shards $(BUILD)/ckpt_edit $(BUILD)/fuzz_inputs $(BUILD)/hf_logits $(BUILD)/gpu_peak
+TEST_TOOLS = $(BUILD)/gen_shards $(BUILD)/ckpt_edit $(BUILD)/fuzz_inputs $(BUILD)/hf_logits $(BUILD)/gpu_peak $(BUILD)/trace_dual $(BUILD)/hindsight_lp
 test-build: train_moe moe_ckpt moe_tok moe_prepare moe_replay $(TEST_TOOLS) $(TESTS) $(if $(NVCC_FOUND),gpu-build)
 
 # The CPU tests: the C test programs and tools of $(BUILD), the shell tests on
@@ -188,6 +196,7 @@ test-cpu:
 	$(BUILD)/test_trace
 	$(BUILD)/test_replay
 	bash tests/test_replay.sh
+	/usr/bin/python3 tests/test_hindsight_lp.py $(BUILD)/hindsight_lp
 	$(BUILD)/test_tokenizer
 	$(BUILD)/test_launch
 	$(BUILD)/test_safetensors
@@ -206,6 +215,7 @@ test-run: test-build
 	bash tests/test_peers.sh $(PY_VENV)/bin/python
 	$(MAKE) --no-print-directory -j$(JOBS) emu-build
 	$(MAKE) --no-print-directory test-emu
+	bash tests/test_lab_trace.sh $(BUILD)/emu/FP32/train_moecu
 	bash tests/test_profile.sh $(BUILD)/emu/FP32/train_moecu
 	$(if $(NVCC_FOUND),bash tests/test_memplan.sh ./train_moecu,@echo "skip test_memplan.sh: no nvcc, no train_moecu")
 	$(MAKE) --no-print-directory -j$(JOBS) emu-race-build
@@ -272,8 +282,8 @@ include tests/emu/emu.mk
 # Parts of `make test`, each building what it runs: for a quicker loop, and
 # the checks tests/mutants.txt names. The test-emu-* ones take EMU_PRECISION
 # (FP32 or BF16) like test-emu.
-.PHONY: test-model test-reference test-balance test-infra test-trainer test-dist test-emu-gpu test-emu-gpu-dist \
-        test-emu-one test-mutants
+.PHONY: test-model test-reference test-balance test-lab test-infra test-trainer test-dist test-emu-gpu \
+        test-emu-gpu-dist test-emu-one test-mutants
 test-model: $(BUILD)/test_model $(BUILD)/test_gradcheck
 	$(BUILD)/test_model
 	$(BUILD)/test_gradcheck
@@ -284,6 +294,13 @@ test-reference: $(BUILD)/test_reference $(BUILD)/test_reference64
 
 test-balance: $(BUILD)/test_balance
 	$(BUILD)/test_balance
+
+test-lab: $(BUILD)/test_dual $(BUILD)/test_trace $(BUILD)/test_replay $(BUILD)/hindsight_lp moe_replay
+	$(BUILD)/test_dual
+	$(BUILD)/test_trace
+	$(BUILD)/test_replay
+	bash tests/test_replay.sh
+	/usr/bin/python3 tests/test_hindsight_lp.py $(BUILD)/hindsight_lp
 
 test-infra: $(BUILD)/test_train_infra
 	$(BUILD)/test_train_infra

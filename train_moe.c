@@ -57,6 +57,8 @@ typedef struct {
     // the statistics of the micro-batches since the last step_stats
     int64_t *counts;        // (n_moe, E) tokens per expert
     double loss, aux;       // sums of the mean losses and auxiliary losses, each / loss_div
+    DualAccum *dual;        // (n_moe) their primal-dual sums (model/dual.h)
+    DualAccum *dual_read;   // (n_moe) those the last step_stats read, for route_dual
 } CpuState;
 
 static CpuState *cpu_state(Backend *be) { return (CpuState *)be->ctx; }
@@ -103,6 +105,12 @@ static int cpu_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, i
     cs->adam_m = xcalloc((size_t)n, sizeof(float));
     cs->adam_v = xcalloc((size_t)n, sizeof(float));
     cs->counts = xcalloc((size_t)config_n_moe(c) * c->n_routed + 1, sizeof(int64_t));
+    cs->dual = xcalloc((size_t)config_n_moe(c) + 1, sizeof(DualAccum));
+    cs->dual_read = xcalloc((size_t)config_n_moe(c) + 1, sizeof(DualAccum));
+    for (int l = 0; l < config_n_moe(c); l++)
+        if (dual_accum_init(&cs->dual[l], c->n_routed, c->top_k, ro->bias_mult) != 0 ||
+            dual_accum_init(&cs->dual_read[l], c->n_routed, c->top_k, ro->bias_mult) != 0)
+            FATAL("the primal-dual sums cannot take E = %d, top_k = %d", c->n_routed, c->top_k);
     cpu_build_slices(cs);
     be->ctx = cs;
     be->n_params = n;
@@ -117,6 +125,12 @@ static void cpu_destroy(Backend *be) {
     free(cs->adam_v);
     free(cs->slices);
     free(cs->counts);
+    for (int l = 0; l < config_n_moe(&cs->model.cfg); l++) {
+        dual_accum_free(&cs->dual[l]);
+        dual_accum_free(&cs->dual_read[l]);
+    }
+    free(cs->dual);
+    free(cs->dual_read);
     free(cs);
     be->ctx = NULL;
 }
@@ -174,6 +188,7 @@ static void cpu_micro_batch(Backend *be, const int *tokens, const int *targets, 
     if (train) model_backward(m, grad_scale);
     size_t nc = (size_t)config_n_moe(&m->cfg) * m->cfg.n_routed;
     for (size_t i = 0; i < nc; i++) cs->counts[i] += m->counts[i];
+    for (int l = 0; l < config_n_moe(&m->cfg); l++) dual_accum_add(&cs->dual[l], &m->dual[l]);
     cs->loss += m->loss / loss_div;
     cs->aux += m->aux_loss / loss_div;
     phase_mark(PH_HOST); // the model marked its phases (model/phase.h)
@@ -187,6 +202,12 @@ static void cpu_step_stats(Backend *be, int64_t *counts, double *loss, double *a
     *aux = cs->aux;
     memset(cs->counts, 0, sizeof(int64_t) * nc);
     cs->loss = cs->aux = 0;
+    for (int l = 0; l < config_n_moe(&cs->model.cfg); l++) { // the sums read become route_dual's
+        DualAccum t = cs->dual_read[l];
+        cs->dual_read[l] = cs->dual[l];
+        cs->dual[l] = t;
+        dual_accum_reset(&cs->dual[l]);
+    }
 }
 
 // Each rank's loss is the mean over its own tokens, so the run's gradient is
@@ -258,6 +279,25 @@ static void cpu_profile_stop(Backend *be, double *ms, char *device, size_t len) 
 #endif
 }
 
+// The model computes the primal-dual sums in every forward (model/moe.c's
+// moe_select); cpu_micro_batch sums them until step_stats reads them.
+static void cpu_route_dual(Backend *be, DualAccum *dual) {
+    CpuState *cs = cpu_state(be);
+    for (int l = 0; l < config_n_moe(&cs->model.cfg); l++) dual_accum_add(&dual[l], &cs->dual_read[l]);
+}
+
+// The activations keep the scores anyway: nothing to arm.
+static void cpu_keep_scores(Backend *be, int keep) {
+    (void)be;
+    (void)keep;
+}
+
+static void cpu_route_scores(Backend *be, int moe_idx, float *scores) {
+    Model *m = &cpu_state(be)->model;
+    const MoeActs *a = &m->layer[m->cfg.n_dense + moe_idx].moe;
+    moe_bias_scores(a, &m->route, m->B * m->T, m->cfg.n_routed, scores);
+}
+
 static void cpu_last_logits(Backend *be, const int *tokens, int n, float *logits) {
     Model *m = &cpu_state(be)->model;
     model_forward(m, tokens, NULL, 1, n);
@@ -283,6 +323,9 @@ int main(int argc, char **argv) {
         .last_logits = cpu_last_logits,
         .profile_start = cpu_profile_start,
         .profile_stop = cpu_profile_stop,
+        .route_dual = cpu_route_dual,
+        .keep_scores = cpu_keep_scores,
+        .route_scores = cpu_route_scores,
     };
     return trainer_main(argc, argv, "train_moe", &be);
 }

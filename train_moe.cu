@@ -114,6 +114,10 @@ typedef struct {
     int *sel;       // (N, K) selected experts, by decreasing score
     float *gates;   // (N, K) gate values
     int *counts;    // (E) tokens per expert
+    // the primal-dual parts of the routing (kernels/routing.cuh RouteDualOut),
+    // rows of gm->primal_all and gm->dual_all (stats_accumulate sums them)
+    double *primal_tok; // (N) each token's primal part
+    int *dual_cnt;  // (3, E) counts0, lost, gained
     int *offsets;   // (E + 1) first row of each expert (a row of gm->offsets_all)
     int *h_offsets; // (E + 1) pinned host copy (exchange or cuBLAS path only)
     int *row_of;    // (N K) row of each slot
@@ -146,10 +150,14 @@ typedef struct {
     int B, T;
     float grad_scale;
     double loss_div;
+    int keep_scores;       // the routing also wrote the traced scores (Backend keep_scores)
     cudaGraphExec_t exec;
 } GpuGraph;
 // Shapes kept at once (a run trains one; the tests a few).
 enum { GPU_GRAPHS = 4 };
+
+// 8-byte words of the step's statistics for nc = n_moe E counts and nm = n_moe layers.
+#define STATS_WORDS(nc, nm) (4 * (nc) + 3 + (nm))
 
 typedef struct {
     MoeConfig cfg;
@@ -207,8 +215,12 @@ typedef struct {
     double *losses;            // (N) per-position cross-entropy
     double *aux;               // (n_moe) auxiliary loss per MoE layer
     int *offsets_all;          // (n_moe, E + 1) every MoE layer's expert offsets, for stats_accumulate
+    double *primal_all;        // (n_moe, N) every MoE layer's per-token primal parts
+    int *dual_all;             // (n_moe, 3, E) every MoE layer's counts0, lost, gained
     StepStats stats;           // the step's counts and losses, summed over its micro-batches, in stats_buf
-    int64_t *stats_buf, *h_stats; // (n_moe E + 3) device, pinned (the same layout)
+    int64_t *stats_buf, *h_stats; // (STATS_WORDS) device, pinned (the same layout)
+    int64_t stats_tokens;      // tokens of the micro-batches since the last step_stats
+    int64_t read_tokens;       // ... and of those the last step_stats read (route_dual's n_tokens)
     // CUDA graphs (--cuda-graph): the captured training micro-batches, by shape
     int graphs;                // 1: training micro-batches are captured once and replayed
     const char *graphs_off;    // why not, when not
@@ -220,6 +232,8 @@ typedef struct {
     float *dres;               // (N, d) gradient of the residual stream
     floatX *dresX;             // (N, d) its floatX copy, for the matmuls
     float *dh;                 // (N, d) gradient of a norm's output
+    float *dh_ffn;             // (N, d) parallel residual only: the FFN norm's output gradient,
+                               // held while the attention block's backward uses dh
     floatX *dbig;              // (N, max(3d, 2 d_ff, 2 S de))
     floatX *dsmall;            // (N, max(d, d_ff, S de))
     float *dgates;             // (N, K)
@@ -241,6 +255,9 @@ typedef struct {
     double *gn_partials;       // gradnorm_partials(n_params)
     double *gn_out, *h_gn;     // (1 + P) device, pinned: sums of squares of the replicated tensors, of each EP position's experts
     float *row_f32, *h_row;    // (V) one logits row, device and pinned
+    // router-score traces (Backend keep_scores / route_scores)
+    int keep_scores;           // 1: the routing writes the scores the bias is added to into kept
+    float *kept;               // (n_moe, N, E) those scores, allocated on the first traced step
 } GpuModel;
 
 static GpuModel *gpu_model(Backend *be) { return (GpuModel *)be->ctx; }
@@ -549,7 +566,12 @@ static void gpu_alloc_layer(GpuModel *gm, GpuLayer *la, int l) {
     la->sel = DEV(int, NK);
     la->gates = DEV(float, NK);
     la->counts = DEV(int, E);
-    if (!gm->dry) la->offsets = gm->offsets_all + (size_t)(l - c->n_dense) * (E + 1);
+    if (!gm->dry) {
+        size_t m = (size_t)(l - c->n_dense);
+        la->offsets = gm->offsets_all + m * (E + 1);
+        la->primal_tok = gm->primal_all + m * N;
+        la->dual_cnt = gm->dual_all + m * 3 * E;
+    }
     if (gm->exchange || !gm->gg_device) la->h_offsets = PINNED(int, E + 1);
     la->row_of = DEV(int, NK);
     la->slot_of = DEV(int, NK);
@@ -594,6 +616,8 @@ static void gpu_alloc_activations(GpuModel *gm) {
         gm->h_in = (int *)xcalloc(5 * N + 2, sizeof(int));
     }
     gm->offsets_all = DEV(int, (size_t)gm->n_moe * (c->n_routed + 1));
+    gm->primal_all = DEV(double, (size_t)gm->n_moe * N);
+    gm->dual_all = DEV(int, (size_t)gm->n_moe * 3 * c->n_routed);
     gm->x = DEV(float, (L + 1) * N * d);
     gm->layer = (GpuLayer *)xcalloc(L, sizeof(GpuLayer));
     for (size_t l = 0; l < L; l++) gpu_alloc_layer(gm, &gm->layer[l], (int)l);
@@ -602,10 +626,14 @@ static void gpu_alloc_activations(GpuModel *gm) {
     gm->logits = DEV(floatX, N * V);
     gm->losses = DEV(double, N);
     gm->aux = DEV(double, (size_t)gm->n_moe + 1);
-    // counts (n_moe E) | sums (2 doubles) | bad (1 int, in an 8-byte word): one copy to the host, one memset
-    size_t nc = (size_t)gm->n_moe * c->n_routed;
-    gm->stats_buf = DEV(int64_t, nc + 3);
-    if (!gm->dry) gm->stats = (StepStats){ gm->stats_buf, (double *)(gm->stats_buf + nc), (int *)(gm->stats_buf + nc + 2) };
+    // counts (n_moe E) | dual (n_moe 3 E) | sums (2 doubles) | primal (n_moe doubles) | bad (1 int, in an
+    // 8-byte word): one copy to the host, one memset
+    size_t nc = (size_t)gm->n_moe * c->n_routed, nm = (size_t)gm->n_moe;
+    gm->stats_buf = DEV(int64_t, STATS_WORDS(nc, nm));
+    int64_t *sb = gm->stats_buf;
+    if (!gm->dry)
+        gm->stats = (StepStats){ sb, sb + nc, (double *)(sb + 4 * nc), (double *)(sb + 4 * nc + 2),
+                                 (int *)(sb + 4 * nc + 2 + nm) };
     gm->rope_cos = DEV(float, (size_t)gm->maxT * (d / c->n_heads / 2));
     gm->rope_sin = DEV(float, (size_t)gm->maxT * (d / c->n_heads / 2));
 }
@@ -623,6 +651,7 @@ static void gpu_alloc_scratch(GpuModel *gm) {
     gm->dres = DEV(float, N * d);
     gm->dresX = DEV(floatX, N * d);
     gm->dh = DEV(float, N * d);
+    if (c->parallel_residual) gm->dh_ffn = DEV(float, N * d);
     gm->dbig = DEV(floatX, N * max3(3 * d, 2 * dff, 2 * sh));
     gm->dsmall = DEV(floatX, N * max3(d, dff, sh));
     gm->norm_scratch = DEV(float, rmsnorm_scratch_floats((int)N, (int)d));
@@ -654,7 +683,7 @@ static void gpu_alloc_scratch(GpuModel *gm) {
             gm->gather_buf = DEV(float, P * per);
         }
     }
-    gm->h_stats = PINNED(int64_t, nmoe * E + 3);
+    gm->h_stats = PINNED(int64_t, STATS_WORDS(nmoe * E, nmoe));
     gm->h_gn = PINNED(double, P + 1);
     gm->h_row = PINNED(float, V);
     gm->h_count = (int *)xcalloc(V, sizeof(int));
@@ -928,7 +957,11 @@ static void gpu_moe_forward(GpuModel *gm, int l, int moe_idx, int B, int T, floa
     PHASE(PH_ROUTER);
     matmul_forward(&gm->mm, la->s, CUDA_R_32F, la->h2, gpu_paramX(gm, l, P_ROUTER), N, d, E, NULL);
     CUDA_CHECK(cudaMemsetAsync(la->counts, 0, sizeof(int) * E, st));
-    moe_route(la->s, la->zsum, la->sel, la->gates, la->counts, gm->bias + (size_t)moe_idx * E, N, &rp, st);
+    CUDA_CHECK(cudaMemsetAsync(la->dual_cnt, 0, sizeof(int) * 3 * E, st));
+    RouteDualOut dual = { la->primal_tok, la->dual_cnt,
+                          gm->keep_scores ? gm->kept + (size_t)moe_idx * gm->maxB * gm->maxT * E : NULL };
+    moe_route(la->s, la->zsum, la->sel, la->gates, la->counts, gm->bias + (size_t)moe_idx * E, N, &rp, &dual, st);
+    // The primal-dual parts join the step's statistics (stats_accumulate).
     PHASE(PH_PERMUTE);
     moe_permute(la->offsets, la->row_of, la->slot_of, gm->perm_scratch, la->sel, la->counts, NK, E, st);
     const GpuComm *rk = &gm->ranks;
@@ -1062,9 +1095,11 @@ static void gpu_forward(GpuModel *gm, int B, int T, int targets, int want_grad, 
         attention_forward(la->a, la->lse, la->qkv, gm->rope_cos, gm->rope_sin, B, T, d, H, st);
         PHASE(PH_DENSE_MATMUL);
         matmul_forward(&gm->mm, la->xmid, CUDA_R_32F, la->a, gpu_paramX(gm, l, P_WO), N, d, d, x); // + x: fused
-        // FFN block: xout = xmid + ffn(norm(xmid)).
+        // FFN block: xout = xmid + ffn(norm(xmid)); with a parallel residual
+        // the FFN reads the layer's input, xout = x + attn + ffn(norm(x)).
         PHASE(PH_ELEMENTWISE);
-        rmsnorm_forward(la->h2, la->rstd2, la->xmid, gpu_param(gm, l, P_FFN_NORM), N, d, c->rms_eps, st);
+        rmsnorm_forward(la->h2, la->rstd2, c->parallel_residual ? x : la->xmid, gpu_param(gm, l, P_FFN_NORM), N, d,
+                        c->rms_eps, st);
         if (!config_is_moe(c, l)) {
             PHASE(PH_DENSE_MATMUL);
             matmul_forward(&gm->mm, la->f13, CUDA_R_FLOATX, la->h2, gpu_paramX(gm, l, P_FFN_W13), N, d, 2 * c->d_ff,
@@ -1199,8 +1234,14 @@ static void gpu_backward(GpuModel *gm, float grad_scale) {
             gpu_moe_backward(gm, l, l - c->n_dense, B, T, grad_scale);
         }
         PHASE(PH_ELEMENTWISE);
-        rmsnorm_backward(gm->dres, gm->dresX, gpu_grad(gm, l, P_FFN_NORM), gm->norm_scratch, gm->dh, la->xmid,
-                         gpu_param(gm, l, P_FFN_NORM), la->rstd2, N, d, 1, st);
+        // Sequential: dres becomes the gradient at xmid. Parallel: the gradient
+        // at xmid is the one at xout, and the FFN norm's part reaches dres
+        // through the layer input, after the attention block (below).
+        if (c->parallel_residual)
+            CUDA_CHECK(cudaMemcpyAsync(gm->dh_ffn, gm->dh, sizeof(float) * Nd, cudaMemcpyDeviceToDevice, st));
+        else
+            rmsnorm_backward(gm->dres, gm->dresX, gpu_grad(gm, l, P_FFN_NORM), gm->norm_scratch, gm->dh, la->xmid,
+                             gpu_param(gm, l, P_FFN_NORM), la->rstd2, N, d, 1, st);
         // Attention block.
         floatX *da = gm->dsmall, *dqkv = gm->dbig;
         PHASE(PH_DENSE_MATMUL);
@@ -1214,6 +1255,9 @@ static void gpu_backward(GpuModel *gm, float grad_scale) {
         PHASE(PH_ELEMENTWISE);
         rmsnorm_backward(gm->dres, gm->dresX, gpu_grad(gm, l, P_ATTN_NORM), gm->norm_scratch, gm->dh,
                          gm->x + (size_t)l * Nd, gpu_param(gm, l, P_ATTN_NORM), la->rstd1, N, d, 1, st);
+        if (c->parallel_residual)
+            rmsnorm_backward(gm->dres, gm->dresX, gpu_grad(gm, l, P_FFN_NORM), gm->norm_scratch, gm->dh_ffn,
+                             gm->x + (size_t)l * Nd, gpu_param(gm, l, P_FFN_NORM), la->rstd2, N, d, 1, st);
     }
     PHASE(PH_EMBEDDING);
     embedding_backward(gpu_grad(gm, -1, P_TOK_EMB), gm->dres, gm->emb_uniq, gm->emb_off, gm->emb_pos, gm->emb_n, N, d,
@@ -1231,8 +1275,8 @@ static void gpu_micro_batch_work(GpuModel *gm, int B, int T, int targets, int tr
     const MoeConfig *c = &gm->cfg;
     int N = B * T;
     gpu_forward(gm, B, T, targets, train, grad_scale);
-    stats_accumulate(gm->stats, gm->offsets_all, gm->n_moe, c->n_routed, N * c->top_k, targets ? gm->losses : NULL, N,
-                     gm->aux, loss_div, gm->stream);
+    stats_accumulate(gm->stats, gm->offsets_all, gm->dual_all, gm->primal_all, gm->maxB * gm->maxT, gm->n_moe,
+                     c->n_routed, N * c->top_k, targets ? gm->losses : NULL, N, gm->aux, loss_div, gm->stream);
     if (train) gpu_backward(gm, grad_scale);
 }
 
@@ -1243,7 +1287,9 @@ static void gpu_micro_batch_work(GpuModel *gm, int B, int T, int targets, int tr
 static cudaGraphExec_t gpu_graph(GpuModel *gm, int B, int T, float grad_scale, double loss_div) {
     for (int i = 0; i < gm->n_graphs; i++) {
         const GpuGraph *g = &gm->graph[i];
-        if (g->B == B && g->T == T && g->grad_scale == grad_scale && g->loss_div == loss_div) return g->exec;
+        if (g->B == B && g->T == T && g->grad_scale == grad_scale && g->loss_div == loss_div &&
+            g->keep_scores == gm->keep_scores)
+            return g->exec;
     }
     GpuGraph *g;
     if (gm->n_graphs < GPU_GRAPHS) {
@@ -1264,6 +1310,7 @@ static cudaGraphExec_t gpu_graph(GpuModel *gm, int B, int T, float grad_scale, d
     g->T = T;
     g->grad_scale = grad_scale;
     g->loss_div = loss_div;
+    g->keep_scores = gm->keep_scores;
     return g->exec;
 }
 
@@ -1272,6 +1319,7 @@ static void gpu_micro_batch(Backend *be, const int *tokens, const int *targets, 
     GpuModel *gm = gpu_model(be);
     ASSERT(!train || targets, "a training micro-batch without targets");
     gpu_stage_inputs(gm, tokens, targets, B, T, train);
+    gm->stats_tokens += (int64_t)B * T;
     if (train && gm->graphs) {
         cudaGraphExec_t exec = gpu_graph(gm, B, T, grad_scale, loss_div);
         gm->B = B; // what the captured work assumes, for the read-back hooks
@@ -1288,18 +1336,58 @@ static void gpu_micro_batch(Backend *be, const int *tokens, const int *targets, 
 static void gpu_step_stats(Backend *be, int64_t *counts, double *loss, double *aux) {
     GpuModel *gm = gpu_model(be);
     cudaStream_t st = gm->stream;
-    size_t nc = (size_t)gm->n_moe * gm->cfg.n_routed;
+    size_t nc = (size_t)gm->n_moe * gm->cfg.n_routed, words = STATS_WORDS(nc, (size_t)gm->n_moe);
     PHASE(PH_HOST);
-    CUDA_CHECK(cudaMemcpyAsync(gm->h_stats, gm->stats_buf, sizeof(int64_t) * (nc + 3), cudaMemcpyDeviceToHost, st));
-    CUDA_CHECK(cudaMemsetAsync(gm->stats_buf, 0, sizeof(int64_t) * (nc + 3), st));
+    CUDA_CHECK(cudaMemcpyAsync(gm->h_stats, gm->stats_buf, sizeof(int64_t) * words, cudaMemcpyDeviceToHost, st));
+    CUDA_CHECK(cudaMemsetAsync(gm->stats_buf, 0, sizeof(int64_t) * words, st));
     CUDA_CHECK(cudaStreamSynchronize(st));
     profiler_flush(&gm->prof); // free while the stream is idle
-    int bad = *(const int *)(gm->h_stats + nc + 2);
+    gm->read_tokens = gm->stats_tokens;
+    gm->stats_tokens = 0;
+    int bad = *(const int *)(gm->h_stats + words - 1);
     ASSERT(bad == 0, "MoE layer %d routed a number of slots other than N K (routing counts and permutation disagree)",
            bad - 1);
     memcpy(counts, gm->h_stats, sizeof(int64_t) * nc);
-    *loss = ((const double *)(gm->h_stats + nc))[0];
-    *aux = ((const double *)(gm->h_stats + nc))[1];
+    *loss = ((const double *)(gm->h_stats + 4 * nc))[0];
+    *aux = ((const double *)(gm->h_stats + 4 * nc))[1];
+}
+
+// The primal-dual sums of the micro-batches the last step_stats read
+// (Backend route_dual), from its copy: the integer counts, and the tokens'
+// primal parts, summed on the device (kernels/stats.cu) in a fixed order.
+static void gpu_route_dual(Backend *be, DualAccum *dual) {
+    GpuModel *gm = gpu_model(be);
+    size_t E = gm->cfg.n_routed, nc = (size_t)gm->n_moe * E;
+    const int64_t *counts = gm->h_stats, *dc = gm->h_stats + nc;
+    const double *primal = (const double *)(gm->h_stats + 4 * nc + 2);
+    for (int m = 0; m < gm->n_moe; m++) {
+        dual[m].primal += primal[m];
+        dual[m].n_tokens += gm->read_tokens;
+        for (size_t e = 0; e < E; e++) {
+            dual[m].counts[e] += counts[m * E + e];
+            dual[m].counts0[e] += dc[(m * 3 + 0) * E + e];
+            dual[m].lost[e] += dc[(m * 3 + 1) * E + e];
+            dual[m].gained[e] += dc[(m * 3 + 2) * E + e];
+        }
+    }
+}
+
+// On traced steps the routing kernels also write the scores the bias is
+// added to (the logits are gone after the routing, the affinities after the
+// next forward); the buffer is made on the first traced step.
+static void gpu_keep_scores(Backend *be, int keep) {
+    GpuModel *gm = gpu_model(be);
+    if (keep && !gm->kept && gm->n_moe > 0)
+        gm->kept = DEV(float, (size_t)gm->n_moe * gm->maxB * gm->maxT * gm->cfg.n_routed);
+    gm->keep_scores = keep;
+}
+
+static void gpu_route_scores(Backend *be, int moe_idx, float *scores) {
+    GpuModel *gm = gpu_model(be);
+    size_t E = gm->cfg.n_routed, n = (size_t)gm->B * gm->T * E;
+    ASSERT(gm->kept, "route_scores without keep_scores");
+    gpu_copy(gm, scores, gm->kept + (size_t)moe_idx * gm->maxB * gm->maxT * E, sizeof(float) * n,
+             cudaMemcpyDeviceToHost);
 }
 
 // As train_moe.c's cpu_sync_grads: each rank's loss is the mean over its own
@@ -1448,6 +1536,9 @@ void gpu_backend_init(Backend *be) {
     be->grad_norm = gpu_grad_norm;
     be->update = gpu_update;
     be->last_logits = gpu_last_logits;
+    be->route_dual = gpu_route_dual;
+    be->keep_scores = gpu_keep_scores;
+    be->route_scores = gpu_route_scores;
     be->profile_start = gpu_profile_start;
     be->profile_stop = gpu_profile_stop;
     be->plan_memory = gpu_plan_memory;

@@ -1,6 +1,7 @@
 // MoE routing kernels (see routing.cuh).
 #include "routing.cuh"
 
+#include <float.h>
 #include <limits.h>
 
 // Warps per block for the per-token kernels: 4, fewer when a warp's shared
@@ -17,49 +18,12 @@ static int routing_warps(size_t bytes_per_warp, const char *what, int E) {
 // ----------------------------------------------------------------------------
 // Forward: affinities, TopK, gates, counts
 
-// One warp per token. Shared memory per warp: score (E) fp32, taken (E) bytes.
-static __global__ void moe_route_kernel(float *s, double *zsum, int *sel, float *gates, int *counts,
-                                        const float *bias, int N, RouteParams rp) {
-    extern __shared__ float route_smem[];
-    const int E = rp.n_experts, K = rp.top_k;
-    int nwarps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    float *score = route_smem + (size_t)warp * E;                                      // (E)
-    unsigned char *taken = (unsigned char *)(route_smem + (size_t)nwarps * E) + (size_t)warp * E; // (E)
-    int t = blockIdx.x * nwarps + warp;
-    if (t >= N) return; // the whole warp leaves together
-    float *row = s + (int64_t)t * E;
-
-    // Affinities, in place over the logits.
-    if (rp.gate == GATE_SIGMOID) {
-        for (int e = lane; e < E; e += 32) row[e] = 1.0f / (1.0f + expf(-row[e]));
-    } else {
-        float mx = -INFINITY;
-        for (int e = lane; e < E; e += 32) mx = fmaxf(mx, row[e]);
-        mx = warp_max(mx);
-        float sum = 0.0f;
-        for (int e = lane; e < E; e += 32) {
-            float x = expf(row[e] - mx);
-            row[e] = x;
-            sum += x;
-        }
-        sum = warp_sum(sum);
-        for (int e = lane; e < E; e += 32) row[e] = row[e] / sum;
-    }
-    double z = 0.0;
-    for (int e = lane; e < E; e += 32) z += (double)row[e];
-    z = warp_sum_d(z);
-    if (lane == 0) zsum[t] = z;
-
-    // Selection scores (a NaN would break the ordering; it ranks last instead).
-    for (int e = lane; e < E; e += 32) {
-        float sc = ROUTE_SCORE(row[e], bias[e], rp.bias_mult);
-        score[e] = sc != sc ? -INFINITY : sc;
-        taken[e] = 0;
-    }
-    __syncwarp();
-
-    // K rounds of arg-max over the experts not taken yet, ordered by (score
-    // desc, index asc): the j-th round finds the j-th of route_topk's list.
+// K rounds of arg-max over score (E) of the experts not taken yet, ordered by
+// (score desc, index asc): the j-th round finds the j-th of route_topk's list.
+// taken (E) must be zero; it ends marking the K chosen. out (K) is written by
+// lane 0 (NULL: not written); every lane returns with the warp synchronised.
+static __device__ void route_warp_topk(const float *score, unsigned char *taken, int E, int K, int lane, int *out,
+                                       int *counts) {
     for (int j = 0; j < K; j++) {
         float best = -INFINITY;
         int bi = INT_MAX;
@@ -82,11 +46,74 @@ static __global__ void moe_route_kernel(float *s, double *zsum, int *sel, float 
         // K <= E, so some expert is always left and bi is valid in every lane.
         if (lane == bi % 32) taken[bi] = 1; // only lane bi % 32 ever reads taken[bi]
         if (lane == 0) {
-            sel[(int64_t)t * K + j] = bi;
+            if (out) out[j] = bi;
             atomicAdd(&counts[bi], 1);
         }
         __syncwarp();
     }
+}
+
+// One warp per token. Shared memory per warp: score (E) fp32, u (E) fp32
+// (with dual: the unbiased scores), taken (E) and taken0 (E) bytes.
+static __global__ void moe_route_kernel(float *s, double *zsum, int *sel, float *gates, int *counts,
+                                        const float *bias, int N, RouteParams rp, RouteDualOut dual, int with_dual) {
+    extern __shared__ float route_smem[];
+    const int E = rp.n_experts, K = rp.top_k;
+    int nwarps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int nf = with_dual ? 2 : 1; // fp32 arrays per warp
+    float *score = route_smem + (size_t)warp * nf * E;                                      // (E)
+    float *u = score + E;                                                                   // (E), with_dual
+    unsigned char *taken = (unsigned char *)(route_smem + (size_t)nwarps * nf * E) + (size_t)warp * 2 * E; // (E)
+    unsigned char *taken0 = taken + E;                                                     // (E)
+    int t = blockIdx.x * nwarps + warp;
+    if (t >= N) return; // the whole warp leaves together
+    float *row = s + (int64_t)t * E;
+
+    // With the bias on the logits: the selection scores (and u) before the
+    // gate overwrites the logits (a NaN would break the ordering; it ranks last).
+    if (rp.bias_logits) {
+        for (int e = lane; e < E; e += 32) {
+            float sc = ROUTE_SCORE(row[e], bias[e], rp.bias_mult);
+            score[e] = sc != sc ? -INFINITY : sc;
+            if (with_dual) u[e] = row[e];
+            if (dual.kept) dual.kept[(int64_t)t * E + e] = row[e];
+        }
+    }
+
+    // Affinities, in place over the logits.
+    if (rp.gate == GATE_SIGMOID) {
+        for (int e = lane; e < E; e += 32) row[e] = 1.0f / (1.0f + expf(-row[e]));
+    } else {
+        float mx = -INFINITY;
+        for (int e = lane; e < E; e += 32) mx = fmaxf(mx, row[e]);
+        mx = warp_max(mx);
+        float sum = 0.0f;
+        for (int e = lane; e < E; e += 32) {
+            float x = expf(row[e] - mx);
+            row[e] = x;
+            sum += x;
+        }
+        sum = warp_sum(sum);
+        for (int e = lane; e < E; e += 32) row[e] = row[e] / sum;
+    }
+    double z = 0.0;
+    for (int e = lane; e < E; e += 32) z += (double)row[e];
+    z = warp_sum_d(z);
+    if (lane == 0) zsum[t] = z;
+
+    // Selection scores on the affinities.
+    for (int e = lane; e < E; e += 32) {
+        if (!rp.bias_logits) {
+            float sc = ROUTE_SCORE(row[e], bias[e], rp.bias_mult);
+            score[e] = sc != sc ? -INFINITY : sc;
+            if (with_dual) u[e] = row[e];
+            if (dual.kept) dual.kept[(int64_t)t * E + e] = row[e];
+        }
+        taken[e] = 0;
+        taken0[e] = 0;
+    }
+    __syncwarp();
+    route_warp_topk(score, taken, E, K, lane, sel + (int64_t)t * K, counts);
 
     // Gate values from the unbiased affinities, in selection order (as the CPU).
     if (lane == 0) {
@@ -98,14 +125,40 @@ static __global__ void moe_route_kernel(float *s, double *zsum, int *sel, float 
             gates[(int64_t)t * K + j] = (rp.norm_topk ? sj / zk : sj) * rp.route_scale;
         }
     }
+    if (!with_dual) return;
+
+    // The primal-dual parts (model/moe.c's moe_select, model/dual.c): the
+    // selection on u alone (bias 0, or 1 for mult: u itself), the primal part
+    // of the biased selection, and the slots the bias moved.
+    for (int e = lane; e < E; e += 32) score[e] = u[e] != u[e] ? -INFINITY : u[e];
+    __syncwarp();
+    route_warp_topk(score, taken0, E, K, lane, NULL, dual.cnt);
+    if (lane == 0) {
+        const int *st = sel + (int64_t)t * K;
+        double p = 0.0;
+        for (int j = 0; j < K; j++) {
+            float v = u[st[j]];
+            p += rp.bias_mult ? (double)logf(v > FLT_MIN ? v : FLT_MIN) : (double)v; // dual_log_score
+        }
+        dual.primal[t] = p;
+    }
+    // Lane e % 32 set taken[e] and taken0[e]: each lane reads only its own.
+    for (int e = lane; e < E; e += 32) {
+        if (taken0[e] && !taken[e]) atomicAdd(&dual.cnt[E + e], 1);     // lost
+        if (taken[e] && !taken0[e]) atomicAdd(&dual.cnt[2 * E + e], 1); // gained
+    }
 }
 
 void moe_route(float *s, double *zsum, int *sel, float *gates, int *counts, const float *bias, int N,
-               const RouteParams *rp, cudaStream_t stream) {
-    size_t per_warp = (size_t)rp->n_experts * (sizeof(float) + 1);
+               const RouteParams *rp, const RouteDualOut *dual, cudaStream_t stream) {
+    RouteDualOut d = { NULL, NULL, NULL };
+    if (dual) d = *dual;
+    int with_dual = d.primal != NULL && d.cnt != NULL;
+    size_t per_warp = (size_t)rp->n_experts * ((with_dual ? 2 : 1) * sizeof(float) + 2);
     int warps = routing_warps(per_warp, "moe_route", rp->n_experts);
     size_t smem = (size_t)warps * per_warp;
-    moe_route_kernel<<<cdiv_u(N, warps), warps * 32, smem, stream>>>(s, zsum, sel, gates, counts, bias, N, *rp);
+    moe_route_kernel<<<cdiv_u(N, warps), warps * 32, smem, stream>>>(s, zsum, sel, gates, counts, bias, N, *rp, d,
+                                                                      with_dual);
     KERNEL_CHECK();
 }
 

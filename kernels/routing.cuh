@@ -8,7 +8,13 @@
 // asc)), the gate values from the unbiased s (normalised over the selected
 // ones when norm_topk, times route_scale, summed in selection order like the
 // CPU), the per-expert token counts (integer atomicAdd: exact), and the row
-// sum z = sum_e s in double that the sequence-wise auxiliary loss needs.
+// sum z = sum_e s in double that the sequence-wise auxiliary loss needs. With
+// the bias on the logits (rp->bias_logits) the selection score is logit + b,
+// formed before the gate overwrites the logits. On request the same warp also
+// selects without the bias and writes the token's primal-dual parts
+// (RouteDualOut): per-expert integer counts by atomicAdd (exact in any
+// order) and one double per token, which the host sums in token order, as
+// model/moe.c does, so the metrics do not depend on the schedule.
 //
 // Auxiliary losses (AUX_EXPERT, AUX_SEQ of model/moe.c): per group (the whole
 // batch, or each sequence) f_e = tokens choosing e (exact integers) and
@@ -29,12 +35,24 @@ extern "C" {
 #include "../model/route.h"
 }
 
+// What the routing kernel also writes for the primal-dual metrics and the
+// router-score traces (model/dual.h, docs/balance.md "In the trainers"); any
+// pointer may be NULL. u below is the score the bias is added to: the router
+// logit with rp->bias_logits, else the affinity.
+typedef struct {
+    double *primal; // (N) each token's primal part: sum over its selected experts of u
+                    // (log u for the multiplicative rule), in selection order, in double
+    int *cnt;       // (3, E) += counts0 (the selection on u alone), lost and gained
+                    // slots (model/dual.h's DualAccum); zeroed by the caller
+    float *kept;    // (N, E) u, for a trace
+} RouteDualOut;
+
 // s (N, E) fp32: router logits in, affinities out. zsum (N) double = row sums
 // of s. sel (N, K) int and gates (N, K) fp32 as in model/moe.c. counts (E) int
 // += tokens per expert (the caller zeroes it). bias (E) fp32. rp: the layer's
-// routing (model/route.h).
+// routing (model/route.h). dual: NULL, or what it asks for.
 void moe_route(float *s, double *zsum, int *sel, float *gates, int *counts, const float *bias, int N,
-               const RouteParams *rp, cudaStream_t stream);
+               const RouteParams *rp, const RouteDualOut *dual, cudaStream_t stream);
 
 // Auxiliary loss of one layer (groups: route_aux_groups): aux (1) double on the
 // device = aux_alpha * the mean over groups of sum_e (E / (K len) f_e)

@@ -164,6 +164,8 @@ void balance_config_default(BalanceConfig *c) {
     // DeepSeek-V3 froze the bias for its last 0.5T of 14.8T tokens (0.966); 0.9
     // is a round default that leaves a visible frozen tail in short runs.
     c->gamma_stop_frac = 0.9;
+    c->bias_logits = 0;  // Wang et al. and DeepSeek-V3 add the bias to the affinities
+    c->update_micro = 0; // once per global batch, as Megatron-Core and torchtitan
 }
 
 const char *balance_method_name(const BalanceConfig *c) { return balance_methods[c->method].name; }
@@ -174,6 +176,8 @@ int balance_uses_bias(const BalanceConfig *c) { return balance_methods[c->method
 int balance_bias_is_multiplicative(const BalanceConfig *c) { return balance_rules[c->rule].multiplicative; }
 float balance_bias_init_value(const BalanceConfig *c) { return balance_bias_is_multiplicative(c) ? 1.0f : 0.0f; }
 int balance_aux_kind(const BalanceConfig *c) { return balance_methods[c->method].aux_kind; }
+int balance_bias_on_logits(const BalanceConfig *c) { return c->bias_logits; }
+int balance_updates_per_micro_batch(const BalanceConfig *c) { return c->update_micro; }
 
 double balance_aux_alpha(const BalanceConfig *c) {
     const BalanceMethod *m = &balance_methods[c->method];
@@ -182,7 +186,8 @@ double balance_aux_alpha(const BalanceConfig *c) {
 }
 
 RouteOptions balance_route_options(const BalanceConfig *c) {
-    RouteOptions ro = { balance_bias_is_multiplicative(c), balance_aux_kind(c), (float)balance_aux_alpha(c) };
+    RouteOptions ro = { balance_bias_is_multiplicative(c), balance_aux_kind(c), (float)balance_aux_alpha(c),
+                        balance_bias_on_logits(c) };
     return ro;
 }
 
@@ -229,19 +234,25 @@ static int sink_result(Sink *s) { return s->failed ? -1 : (int)s->pos; }
 // ----------------------------------------------------------------------------
 // Options: one table gives parsing, help, printing and validation.
 
-typedef enum { OPT_METHOD, OPT_RULE, OPT_SCHEDULE, OPT_FLAG, OPT_REAL, OPT_ALPHA } OptKind;
+typedef enum { OPT_METHOD, OPT_RULE, OPT_SCHEDULE, OPT_FLAG, OPT_REAL, OPT_ALPHA, OPT_CHOICE } OptKind;
 
 typedef struct {
     const char *key;   // without the leading "--"
     OptKind kind;
-    size_t offset;     // of the int (names, flag) or double field
+    size_t offset;     // of the int (names, flag, choice) or double field
     double lo, hi;     // accepted range of a real
     int lo_open;       // 1: lo itself is rejected
     const char *help;
+    const char *const *choices; // OPT_CHOICE: the names, NULL-terminated; the field holds the index
 } BalanceOption;
 
+// The values of the two-way options; the field holds the index.
+static const char *const bias_on_names[] = {"scores", "logits", NULL};
+static const char *const update_every_names[] = {"step", "micro", NULL};
+
 #define OPT(key, kind, field, lo, hi, lo_open, help) \
-    { key, kind, offsetof(BalanceConfig, field), lo, hi, lo_open, help }
+    { key, kind, offsetof(BalanceConfig, field), lo, hi, lo_open, help, NULL }
+#define OPT_NAMED(key, field, names, help) { key, OPT_CHOICE, offsetof(BalanceConfig, field), 0, 0, 0, help, names }
 static const BalanceOption balance_options[] = {
     OPT("balance", OPT_METHOD, method, 0, 0, 0, "balancing method"),
     OPT("aux-alpha", OPT_ALPHA, aux_alpha, 0.0, HUGE_VAL, 0,
@@ -255,8 +266,13 @@ static const BalanceOption balance_options[] = {
     OPT("gamma-min", OPT_REAL, gamma_min, 0.0, HUGE_VAL, 0, "final rate of cosine"),
     OPT("gamma-stop-frac", OPT_REAL, gamma_stop_frac, 0.0, 1.0, 0,
         "stop: fraction of the steps with gamma > 0"),
+    OPT_NAMED("bias-on", bias_logits, bias_on_names,
+              "what the bias is added to: the affinities s (scores) or the router logits (logits)"),
+    OPT_NAMED("bias-update-every", update_micro, update_every_names,
+              "update the bias once per optimizer step (step) or after every micro-batch (micro)"),
 };
 #undef OPT
+#undef OPT_NAMED
 
 static const char *strip_dashes(const char *key) {
     if (strncmp(key, "--", 2) == 0) return key + 2;
@@ -281,18 +297,33 @@ static double opt_real_get(const BalanceConfig *c, const BalanceOption *o) {
     return *(const double *)((const char *)c + o->offset);
 }
 
+static int is_named(OptKind kind) {
+    return kind == OPT_METHOD || kind == OPT_RULE || kind == OPT_SCHEDULE || kind == OPT_CHOICE;
+}
+
+// The i-th accepted name of a name-valued option, or NULL past the last.
+static const char *option_name_at(const BalanceOption *o, int i) {
+    switch (o->kind) {
+    case OPT_METHOD: return i < COUNT_OF(balance_methods) ? balance_methods[i].name : NULL;
+    case OPT_RULE: return i < COUNT_OF(balance_rules) ? balance_rules[i].name : NULL;
+    case OPT_SCHEDULE: return i < COUNT_OF(balance_schedules) ? balance_schedules[i].name : NULL;
+    case OPT_CHOICE: return o->choices[i];
+    default: return NULL;
+    }
+}
+
+static int option_name_index(const BalanceOption *o, const char *value) {
+    for (int i = 0; option_name_at(o, i); i++)
+        if (strcmp(option_name_at(o, i), value) == 0) return i;
+    return -1;
+}
+
 // The accepted names of a name-valued option, "a|b|c", into buf.
-static void names_list(OptKind kind, char *buf, size_t len) {
+static void names_list(const BalanceOption *o, char *buf, size_t len) {
     size_t pos = 0;
     buf[0] = '\0';
-    int n = kind == OPT_METHOD ? COUNT_OF(balance_methods)
-          : kind == OPT_RULE   ? COUNT_OF(balance_rules)
-                               : COUNT_OF(balance_schedules);
-    for (int i = 0; i < n && pos < len; i++) {
-        const char *name = kind == OPT_METHOD ? balance_methods[i].name
-                         : kind == OPT_RULE   ? balance_rules[i].name
-                                              : balance_schedules[i].name;
-        int w = snprintf(buf + pos, len - pos, "%s%s", i ? "|" : "", name);
+    for (int i = 0; option_name_at(o, i) && pos < len; i++) {
+        int w = snprintf(buf + pos, len - pos, "%s%s", i ? "|" : "", option_name_at(o, i));
         if (w < 0) return;
         pos += (size_t)w;
     }
@@ -317,12 +348,11 @@ int balance_set_option(BalanceConfig *c, const char *key, const char *value,
     switch (o->kind) {
     case OPT_METHOD:
     case OPT_RULE:
-    case OPT_SCHEDULE: {
-        int idx = o->kind == OPT_METHOD ? method_index(value)
-                : o->kind == OPT_RULE   ? rule_index(value)
-                                        : schedule_index(value);
+    case OPT_SCHEDULE:
+    case OPT_CHOICE: {
+        int idx = option_name_index(o, value);
         if (idx < 0) {
-            names_list(o->kind, names, sizeof(names));
+            names_list(o, names, sizeof(names));
             snprintf(err, errlen, "--%s: unknown value '%s' (one of %s)", o->key, value, names);
             return -2;
         }
@@ -386,6 +416,16 @@ int balance_validate(const BalanceConfig *c, char *err, size_t errlen) {
         snprintf(err, errlen, "--aux-alpha must be a finite number");
         return -1;
     }
+    if ((c->bias_logits != 0 && c->bias_logits != 1) || (c->update_micro != 0 && c->update_micro != 1)) {
+        snprintf(err, errlen, "balance config: --bias-on or --bias-update-every index out of range");
+        return -1;
+    }
+    if (c->bias_logits && balance_bias_is_multiplicative(c)) {
+        // s * b needs s > 0 (TopK of s b = TopK of log s + log b); a logit can be any sign.
+        snprintf(err, errlen, "--bias-on logits cannot go with --gamma-rule mult (a multiplicative bias needs "
+                 "positive scores; logits can be negative)");
+        return -1;
+    }
     if (c->schedule == schedule_index("cosine") && c->gamma_min > c->gamma) {
         snprintf(err, errlen, "--gamma-min (%g) must not exceed --gamma (%g) for the cosine schedule",
                  c->gamma_min, c->gamma);
@@ -401,6 +441,7 @@ static void option_print_value(const BalanceConfig *c, const BalanceOption *o, S
     case OPT_METHOD: sink_printf(s, "%s%s%s", q, balance_methods[opt_int_get(c, o)].name, q); break;
     case OPT_RULE: sink_printf(s, "%s%s%s", q, balance_rules[opt_int_get(c, o)].name, q); break;
     case OPT_SCHEDULE: sink_printf(s, "%s%s%s", q, balance_schedules[opt_int_get(c, o)].name, q); break;
+    case OPT_CHOICE: sink_printf(s, "%s%s%s", q, o->choices[opt_int_get(c, o)], q); break;
     case OPT_FLAG: sink_printf(s, "%d", opt_int_get(c, o)); break;
     case OPT_REAL: sink_num(s, opt_real_get(c, o), 15); break;
     case OPT_ALPHA: sink_num(s, balance_aux_alpha(c), 15); break;
@@ -415,8 +456,8 @@ void balance_print_help(FILE *f) {
         const BalanceOption *o = &balance_options[i];
         char names[128];  // "a|b|c" of a name-valued option
         const char *hint = "X";
-        if (o->kind == OPT_METHOD || o->kind == OPT_RULE || o->kind == OPT_SCHEDULE) {
-            names_list(o->kind, names, sizeof(names));
+        if (is_named(o->kind)) {
+            names_list(o, names, sizeof(names));
             hint = names;
         } else if (o->kind == OPT_FLAG) {
             hint = "0|1";

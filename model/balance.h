@@ -36,6 +36,10 @@ typedef struct {
     double gamma_min;       // cosine schedule's final value (--gamma-min)
     double gamma_tau;       // inv / invsqrt time constant in steps (--gamma-tau)
     double gamma_stop_frac; // stop schedule: fraction of training with gamma > 0
+    int bias_logits;        // --bias-on: 0 the bias is added to the affinities s, 1 to the
+                            // router logits (selection on u + b; Han & Zhong's code)
+    int update_micro;       // --bias-update-every: 0 once per step from the whole batch's
+                            // counts, 1 after every micro-batch from its counts
 } BalanceConfig;
 
 // The defaults: --balance alf --gamma-rule sign --gamma 0.001 --gamma-schedule const.
@@ -72,6 +76,12 @@ int balance_uses_bias(const BalanceConfig *c);
 int balance_bias_is_multiplicative(const BalanceConfig *c);
 // The value every bias starts at: 1 for the multiplicative rule, else 0.
 float balance_bias_init_value(const BalanceConfig *c);
+// 1 when the bias is added to the router logits (--bias-on logits), 0 when to
+// the affinities.
+int balance_bias_on_logits(const BalanceConfig *c);
+// 1 when the bias is updated after every micro-batch (--bias-update-every
+// micro), 0 once per optimizer step.
+int balance_updates_per_micro_batch(const BalanceConfig *c);
 // AUX_NONE, AUX_EXPERT (DeepSeekMoE, arXiv 2401.06066) or AUX_SEQ
 // (DeepSeek-V3, arXiv 2412.19437); see model/route.h.
 int balance_aux_kind(const BalanceConfig *c);

@@ -43,6 +43,7 @@ static const ConfigField config_fields[] = {
     FIELD(rope_theta, F_FLOAT, "RoPE base"),
     FIELD(init_std, F_FLOAT, "std of the normal init of the matrices"),
     FIELD(tie_embeddings, F_INT, "1: LM head shares the token embedding"),
+    FIELD(parallel_residual, F_INT, "1: attention and FFN both read the layer input (x + attn + ffn)"),
 };
 #undef FIELD
 #define N_FIELDS ((int)(sizeof(config_fields) / sizeof(config_fields[0])))
@@ -150,9 +151,12 @@ int config_parse_text(MoeConfig *c, const char *text, size_t len, const char *wh
     }
     if (f) fclose(f);
     if (r != 0) return -1;
-    // No defaults: a config with a field missing is not the model that was saved.
+    // No defaults: a config with a field missing is not the model that was
+    // saved. Except for fields added after checkpoints were first written:
+    // without them the config is a model from before they existed, and
+    // their value 0 means exactly that (the function it computed then).
     for (int i = 0; i < N_FIELDS; i++)
-        if (!seen[i]) {
+        if (!seen[i] && strcmp(config_fields[i].name, "parallel_residual") != 0) {
             util_set_err(err, errlen, "%s: field '%s' is missing", where, config_fields[i].name);
             return -1;
         }
@@ -167,7 +171,7 @@ int config_parse_text(MoeConfig *c, const char *text, size_t len, const char *wh
 // ----------------------------------------------------------------------------
 // Presets
 
-const char *const config_preset_names[] = { "tiny", "small", "1b", "3b", NULL };
+const char *const config_preset_names[] = { "tiny", "small", "1b", "1b-hz", "3b", NULL };
 
 int config_preset(MoeConfig *c, const char *name) {
     // Shared by every preset: the choices of Wang et al. (arXiv 2408.15664).
@@ -196,6 +200,18 @@ int config_preset(MoeConfig *c, const char *name) {
         c->vocab_size = 32064; c->d_model = 1024; c->n_layers = 10; c->n_heads = 8; c->seq_len = 2048;
         c->n_dense = 1; c->d_ff = 2736;
         c->n_shared = 2; c->n_routed = 64; c->d_expert = 512; c->top_k = 6;
+    } else if (strcmp(name, "1b-hz") == 0) {
+        // Han & Zhong's 1B setup (arXiv 2512.03915), as their litgpt config
+        // Deepseek-MoE-1B-lfb sets it: 9 layers, the first dense (d_ff 2816), 64
+        // routed experts of hidden 528, top-6, 2 shared (one SwiGLU of 1056),
+        // softmax gate with normalised top-k, parallel residual, block 4096,
+        // RMSNorm eps 1e-6. Init std: their config does not set one; Wang et
+        // al.'s 0.006 is kept. The bias on the logits and the update every
+        // micro-batch are balancing options (docs/balance.md, the 1b-hz table).
+        c->vocab_size = 32064; c->d_model = 1024; c->n_layers = 9; c->n_heads = 8; c->seq_len = 4096;
+        c->n_dense = 1; c->d_ff = 2816;
+        c->n_shared = 2; c->n_routed = 64; c->d_expert = 528; c->top_k = 6;
+        c->gate = GATE_SOFTMAX; c->norm_topk = 1; c->parallel_residual = 1;
     } else if (strcmp(name, "3b") == 0) {
         // Wang et al. Table 5, 3B: 1 dense + 11 MoE layers, granularity 4.
         // d_ff = 3456 (8/3*1280 rounded up to a multiple of 128), d_expert = d_ff/4.
@@ -276,6 +292,7 @@ int config_validate(const MoeConfig *c, char *err, size_t errlen) {
     RANGE(gate, GATE_SIGMOID, GATE_SOFTMAX);
     RANGE(norm_topk, 0, 1);
     RANGE(tie_embeddings, 0, 1);
+    RANGE(parallel_residual, 0, 1);
 #undef RANGE
     CHECK(c->d_model % c->n_heads == 0, "n_heads (%d) must divide d_model (%d)", c->n_heads, c->d_model);
     CHECK(config_head_dim(c) % 2 == 0, "head_dim = d_model / n_heads = %d must be even for RoPE",

@@ -28,6 +28,8 @@ typedef struct {
     float rope_theta;   // RoPE base
     float init_std;     // std of the normal init of every matrix
     int tie_embeddings; // 1: the LM head reuses the token embedding
+    int parallel_residual; // 1: x + attn(norm1 x) + ffn(norm2 x) (GPT-NeoX / litgpt);
+                           // 0: x' = x + attn(norm1 x), then x' + ffn(norm2 x')
 } MoeConfig;
 
 // The largest sizes config_validate accepts: generous for any model this
@@ -44,7 +46,7 @@ typedef struct {
 // A model file is a few hundred bytes; anything beyond this is not one.
 #define CONFIG_MAX_FILE_BYTES (1 << 20)
 
-// Fills *c with the named preset ("tiny", "small", "1b", "3b"). Returns 0, or -1
+// Fills *c with the named preset ("tiny", "small", "1b", "1b-hz", "3b"). Returns 0, or -1
 // for an unknown name.
 int config_preset(MoeConfig *c, const char *name);
 // Sets one field from its text value ("d_model", "256"). Returns 0, -1 for an

@@ -127,36 +127,35 @@ static int dual_has(const int *sel, int K, int e) {
     return 0;
 }
 
-void dual_accum_tokens(DualAccum *a, const float *scores, int64_t n, const int *sel,
-                       const int *sel0) {
+void dual_accum_token(DualAccum *a, double p, const int *sel, const int *sel0) {
     int E = a->E, K = a->K;
-    double primal = 0.0; // this call's sum, added once
-    for (int64_t t = 0; t < n; t++) {
-        const float *s = scores + t * E;
-        const int *st = sel + t * K, *s0 = sel0 + t * K;
+    for (int j = 0; j < K; j++) {
+        a->counts[sel[j]]++;
+        a->counts0[sel0[j]]++;
+    }
+    // A slot moved by the bias: in one selection and not in the other.
+    if (E <= 64) {
+        uint64_t in = 0, in0 = 0;
         for (int j = 0; j < K; j++) {
-            primal += a->mult ? (double)dual_log_score(s[st[j]]) : (double)s[st[j]];
-            a->counts[st[j]]++;
-            a->counts0[s0[j]]++;
+            in |= (uint64_t)1 << sel[j];
+            in0 |= (uint64_t)1 << sel0[j];
         }
-        // A slot moved by the bias: in one selection and not in the other.
-        if (E <= 64) {
-            uint64_t in = 0, in0 = 0;
-            for (int j = 0; j < K; j++) {
-                in |= (uint64_t)1 << st[j];
-                in0 |= (uint64_t)1 << s0[j];
-            }
-            for (uint64_t m = in & ~in0; m; m &= m - 1) a->gained[__builtin_ctzll(m)]++;
-            for (uint64_t m = in0 & ~in; m; m &= m - 1) a->lost[__builtin_ctzll(m)]++;
-        } else {
-            for (int j = 0; j < K; j++) {
-                if (!dual_has(s0, K, st[j])) a->gained[st[j]]++;
-                if (!dual_has(st, K, s0[j])) a->lost[s0[j]]++;
-            }
+        for (uint64_t m = in & ~in0; m; m &= m - 1) a->gained[__builtin_ctzll(m)]++;
+        for (uint64_t m = in0 & ~in; m; m &= m - 1) a->lost[__builtin_ctzll(m)]++;
+    } else {
+        for (int j = 0; j < K; j++) {
+            if (!dual_has(sel0, K, sel[j])) a->gained[sel[j]]++;
+            if (!dual_has(sel, K, sel0[j])) a->lost[sel0[j]]++;
         }
     }
-    a->primal += primal;
-    a->n_tokens += n;
+    a->primal += p;
+    a->n_tokens++;
+}
+
+void dual_accum_tokens(DualAccum *a, const float *scores, int64_t n, const int *sel, const int *sel0) {
+    int E = a->E, K = a->K;
+    for (int64_t t = 0; t < n; t++)
+        dual_accum_token(a, dual_token_primal(scores + t * E, sel + t * K, K, a->mult), sel + t * K, sel0 + t * K);
 }
 
 void dual_accum_batch(DualAccum *a, const float *scores, int64_t n, const float *bias) {
@@ -203,4 +202,23 @@ int dual_finish(const DualAccum *a, const float *bias, DualStats *st) {
     st->from_over = moved ? (double)from_over / (double)moved : NAN;
     st->to_under = moved ? (double)to_under / (double)moved : NAN;
     return 0;
+}
+
+void dual_stats_add(DualStats *sum, const DualStats *x) {
+    sum->maxvio = sum->n_tokens ? fmax(sum->maxvio, x->maxvio) : x->maxvio;
+    sum->n_tokens += x->n_tokens;
+    sum->capacity += x->capacity;
+    sum->dual += x->dual;
+    sum->primal += x->primal;
+    sum->gap += x->gap;
+    sum->subgrad_l1 += x->subgrad_l1;
+    sum->subgrad_l2 = sqrt(sum->subgrad_l2 * sum->subgrad_l2 + x->subgrad_l2 * x->subgrad_l2);
+    // moved_frac = moved / (K N): the slots K N are capacity E, unknown here; weigh by tokens.
+    double w = (double)x->n_tokens / (double)sum->n_tokens;
+    sum->moved_frac += w * (x->moved_frac - sum->moved_frac);
+    sum->moved += x->moved;
+    sum->moved_from_over += x->moved_from_over;
+    sum->moved_to_under += x->moved_to_under;
+    sum->from_over = sum->moved ? (double)sum->moved_from_over / (double)sum->moved : NAN;
+    sum->to_under = sum->moved ? (double)sum->moved_to_under / (double)sum->moved : NAN;
 }

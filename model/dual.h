@@ -68,6 +68,20 @@ void dual_select(const float *scores /* (n, E) */, int64_t n, int E, int K,
 void dual_accum_tokens(DualAccum *a, const float *scores /* (n, E) */, int64_t n,
                        const int *sel /* (n, K) */, const int *sel0 /* (n, K) */);
 
+// One token's part, for a caller that routes by itself (the trainers' models):
+// p = dual_token_primal of the token, its selection sel (K) under the bias and
+// sel0 (K) under the reference. dual_accum_tokens is this, token by token, so a
+// model that adds its tokens in order gets the same sums bit for bit.
+void dual_accum_token(DualAccum *a, double p, const int *sel /* (K) */, const int *sel0 /* (K) */);
+
+// A token's primal part: the sum, in selection order and in double, of the
+// unbiased scores of its K selected experts (log s for mult).
+static inline double dual_token_primal(const float *s /* (E) */, const int *sel /* (K) */, int K, int mult) {
+    double p = 0.0;
+    for (int j = 0; j < K; j++) p += mult ? (double)dual_log_score(s[sel[j]]) : (double)s[sel[j]];
+    return p;
+}
+
 // Selects under bias and under the reference, then dual_accum_tokens.
 void dual_accum_batch(DualAccum *a, const float *scores /* (n, E) */, int64_t n,
                       const float *bias /* (E) */);
@@ -92,5 +106,12 @@ typedef struct {
 // The statistics of the accumulated batch under bias (E), the bias that routed
 // it. Returns 0, or -1 when nothing was added or (mult) a bias is not > 0.
 int dual_finish(const DualAccum *a, const float *bias /* (E) */, DualStats *st);
+
+// sum += x, for batches routed under different biases (a bias update between
+// them, e.g. after every micro-batch): tokens, capacity, D, the primal, the
+// gap, the L1 norms and the moved slots add; the L2 norms add in squares
+// (the norm of all the batches' subgradients side by side); maxvio keeps the
+// larger; the moved shares are recomputed. A zeroed sum is the start.
+void dual_stats_add(DualStats *sum, const DualStats *x);
 
 #endif

@@ -28,6 +28,8 @@ void model_create(Model *m, const MoeConfig *c, int maxB, int maxT) {
     m->grads = xcalloc(m->lay.total, sizeof(real));
     m->bias = xcalloc(nmoe * E, sizeof(float));
     m->counts = xcalloc(nmoe * E, sizeof(int64_t));
+    m->dual = xcalloc(nmoe + 1, sizeof(DualAccum));
+    for (size_t l = 0; l < nmoe; l++) dual_accum_init(&m->dual[l], (int)E, c->top_k, 0);
     m->x = xcalloc((L + 1) * N * d, sizeof(real));
     m->layer = xcalloc(L, sizeof(LayerActs));
     m->rstdf = xcalloc(N, sizeof(real));
@@ -66,6 +68,8 @@ void model_free(Model *m) {
             moe_acts_free(&la->moe);
         }
     }
+    for (int l = 0; m->dual && l < config_n_moe(&m->cfg); l++) dual_accum_free(&m->dual[l]);
+    free(m->dual);
     free(m->layer); free(m->params); free(m->grads); free(m->bias); free(m->counts); free(m->x);
     free(m->rstdf); free(m->hf); free(m->logits); free(m->rope_cos); free(m->rope_sin);
     free(m->tokens); free(m->targets);
@@ -161,9 +165,11 @@ void model_forward(Model *m, const int *tokens, const int *targets, int B, int T
         phase_mark(PH_DENSE_MATMUL);
         memcpy(la->xmid, x, sizeof(real) * Nd);
         matmul_forward(la->xmid, la->a, model_param(m, l, P_WO), N, d, d, 1);
-        // FFN block: xout = xmid + ffn(norm(xmid)).
+        // FFN block: xout = xmid + ffn(norm(xmid)); with a parallel residual
+        // the FFN reads the layer's input instead, xout = x + attn + ffn(norm(x)).
         phase_mark(PH_ELEMENTWISE);
-        rmsnorm_forward(la->h2, la->rstd2, la->xmid, model_param(m, l, P_FFN_NORM), N, d, c->rms_eps);
+        const real *ffn_in = c->parallel_residual ? x : la->xmid;
+        rmsnorm_forward(la->h2, la->rstd2, ffn_in, model_param(m, l, P_FFN_NORM), N, d, c->rms_eps);
         if (!config_is_moe(c, l)) {
             phase_mark(PH_DENSE_MATMUL);
             matmul_forward(la->f13, la->h2, model_param(m, l, P_FFN_W13), N, d, 2 * c->d_ff, 0);
@@ -175,8 +181,11 @@ void model_forward(Model *m, const int *tokens, const int *targets, int B, int T
         } else {
             int moe_idx = l - c->n_dense; // index among the MoE layers: row of bias and counts
             MoeWeights w = model_moe_weights(m, l);
+            DualAccum *dual = &m->dual[moe_idx];
+            dual_accum_reset(dual);
+            dual->mult = m->route.bias_mult; // the routing may be set after model_create
             moe_forward(c, &m->route, m->ep, &w, m->bias + (size_t)moe_idx * E, la->h2, B, T, &la->moe, xout,
-                        m->counts + (size_t)moe_idx * E);
+                        m->counts + (size_t)moe_idx * E, dual);
             phase_mark(PH_ELEMENTWISE);
             for (size_t i = 0; i < Nd; i++) xout[i] += la->xmid[i];
             m->aux_loss += la->moe.aux;
@@ -205,6 +214,9 @@ void model_backward(Model *m, real grad_scale) {
                                                                      : (size_t)N * 2 * c->d_ff,
                         sizeof(real));          // (N, max(3d, 2 d_ff)) scratch
     real *dsmall = xcalloc((size_t)N * (d > c->d_ff ? d : c->d_ff), sizeof(real)); // (N, max(d, d_ff))
+    // (N, d) parallel residual: the FFN norm's output gradient, held while the
+    // attention block's backward runs on the same residual gradient
+    real *dh_ffn = c->parallel_residual ? xcalloc(Nd, sizeof(real)) : NULL;
 
     // Loss and LM head.
     phase_mark(PH_CLASSIFIER);
@@ -238,8 +250,12 @@ void model_backward(Model *m, real grad_scale) {
             moe_backward(c, &m->route, m->ep, &w, la->h2, dx, B, T, &la->moe, dh, &dw, grad_scale);
         }
         phase_mark(PH_ELEMENTWISE);
-        rmsnorm_backward(dx, model_grad(m, l, P_FFN_NORM), dh, la->xmid, model_param(m, l, P_FFN_NORM),
-                         la->rstd2, N, d);
+        // Sequential: dx becomes the gradient at xmid. Parallel: the gradient at
+        // xmid is the one at xout, so the FFN norm's part joins dx only after the
+        // attention block (below), through the layer input x.
+        if (c->parallel_residual) memcpy(dh_ffn, dh, sizeof(real) * Nd);
+        else rmsnorm_backward(dx, model_grad(m, l, P_FFN_NORM), dh, la->xmid, model_param(m, l, P_FFN_NORM),
+                              la->rstd2, N, d);
         // Attention block.
         real *da = dsmall, *dqkv = dbig;
         phase_mark(PH_DENSE_MATMUL);
@@ -255,6 +271,9 @@ void model_backward(Model *m, real grad_scale) {
         phase_mark(PH_ELEMENTWISE);
         rmsnorm_backward(dx, model_grad(m, l, P_ATTN_NORM), dh, x, model_param(m, l, P_ATTN_NORM),
                          la->rstd1, N, d);
+        if (c->parallel_residual)
+            rmsnorm_backward(dx, model_grad(m, l, P_FFN_NORM), dh_ffn, x, model_param(m, l, P_FFN_NORM),
+                             la->rstd2, N, d);
     }
     phase_mark(PH_EMBEDDING);
     encoder_backward(model_grad(m, -1, P_TOK_EMB), dx, m->tokens, N, d);
@@ -262,4 +281,5 @@ void model_backward(Model *m, real grad_scale) {
     free(dh);
     free(dbig);
     free(dsmall);
+    free(dh_ffn);
 }

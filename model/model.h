@@ -35,6 +35,7 @@ typedef struct {
     real *grads;       // (lay.total) gradients, accumulated by model_backward
     float *bias;       // (n_moe, E) balancing biases: fp32, not parameters
     int64_t *counts;   // (n_moe, E) tokens per expert in the last forward
+    DualAccum *dual;   // (n_moe) the primal-dual sums of the last forward's routing (model/dual.h)
     int maxB, maxT;    // activation capacity
     int B, T;          // shape of the last forward
     // activations
@@ -63,7 +64,8 @@ void model_set_params(Model *m, const float *src);
 void model_get_params(const Model *m, float *dst);
 
 // Forward on tokens (B, T); with targets (B, T) also the loss. Writes
-// m->counts, m->loss, m->aux_loss and m->logits (probabilities if targets).
+// m->counts, m->dual, m->loss, m->aux_loss and m->logits (probabilities if
+// targets).
 void model_forward(Model *m, const int *tokens, const int *targets, int B, int T);
 void model_zero_grad(Model *m);
 // Accumulates into m->grads the gradient of grad_scale * (loss + aux_loss) of

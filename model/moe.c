@@ -16,7 +16,10 @@ void moe_acts_alloc(MoeActs *a, const MoeConfig *c, int N) {
     size_t sh = (size_t)c->n_shared * c->d_expert, NK = (size_t)N * K;
     memset(a, 0, sizeof *a);
     a->s = xmalloc(sizeof(real) * N * E);
+    a->z = xmalloc(sizeof(real) * N * E);
     a->sel = xmalloc(sizeof(int) * NK);
+    a->sel0 = xmalloc(sizeof(int) * NK);
+    a->primal_tok = xmalloc(sizeof(double) * N);
     a->gates = xmalloc(sizeof(real) * NK);
     a->offsets = xmalloc(sizeof(int) * (E + 1));
     a->slot_of = xmalloc(sizeof(int) * NK);
@@ -32,7 +35,7 @@ void moe_acts_alloc(MoeActs *a, const MoeConfig *c, int N) {
 }
 
 void moe_acts_free(MoeActs *a) {
-    free(a->s); free(a->sel); free(a->gates); free(a->offsets); free(a->slot_of); free(a->row_of);
+    free(a->s); free(a->z); free(a->sel); free(a->sel0); free(a->primal_tok); free(a->gates); free(a->offsets); free(a->slot_of); free(a->row_of);
     free(a->eout); free(a->s13); free(a->sact);
     free(a->send_rows); free(a->recv_rows); free(a->recv_cnt); free(a->exp_offsets); free(a->exp_src);
     free(a->xe); free(a->e13); free(a->eact);
@@ -70,27 +73,49 @@ static void moe_gate_forward(real *s, int N, int E, int gate) {
     }
 }
 
-// a->sel (N, K) = TopK of the biased affinities, a->gates (N, K) from the unbiased ones.
-static void moe_select(const RouteParams *rp, const float *bias, MoeActs *a, int N) {
+// a->sel (N, K) = TopK of the biased scores (affinities, or logits with
+// bias_logits), a->gates (N, K) from the unbiased affinities. With dual, also
+// each token's selection without the bias and its primal part, then the
+// primal-dual sums in token order (the order fixes the double sums, so they do
+// not depend on the number of threads).
+static void moe_select(const RouteParams *rp, const float *bias, MoeActs *a, int N, DualAccum *dual) {
     int E = rp->n_experts, K = rp->top_k;
+    const real *src = rp->bias_logits ? a->z : a->s; // (N, E) what the bias is added to
 #pragma omp parallel
     {
         double *score = xmalloc(sizeof(double) * E); // (E) selection scores of one token
+        float *row = xmalloc(sizeof(float) * E);     // (E) the token's unbiased scores in fp32
 #pragma omp for schedule(static)
         for (int t = 0; t < N; t++) {
-            const real *s = a->s + (size_t)t * E;
+            const real *s = a->s + (size_t)t * E, *u = src + (size_t)t * E;
             int *sel = a->sel + (size_t)t * K;
             real *gate = a->gates + (size_t)t * K;
             // The score is formed in the model's precision, then widened exactly.
-            for (int e = 0; e < E; e++) score[e] = (double)(real)ROUTE_SCORE(s[e], (real)bias[e], rp->bias_mult);
+            for (int e = 0; e < E; e++) score[e] = (double)(real)ROUTE_SCORE(u[e], (real)bias[e], rp->bias_mult);
             route_topk(score, E, K, sel);
             // Gate values use the unbiased affinities: the bias steers selection only.
             real z = 0;
             for (int j = 0; j < K; j++) z += s[sel[j]];
             for (int j = 0; j < K; j++) gate[j] = (rp->norm_topk ? s[sel[j]] / z : s[sel[j]]) * rp->route_scale;
+            if (dual) {
+                // The reference selection: the scores alone (bias 0, or 1 for mult).
+                for (int e = 0; e < E; e++) score[e] = (double)u[e];
+                route_topk(score, E, K, a->sel0 + (size_t)t * K);
+                for (int e = 0; e < E; e++) row[e] = (float)u[e];
+                a->primal_tok[t] = dual_token_primal(row, sel, K, rp->bias_mult);
+            }
         }
         free(score);
+        free(row);
     }
+    if (dual)
+        for (int t = 0; t < N; t++)
+            dual_accum_token(dual, a->primal_tok[t], a->sel + (size_t)t * K, a->sel0 + (size_t)t * K);
+}
+
+void moe_bias_scores(const MoeActs *a, const RouteOptions *ro, int N, int E, float *out) {
+    const real *src = ro->bias_logits ? a->z : a->s;
+    for (size_t i = 0; i < (size_t)N * E; i++) out[i] = (float)src[i];
 }
 
 // Orders the N*K slots by expert (stable in token order) and counts tokens.
@@ -255,7 +280,8 @@ static void expert_ffn_backward(real *dx, real *dw13, real *dw2, const real *dy,
 // Forward
 
 void moe_forward(const MoeConfig *c, const RouteOptions *ro, const MoeExchange *ex, const MoeWeights *w,
-                 const float *bias, const real *h, int B, int T, MoeActs *a, real *out, int64_t *counts) {
+                 const float *bias, const real *h, int B, int T, MoeActs *a, real *out, int64_t *counts,
+                 DualAccum *dual) {
     RouteParams rp = route_params(c, ro);
     int N = B * T, E = c->n_routed, K = c->top_k, d = c->d_model, de = c->d_expert;
     int sh = c->n_shared * de;
@@ -264,9 +290,11 @@ void moe_forward(const MoeConfig *c, const RouteOptions *ro, const MoeExchange *
 
     // Router: affinities, TopK with the bias, gate values; then expert order.
     phase_mark(PH_ROUTER);
+    // With the bias on the logits the selection reads the logits: keep them.
     matmul_forward(a->s, h, w->router, N, d, E, 0);
+    if (rp.bias_logits) memcpy(a->z, a->s, sizeof(real) * (size_t)N * E);
     moe_gate_forward(a->s, N, E, c->gate);
-    moe_select(&rp, bias, a, N);
+    moe_select(&rp, bias, a, N, dual);
     phase_mark(PH_PERMUTE);
     moe_permute(a, N, E, K, counts);
 

@@ -9,6 +9,7 @@
 
 #include "../parallel/ep_layout.h"
 #include "config.h"
+#include "dual.h"
 #include "real.h"
 #include "route.h"
 
@@ -48,7 +49,10 @@ typedef struct {
 // (parallel/ep_layout.h).
 typedef struct {
     real *s;       // (N, E) affinities
+    real *z;       // (N, E) router logits, kept when the bias is added to them (RouteParams.bias_logits)
     int *sel;      // (N, K) selected experts, by decreasing score
+    int *sel0;     // (N, K) the selection without the bias (for the primal-dual sums)
+    double *primal_tok; // (N) each token's primal part (model/dual.h dual_token_primal)
     real *gates;   // (N, K) gate values
     int *offsets;  // (E + 1) first row of each expert
     int *slot_of;  // (N K) slot of each row
@@ -75,12 +79,20 @@ void moe_acts_free(MoeActs *a);
 
 // out (N, d) = the MoE layer applied to h (N, d), N = B*T. bias (E) fp32.
 // counts (E) receives the number of this rank's tokens routed to each expert.
-// ex: the expert-parallel group (NULL: all experts local). Reading order:
-// route (affinities, TopK, gates), permute into expert order, dispatch to the
-// experts' ranks, expert_ffn_forward per local expert, return, shared
-// experts, gated combine, auxiliary loss.
+// dual, when not NULL, gets this rank's tokens added (model/dual.h: the
+// primal-dual sums of the routing, in token order). ex: the expert-parallel
+// group (NULL: all experts local). Reading order: route (affinities, TopK,
+// gates), permute into expert order, dispatch to the experts' ranks,
+// expert_ffn_forward per local expert, return, shared experts, gated combine,
+// auxiliary loss.
 void moe_forward(const MoeConfig *c, const RouteOptions *ro, const MoeExchange *ex, const MoeWeights *w,
-                 const float *bias, const real *h, int B, int T, MoeActs *a, real *out, int64_t *counts);
+                 const float *bias, const real *h, int B, int T, MoeActs *a, real *out, int64_t *counts,
+                 DualAccum *dual);
+
+// The scores the bias was added to in the last forward (the logits with
+// bias_logits, else the affinities), (N, E) as fp32: what a router-score trace
+// records (train/trace.h).
+void moe_bias_scores(const MoeActs *a, const RouteOptions *ro, int N, int E, float *out);
 
 // Backward for the last forward: dout (N, d) the output gradient; dh (N, d)
 // += the input gradient; dw += the parameter gradients (of the local experts

@@ -19,6 +19,8 @@ typedef struct {
     int bias_mult;   // 1: select on s * b (multiplicative rule), 0: on s + b
     int aux_kind;    // an AuxKind
     float aux_alpha; // weight of the auxiliary loss
+    int bias_logits; // 1: the bias is added to the router logits u (select on u + b),
+                     // 0: to the affinities s = gate(u) (select on s + b or s * b)
 } RouteOptions;
 
 // Everything the routing of one MoE layer needs besides its tensors: the
@@ -32,17 +34,22 @@ typedef struct {
     int bias_mult;     // 1: select on s * b, 0: on s + b
     int aux_kind;      // an AuxKind
     float aux_alpha;   // weight of the auxiliary loss
+    int bias_logits;   // 1: select on router logits + b, 0: on the affinities (above)
 } RouteParams;
 
 static inline RouteParams route_params(const MoeConfig *c, const RouteOptions *ro) {
     RouteParams rp = { c->n_routed, c->top_k, c->gate, c->norm_topk, c->route_scale,
-                       ro->bias_mult, ro->aux_kind, ro->aux_alpha };
+                       ro->bias_mult, ro->aux_kind, ro->aux_alpha, ro->bias_logits };
     return rp;
 }
 
 // The selection score of expert e: affinity plus bias, or affinity times bias
 // for the multiplicative rule (Wang et al., arXiv 2408.15664, Table 4). The
-// caller evaluates it in its own precision (fp32 in the trainer).
+// caller evaluates it in its own precision (fp32 in the trainer). With the bias
+// on the logits (bias_logits, Han & Zhong's code, arXiv 2512.03915) s is the
+// router logit u and the score u + b: the gate is monotone in u, so at b = 0
+// both select the same experts, and the gate values stay those of the
+// unbiased affinities either way.
 #define ROUTE_SCORE(s, b, mult) ((mult) ? (s) * (b) : (s) + (b))
 
 // sel (K) = the K experts with the largest score (E), listed by decreasing

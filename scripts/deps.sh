@@ -10,7 +10,7 @@
 #   test        g++ (the CUDA emulator, tests/emu), Open MPI (mpicc, mpirun:
 #               the multi-process tests), Debian's python3 with numpy and
 #               matplotlib (scripts/report.py, scripts/replay_plots.py and
-#               their tests)
+#               their tests) and scipy (the hindsight solver's LP check)
 #   venv        build/venv: a Python virtual environment with PyTorch,
 #               transformers and safetensors from PyPI (the tests that compare
 #               with PyTorch or transformers); reused when it works
@@ -20,7 +20,7 @@
 # build/venv). --no-install (or DEPS_NO_INSTALL=1) never installs: it lists
 # what is missing and exits 1. --dry-run prints the install commands instead
 # of running them. DEPS_PRETEND_MISSING="name ..." treats those checks
-# (gcc make g++ mpicc mpirun numpy matplotlib venv bible) as failing, so that
+# (gcc make g++ mpicc mpirun numpy matplotlib scipy venv bible) as failing, so that
 # the install path can be tested on a machine that has everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,6 +66,7 @@ for g in "${GROUPS_WANTED[@]}"; do
             have_cmd mpirun || APT+=(openmpi-bin)
             have_py numpy || APT+=(python3-numpy)
             have_py matplotlib || APT+=(python3-matplotlib)
+            have_py scipy || APT+=(python3-scipy)
             ;;
         venv)
             have_venv || NEED_VENV=1

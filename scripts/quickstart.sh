@@ -76,11 +76,11 @@ mkdir -p "$RUN" "$DATA"
 
 # ---------------------------------------------------------------- 1. packages
 say "1/6 checking the tools"
-GROUPS=(build)
+DEP_GROUPS=(build)
 KJV=$RUN/corpus/kjv.txt
-if [ -z "$TEXT" ] && [ ! -s "$KJV" ]; then GROUPS+=(quickstart); fi
+if [ -z "$TEXT" ] && [ ! -s "$KJV" ]; then DEP_GROUPS+=(quickstart); fi
 # scripts/deps.sh installs only what is missing (gcc, make, and the bible-kjv package for the corpus).
-bash scripts/deps.sh $([ "$NO_INSTALL" = 1 ] && echo --no-install) "${GROUPS[@]}" || die "missing packages (see above)"
+bash scripts/deps.sh $([ "$NO_INSTALL" = 1 ] && echo --no-install) "${DEP_GROUPS[@]}" || die "missing packages (see above)"
 
 # ---------------------------------------------------------------- 2. build
 say "2/6 building (make train_moe moe_tok moe_prepare)"

@@ -11,6 +11,9 @@ Writes into DIR:
     maxvio_batch.png      MaxVio_batch over steps: raw and moving average
     loss.png              training loss (moving average) and validation loss
     gamma.png             the bias update rate gamma_t over steps
+    dual.png              the primal-dual quantities of the routing over steps
+                          (mean over MoE layers): duality gap, L1 norm of the
+                          subgradient c - C, share of token slots the bias moved
     loads_<run>.png       per MoE layer, expert load / mean load over steps
     bias_<run>.png        per MoE layer, every expert's bias over steps
 The tables need nothing beyond Python 3; the plots need numpy and matplotlib
@@ -28,6 +31,9 @@ train/trainer.c and model/balance.c), one JSON object per line, told apart by "t
    "grad_norm":..., "tokens_per_s":..., "step_time_s":...,
    "maxvio_batch":..., "maxvio_layers":[per MoE layer], "load_min_layers":[...],
    "idle":n, "idle_layers":[...], "bias_mean":..., "bias_min":..., "bias_max":...,
+   "dual":..., "primal":..., "gap":..., "subgrad_l1":..., "subgrad_l2":..., "moved_frac":...,
+   "from_over":..., "to_under":..., "dual_layers":[...], "primal_layers":[...], "gap_layers":[...],
+   "subgrad_l1_layers":[...], "subgrad_l2_layers":[...], "moved_layers":[slots per MoE layer],
    "loads":[[count per expert] per MoE layer], "bias":[[bias per expert] per MoE layer]}
         after every optimizer step (1-based s). The MoE fields are absent when the
         model has no MoE layer; "loads" (the step's token counts) and "bias" (the
@@ -480,6 +486,34 @@ def plot_gamma(runs, args, out_dir, written):
     save(fig, out_dir, "gamma.png", written)
 
 
+def plot_dual(runs, args, out_dir, written):
+    """The primal-dual quantities of docs/balance.md over steps, mean over MoE layers."""
+    panels = [("gap", "duality gap D(b) - primal"), ("subgrad_l1", "||c - C||_1 (subgradient, L1)"),
+              ("moved_frac", "share of slots the bias moved")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.5), squeeze=False)
+    any_run = False
+    for color, run in zip(run_colors(len(runs)), runs):
+        for (key, _), ax in zip(panels, axes[0]):
+            x, y = series(run.steps, key)
+            if not x:
+                continue
+            any_run = True
+            w = smooth_window(args.smooth, len(y))
+            ax.plot(x, y, color=color, lw=0.5, alpha=0.35)
+            ax.plot(x, moving_average(y, w), color=color, lw=1.5, label=f"{run.name} (avg {w})")
+    for (key, label), ax in zip(panels, axes[0]):
+        ax.set_xlabel("step")
+        ax.set_title(label, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        if not any_run:
+            empty_note(ax, "no run logged the primal-dual quantities")
+    if any_run:
+        axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{args.title}: the routing's primal-dual quantities (mean over MoE layers)")
+    fig.tight_layout()
+    save(fig, out_dir, "dual.png", written)
+
+
 def run_colors(n):
     cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
     return [cmap(i % cmap.N) for i in range(n)]
@@ -564,6 +598,7 @@ def write_plots(runs, args, out_dir):
     plot_maxvio(runs, args, out_dir, written)
     plot_loss(runs, args, out_dir, written)
     plot_gamma(runs, args, out_dir, written)
+    plot_dual(runs, args, out_dir, written)
     for run in runs:
         if run.load_records:
             plot_loads(run, args, out_dir, written)

@@ -21,6 +21,7 @@ case_install "mpirun missing -> apt-get install openmpi-bin" "mpirun" "test" \
 case_install "mpicc missing -> libopenmpi-dev" "mpicc" "test" 'apt-get install .*libopenmpi-dev'
 case_install "g++ missing -> g++" "g++" "test" 'apt-get install .* g\+\+'
 case_install "matplotlib missing -> python3-matplotlib" "matplotlib" "test" 'apt-get install .*python3-matplotlib'
+case_install "scipy missing -> python3-scipy" "scipy" "test" 'apt-get install .*python3-scipy'
 case_install "make missing (build) -> build-essential" "make" "build" 'apt-get install .*build-essential'
 case_install "venv missing -> pip install torch transformers" "venv" "venv" \
     'pip install .*torch transformers safetensors'

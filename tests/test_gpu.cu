@@ -39,6 +39,7 @@
 extern "C" {
 #include "model/balance.h"
 #include "model/config.h"
+#include "model/dual.h"
 #include "model/layout.h"
 #include "model/route.h"
 #include "tests/fixture.h"
@@ -145,10 +146,12 @@ static void fixture_backend(Backend *be, const Fixture *f, int B, int T, MoeConf
         fprintf(stderr, "%s: %s\n", f->path, err);
         exit(1);
     }
-    RouteOptions ro;
+    RouteOptions ro = { 0, AUX_NONE, 0.0f, 0 };
     ro.bias_mult = (int)fixture_scalar(need(f, "route.bias_mult"));
     ro.aux_kind = (int)fixture_scalar(need(f, "route.aux_kind"));
     ro.aux_alpha = (float)fixture_scalar(need(f, "route.aux_alpha"));
+    const FixtureEntry *bl = fixture_get(f, "route.bias_logits"); // absent in the older fixtures: 0
+    ro.bias_logits = bl ? (int)fixture_scalar(bl) : 0;
     gpu_backend_init(be);
     layout_build(lay, c);
     if (be->create(be, c, &ro, B, T) != 0) {
@@ -189,8 +192,10 @@ static void check_case(const char *path) {
     ParamLayout lay;
     fixture_backend(&be, f, B, T, &c, &lay);
     int nmoe = config_n_moe(&c), E = c.n_routed, K = c.top_k, V = c.vocab_size;
-    RouteOptions ro;
+    RouteOptions ro = { 0, AUX_NONE, 0.0f, 0 };
     ro.bias_mult = (int)fixture_scalar(need(f, "route.bias_mult"));
+    const FixtureEntry *bl = fixture_get(f, "route.bias_logits"); // absent in the older fixtures: 0
+    ro.bias_logits = bl ? (int)fixture_scalar(bl) : 0;
     printf("%s (B=%d T=%d, %s, norm_topk %d, E=%d K=%d S=%d, dense %d, bias_mult %d, aux %d)\n", path, B, T,
            c.gate == GATE_SIGMOID ? "sigmoid" : "softmax", c.norm_topk, E, K, c.n_shared, c.n_dense, ro.bias_mult,
            (int)fixture_scalar(need(f, "route.aux_kind")));
@@ -209,7 +214,8 @@ static void check_case(const char *path) {
     const int32_t *tie = (const int32_t *)need(f, "route.tie")->data;
     int *sel = (int *)xmalloc(sizeof(int) * N * K);
     float *gates = (float *)xmalloc(sizeof(float) * N * K);
-    double *aff = (double *)xmalloc(sizeof(double) * N * E), *rgates = (double *)xmalloc(sizeof(double) * N * K);
+    double *aff = (double *)xmalloc(sizeof(double) * N * E), *base = (double *)xmalloc(sizeof(double) * N * E);
+    double *rgates = (double *)xmalloc(sizeof(double) * N * K);
     double margin = INFINITY;
     for (int k = 0; k < nmoe; k++) {
         int l = c.n_dense + k;
@@ -221,12 +227,16 @@ static void check_case(const char *path) {
         fixture_to_double(need(f, name), aff);
         snprintf(name, sizeof name, "gates.%d", l);
         fixture_to_double(need(f, name), rgates);
+        // What the bias is added to: the affinities, or with the bias on the
+        // logits the router logits (stored for those fixtures only).
+        snprintf(name, sizeof name, ro.bias_logits ? "route_score.%d" : "affinity.%d", l);
+        fixture_to_double(need(f, name), base);
         const float *bk = bias + (size_t)k * E;
         int differ = 0, tie_set = 0;
         double gerr = 0, gmax = 0, serr = 0;
         for (int t = 0; t < N; t++) {
             int kind;
-            margin = fmin(margin, fixture_route_margin(aff + (size_t)t * E, bk, E, K, ro.bias_mult, tie, &kind));
+            margin = fmin(margin, fixture_route_margin(base + (size_t)t * E, bk, E, K, ro.bias_mult, tie, &kind));
             tie_set += kind == FIX_TIE_SET;
             if (memcmp(sel + (size_t)t * K, rsel + (size_t)t * K, sizeof(int) * K) != 0) {
                 differ++;
@@ -299,7 +309,7 @@ static void check_case(const char *path) {
     be.destroy(&be);
     layout_free(&lay);
     fixture_free(f);
-    free(counts); free(bias); free(sel); free(gates); free(aff); free(rgates); free(logits); free(ref); free(grads);
+    free(counts); free(bias); free(sel); free(gates); free(aff); free(base); free(rgates); free(logits); free(ref); free(grads);
 }
 
 static void check_training(const char *path) {
@@ -411,6 +421,7 @@ typedef struct {
     int bias_kind;   // 0: zero (1 for mult); 1: normal(0, 0.1); 2: 0.5 + uniform (mult);
                      // 3: expert 5 gets -1000 (never chosen); 4: expert 7 gets +1000 (always first);
                      // 5: equal bias in groups of 4 experts (ties that include the bias)
+    int bias_logits; // 1: the bias is added to the router logits (--bias-on logits)
 } RouteCase;
 
 // The auxiliary loss's statistics (moe_aux_forward) on the routing of
@@ -471,8 +482,11 @@ static void test_route_case(const RouteCase *rc, uint64_t seed) {
     double *d_z = (double *)device_zeros(sizeof(double) * N);
     int *d_sel = (int *)device_zeros(sizeof(int) * N * K), *d_counts = (int *)device_zeros(sizeof(int) * E);
     float *d_gates = (float *)device_zeros(sizeof(float) * N * K);
-    RouteParams rp = { E, K, rc->gate, rc->norm_topk, rc->route_scale, rc->bias_mult, AUX_NONE, 0.0f };
-    moe_route(d_s, d_z, d_sel, d_gates, d_counts, d_bias, N, &rp, 0);
+    RouteParams rp = { E, K, rc->gate, rc->norm_topk, rc->route_scale, rc->bias_mult, AUX_NONE, 0.0f,
+                       rc->bias_logits };
+    RouteDualOut dout = { (double *)device_zeros(sizeof(double) * N), (int *)device_zeros(sizeof(int) * 3 * E),
+                          (float *)device_zeros(sizeof(float) * N * E) };
+    moe_route(d_s, d_z, d_sel, d_gates, d_counts, d_bias, N, &rp, &dout, 0);
     float *s = (float *)xmalloc(sizeof(float) * N * E), *gates = (float *)xmalloc(sizeof(float) * N * K);
     double *z = (double *)xmalloc(sizeof(double) * N);
     int *sel = (int *)xmalloc(sizeof(int) * N * K), *counts = (int *)xmalloc(sizeof(int) * E);
@@ -510,7 +524,8 @@ static void test_route_case(const RouteCase *rc, uint64_t seed) {
     int sel_bad = 0, gate_bad = 0, ties = 0;
     for (int t = 0; t < N; t++) {
         const float *st = s + (size_t)t * E;
-        for (int e = 0; e < E; e++) score[e] = (double)(float)ROUTE_SCORE(st[e], bias[e], rc->bias_mult);
+        const float *u = rc->bias_logits ? logits + (size_t)t * E : st; // what the bias is added to
+        for (int e = 0; e < E; e++) score[e] = (double)(float)ROUTE_SCORE(u[e], bias[e], rc->bias_mult);
         route_topk(score, E, K1, cs);
         for (int j = 0; j + 1 < K1; j++) ties += score[cs[j]] == score[cs[j + 1]];
         route_topk(score, E, K, cs);
@@ -547,6 +562,38 @@ static void test_route_case(const RouteCase *rc, uint64_t seed) {
         snprintf(detail, sizeof detail, "(expert 7: %d of %d tokens)", counts[7], N);
         report_bool("every token picks expert 7 first", first && counts[7] == N, detail);
     }
+    // The primal-dual parts against model/dual.c on the same scores (the
+    // functions tests/test_dual.c checks by brute force): the kept scores
+    // bitwise, the counts exactly, the primal parts summed in token order
+    // exactly (each token's part is formed as dual_token_primal forms it).
+    const float *u = rc->bias_logits ? logits : s; // (N, E)
+    float *kept = (float *)xmalloc(sizeof(float) * N * E);
+    double *primal = (double *)xmalloc(sizeof(double) * N);
+    int *cnt = (int *)xmalloc(sizeof(int) * 3 * E), *dsel = (int *)xmalloc(sizeof(int) * 2 * N * K);
+    to_host(kept, dout.kept, sizeof(float) * N * E);
+    to_host(primal, dout.primal, sizeof(double) * N);
+    to_host(cnt, dout.cnt, sizeof(int) * 3 * E);
+    DualAccum acc;
+    dual_accum_init(&acc, E, K, rc->bias_mult);
+    dual_select(u, N, E, K, bias, rc->bias_mult, dsel);
+    dual_select(u, N, E, K, NULL, rc->bias_mult, dsel + (size_t)N * K);
+    dual_accum_tokens(&acc, u, N, dsel, dsel + (size_t)N * K);
+    double psum = 0.0;
+    for (int t = 0; t < N; t++) psum += primal[t];
+    int cnt_bad = 0;
+    int64_t moved = 0;
+    for (int e = 0; e < E; e++) {
+        cnt_bad += cnt[e] != acc.counts0[e] || cnt[E + e] != acc.lost[e] || cnt[2 * E + e] != acc.gained[e];
+        moved += acc.gained[e];
+    }
+    report_bool("kept scores (bitwise)", memcmp(kept, u, sizeof(float) * N * E) == 0, "");
+    snprintf(detail, sizeof detail, "(%lld slots moved by the bias)", (long long)moved);
+    report_bool("counts0, lost, gained == dual_accum_tokens", cnt_bad == 0, detail);
+    snprintf(detail, sizeof detail, "(%.17g vs %.17g)", psum, acc.primal);
+    report_bool("primal sum == dual_accum_tokens (bitwise)", psum == acc.primal, detail);
+    dual_accum_free(&acc);
+    free(kept); free(primal); free(cnt); free(dsel);
+    CUDA_CHECK(cudaFree(dout.primal)); CUDA_CHECK(cudaFree(dout.cnt)); CUDA_CHECK(cudaFree(dout.kept));
     CUDA_CHECK(cudaFree(d_s)); CUDA_CHECK(cudaFree(d_bias)); CUDA_CHECK(cudaFree(d_z)); CUDA_CHECK(cudaFree(d_sel));
     CUDA_CHECK(cudaFree(d_counts)); CUDA_CHECK(cudaFree(d_gates));
     free(logits); free(bias); free(s); free(gates); free(z); free(sel); free(counts); free(row); free(score);
@@ -555,18 +602,20 @@ static void test_route_case(const RouteCase *rc, uint64_t seed) {
 
 static void test_routing(void) {
     const RouteCase cases[] = {
-        { "sigmoid, additive bias", 1000, 64, 6, GATE_SIGMOID, 1, 0, 1.0f, 0, 1.0f, 1 },
-        { "softmax, top-8 of 256, no norm, scale 2.5", 777, 256, 8, GATE_SOFTMAX, 0, 0, 2.5f, 0, 2.0f, 1 },
-        { "sigmoid, top-8 of 256, multiplicative", 4096, 256, 8, GATE_SIGMOID, 1, 1, 1.0f, 0, 1.0f, 2 },
-        { "exact ties, zero bias", 500, 16, 4, GATE_SIGMOID, 1, 0, 1.0f, 1, 0.0f, 0 },
-        { "exact ties, softmax", 500, 16, 4, GATE_SOFTMAX, 1, 0, 1.0f, 1, 0.0f, 0 },
-        { "exact ties incl. equal biases", 500, 64, 6, GATE_SIGMOID, 1, 0, 1.0f, 1, 0.0f, 5 },
-        { "an expert with no tokens", 1000, 32, 4, GATE_SIGMOID, 1, 0, 1.0f, 0, 1.0f, 3 },
-        { "all tokens on one expert, K=1", 1000, 32, 1, GATE_SIGMOID, 0, 0, 1.0f, 0, 1.0f, 4 },
-        { "one expert always first, K=3", 1000, 32, 3, GATE_SOFTMAX, 1, 0, 1.0f, 0, 1.0f, 4 },
-        { "K = E", 300, 8, 8, GATE_SOFTMAX, 1, 0, 1.0f, 0, 1.0f, 1 },
-        { "E not a multiple of 32", 333, 40, 5, GATE_SOFTMAX, 1, 0, 1.0f, 0, 1.0f, 1 },
-        { "one token", 1, 64, 6, GATE_SIGMOID, 1, 0, 1.0f, 0, 1.0f, 1 },
+        { "sigmoid, additive bias", 1000, 64, 6, GATE_SIGMOID, 1, 0, 1.0f, 0, 1.0f, 1, 0 },
+        { "softmax, top-8 of 256, no norm, scale 2.5", 777, 256, 8, GATE_SOFTMAX, 0, 0, 2.5f, 0, 2.0f, 1, 0 },
+        { "sigmoid, top-8 of 256, multiplicative", 4096, 256, 8, GATE_SIGMOID, 1, 1, 1.0f, 0, 1.0f, 2, 0 },
+        { "exact ties, zero bias", 500, 16, 4, GATE_SIGMOID, 1, 0, 1.0f, 1, 0.0f, 0, 0 },
+        { "exact ties, softmax", 500, 16, 4, GATE_SOFTMAX, 1, 0, 1.0f, 1, 0.0f, 0, 0 },
+        { "exact ties incl. equal biases", 500, 64, 6, GATE_SIGMOID, 1, 0, 1.0f, 1, 0.0f, 5, 0 },
+        { "an expert with no tokens", 1000, 32, 4, GATE_SIGMOID, 1, 0, 1.0f, 0, 1.0f, 3, 0 },
+        { "all tokens on one expert, K=1", 1000, 32, 1, GATE_SIGMOID, 0, 0, 1.0f, 0, 1.0f, 4, 0 },
+        { "one expert always first, K=3", 1000, 32, 3, GATE_SOFTMAX, 1, 0, 1.0f, 0, 1.0f, 4, 0 },
+        { "K = E", 300, 8, 8, GATE_SOFTMAX, 1, 0, 1.0f, 0, 1.0f, 1, 0 },
+        { "E not a multiple of 32", 333, 40, 5, GATE_SOFTMAX, 1, 0, 1.0f, 0, 1.0f, 1, 0 },
+        { "one token", 1, 64, 6, GATE_SIGMOID, 1, 0, 1.0f, 0, 1.0f, 1, 0 },
+        { "softmax, bias on the logits", 1000, 64, 6, GATE_SOFTMAX, 1, 0, 1.0f, 0, 1.0f, 1, 1 },
+        { "sigmoid, bias on the logits, ties", 500, 16, 4, GATE_SIGMOID, 1, 0, 1.0f, 1, 0.0f, 5, 1 },
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) test_route_case(&cases[i], 1000 + i);
 }
@@ -837,7 +886,7 @@ static void test_backend_case(const char *name, const MoeConfig *c, const RouteO
 // evaluation forward.
 static void test_resume(void) {
     MoeConfig c = gpu_test_config(16, 2, GATE_SIGMOID, 1);
-    RouteOptions ro = { 0, AUX_SEQ, 0.01f };
+    RouteOptions ro = { 0, AUX_SEQ, 0.01f, 0 };
     int B = 2, T = c.seq_len, N = B * T, nmoe = config_n_moe(&c), E = c.n_routed;
     size_t nb = (size_t)nmoe * E;
     ParamLayout lay;
@@ -919,7 +968,7 @@ static void test_resume(void) {
 static void test_backend(void) {
     // 256 experts, top-8, softmax: 64 tokens make 512 slots, so most experts are empty.
     MoeConfig c = gpu_test_config(256, 8, GATE_SOFTMAX, 1);
-    RouteOptions ro = { 0, AUX_EXPERT, 0.01f };
+    RouteOptions ro = { 0, AUX_EXPERT, 0.01f, 0 };
     size_t nb = (size_t)config_n_moe(&c) * c.n_routed;
     float *bias = (float *)calloc(nb, sizeof(float));
     test_backend_case("top-8 of 256, expert-level aux loss", &c, &ro, bias, -1);
@@ -927,7 +976,7 @@ static void test_backend(void) {
     // Every token on expert 3 (bias +100), K = 1 and K = 2, no shared expert.
     for (int K = 1; K <= 2; K++) {
         c = gpu_test_config(16, K, GATE_SIGMOID, 0);
-        RouteOptions ro2 = { 0, AUX_NONE, 0.0f };
+        RouteOptions ro2 = { 0, AUX_NONE, 0.0f, 0 };
         nb = (size_t)config_n_moe(&c) * c.n_routed;
         bias = (float *)calloc(nb, sizeof(float));
         for (int k = 0; k < config_n_moe(&c); k++) bias[(size_t)k * c.n_routed + 3] = 100.0f;
@@ -960,7 +1009,7 @@ static void test_memory_plan(void) {
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         MoeConfig c = gpu_test_config(cases[i][0], cases[i][1], GATE_SIGMOID, cases[i][2]);
         c.d_expert = cases[i][3];
-        RouteOptions ro = { 0, AUX_SEQ, 0.01f };
+        RouteOptions ro = { 0, AUX_SEQ, 0.01f, 0 };
         Backend be;
         gpu_backend_init(&be);
         TrainOptions o;
@@ -1001,7 +1050,8 @@ int main(int argc, char **argv) {
     test_memory_plan();
     if (!unit_only) {
         const char *cases[] = { "ref_base", "ref_softmax_tied", "ref_softmax_aux_expert", "ref_sigmoid_aux_seq",
-                                "ref_mult_bias", "ref_top1_noshared", "ref_softmax_mult_seq" };
+                                "ref_mult_bias", "ref_top1_noshared", "ref_softmax_mult_seq", "ref_parallel_logits",
+                                "ref_parallel_sigmoid_seq" };
         char path[1024];
         for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
             snprintf(path, sizeof path, "%s/%s.bin", dir, cases[i]);

@@ -389,7 +389,7 @@ enum { MODE_ALONE, MODE_NCCL, MODE_VIRTUAL };
 
 typedef struct {
     MoeConfig c;
-    RouteOptions ro;
+    RouteOptions ro = { 0, AUX_NONE, 0.0f, 0 };
     int Bl, T, S;               // micro-batch per rank, steps
     int W, ep, mode, force_exchange;
     const GpuComm *nccl;        // MODE_NCCL: the one-rank NCCL collectives
@@ -531,7 +531,7 @@ static RunOut run_training(const RunSpec *sp) {
 
 typedef struct {
     MoeConfig c;
-    RouteOptions ro;
+    RouteOptions ro = { 0, AUX_NONE, 0.0f, 0 };
     int T, S, Bl;
     std::vector<int> tokens, targets; // for up to MAXW ranks
     std::vector<float> p0;
@@ -604,7 +604,7 @@ static void test_one_rank(const Comm *comm) {
         return;
     }
     MoeConfig c = gpu_test_config(8, 2, GATE_SIGMOID, 1);
-    RouteOptions ro = { 0, AUX_SEQ, 0.01f };
+    RouteOptions ro = { 0, AUX_SEQ, 0.01f, 0 };
     Problem pb = make_problem(c, ro, 2, 3, 11);
     ParamLayout lay;
     layout_build(&lay, &c);
@@ -778,13 +778,13 @@ int main(int argc, char **argv) {
     // and the sequence-wise auxiliary loss (independent of the split), then
     // softmax top-3 of 16 without shared experts.
     MoeConfig c = gpu_test_config(8, 2, GATE_SIGMOID, 1);
-    RouteOptions ro = { 0, AUX_SEQ, 0.01f };
+    RouteOptions ro = { 0, AUX_SEQ, 0.01f, 0 };
     Problem pb = make_problem(c, ro, 2, 3, 21);
     const int cases[][2] = { { 2, 2 }, { 2, 1 }, { 4, 2 }, { 4, 4 } };
     for (size_t i = 0; i < (quick ? 1 : sizeof cases / sizeof cases[0]); i++) test_virtual_case(pb, cases[i][0], cases[i][1]);
     if (!quick) {
         MoeConfig c2 = gpu_test_config(16, 3, GATE_SOFTMAX, 0);
-        RouteOptions ro2 = { 0, AUX_NONE, 0.0f };
+        RouteOptions ro2 = { 0, AUX_NONE, 0.0f, 0 };
         Problem pb2 = make_problem(c2, ro2, 1, 3, 31);
         test_virtual_case(pb2, 4, 4);
         test_virtual_case(pb2, 8, 4);

@@ -126,12 +126,14 @@ static int run_case(const Case *cs) {
 
 int main(void) {
     Case cases[] = {
-        { "sigmoid-norm", "gate=sigmoid norm_topk=1", { 0, AUX_NONE, 0 }, 0.05f },
-        { "softmax-raw", "gate=softmax norm_topk=0 n_shared=0 n_dense=0", { 0, AUX_NONE, 0 }, 0.02f },
-        { "tied-scaled", "tie_embeddings=1 route_scale=2.5 n_shared=1", { 0, AUX_NONE, 0 }, 0.05f },
-        { "aux-expert", "gate=softmax norm_topk=1", { 0, AUX_EXPERT, 0.1f }, 0.02f },
-        { "aux-seq", "gate=sigmoid norm_topk=1", { 0, AUX_SEQ, 0.1f }, 0.05f },
-        { "mult-bias", "gate=sigmoid norm_topk=1", { 1, AUX_SEQ, 0.05f }, 0.3f },
+        { "sigmoid-norm", "gate=sigmoid norm_topk=1", { 0, AUX_NONE, 0, 0 }, 0.05f },
+        { "softmax-raw", "gate=softmax norm_topk=0 n_shared=0 n_dense=0", { 0, AUX_NONE, 0, 0 }, 0.02f },
+        { "tied-scaled", "tie_embeddings=1 route_scale=2.5 n_shared=1", { 0, AUX_NONE, 0, 0 }, 0.05f },
+        { "aux-expert", "gate=softmax norm_topk=1", { 0, AUX_EXPERT, 0.1f, 0 }, 0.02f },
+        { "aux-seq", "gate=sigmoid norm_topk=1", { 0, AUX_SEQ, 0.1f, 0 }, 0.05f },
+        { "mult-bias", "gate=sigmoid norm_topk=1", { 1, AUX_SEQ, 0.05f, 0 }, 0.3f },
+        { "parallel-residual", "gate=sigmoid norm_topk=1 parallel_residual=1", { 0, AUX_SEQ, 0.1f, 0 }, 0.05f },
+        { "parallel-logit-bias", "gate=softmax norm_topk=1 parallel_residual=1", { 0, AUX_NONE, 0, 1 }, 0.3f },
     };
     int fails = 0;
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) fails += run_case(&cases[i]);

@@ -188,6 +188,8 @@ refuse mult "gamma-rule mult" --gamma-rule mult
 refuse softmax_raw "norm_topk = 0 with gate = softmax" --gate softmax --norm-topk 0
 refuse softmax_scaled "route_scale = 2 with gate = softmax" --gate softmax --route-scale 2
 refuse one_expert "n_routed = 1" --n-routed 1 --top-k 1
+refuse parallel "parallel_residual = 1" --parallel-residual 1
+refuse logit_bias "bias-on logits" --gate softmax --bias-on logits
 head -c 20000 "$CK_TINY" > "$TMP/trunc.bin"
 expect_fail "refuses a truncated checkpoint" "trunc.bin: truncated" ./moe_ckpt export "$TMP/trunc.bin" "$TMP/o0"
 expect_fail "tokenizer larger than the vocabulary" "vocab_size is 64" ./moe_ckpt export "$CK_TINY" "$TMP/o1" --tokenizer "$TMP/tok.tok"

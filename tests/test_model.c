@@ -4,7 +4,9 @@
 //  2. the balancing bias changes only the selection: with a bias that reorders
 //     the TopK, the gate values still equal the unbiased affinities of the
 //     chosen experts (normalised, times route_scale);
-//  3. per layer, the token counts sum to top_k x tokens and match the selections.
+//  3. per layer, the token counts sum to top_k x tokens and match the selections;
+//  4. the 1b-hz preset is Han & Zhong's 1B setup (docs/model.md): its fields,
+//     and its parameter count against a count by hand from those sizes.
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -123,7 +125,28 @@ static void test_bias_selection_only(void) {
     }
 }
 
+static void test_preset_1b_hz(void) {
+    MoeConfig c;
+    CHECK(config_preset(&c, "1b-hz") == 0, "preset 1b-hz exists");
+    CHECK(c.n_layers == 9 && c.n_dense == 1 && c.d_ff == 2816 && c.d_model == 1024 && c.n_heads == 8 &&
+              c.vocab_size == 32064 && c.n_routed == 64 && c.d_expert == 528 && c.top_k == 6 && c.n_shared == 2 &&
+              c.gate == GATE_SOFTMAX && c.norm_topk == 1 && c.parallel_residual == 1 && c.seq_len == 4096,
+          "1b-hz: 9 layers (1 dense, d_ff 2816), d 1024, 8 heads, V 32064, 64 experts of 528, top-6, "
+          "2 shared, softmax + normalised top-k, parallel residual, T 4096");
+    // By hand: embedding and untied head, per layer two norms and attention, the
+    // dense FFN, per MoE layer the router, the shared SwiGLU (2 x 528 = 1056
+    // wide) and 64 expert SwiGLUs, the final norm.
+    int64_t V = 32064, d = 1024, attn = 2 * d + 4 * d * d, dense = 3 * d * 2816;
+    int64_t moe = 64 * d + 3 * d * 1056 + 64 * 3 * d * 528;
+    int64_t want = 2 * V * d + 9 * attn + dense + 8 * moe + d;
+    ParamLayout lay;
+    layout_build(&lay, &c);
+    CHECK(lay.total == want, "1b-hz parameters: %lld (by hand %lld)", (long long)lay.total, (long long)want);
+    layout_free(&lay);
+}
+
 int main(void) {
+    test_preset_1b_hz();
     test_determinism();
     test_bias_selection_only();
     printf("test_model: %s\n", failures ? "FAIL" : "PASS");

@@ -11,6 +11,8 @@
 #    LR schedule are the trainer's. (The shard holds exactly one micro-batch
 #    of windows, so every step of both trainers sees all of them, in whatever
 #    order each shuffles them; the loss and the counts do not depend on it.)
+#  - the same in eager mode with the 1b-hz preset's pieces (softmax gate,
+#    parallel residual, --bias-on logits);
 #  - its parameter count equals the trainer's (the same shapes);
 #  - a truncated checkpoint and a checkpoint of another model are refused,
 #    naming the file.
@@ -31,13 +33,23 @@ B=8 T=16
 OPTS=(-b $B --steps 4 --warmup-steps 2 --lr 1e-2 --lr-min 1e-3 --train-data "$TMP/train_*.bin")
 ./train_moe --config tiny "${OPTS[@]}" --threads 1 --ckpt-dir "$TMP/ck" --ckpt-every 1 --keep-last 0 \
     --log "$TMP/cpu.jsonl" --log-loads-every 1 > "$TMP/cpu.out" 2>&1 || { echo "FAIL train_moe:"; cat "$TMP/cpu.out"; exit 1; }
+# Han & Zhong's pieces (the 1b-hz preset's): softmax gate, parallel residual,
+# the bias on the router logits; the peer in eager mode.
+HZ=(--gate softmax --norm-topk 1 --parallel-residual 1)
+./train_moe --config tiny "${HZ[@]}" --print-config > "$TMP/hz.config"
+./train_moe --config tiny "${HZ[@]}" --bias-on logits "${OPTS[@]}" --threads 1 --ckpt-dir "$TMP/ck_hz" --ckpt-every 1 \
+    --keep-last 0 --log "$TMP/cpu_hz.jsonl" --log-loads-every 1 > "$TMP/cpu_hz.out" 2>&1 ||
+    { echo "FAIL train_moe (1b-hz pieces):"; cat "$TMP/cpu_hz.out"; exit 1; }
 
-for mode in eager compiled; do
-    "$PY" bench/peers/moe_torch.py --model-config "$TMP/tiny.config" "${OPTS[@]}" --mode $mode --threads 1 \
-        --init-from "$TMP/ck/ckpt_00000001.bin" --init-opt-state --log "$TMP/$mode.jsonl" > "$TMP/$mode.out" 2>&1 ||
-        { bad "$mode: the peer failed:"; tail -5 "$TMP/$mode.out"; continue; }
+for run in eager compiled eager_hz; do
+    mode=${run%_hz}
+    if [ "$run" = eager_hz ]; then cfg=hz.config ck=ck_hz cpu=cpu_hz.jsonl extra=(--bias-on logits)
+    else cfg=tiny.config ck=ck cpu=cpu.jsonl extra=(); fi
+    "$PY" bench/peers/moe_torch.py --model-config "$TMP/$cfg" "${OPTS[@]}" "${extra[@]}" --mode $mode --threads 1 \
+        --init-from "$TMP/$ck/ckpt_00000001.bin" --init-opt-state --log "$TMP/$run.jsonl" > "$TMP/$run.out" 2>&1 ||
+        { bad "$run: the peer failed:"; tail -5 "$TMP/$run.out"; continue; }
     # step, loss and loads of each step record, from both logs, side by side.
-    if /usr/bin/python3 - "$TMP/cpu.jsonl" "$TMP/$mode.jsonl" > "$TMP/$mode.cmp" << 'EOF'
+    if /usr/bin/python3 - "$TMP/$cpu" "$TMP/$run.jsonl" > "$TMP/$run.cmp" << 'EOF'
 import json, sys
 def steps(path):
     return {r["step"]: r for r in map(json.loads, open(path)) if r.get("type") == "step"}
@@ -52,8 +64,8 @@ for s in sorted(peer):
 print("steps 2..4: losses within %.1e of train_moe's (%s), routing counts identical (%d layers x %d experts)"
       % (worst, ", ".join("%.4f" % cpu[s]["loss"] for s in sorted(peer)), len(cpu[2]["loads"]), len(cpu[2]["loads"][0])))
 EOF
-    then ok "$mode ($(grep -o 'experts by [^,]*' "$TMP/$mode.out")): $(cat "$TMP/$mode.cmp")"
-    else bad "$mode: differs from train_moe:"; cat "$TMP/$mode.cmp"; fi
+    then ok "$run ($(grep -o 'experts by [^,]*' "$TMP/$run.out")): $(cat "$TMP/$run.cmp")"
+    else bad "$run: differs from train_moe:"; cat "$TMP/$run.cmp"; fi
 done
 
 n_peer=$(sed -n 's/.*: \([0-9]*\) parameters,.*/\1/p' "$TMP/eager.out")

@@ -79,6 +79,8 @@ static void load_model(Model *m, const Fixture *f, int B, int T) {
     m->route.bias_mult = (int)fixture_scalar(need(f, "route.bias_mult"));
     m->route.aux_kind = (int)fixture_scalar(need(f, "route.aux_kind"));
     m->route.aux_alpha = (float)fixture_scalar(need(f, "route.aux_alpha"));
+    const FixtureEntry *bl = fixture_get(f, "route.bias_logits"); // absent in the older fixtures: 0
+    m->route.bias_logits = bl ? (int)fixture_scalar(bl) : 0;
     float *p = malloc(sizeof(float) * m->lay.total);
     for (int i = 0; i < m->lay.n; i++) {
         const ParamTensor *t = &m->lay.t[i];
@@ -132,7 +134,8 @@ static void check_case(const char *path) {
         int same = memcmp(a->sel, need(f, name)->data, sizeof(int) * N * c->top_k) == 0;
         snprintf(name, sizeof name, "sel_nobias.%d", l);
         int moved = memcmp(a->sel, need(f, name)->data, sizeof(int) * N * c->top_k) != 0;
-        snprintf(name, sizeof name, "affinity.%d", l);
+        // What the bias is added to: the affinities, or the router logits.
+        snprintf(name, sizeof name, m.route.bias_logits ? "route_score.%d" : "affinity.%d", l);
         fixture_to_double(need(f, name), aff);
         int tie_set = 0, tie_order = 0;
         for (int t = 0; t < N; t++) {
@@ -252,7 +255,8 @@ static void check_training(const char *path) {
 int main(int argc, char **argv) {
     const char *dir = argc > 1 ? argv[1] : "tests/fixtures";
     const char *cases[] = { "ref_base", "ref_softmax_tied", "ref_softmax_aux_expert", "ref_sigmoid_aux_seq",
-                            "ref_mult_bias", "ref_top1_noshared", "ref_softmax_mult_seq" };
+                            "ref_mult_bias", "ref_top1_noshared", "ref_softmax_mult_seq", "ref_parallel_logits",
+                            "ref_parallel_sigmoid_seq" };
     char path[1024];
     printf("model (" REAL_NAME ") against the PyTorch float64 reference\n");
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {

@@ -130,7 +130,7 @@ grep -q '`prop_res`: resumed 1 time' "$OUT/summary.md" && grep -q '`prop_res`: n
     && ok "notes: prop_res resumed once, without evaluations" || bad "notes on prop_res missing"
 
 # 3. The plots.
-pngs=(maxvio_batch loss gamma loads_alf bias_alf loads_prop_res bias_prop_res)
+pngs=(maxvio_batch loss gamma dual loads_alf bias_alf loads_prop_res bias_prop_res)
 check_png() {
     "$PY" - "$1" << 'EOF'
 import struct, sys

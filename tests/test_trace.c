@@ -10,7 +10,14 @@
 //     trailing bytes and a missing end record too; --trace-unfinished reading
 //     keeps the whole steps of a cut file;
 //  4. the writer refuses an existing file (and leaves it unchanged), counts that
-//     do not sum to K N, a missing or extra row, decreasing steps.
+//     do not sum to K N, a missing or extra row, decreasing steps;
+//  5. continuing a trace (trace_writer_resume, a resumed run): the file is cut
+//     at the first record of the resumed step, whether it was finished, stopped
+//     after a whole step or cut inside a record; the continued file equals one
+//     written in one go, byte for byte; a trace of other settings or damaged
+//     before the step is refused and left unchanged; no file: a new one;
+//  6. version 2's fields (the logits flag, updates per step) come back, and a
+//     version 1 file (those bytes zero) still reads as one update per step.
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -18,6 +25,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "../train/ckpt.h" // ckpt_hash: to forge a version 1 header
 #include "../train/trace.h"
 #include "check.h"
 
@@ -57,7 +65,7 @@ static void make_data(void) {
 
 // Writes the test data; pieces: rows per trace_add_scores call.
 static int write_trace(const char *p, int flags, int64_t sample, int pieces, char *err, size_t len) {
-    TraceHeader h = {L, E, K, flags, N, sample, 777, 1000};
+    TraceHeader h = {L, E, K, flags, N, sample, 777, 1000, 1};
     TraceWriter *w = trace_writer_open(p, &h, err, len);
     if (!w) return -1;
     for (int t = 0; t < STEPS; t++) {
@@ -257,7 +265,7 @@ static void test_writer_refusals(void) {
     char err[512];
     snprintf(path, sizeof(path), "%s/exists.trace", dir);
     spill(path, (const unsigned char *)"keep", 4);
-    TraceHeader h = {L, E, K, 0, N, N, 1, 0};
+    TraceHeader h = {L, E, K, 0, N, N, 1, 0, 1};
     TraceWriter *w = trace_writer_open(path, &h, err, sizeof(err));
     check(!w && strstr(err, path) && file_size(path) == 4, "an existing file is refused and left as it was: %s", err);
     snprintf(path, sizeof(path), "%s/refuse.trace", dir);
@@ -272,7 +280,7 @@ static void test_writer_refusals(void) {
           trace_writer_error(w));
     check(trace_writer_close(w, err, sizeof(err)) != 0, "and the close reports the error");
     remove(path);
-    TraceHeader hm = {L, E, K, TRACE_MULT, N, N, 1, 0};
+    TraceHeader hm = {L, E, K, TRACE_MULT, N, N, 1, 0, 1};
     w = trace_writer_open(path, &hm, err, sizeof(err));
     trace_begin_step(w, 0);
     for (int l = 0; l < L; l++) trace_add_scores(w, l, scores[0][l], N);
@@ -303,10 +311,118 @@ static void test_writer_refusals(void) {
     check(rc != 0 && strstr(trace_writer_error(w), "increase"), "a step that does not increase is refused: %s",
           trace_writer_error(w));
     trace_writer_close(w, err, sizeof(err));
-    TraceHeader bad_h = {L, E, E + 1, 0, N, N, 1, 0};
+    TraceHeader bad_h = {L, E, E + 1, 0, N, N, 1, 0, 1};
     remove(path);
     check(!trace_writer_open(path, &bad_h, err, sizeof(err)) && strstr(err, "K"), "a header with K > E is refused: %s",
           err);
+}
+
+// The steps [from, to) of the test data into w (steps 10 + 3 t, as write_trace).
+static void write_steps(TraceWriter *w, int from, int to) {
+    for (int t = from; t < to; t++) {
+        trace_begin_step(w, 10 + 3 * t);
+        for (int l = 0; l < L; l++) trace_add_scores(w, l, scores[t][l], N);
+        trace_end_step(w, biases[t], counts[t], N);
+    }
+}
+
+static int same_file(const char *a, const char *b) {
+    long na, nb;
+    unsigned char *x = slurp(a, &na), *y = slurp(b, &nb);
+    int same = na == nb && na >= 0 && memcmp(x, y, (size_t)na) == 0;
+    free(x), free(y);
+    return same;
+}
+
+static void test_resume(void) {
+    char err[512], whole[256], cont[256];
+    TraceHeader h = {L, E, K, TRACE_LOGITS, N, N, 3, 1000, 1};
+    snprintf(whole, sizeof(whole), "%s/whole.trace", dir);
+    TraceWriter *w = trace_writer_open(whole, &h, err, sizeof(err));
+    write_steps(w, 0, STEPS);
+    trace_writer_close(w, err, sizeof(err));
+    long n_whole;
+    unsigned char *bytes = slurp(whole, &n_whole);
+    long rec = (n_whole - 80 - 32) / (STEPS * L); // bytes of one record
+    snprintf(cont, sizeof(cont), "%s/cont.trace", dir);
+    // Stopped how: finished (end record), after step 2 (no end record), inside step 3's second record.
+    const long cut_at[3] = { n_whole, 80 + 3 * L * rec, 80 + 3 * L * rec + rec + rec / 2 };
+    const char *how[3] = { "a finished trace", "a trace stopped after a whole step", "a trace cut inside a record" };
+    for (int k = 0; k < 3; k++) {
+        spill(cont, bytes, cut_at[k]);
+        // Resume at recorded step 16 (t = 2): steps 10 and 13 stay, 16 and later are written again.
+        w = trace_writer_resume(cont, &h, 16, err, sizeof(err));
+        int ok = w && trace_writer_steps(w) == 2;
+        if (w) {
+            write_steps(w, 2, STEPS);
+            ok &= trace_writer_close(w, err, sizeof(err)) == 0;
+        }
+        check(ok && same_file(cont, whole), "resume at step 16 of %s: cut to 2 steps, continued, equal to the trace "
+              "written in one go", how[k]);
+    }
+    // Other settings: refused, the file unchanged.
+    spill(cont, bytes, n_whole);
+    TraceHeader other = h;
+    other.sample = N - 1;
+    w = trace_writer_resume(cont, &other, 16, err, sizeof(err));
+    check(!w && strstr(err, cont) && strstr(err, "sample size") && same_file(cont, whole),
+          "a trace of other settings is refused and left as it was: %s", err);
+    // Damaged before the resumed step: refused, unchanged.
+    bytes[80 + rec + 40] ^= 1;
+    spill(cont, bytes, n_whole);
+    w = trace_writer_resume(cont, &h, 16, err, sizeof(err));
+    long n_after;
+    unsigned char *after = slurp(cont, &n_after);
+    check(!w && strstr(err, "checksum") && n_after == n_whole && memcmp(after, bytes, (size_t)n_whole) == 0,
+          "a trace damaged before the resumed step is refused and left as it was: %s", err);
+    free(after);
+    // No file yet: a new trace.
+    remove(cont);
+    w = trace_writer_resume(cont, &h, 16, err, sizeof(err));
+    if (w) {
+        write_steps(w, 0, STEPS);
+        trace_writer_close(w, err, sizeof(err));
+    }
+    check(w && same_file(cont, whole), "resuming without a trace file starts one");
+    free(bytes);
+}
+
+static void test_version(void) {
+    char err[512];
+    TraceHeader h = {L, E, K, TRACE_LOGITS, N, N, 3, 100, 4};
+    snprintf(path, sizeof(path), "%s/v2.trace", dir);
+    TraceWriter *w = trace_writer_open(path, &h, err, sizeof(err));
+    write_steps(w, 0, 2);
+    trace_writer_close(w, err, sizeof(err));
+    TraceReader *r = trace_reader_open(path, 0, err, sizeof(err));
+    check(r && trace_reader_header(r)->flags == TRACE_LOGITS && trace_reader_header(r)->updates_per_step == 4,
+          "version 2: the logits flag and 4 updates per step come back");
+    trace_reader_close(r);
+    // The same file as version 1 (bytes 28..31 reserved, zero; no logits flag).
+    long n;
+    unsigned char *b = slurp(path, &n);
+    uint32_t one = 1, zero = 0;
+    memcpy(b + 8, &one, 4);
+    memcpy(b + 12, &zero, 4);
+    memcpy(b + 28, &zero, 4);
+    uint64_t hash = ckpt_hash(b, 72);
+    memcpy(b + 72, &hash, 8);
+    spill(path, b, n);
+    int records;
+    r = trace_reader_open(path, 0, err, sizeof(err));
+    check(r && trace_reader_header(r)->updates_per_step == 1 && trace_reader_header(r)->flags == 0 &&
+              read_all(path, 0, err, sizeof(err), &records) == 0 && records == 2 * L,
+          "a version 1 trace reads as one update per step");
+    trace_reader_close(r);
+    // Version 1 with the logits flag set: refused (version 1 had no such flag).
+    uint32_t logits = TRACE_LOGITS;
+    memcpy(b + 12, &logits, 4);
+    hash = ckpt_hash(b, 72);
+    memcpy(b + 72, &hash, 8);
+    spill(path, b, n);
+    r = trace_reader_open(path, 0, err, sizeof(err));
+    check(!r && strstr(err, "unknown flags"), "a version 1 header with the logits flag is refused: %s", err);
+    free(b);
 }
 
 int main(void) {
@@ -319,6 +435,8 @@ int main(void) {
     test_sample();
     test_corrupt();
     test_writer_refusals();
+    test_resume();
+    test_version();
     char cmd[300];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
     if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", dir);

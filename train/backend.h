@@ -11,6 +11,7 @@
 
 #include "../parallel/comm.h"
 #include "../model/config.h"
+#include "../model/dual.h"
 #include "../model/moe.h"
 #include "memplan.h"
 #include "optim.h"
@@ -65,6 +66,20 @@ struct Backend {
     void (*update)(Backend *be, const AdamWConfig *opt, double lr, int64_t t, float grad_mult);
     // Logits (V) of the last position of tokens (n), n <= T (for sampling).
     void (*last_logits)(Backend *be, const int *tokens, int n, float *logits);
+
+    // What the routing computed besides the counts (docs/balance.md, "In the
+    // trainers"). route_dual adds this rank's primal-dual sums of every MoE
+    // layer (model/dual.h) over the micro-batches the last step_stats read
+    // into dual (n_moe accumulators of E experts and top_k, for the run's
+    // bias rule); it waits for nothing (the GPU sums them on the device).
+    void (*route_dual)(Backend *be, DualAccum *dual);
+    // keep = 1: from the next micro-batch on, every forward keeps the scores
+    // the bias is added to (the affinities, or the router logits with the bias
+    // on the logits) where route_scores can read them; 0: it stops (on the GPU
+    // the copy to the host then costs nothing).
+    void (*keep_scores)(Backend *be, int keep);
+    // MoE layer moe_idx's kept scores of the last micro-batch: scores (B T, E) fp32.
+    void (*route_scores)(Backend *be, int moe_idx, float *scores);
 
     // Optional (NULL: no phase timers; --profile then reports the host clock
     // only). profile_start begins accumulating device time per phase

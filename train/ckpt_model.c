@@ -41,10 +41,10 @@ static int ckpt_model_config(Ckpt *ck, const char *path, MoeConfig *c, char *err
 
 // The routing rule from the options section ("key = value" lines, as the
 // trainer writes them): the balancing options decide s * b or s + b.
-static int ckpt_model_rule(Ckpt *ck, const char *path, int *bias_mult, char *err, size_t errlen) {
+static int ckpt_model_rule(Ckpt *ck, const char *path, int *bias_mult, int *bias_logits, char *err, size_t errlen) {
     BalanceConfig bal;
     balance_config_default(&bal);
-    *bias_mult = 0;
+    *bias_mult = *bias_logits = 0;
     if (!ckpt_find(ck, ckpt_sections[SEC_OPTIONS].name)) return 0;
     uint64_t len;
     char *text = ckpt_read_alloc(ck, ckpt_sections[SEC_OPTIONS].name, CKPT_TEXT, &len, err, errlen);
@@ -62,6 +62,7 @@ static int ckpt_model_rule(Ckpt *ck, const char *path, int *bias_mult, char *err
     }
     free(text);
     *bias_mult = balance_bias_is_multiplicative(&bal);
+    *bias_logits = balance_bias_on_logits(&bal);
     return rc;
 }
 
@@ -85,12 +86,13 @@ int ckpt_model_load(const char *path, CkptModel *m, char *err, size_t errlen) {
     Ckpt *ck = ckpt_open(path, err, errlen);
     if (!ck) return -1;
     MoeConfig cfg;
-    int bias_mult = 0;
+    int bias_mult = 0, bias_logits = 0;
     int rc = ckpt_model_config(ck, path, &cfg, err, errlen);
-    if (rc == 0) rc = ckpt_model_rule(ck, path, &bias_mult, err, errlen);
+    if (rc == 0) rc = ckpt_model_rule(ck, path, &bias_mult, &bias_logits, err, errlen);
     if (rc == 0) {
         ckpt_model_alloc(m, &cfg);
         m->bias_mult = bias_mult;
+        m->bias_logits = bias_logits;
         size_t nb = (size_t)config_n_moe(&cfg) * cfg.n_routed;
         rc = ckpt_read(ck, ckpt_sections[SEC_PARAMS].name, CKPT_F32, m->params, (uint64_t)m->lay.total * sizeof(float), err, errlen);
         if (rc == 0) rc = ckpt_read(ck, ckpt_sections[SEC_BIAS].name, CKPT_F32, m->bias, nb * sizeof(float), err, errlen);

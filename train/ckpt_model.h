@@ -18,10 +18,11 @@ typedef struct {
     float *params;    // (lay.total) in layout order
     float *bias;      // (n_moe, E) fp32 balancing biases, one row per MoE layer
     int bias_mult;    // 1: experts are selected on s * b (--gamma-rule mult), 0: on s + b
+    int bias_logits;  // 1: the bias is added to the router logits (--bias-on logits)
 } CkptModel;
 
 // Reads and checks model_config, params, bias and (when present) options, from
-// which bias_mult comes; a checkpoint without options selects on s + b, as
+// which bias_mult and bias_logits come; a checkpoint without options selects on s + b, as
 // `train_moe sample` does by default. Returns 0, or -1 with a message naming
 // the file.
 int ckpt_model_load(const char *path, CkptModel *m, char *err, size_t errlen);

@@ -64,7 +64,7 @@ typedef struct {
 
 // The architecture that represents this model exactly, or -1 with a message
 // naming the field that no architecture can represent.
-int hf_arch_for(const MoeConfig *c, int bias_mult, HfArch *arch, char *err, size_t errlen);
+int hf_arch_for(const MoeConfig *c, int bias_mult, int bias_logits, HfArch *arch, char *err, size_t errlen);
 // Every tensor of the transformers model, in model order, pointing into params
 // (lay of c) and bias (n_moe, E). *n gets the count; free the array.
 HfTensor *hf_tensors(const MoeConfig *c, HfArch arch, const ParamLayout *lay, float *params, float *bias, int *n);

@@ -190,7 +190,7 @@ int hf_export(const char *ckpt, const char *outdir, const HfExportOptions *o, Hf
     int *shard_of = NULL, rc = -1;
     HfBuf buf = { NULL, NULL };
     char why[512];
-    if (hf_arch_for(c, m.bias_mult, &arch, why, sizeof why) != 0) {
+    if (hf_arch_for(c, m.bias_mult, m.bias_logits, &arch, why, sizeof why) != 0) {
         util_set_err(err, errlen, "%s cannot be exported: %s", ckpt, why);
         goto done;
     }

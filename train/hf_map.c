@@ -14,12 +14,22 @@ static const char *hf_model_type(HfArch a) { return a == HF_GLM4_MOE ? "glm4_moe
 
 // ---------------------------------------------------------------- which architecture
 
-int hf_arch_for(const MoeConfig *c, int bias_mult, HfArch *arch, char *err, size_t errlen) {
+int hf_arch_for(const MoeConfig *c, int bias_mult, int bias_logits, HfArch *arch, char *err, size_t errlen) {
     *arch = HF_GLM4_MOE;
+    if (c->parallel_residual) {
+        util_set_err(err, errlen, "parallel_residual = 1: Glm4Moe and Ernie4_5_Moe apply the FFN to the stream after "
+                     "attention (x + attn, then + ffn), not to the layer input");
+        return -1;
+    }
     if (config_n_moe(c) == 0) return 0; // no router: every MoE setting is moot
     if (bias_mult) {
         util_set_err(err, errlen, "gamma-rule mult: the model selects experts on s * b (a multiplicative bias); "
                      "every transformers architecture adds its selection bias (s + b), so it cannot be exported");
+        return -1;
+    }
+    if (bias_logits) {
+        util_set_err(err, errlen, "bias-on logits: the model adds its selection bias to the router logits; every "
+                     "transformers architecture adds it to the affinities (s + b), so it cannot be exported");
         return -1;
     }
     if (c->gate == GATE_SIGMOID) {

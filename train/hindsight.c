@@ -207,9 +207,14 @@ static int newton(const float *s, int64_t n, int E, int K, double *b, double *Fb
         // cost per unit of imbalance far below a pass over all tokens.
         if (g1 <= (double)n / 4096.0) break;
         // So does it when Newton stops making headway (the Hessian estimate of
-        // a few tokens is poor): two iterations without a tenth off |c - C|_1.
+        // a few tokens is poor): two iterations without a tenth off |c - C|_1,
+        // once the imbalance is below n / 8 slots. Above it, slow Newton still
+        // beats the shortest paths, which shift about one slot per path: on
+        // real router scores (a few experts preferred by every token) Newton
+        // takes 20-50 slow iterations from far off, and handing over early cost
+        // thousands of paths (seconds for a few thousand tokens).
         slow = g1 > 0.9 * g1_prev ? slow + 1 : 0;
-        if (slow >= 2) break;
+        if (slow >= 2 && g1 <= (double)n / 8.0) break;
         g1_prev = g1;
         // The window: small enough to be local (a few percent of the tokens,
         // where the density of the margins is still close to its value at 0).

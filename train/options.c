@@ -26,7 +26,7 @@ typedef struct {
 
 #define OPT(n, a, t, f, d, h) { n, a, t, offsetof(TrainOptions, f), d, h }
 static const TrainOption train_options[] = {
-    OPT("config", NULL, O_STR, config, "tiny", "model preset (tiny, small, 1b, 3b) or key=value model file"),
+    OPT("config", NULL, O_STR, config, "tiny", "model preset (tiny, small, 1b, 1b-hz, 3b) or key=value model file"),
     OPT("print-config", NULL, O_FLAG, print_config, "0", "print the model, its parameter counts and FLOPs, and exit"),
     OPT("print-memory", NULL, O_FLAG, print_memory, "0", "print the device memory per rank for this model, micro-batch and --ep, the largest micro-batch that fits --gpu-mem, and exit (train_moecu; needs no GPU)"),
     OPT("gpu-mem", NULL, O_FLOAT, gpu_mem, "0", "GiB of device memory --print-memory fits micro-batches into (0: the detected GPU's, or 80 without one)"),
@@ -56,6 +56,10 @@ static const TrainOption train_options[] = {
     OPT("temperature", NULL, O_FLOAT, temperature, "1.0", "sampling temperature (0: greedy)"),
     OPT("sample-top-k", NULL, O_INT, sample_top_k, "40", "sample among the k most likely tokens (0: all)"),
     OPT("prompt", NULL, O_STR, prompt, "", "text the sample continues (empty: starts after end-of-text)"),
+    OPT("trace-router", NULL, O_STR, trace_router, "", "write a router-score trace (docs/trace.md) to this file; a resumed run continues it from its checkpoint's step"),
+    OPT("trace-every", NULL, O_INT, trace_every, "1", "trace every N-th step (steps t with t % N == 0)"),
+    OPT("trace-tokens", NULL, O_I64, trace_tokens, "0", "score rows traced per step and MoE layer: a deterministic sample of M (0: every token of every rank)"),
+    OPT("trace-bf16", NULL, O_FLAG, trace_bf16, "0", "store the traced scores as bf16 (half the size; the replay then sees rounded scores)"),
     OPT("profile", NULL, O_INT, profile, "0", "time N steps per phase after 2 warm-up steps, print the table and stop (0: off; per-phase times need train_moecu)"),
 };
 #undef OPT
@@ -128,7 +132,7 @@ static int options_load_model(TrainOptions *o, const char *v) {
     if (config_preset(&o->model, v) == 0) return 0;
     config_preset(&o->model, "tiny"); // a file sets fields on top of the tiny preset
     if (config_load_file(&o->model, v, err, sizeof err) == 0) return 0;
-    fprintf(stderr, "error: --config %s: not a preset (tiny, small, 1b, 3b), and as a file: %s\n", v, err);
+    fprintf(stderr, "error: --config %s: not a preset (tiny, small, 1b, 1b-hz, 3b), and as a file: %s\n", v, err);
     return -1;
 }
 
@@ -272,6 +276,9 @@ int options_validate(const TrainOptions *o, int world, char *err, size_t errlen)
     CHECK(o->sample_top_k >= 0, "--sample-top-k must be >= 0");
     CHECK(o->threads >= 0, "--threads must be >= 0");
     CHECK(o->profile >= 0, "--profile must be >= 0");
+    CHECK(o->trace_every >= 1, "--trace-every must be >= 1 (got %d)", o->trace_every);
+    CHECK(o->trace_tokens >= 0, "--trace-tokens must be >= 0 (0: every token)");
+    CHECK(!o->trace_router[0] || config_n_moe(&o->model) > 0, "--trace-router: the model has no MoE layer to trace");
     CHECK(o->profile == 0 || o->steps >= o->profile + TRAINER_PROFILE_WARMUP,
           "--profile %d runs %d warm-up steps first: --steps (%lld) must be at least %d", o->profile,
           TRAINER_PROFILE_WARMUP, (long long)o->steps, o->profile + TRAINER_PROFILE_WARMUP);

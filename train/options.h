@@ -59,6 +59,11 @@ typedef struct {
     float temperature;
     int sample_top_k;           // 0: sample from the whole distribution
     char prompt[OPT_PATH];      // text to continue ("" = start from end-of-text)
+    // router-score traces (train/trace.h, docs/trace.md)
+    char trace_router[OPT_PATH]; // "" = none
+    int trace_every;            // trace every N-th step
+    int64_t trace_tokens;       // rows per traced step and layer (0: every token)
+    int trace_bf16;             // store the scores as bf16
     // profiling
     int profile;                // > 0: time this many steps per phase after 2 warm-up steps, then stop
     // owned by other modules

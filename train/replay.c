@@ -30,6 +30,7 @@ int replay_source_trace(ReplaySource *src, const char *path, int allow_unfinishe
     src->trace_mult = (h->flags & TRACE_MULT) != 0;
     src->tokens = M;
     src->run_steps = h->run_steps;
+    src->updates_per_step = h->updates_per_step;
     // Records are read step by step into per-step buffers, then laid out by layer.
     int64_t cap = 64, steps = 0;
     float *by_step = xmalloc(sizeof(float) * (size_t)(cap * L * M * E)); // (cap, L, M, E)
@@ -83,6 +84,7 @@ void replay_source_stream(ReplaySource *src, const StreamConfig *c) {
     src->steps = c->steps;
     src->tokens = c->tokens;
     src->repeated = c->repeat;
+    src->updates_per_step = 1;
     int64_t L = c->n_layers, T = c->steps, N = c->tokens, E = c->E;
     src->scores = xmalloc(sizeof(float) * (size_t)(L * T * N * E));
     src->step_ids = xmalloc(sizeof(int64_t) * (size_t)T);
@@ -90,6 +92,27 @@ void replay_source_stream(ReplaySource *src, const StreamConfig *c) {
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
     for (int64_t l = 0; l < L; l++)
         for (int64_t t = 0; t < T; t++) stream_generate(c, t, (int)l, src->scores + ((l * T + t) * N) * E);
+}
+
+void replay_source_repeat_first(ReplaySource *src, int64_t steps) {
+    int L = src->n_layers, E = src->E;
+    int64_t T = src->steps, N = src->tokens;
+    float *scores = xmalloc(sizeof(float) * (size_t)(L * steps * N * E)); // (L, steps, N, E)
+    for (int l = 0; l < L; l++)
+        for (int64_t t = 0; t < steps; t++) // step 0 of layer l is at (l T) N E
+            memcpy(scores + ((l * steps + t) * N) * E, src->scores + (l * T * N) * E, sizeof(float) * (size_t)(N * E));
+    free(src->scores);
+    src->scores = scores;
+    free(src->bias); // the trace's biases belong to its own steps
+    src->bias = NULL;
+    src->step_ids = xrealloc(src->step_ids, sizeof(int64_t) * (size_t)steps);
+    for (int64_t t = 0; t < steps; t++) src->step_ids[t] = t;
+    src->steps = steps;
+    src->repeated = 1;
+    src->updates_per_step = 1;
+    src->run_steps = 0;
+    size_t len = strlen(src->name);
+    snprintf(src->name + len, sizeof(src->name) - len, ", its first step repeated");
 }
 
 void replay_source_free(ReplaySource *src) {
@@ -209,7 +232,9 @@ static void route_chunk(const ReplaySource *src, const ReplayRun *run, int64_t t
 static void finish_step(const ReplaySource *src, const ReplaySetting *setting, const ReplayOptions *opt,
                         int64_t total, int64_t t, int n_chunks, RunState *st, ReplayRun *r) {
     int L = src->n_layers, E = src->E, K = src->K;
-    int64_t step = opt->first_step + t;
+    // The schedule runs over optimizer steps; a run that updated after every
+    // micro-batch recorded updates_per_step of them per optimizer step.
+    int64_t step = (opt->first_step + t) / (src->updates_per_step > 0 ? src->updates_per_step : 1);
     const float *b = r->bias + t * L * E; // (L, E) the bias that routed step t
     double maxvio = 0.0, moved = 0.0;
     int64_t moved_slots = 0, from_over = 0, to_under = 0;
@@ -339,7 +364,7 @@ int replay_save_trace(const ReplaySource *src, const ReplaySetting *setting, con
     int L = src->n_layers, E = src->E, K = src->K;
     int64_t T = src->steps, N = src->tokens;
     int mult = balance_bias_is_multiplicative(&setting->cfg);
-    TraceHeader h = {L, E, K, (bf16 ? TRACE_BF16 : 0) | (mult ? TRACE_MULT : 0), N, N, 0, T};
+    TraceHeader h = {L, E, K, (bf16 ? TRACE_BF16 : 0) | (mult ? TRACE_MULT : 0), N, N, 0, T, src->updates_per_step};
     TraceWriter *w = trace_writer_open(path, &h, err, errlen);
     if (!w) return -1;
     int *sel = xmalloc(sizeof(int) * (size_t)(N * K));              // (N, K)

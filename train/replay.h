@@ -25,7 +25,9 @@ typedef struct {
     float *scores;      // (n_layers, steps, tokens, E): a layer's steps are contiguous
     int64_t *step_ids;  // (steps) the recorded steps (0..steps-1 for a stream)
     float *bias;        // (steps, n_layers, E) the bias that routed each step; NULL for a stream
-    int64_t run_steps;  // the traced run's total steps (0 unknown)
+    int64_t run_steps;  // the traced run's total optimizer steps (0 unknown)
+    int updates_per_step; // bias updates per optimizer step of the traced run (1; its
+                          // micro-batches with --bias-update-every micro): step_ids count updates
     int repeated;       // every step is the same batch (a --repeat stream)
 } ReplaySource;
 
@@ -34,6 +36,10 @@ typedef struct {
 int replay_source_trace(ReplaySource *src, const char *path, int allow_unfinished, int64_t max_steps,
                         char *err, size_t errlen);
 // Generates a stream (multithreaded; the same scores for any thread count).
+// The deterministic setting from a real batch: the source's first step,
+// repeated `steps` times (moe_replay --trace FILE --repeat 1 --steps N); the
+// trace's own biases are dropped (--bias-start trace then has nothing to start from).
+void replay_source_repeat_first(ReplaySource *src, int64_t steps);
 void replay_source_stream(ReplaySource *src, const StreamConfig *c);
 void replay_source_free(ReplaySource *src);
 
@@ -79,7 +85,8 @@ typedef struct {
 } ReplayRun;
 
 typedef struct {
-    int64_t first_step;  // the schedule's step of the source's first step
+    int64_t first_step;  // the source's first step, in its own units (updates); the schedule's
+                         // step of source step t is (first_step + t) / updates_per_step
     int64_t total_steps; // T for cosine / stop (<= 0: the source's steps)
     int bias_from_trace; // start from the trace's first recorded bias instead of the init value
 } ReplayOptions;

@@ -45,7 +45,8 @@ static void usage(FILE *f) {
             "  --zipf-a A[,A...]       zipf exponent(s); each gives its own zipf stream (1)\n"
             "  --drift-period P        drift: steps per cycle (200)\n"
             "  --alt-period P          adversarial: steps between flips (1)\n"
-            "  --repeat 0|1            1: every step is step 0's batch (the deterministic setting)\n"
+            "  --repeat 0|1            1: every step is step 0's batch (the deterministic setting);\n"
+            "                          with --trace: the trace's first step, --steps times\n"
             "\n"
             "Settings (each option a comma-separated list; the grid is their product):\n"
             "  --balance none|alf|alf+seqaux   (alf+seqaux replays its bias; aux and seqaux act\n"
@@ -325,6 +326,7 @@ int main(int argc, char **argv) {
                 rc = 1;
                 break;
             }
+            if (sc.repeat) replay_source_repeat_first(&src, sc.steps);
         } else {
             replay_source_stream(&src, &streams[k - n_traces]);
         }

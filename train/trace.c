@@ -50,6 +50,7 @@ float trace_bf16_to_f32(uint16_t h) {
 }
 
 static int64_t score_bytes(const TraceHeader *h) { return (h->flags & TRACE_BF16) ? 2 : 4; }
+static int updates_per_step(const TraceHeader *h) { return h->updates_per_step > 0 ? h->updates_per_step : 1; }
 static int sampled(const TraceHeader *h) { return h->sample < h->tokens_per_step; }
 
 // Bytes of one record before its checksum.
@@ -67,6 +68,7 @@ static void header_encode(const TraceHeader *h, unsigned char *p) {
     put_u32(p + 16, (uint32_t)h->n_layers);
     put_u32(p + 20, (uint32_t)h->E);
     put_u32(p + 24, (uint32_t)h->K);
+    put_u32(p + 28, (uint32_t)updates_per_step(h));
     put_u64(p + 32, (uint64_t)h->tokens_per_step);
     put_u64(p + 40, (uint64_t)h->sample);
     put_u64(p + 48, h->seed);
@@ -78,7 +80,9 @@ static void header_encode(const TraceHeader *h, unsigned char *p) {
 static const char *header_problem(const TraceHeader *h) {
     if (h->n_layers < 1) return "n_layers must be >= 1";
     if (h->E < 1 || h->K < 1 || h->K > h->E) return "needs 1 <= K <= E";
-    if (h->flags & ~(TRACE_BF16 | TRACE_MULT)) return "unknown flags";
+    if (h->flags & ~(TRACE_BF16 | TRACE_MULT | TRACE_LOGITS)) return "unknown flags";
+    if ((h->flags & TRACE_MULT) && (h->flags & TRACE_LOGITS)) return "a multiplicative bias on logits";
+    if (h->updates_per_step < 0) return "updates_per_step must be >= 1";
     if (h->tokens_per_step < 1) return "tokens_per_step must be >= 1";
     if (h->sample < 1 || h->sample > h->tokens_per_step) return "sample must be in 1..tokens_per_step";
     if (h->run_steps < 0) return "run_steps must be >= 0";
@@ -171,6 +175,29 @@ static int wfail(TraceWriter *w, const char *fmt, ...) {
     return -1;
 }
 
+// A writer around an open file positioned at its end, for header h.
+static TraceWriter *writer_new(FILE *f, const char *path, const TraceHeader *h) {
+    TraceWriter *w = xcalloc(1, sizeof(*w));
+    w->f = f;
+    snprintf(w->path, sizeof(w->path), "%s", path);
+    w->h = *h;
+    w->h.updates_per_step = updates_per_step(h);
+    w->step = -1;
+    w->last_step = INT64_MIN;
+    w->mask = xmalloc((size_t)h->tokens_per_step);
+    w->cursor = xcalloc((size_t)h->n_layers, sizeof(int64_t));
+    w->kept = xcalloc((size_t)h->n_layers, sizeof(int64_t));
+    w->rows = xmalloc(sizeof(int64_t) * (size_t)(h->n_layers * h->sample));
+    w->scores = xmalloc(sizeof(float) * (size_t)(h->n_layers * h->sample * h->E));
+    w->rec = xmalloc((size_t)record_body_bytes(h) + 8);
+    return w;
+}
+
+static void writer_free(TraceWriter *w) {
+    free(w->mask), free(w->cursor), free(w->kept), free(w->rows), free(w->scores), free(w->rec);
+    free(w);
+}
+
 TraceWriter *trace_writer_open(const char *path, const TraceHeader *h, char *err, size_t errlen) {
     const char *why = header_problem(h);
     if (why[0]) {
@@ -184,31 +211,21 @@ TraceWriter *trace_writer_open(const char *path, const TraceHeader *h, char *err
                      errno == EEXIST ? " (remove it or choose another name)" : "");
         return NULL;
     }
-    TraceWriter *w = xcalloc(1, sizeof(*w));
-    w->f = f;
-    snprintf(w->path, sizeof(w->path), "%s", path);
-    w->h = *h;
-    w->step = -1;
-    w->last_step = INT64_MIN;
-    w->mask = xmalloc((size_t)h->tokens_per_step);
-    w->cursor = xcalloc((size_t)h->n_layers, sizeof(int64_t));
-    w->kept = xcalloc((size_t)h->n_layers, sizeof(int64_t));
-    w->rows = xmalloc(sizeof(int64_t) * (size_t)(h->n_layers * h->sample));
-    w->scores = xmalloc(sizeof(float) * (size_t)(h->n_layers * h->sample * h->E));
-    w->rec = xmalloc((size_t)record_body_bytes(h) + 8);
+    TraceWriter *w = writer_new(f, path, h);
     unsigned char hb[HEADER_BYTES];
-    header_encode(h, hb);
+    header_encode(&w->h, hb);
     if (fwrite(hb, 1, HEADER_BYTES, f) != HEADER_BYTES) wfail(w, "write failed: %s", strerror(errno));
     if (w->err[0]) {
         util_set_err(err, errlen, "%s", w->err);
         fclose(f);
         remove(path);
-        free(w->mask), free(w->cursor), free(w->kept), free(w->rows), free(w->scores), free(w->rec);
-        free(w);
+        writer_free(w);
         return NULL;
     }
     return w;
 }
+
+int64_t trace_writer_steps(const TraceWriter *w) { return w->steps; }
 
 const char *trace_writer_error(const TraceWriter *w) { return w->err; }
 
@@ -326,8 +343,7 @@ int trace_writer_close(TraceWriter *w, char *err, size_t errlen) {
     if (fclose(w->f) != 0) wfail(w, "close failed: %s", strerror(errno));
     int rc = w->err[0] ? -1 : 0;
     if (rc) util_set_err(err, errlen, "%s", w->err);
-    free(w->mask), free(w->cursor), free(w->kept), free(w->rows), free(w->scores), free(w->rec);
-    free(w);
+    writer_free(w);
     return rc;
 }
 
@@ -365,18 +381,22 @@ TraceReader *trace_reader_open(const char *path, int allow_unfinished, char *err
     if (fstat(fileno(f), &st) != 0) why = "cannot stat";
     else if (fread(hb, 1, HEADER_BYTES, f) != HEADER_BYTES) why = "truncated: shorter than the 80-byte header";
     else if (memcmp(hb, TRACE_MAGIC, 8) != 0) why = "not a router-score trace (bad magic)";
-    else if (get_u32(hb + 8) != TRACE_VERSION) why = "unsupported trace version";
+    else if (get_u32(hb + 8) != 1 && get_u32(hb + 8) != TRACE_VERSION) why = "unsupported trace version";
     else if (get_u64(hb + 72) != ckpt_hash(hb, 72)) why = "corrupt header (checksum mismatch)";
     else {
+        int v1 = get_u32(hb + 8) == 1; // version 1: no logits flag, bytes 28..31 reserved (zero)
         h.flags = (int)get_u32(hb + 12);
         h.n_layers = (int)get_u32(hb + 16);
         h.E = (int)get_u32(hb + 20);
         h.K = (int)get_u32(hb + 24);
+        h.updates_per_step = v1 ? 1 : (int)get_u32(hb + 28);
         h.tokens_per_step = (int64_t)get_u64(hb + 32);
         h.sample = (int64_t)get_u64(hb + 40);
         h.seed = get_u64(hb + 48);
         h.run_steps = (int64_t)get_u64(hb + 56);
         why = header_problem(&h);
+        if (!why[0] && v1 && (h.flags & TRACE_LOGITS)) why = "unknown flags";
+        if (!why[0] && h.updates_per_step < 1) why = "updates_per_step must be >= 1";
     }
     if (why[0]) {
         util_set_err(err, errlen, "%s: %s", path, why);
@@ -545,4 +565,72 @@ int trace_next(TraceReader *r, TraceRecord *rec, char *err, size_t errlen) {
     rec->rows = r->rows;
     rec->scores = r->scores;
     return 1;
+}
+
+// ---------------------------------------------------------------- continuing
+
+// The header fields in which a and b differ, as a comma-separated list. "" if none.
+static void header_diff(const TraceHeader *a, const TraceHeader *b, char *out, size_t len) {
+    out[0] = '\0';
+    size_t pos = 0;
+#define DIFF(field, name) \
+    if (a->field != b->field && pos < len) pos += (size_t)snprintf(out + pos, len - pos, "%s%s", pos ? ", " : "", name)
+    DIFF(n_layers, "MoE layers");
+    DIFF(E, "experts");
+    DIFF(K, "top-k");
+    DIFF(flags, "flags (dtype, bias rule or bias space)");
+    DIFF(tokens_per_step, "tokens per step");
+    DIFF(sample, "sample size");
+    DIFF(seed, "sample seed");
+    DIFF(run_steps, "run length");
+    DIFF(updates_per_step, "updates per step");
+#undef DIFF
+}
+
+TraceWriter *trace_writer_resume(const char *path, const TraceHeader *h, int64_t from_step, char *err,
+                                 size_t errlen) {
+    struct stat st;
+    if (stat(path, &st) != 0 && errno == ENOENT) return trace_writer_open(path, h, err, errlen);
+    TraceHeader want = *h;
+    want.updates_per_step = updates_per_step(h);
+    const char *why = header_problem(&want);
+    if (why[0]) {
+        util_set_err(err, errlen, "%s: bad trace header: %s", path, why);
+        return NULL;
+    }
+    TraceReader *r = trace_reader_open(path, 1, err, errlen);
+    if (!r) return NULL;
+    char diff[256];
+    header_diff(&r->h, &want, diff, sizeof(diff));
+    if (diff[0]) {
+        util_set_err(err, errlen, "%s: cannot continue this trace: it differs from this run in %s (remove it or "
+                     "choose another name)", path, diff);
+        trace_reader_close(r);
+        return NULL;
+    }
+    // Whole steps before from_step stay; the file is cut after the last of them.
+    int64_t cut = HEADER_BYTES, last = INT64_MIN, records = 0, steps = 0;
+    TraceRecord rec;
+    int rc;
+    while ((rc = trace_next(r, &rec, err, errlen)) == 1 && rec.step < from_step) {
+        if (rec.layer == r->h.n_layers - 1) {
+            cut = r->pos;
+            last = rec.step;
+            records = r->records;
+            steps = r->steps;
+        }
+    }
+    trace_reader_close(r);
+    if (rc < 0) return NULL; // damaged: the message names the file; nothing was changed
+    FILE *f = fopen(path, "r+b");
+    if (!f || ftruncate(fileno(f), (off_t)cut) != 0 || fseeko(f, (off_t)cut, SEEK_SET) != 0) {
+        util_set_err(err, errlen, "%s: cannot continue the trace: %s", path, strerror(errno));
+        if (f) fclose(f);
+        return NULL;
+    }
+    TraceWriter *w = writer_new(f, path, &want);
+    w->last_step = last;
+    w->records = records;
+    w->steps = steps;
+    return w;
 }

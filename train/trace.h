@@ -11,19 +11,25 @@
 #include <stddef.h>
 #include <stdint.h>
 
-enum { TRACE_VERSION = 1 };
-enum { TRACE_BF16 = 1, TRACE_MULT = 2 }; // header flags
+enum { TRACE_VERSION = 2 }; // written; readers also accept version 1 (no logits flag, one update per step)
+enum { TRACE_BF16 = 1, TRACE_MULT = 2, TRACE_LOGITS = 4 }; // header flags
 
 typedef struct {
     int n_layers;             // MoE layers recorded per step
     int E, K;                 // routed experts, experts per token
     int flags;                // TRACE_BF16: scores stored as bf16 (else fp32);
-                              // TRACE_MULT: the run selected on s * b (else s + b)
+                              // TRACE_MULT: the run selected on s * b (else s + b);
+                              // TRACE_LOGITS: the scores are the router logits, which the
+                              // run added its bias to (else the affinities)
     int64_t tokens_per_step;  // score rows the writer is given per step and layer
     int64_t sample;           // M rows recorded per step and layer (<= tokens_per_step;
                               // equal: every row, in order)
     uint64_t seed;            // of the sample
-    int64_t run_steps;        // total steps of the run (for cosine / stop); 0 unknown
+    int64_t run_steps;        // total optimizer steps of the run (for cosine / stop); 0 unknown
+    int updates_per_step;     // bias updates per optimizer step: 1, or the micro-batches of a
+                              // step when the run updated after each (a recorded "step" is then
+                              // one update: optimizer step t, micro-batch a is t * this + a);
+                              // 0 is taken as 1
 } TraceHeader;
 
 // ---------------------------------------------------------------- writing
@@ -40,6 +46,15 @@ typedef struct TraceWriter TraceWriter;
 // Creates path (an existing file is refused, never overwritten) and writes the
 // header. NULL on error (message in err).
 TraceWriter *trace_writer_open(const char *path, const TraceHeader *h, char *err, size_t errlen);
+// Continues the trace of a resumed run: when path does not exist, as
+// trace_writer_open. Else its header must equal h (the same run settings), its
+// records are read and checked up to the first of step >= from_step, and the
+// file is cut there (the records of steps >= from_step, a cut last record and
+// the end record go: the resumed run records those steps again); writing goes
+// on from there. A file that differs from h or is damaged before from_step is
+// refused and left as it is. NULL on error (message in err).
+TraceWriter *trace_writer_resume(const char *path, const TraceHeader *h, int64_t from_step, char *err,
+                                 size_t errlen);
 int trace_begin_step(TraceWriter *w, int64_t step);
 // n rows of one layer, following the rows already added to it this step.
 int trace_add_scores(TraceWriter *w, int layer, const float *scores /* (n, E) */, int64_t n);
@@ -49,6 +64,8 @@ int trace_end_step(TraceWriter *w, const float *bias /* (n_layers, E) */,
                    const int64_t *counts /* (n_layers, E) */, int64_t n_tokens);
 // The first error, or "" if none; after an error every call returns -1.
 const char *trace_writer_error(const TraceWriter *w);
+// Steps in the file so far (those kept by trace_writer_resume included).
+int64_t trace_writer_steps(const TraceWriter *w);
 // Writes the end record, flushes, fsyncs and closes; frees w. Returns 0, or -1
 // (message in err). Closing without it leaves a trace that readers refuse
 // unless they accept unfinished traces.

@@ -24,6 +24,7 @@
 #include "ckpt_state.h"
 #include "lr.h"
 #include "profile.h"
+#include "trace.h"
 
 // ----------------------------------------------------------------------------
 // Small helpers
@@ -57,7 +58,9 @@ typedef struct {
     int64_t accum;          // micro-batches per step
     int64_t step;           // optimizer steps completed
     float *bias;            // (n_moe, E) the authoritative fp32 biases
+    float *bias_step0;      // (n_moe, E) the biases at the start of the step (updated per micro-batch: for the metrics)
     int64_t *counts;        // (n_moe, E) counts of the current step
+    int64_t *micro_counts;  // (n_moe, E) counts of one micro-batch (--bias-update-every micro)
     int *tokens, *targets;  // (B, T)
     Loader *train, *val;
     BalanceAccum eval_acc;  // counts over an evaluation pass
@@ -69,6 +72,15 @@ typedef struct {
     Tokenizer *tok;         // --tokenizer, or NULL
     BalanceConfig balance;  // the balancing policy (a sampled checkpoint's own)
     uint64_t rng;           // sampling RNG state
+    // the primal-dual quantities of the routing (docs/balance.md "In the trainers")
+    DualAccum *dual;        // (n_moe) sums of the batch routed under one bias, over ranks
+    DualStats *dstats;      // (n_moe) the step's statistics
+    int64_t *pack;          // (n_moe (1 + 4 E)) the integer sums, packed for the all-reduce
+    double *pack_f;         // (n_moe) the primal sums, packed
+    // --trace-router (train/trace.h): rank 0 writes, every rank sends its rows
+    int trace_on;           // this run traces
+    TraceWriter *trace;     // rank 0's writer
+    float *trace_rows;      // (world B T, E) one layer's rows of a micro-batch, every rank's
 } Run;
 
 // ----------------------------------------------------------------------------
@@ -395,21 +407,115 @@ typedef struct {
     BalanceMetrics bm;
 } StepResult;
 
+// The sums of one batch's primal-dual accumulators over the ranks: exact
+// integer counts, then the primal sums (the same order on every run).
+static void trainer_reduce_dual(Run *r) {
+    if (r->comm->world == 1) return;
+    int64_t per = 1 + 4 * (int64_t)r->E; // n_tokens, then counts, counts0, lost, gained
+    for (int l = 0; l < r->n_moe; l++) {
+        r->pack[l * per] = r->dual[l].n_tokens;
+        memcpy(r->pack + l * per + 1, r->dual[l].counts, sizeof(int64_t) * 4 * (size_t)r->E);
+        r->pack_f[l] = r->dual[l].primal;
+    }
+    comm_allreduce_i64(r->comm, COMM_WORLD, r->pack, (size_t)(r->n_moe * per));
+    comm_allreduce_f64(r->comm, COMM_WORLD, r->pack_f, (size_t)r->n_moe);
+    for (int l = 0; l < r->n_moe; l++) {
+        r->dual[l].n_tokens = r->pack[l * per];
+        memcpy(r->dual[l].counts, r->pack + l * per + 1, sizeof(int64_t) * 4 * (size_t)r->E);
+        r->dual[l].primal = r->pack_f[l];
+    }
+}
+
+// The statistics of the batch in r->dual under the bias that routed it
+// (r->bias, before its update), added to the step's.
+static void trainer_finish_dual(Run *r) {
+    trainer_reduce_dual(r);
+    for (int l = 0; l < r->n_moe; l++) {
+        DualStats st;
+        if (dual_finish(&r->dual[l], r->bias + (size_t)l * r->E, &st) == 0) dual_stats_add(&r->dstats[l], &st);
+        dual_accum_reset(&r->dual[l]);
+    }
+}
+
+// On a traced step, after each micro-batch: every MoE layer's scores of every
+// rank's tokens reach rank 0 (each rank's rows in its own slot of a zeroed
+// buffer, summed over the ranks: x + 0 is exact), which hands them to the
+// writer. Rows in the order micro-batch, rank, token.
+static int trainer_trace_rows(Run *r) {
+    int64_t n = (int64_t)r->o->micro_batch * r->cfg.seq_len, W = r->comm->world;
+    int rc = 0;
+    for (int l = 0; l < r->n_moe; l++) {
+        if (W > 1) memset(r->trace_rows, 0, sizeof(float) * (size_t)(W * n * r->E));
+        r->be->route_scores(r->be, l, r->trace_rows + r->comm->rank * n * r->E);
+        if (W > 1) comm_allreduce_f32(r->comm, COMM_WORLD, r->trace_rows, (size_t)(W * n * r->E));
+        if (r->main && rc == 0) rc = trace_add_scores(r->trace, l, r->trace_rows, W * n);
+    }
+    return rc;
+}
+
+// The balancing update (and a traced step's record) from counts (n_moe, E) of
+// n_tokens tokens, summed over the ranks; the routing statistics first, with
+// the bias that routed those tokens. trace_step: the record's step, or -1.
+static int trainer_balance(Run *r, const int64_t *counts, int64_t n_tokens, int64_t trace_step) {
+    const TrainOptions *o = r->o;
+    trainer_finish_dual(r);
+    if (trace_step >= 0 && r->main && trace_end_step(r->trace, r->bias, counts, n_tokens) != 0) return -1;
+    if (balance_update(&o->balance, r->step, o->steps, counts, r->n_moe, r->E, r->cfg.top_k, n_tokens,
+                       r->bias) != 0) {
+        fprintf(stderr, "error: step %lld: token counts do not sum to top_k x tokens (a counting bug)\n",
+                (long long)r->step + 1);
+        return -1;
+    }
+    r->be->set_bias(r->be, r->bias);
+    return 0;
+}
+
 static int trainer_step(Run *r, StepResult *res) {
     const TrainOptions *o = r->o;
     int B = o->micro_batch, T = r->cfg.seq_len;
     size_t nb = (size_t)r->n_moe * r->E;
+    // --bias-update-every micro: one update (and one traced record) per
+    // micro-batch, from its counts summed over the ranks.
+    int micro = r->n_moe > 0 && balance_updates_per_micro_batch(&o->balance);
+    int traced = r->trace_on && r->step % o->trace_every == 0; // the same on every rank
+    int64_t micro_tokens = (int64_t)B * T * r->comm->world;
+    int rc = 0;
+    memset(r->counts, 0, nb * sizeof(int64_t));
+    memcpy(r->bias_step0, r->bias, nb * sizeof(float));
+    for (int l = 0; l < r->n_moe; l++) memset(&r->dstats[l], 0, sizeof(DualStats));
     r->be->zero_grad(r->be);
+    if (traced) r->be->keep_scores(r->be, 1);
+    if (traced && r->main && !micro) rc = trace_begin_step(r->trace, r->step);
+    res->loss = res->aux = 0;
     for (int64_t a = 0; a < r->accum; a++) {
         if (loader_next(r->train, r->tokens, r->targets) != 0) {
             fprintf(stderr, "error: %s\n", loader_error(r->train));
             return -1;
         }
+        int64_t trace_step = traced ? (micro ? r->step * r->accum + a : r->step) : -1;
+        if (traced && r->main && micro && rc == 0) rc = trace_begin_step(r->trace, trace_step);
         // Each micro-batch's mean loss enters the step's mean as loss / accum.
         r->be->micro_batch(r->be, r->tokens, r->targets, B, T, 1, 1.0f / (float)r->accum, (double)r->accum);
+        // Traced steps read the scores of every micro-batch (a host wait each, on those steps only).
+        if (traced && trainer_trace_rows(r) != 0) rc = -1;
+        if (micro) {
+            // The micro-batch's own statistics, for its update: a host wait per micro-batch.
+            double loss, aux;
+            r->be->step_stats(r->be, r->micro_counts, &loss, &aux);
+            r->be->route_dual(r->be, r->dual);
+            comm_allreduce_i64(r->comm, COMM_WORLD, r->micro_counts, nb);
+            if (trainer_balance(r, r->micro_counts, micro_tokens, rc == 0 ? trace_step : -1) != 0) rc = -1;
+            for (size_t i = 0; i < nb; i++) r->counts[i] += r->micro_counts[i];
+            res->loss += loss;
+            res->aux += aux;
+        }
     }
-    // The step's counts and losses reach the host once, after its micro-batches.
-    r->be->step_stats(r->be, r->counts, &res->loss, &res->aux);
+    if (!micro) {
+        // The step's counts, losses and primal-dual sums reach the host once, after its micro-batches.
+        r->be->step_stats(r->be, r->counts, &res->loss, &res->aux);
+        if (r->n_moe > 0) r->be->route_dual(r->be, r->dual);
+    }
+    if (traced) r->be->keep_scores(r->be, 0);
     // One synchronisation per step: gradients averaged over the ranks, counts
     // summed as exact integers (every rank then applies the same bias update),
     // losses averaged for the log.
@@ -417,7 +523,7 @@ static int trainer_step(Run *r, StepResult *res) {
     comm_allreduce_f64(r->comm, COMM_WORLD, losses, 2);
     res->loss = losses[0] / r->comm->world;
     res->aux = losses[1] / r->comm->world;
-    comm_allreduce_i64(r->comm, COMM_WORLD, r->counts, nb);
+    if (!micro) comm_allreduce_i64(r->comm, COMM_WORLD, r->counts, nb);
     if (r->be->sync_grads) r->be->sync_grads(r->be);
     res->grad_norm = r->be->grad_norm(r->be);
     if (!isfinite(res->loss) || !isfinite(res->grad_norm)) {
@@ -430,18 +536,15 @@ static int trainer_step(Run *r, StepResult *res) {
     r->be->update(r->be, &o->adamw, res->lr, r->step + 1, mult);
 
     // Balance: metrics of the bias that routed this step, then the update,
-    // once per global batch from the counts of all its micro-batches.
+    // once per global batch from the counts of all its micro-batches (or, with
+    // micro updates, already done above; the metrics then take the bias
+    // before the step's first update).
     int64_t tokens = r->accum * (int64_t)B * T * r->comm->world;
     if (r->n_moe > 0) {
-        balance_metrics(r->counts, r->n_moe, r->E, r->cfg.top_k, tokens, r->bias, &res->bm);
+        balance_metrics(r->counts, r->n_moe, r->E, r->cfg.top_k, tokens, micro ? r->bias_step0 : r->bias,
+                        &res->bm);
         res->gamma = balance_uses_bias(&o->balance) ? balance_gamma_at(&o->balance, r->step, o->steps) : 0;
-        if (balance_update(&o->balance, r->step, o->steps, r->counts, r->n_moe, r->E, r->cfg.top_k, tokens,
-                           r->bias) != 0) {
-            fprintf(stderr, "error: step %lld: token counts do not sum to top_k x tokens (a counting bug)\n",
-                    (long long)r->step + 1);
-            return -1;
-        }
-        r->be->set_bias(r->be, r->bias);
+        if (!micro && trainer_balance(r, r->counts, tokens, traced && rc == 0 ? r->step : -1) != 0) rc = -1;
         // A cheap guard against ranks that route differently: all must hold
         // the same biases bit for bit (max and -min of a checksum agree).
         if (r->comm->world > 1) {
@@ -458,8 +561,68 @@ static int trainer_step(Run *r, StepResult *res) {
         memset(&res->bm, 0, sizeof res->bm);
         res->gamma = 0;
     }
+    // A trace that cannot be written (rank 0 only knows) stops every rank.
+    if (traced) {
+        int64_t failed = rc != 0;
+        comm_allreduce_max_i64(r->comm, COMM_WORLD, &failed, 1);
+        if (failed) {
+            if (r->main && trace_writer_error(r->trace)[0])
+                fprintf(stderr, "error: --trace-router: %s\n", trace_writer_error(r->trace));
+            return -1;
+        }
+    } else if (rc != 0) {
+        return -1;
+    }
     r->step++;
     return 0;
+}
+
+// A JSON number; null for what JSON cannot hold (NaN: nothing moved). %.17g
+// round-trips a double, so a log can be checked against a recomputation exactly.
+static void json_num(FILE *f, double v) {
+    if (isfinite(v)) fprintf(f, "%.17g", v);
+    else fprintf(f, "null");
+}
+
+// The step's primal-dual quantities (docs/balance.md "In the trainers"): per
+// MoE layer, and their mean over the layers (from_over, to_under pooled).
+static void trainer_log_dual(Run *r) {
+    FILE *f = r->log;
+    const DualStats *st = r->dstats;
+    int L = r->n_moe;
+    static const char *names[] = { "dual", "primal", "gap", "subgrad_l1", "subgrad_l2", "moved_frac" };
+    for (int k = 0; k < 6; k++) {
+        double mean = 0;
+        for (int l = 0; l < L; l++) {
+            const double v[6] = { st[l].dual, st[l].primal, st[l].gap, st[l].subgrad_l1, st[l].subgrad_l2,
+                                  st[l].moved_frac };
+            mean += v[k] / L;
+        }
+        fprintf(f, ",\"%s\":", names[k]);
+        json_num(f, mean);
+    }
+    int64_t moved = 0, over = 0, under = 0;
+    for (int l = 0; l < L; l++) {
+        moved += st[l].moved;
+        over += st[l].moved_from_over;
+        under += st[l].moved_to_under;
+    }
+    fprintf(f, ",\"from_over\":");
+    json_num(f, moved ? (double)over / (double)moved : NAN);
+    fprintf(f, ",\"to_under\":");
+    json_num(f, moved ? (double)under / (double)moved : NAN);
+    for (int k = 0; k < 5; k++) {
+        fprintf(f, ",\"%s_layers\":[", names[k]);
+        for (int l = 0; l < L; l++) {
+            const double v[5] = { st[l].dual, st[l].primal, st[l].gap, st[l].subgrad_l1, st[l].subgrad_l2 };
+            if (l) fputc(',', f);
+            json_num(f, v[k]);
+        }
+        fputc(']', f);
+    }
+    fprintf(f, ",\"moved_layers\":[");
+    for (int l = 0; l < L; l++) fprintf(f, "%s%lld", l ? "," : "", (long long)st[l].moved);
+    fputc(']', f);
 }
 
 static void trainer_log_step(Run *r, const StepResult *res, double dt, double elapsed, int64_t steps_done) {
@@ -488,6 +651,7 @@ static void trainer_log_step(Run *r, const StepResult *res, double dt, double el
     if (r->n_moe > 0) {
         fputc(',', r->log);
         balance_metrics_json_file(&res->bm, r->log);
+        trainer_log_dual(r);
         if (o->log_loads_every > 0 && (r->step % o->log_loads_every == 0 || r->step == o->steps)) {
             // Per-layer expert counts of this step: "loads":[[c_0,...,c_E-1],...]
             fprintf(r->log, ",\"loads\":[");
@@ -639,7 +803,14 @@ static int trainer_init_model(Run *r, const char *resume) {
     r->created = 1;
     size_t nb = (size_t)r->n_moe * r->E;
     r->bias = xcalloc(nb, sizeof(float));
+    r->bias_step0 = xcalloc(nb + 1, sizeof(float));
     r->counts = xcalloc(nb, sizeof(int64_t));
+    r->dual = xcalloc((size_t)r->n_moe + 1, sizeof(DualAccum));
+    r->dstats = xcalloc((size_t)r->n_moe + 1, sizeof(DualStats));
+    for (int l = 0; l < r->n_moe; l++) dual_accum_init(&r->dual[l], r->E, r->cfg.top_k, ro.bias_mult);
+    r->pack = xcalloc((size_t)r->n_moe * (1 + 4 * (size_t)r->E) + 1, sizeof(int64_t));
+    r->pack_f = xcalloc((size_t)r->n_moe + 1, sizeof(double));
+    r->micro_counts = xcalloc(nb, sizeof(int64_t));
     r->tokens = xcalloc((size_t)B * T, sizeof(int));
     r->targets = xcalloc((size_t)B * T, sizeof(int));
     if (r->n_moe > 0 && balance_accum_init(&r->eval_acc, r->n_moe, r->E, r->cfg.top_k) != 0) {
@@ -666,6 +837,43 @@ static int trainer_init_model(Run *r, const char *resume) {
         if (r->main) printf("initialised from %s\n", o->init_from);
     }
     return 0;
+}
+
+// --trace-router: rank 0 opens the trace (continues it when resuming: cut to
+// the checkpoint's step); every rank learns whether that worked. One record
+// per traced step, or per micro-batch with --bias-update-every micro.
+// Returns 0, or 1 with a message.
+static int trainer_open_trace(Run *r) {
+    const TrainOptions *o = r->o;
+    if (!o->trace_router[0]) return 0;
+    int micro = balance_updates_per_micro_batch(&o->balance);
+    int64_t rows = (int64_t)o->micro_batch * r->cfg.seq_len * r->comm->world; // one micro-batch, every rank
+    int64_t tokens_per_step = micro ? rows : rows * r->accum;
+    r->trace_rows = xcalloc((size_t)(rows * r->E), sizeof(float));
+    r->trace_on = 1;
+    int64_t failed = 0;
+    if (r->main) {
+        RouteOptions ro = balance_route_options(&o->balance);
+        TraceHeader h = { r->n_moe, r->E, r->cfg.top_k,
+                          (o->trace_bf16 ? TRACE_BF16 : 0) | (ro.bias_mult ? TRACE_MULT : 0) |
+                              (ro.bias_logits ? TRACE_LOGITS : 0),
+                          tokens_per_step, o->trace_tokens > 0 && o->trace_tokens < tokens_per_step ? o->trace_tokens
+                                                                                                  : tokens_per_step,
+                          o->seed, o->steps, micro ? (int)r->accum : 1 };
+        char err[2048];
+        int64_t ups = micro ? r->accum : 1;
+        r->trace = r->step > 0 ? trace_writer_resume(o->trace_router, &h, r->step * ups, err, sizeof err)
+                               : trace_writer_open(o->trace_router, &h, err, sizeof err);
+        if (!r->trace) {
+            fprintf(stderr, "error: --trace-router: %s\n", err);
+            failed = 1;
+        } else if (r->step > 0) {
+            printf("trace: continuing %s at step %lld (%lld recorded steps kept)\n", o->trace_router,
+                   (long long)(r->step * ups), (long long)trace_writer_steps(r->trace));
+        }
+    }
+    comm_allreduce_max_i64(r->comm, COMM_WORLD, &failed, 1);
+    return failed ? 1 : 0;
 }
 
 // 1 when `failed` is set on any rank (every rank must call it).
@@ -701,7 +909,8 @@ static int trainer_setup(Run *r) {
     if (trainer_any_failed(r, failed) || trainer_find_resume(r, resume, sizeof resume) != 0) return 1;
     failed = trainer_init_model(r, resume);
     failed |= r->main && trainer_log_header(r) != 0;
-    return trainer_any_failed(r, failed);
+    if (trainer_any_failed(r, failed)) return 1;
+    return trainer_open_trace(r);
 }
 
 // The steps, each followed by its log line, evaluation and checkpoint when
@@ -816,8 +1025,20 @@ static void trainer_teardown(Run *r) {
     loader_close(r->train);
     loader_close(r->val);
     if (r->has_eval_acc) balance_accum_free(&r->eval_acc);
+    if (r->trace) {
+        char err[1024];
+        if (trace_writer_close(r->trace, err, sizeof err) != 0) fprintf(stderr, "error: --trace-router: %s\n", err);
+    }
+    free(r->trace_rows);
+    for (int l = 0; r->dual && l < r->n_moe; l++) dual_accum_free(&r->dual[l]);
+    free(r->dual);
+    free(r->dstats);
+    free(r->pack);
+    free(r->pack_f);
+    free(r->bias_step0);
     free(r->bias);
     free(r->counts);
+    free(r->micro_counts);
     free(r->tokens);
     free(r->targets);
     if (r->created) r->be->destroy(r->be);

@@ -95,10 +95,10 @@ class Attention(nn.Module):
 class MoE(nn.Module):
     """Shared experts + top-K of E routed experts; selection by affinity + bias."""
 
-    def __init__(self, cfg, grouped):
+    def __init__(self, cfg, grouped, bias_logits=False):
         super().__init__()
         d, E, de, S = cfg["d_model"], cfg["n_routed"], cfg["d_expert"], cfg["n_shared"]
-        self.cfg, self.grouped = cfg, grouped
+        self.cfg, self.grouped, self.bias_logits = cfg, grouped, bias_logits
         self.router = nn.Linear(d, E, bias=False)
         self.shared = SwiGLU(d, S * de) if S > 0 else None
         self.experts_w13 = nn.Parameter(torch.empty(E, 2 * de, d))  # (E, 2de, d)
@@ -112,7 +112,8 @@ class MoE(nn.Module):
         E, K = c["n_routed"], c["top_k"]
         logits = self.router(x).float()                                   # (N, E)
         s = torch.sigmoid(logits) if c["gate"] == "sigmoid" else logits.softmax(dim=-1)
-        sel = torch.topk(s.detach() + self.bias, K, dim=-1).indices      # (N, K): the bias picks, never weighs
+        u = logits if self.bias_logits else s                             # (N, E) what the bias is added to
+        sel = torch.topk(u.detach() + self.bias, K, dim=-1).indices      # (N, K): the bias picks, never weighs
         gates = s.gather(1, sel)                                          # (N, K)
         if c["norm_topk"]:
             gates = gates / gates.sum(dim=-1, keepdim=True)
@@ -158,12 +159,15 @@ class Block(nn.Module):
         self.attn = Attention(cfg, opts.flash)
         self.ffn_norm = nn.RMSNorm(d, eps=eps)
         self.is_moe = layer >= cfg["n_dense"]
-        self.ffn = MoE(cfg, opts.grouped) if self.is_moe else SwiGLU(d, cfg["d_ff"])
+        self.ffn = MoE(cfg, opts.grouped, opts.bias_on == "logits") if self.is_moe else SwiGLU(d, cfg["d_ff"])
+        self.parallel = bool(cfg.get("parallel_residual", 0))  # x + attn(norm1 x) + ffn(norm2 x)
 
     def forward(self, x):
         # x (B, T, d) -> x, counts (E) or None
+        h = self.ffn_norm(x) if self.parallel else None
         x = x + self.attn(self.attn_norm(x))
-        h = self.ffn_norm(x)
+        if h is None:
+            h = self.ffn_norm(x)
         if not self.is_moe:
             return x + self.ffn(h), None
         out, counts = self.ffn(h.reshape(-1, h.shape[-1]))
@@ -376,6 +380,8 @@ def main():
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--gamma", type=float, default=1e-3, help="ALF-LB bias step (sign rule, constant)")
+    ap.add_argument("--bias-on", choices=("scores", "logits"), default="scores",
+                    help="the bias is added to the affinities (scores) or to the router logits (the trainer's --bias-on)")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--init-from", default="", help="start from this project checkpoint's parameters and biases")

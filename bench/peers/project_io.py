@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts", "reference"))
-from moe_reference import CONFIG_FIELDS, param_table  # noqa: E402  (one parameter table)
+from moe_reference import CONFIG_FIELDS, OPTIONAL_FIELDS, param_table  # noqa: E402  (one parameter table)
 
 __all__ = ["CONFIG_FIELDS", "param_table", "parse_config", "read_config_file", "Checkpoint", "read_shards"]
 
@@ -31,9 +31,9 @@ def parse_config(text, where):
     """key=value lines -> dict of every field of CONFIG_FIELDS. Other lines
     (the summary lines of --print-config: "total parameters: ...") are
     ignored; an unknown key, a bad value or a missing field is an error
-    naming `where`."""
-    kinds = dict(CONFIG_FIELDS)
-    cfg = {}
+    naming `where`. The fields added later (OPTIONAL_FIELDS) default to 0."""
+    kinds = dict(CONFIG_FIELDS + OPTIONAL_FIELDS)
+    cfg = {k: 0 for k, _ in OPTIONAL_FIELDS}
     for line in text.splitlines():
         m = re.match(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)$", line)
         if not m:

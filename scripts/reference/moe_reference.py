@@ -51,12 +51,16 @@ CONFIG_FIELDS = [
     ("norm_topk", "int"), ("route_scale", "float"), ("rms_eps", "float"),
     ("rope_theta", "float"), ("init_std", "float"), ("tie_embeddings", "int"),
 ]
+# Fields written only when they differ from the default (0), so that the
+# fixtures of the cases without them stay byte for byte what they were.
+OPTIONAL_FIELDS = [("parallel_residual", "int")]
 
 # The `tiny` preset of model/config.c.
 TINY = dict(
     vocab_size=64, d_model=32, n_layers=3, n_heads=2, seq_len=16, n_dense=1, d_ff=64,
     n_shared=2, n_routed=8, d_expert=16, top_k=2, gate="sigmoid", norm_topk=1,
     route_scale=1.0, rms_eps=1e-6, rope_theta=10000.0, init_std=0.02, tie_embeddings=0,
+    parallel_residual=0,
 )
 
 
@@ -68,7 +72,7 @@ def f32(x):
 def config_text(cfg):
     """The config as key=value lines, formatted like config_write() in C (%d, %.9g, gate name)."""
     lines = []
-    for name, kind in CONFIG_FIELDS:
+    for name, kind in CONFIG_FIELDS + [f for f in OPTIONAL_FIELDS if cfg[f[0]]]:
         v = cfg[name]
         if kind == "int":
             lines.append("%s=%d" % (name, v))
@@ -222,8 +226,11 @@ def forward(params, cfg, route, tokens, targets, bias, fixed_sel=None):
     for l in range(cfg["n_layers"]):
         p = "layers.%d." % l
         h = rmsnorm(x, P(p + "attn_norm"), eps)
+        x_in = x                                                       # (N, d) the layer's input
         x = x + attention(h, P(p + "attn.wqkv"), P(p + "attn.wo"), B, T, H, theta)
-        h = rmsnorm(x, P(p + "ffn_norm"), eps)                         # (N, d)
+        # Sequential: the FFN reads x + attn; parallel residual (GPT-NeoX,
+        # litgpt): it reads the layer's input, x + attn(norm1 x) + ffn(norm2 x).
+        h = rmsnorm(x_in if cfg["parallel_residual"] else x, P(p + "ffn_norm"), eps)  # (N, d)
         if not is_moe(cfg, l):
             x = x + swiglu(h, P(p + "ffn.w13"), P(p + "ffn.w2"))
             continue
@@ -235,9 +242,10 @@ def forward(params, cfg, route, tokens, targets, bias, fixed_sel=None):
         logits_r = torch.stack([h @ w for w in P(p + "moe.router").unbind(dim=0)], dim=1)
         s = affinities(logits_r, cfg["gate"])                           # (N, E)
         b = bias[l - cfg["n_dense"]].to(dt)                            # (E), row = MoE layer index
-        score = s * b if route["bias_mult"] else s + b
+        u = logits_r if route.get("bias_logits") else s                # what the bias is added to
+        score = u * b if route["bias_mult"] else u + b
         sel, margin, boundary, tie_order, tie_boundary = select(score.detach(), K, route.get("tie"))  # (N, K)
-        sel_nobias, margin_nb, _, _, _ = select(s.detach(), K, route.get("tie"))  # selection by s alone
+        sel_nobias, margin_nb, _, _, _ = select(u.detach(), K, route.get("tie"))  # selection by u alone
         if fixed_sel is not None:
             sel = fixed_sel[l]
         g = s.gather(1, sel)                                           # (N, K) unbiased affinities
@@ -270,7 +278,7 @@ def forward(params, cfg, route, tokens, targets, bias, fixed_sel=None):
             sn = s / s.sum(dim=1, keepdim=True)
             Pm = sn.reshape(B, T, E).mean(dim=1)                       # (B, E)
             aux = aux + route["aux_alpha"] * (f * Pm).sum(dim=1).mean()
-        info[l] = dict(s=s.detach(), sel=sel, gates=g.detach(), sel_nobias=sel_nobias,
+        info[l] = dict(s=s.detach(), u=u.detach(), sel=sel, gates=g.detach(), sel_nobias=sel_nobias,
                        margin=margin, margin_nb=margin_nb, boundary=boundary,
                        tie_order=tie_order, tie_boundary=tie_boundary, counts=counts.detach())
 
@@ -509,6 +517,8 @@ def add_header(w, cfg, route, params32, bias):
     w.add("route.bias_mult", "i32", np.int32(route["bias_mult"]))
     w.add("route.aux_kind", "i32", np.int32(route["aux_kind"]))
     w.add("route.aux_alpha", "f64", np.float64(route["aux_alpha"]))
+    if route.get("bias_logits"):  # absent: 0, the bias on the affinities
+        w.add("route.bias_logits", "i32", np.int32(1))
     for name, _, _ in param_table(cfg):
         w.add(name, "f32", params32[name])
     w.add("bias", "f32", bias)
@@ -521,14 +531,14 @@ def add_header(w, cfg, route, params32, bias):
 # bias_std: spread of the drawn bias (0: zero bias, or all ones for the
 # multiplicative rule). aux_alpha is a power of two so float32 holds it exactly.
 
-def case(name, B, T, bias_mult=0, bias_std=0.0, aux_kind=0, aux_alpha=0.0, seed=0, **over):
+def case(name, B, T, bias_mult=0, bias_std=0.0, aux_kind=0, aux_alpha=0.0, seed=0, bias_logits=0, **over):
     cfg = dict(TINY)
     cfg.update(over)
     # Every case has one designed exact tie: experts 1 and E/2 + 1 (not
     # neighbours, so the lower index is not also the nearer one).
     E = cfg["n_routed"]
     route = dict(bias_mult=bias_mult, bias_std=bias_std, aux_kind=aux_kind, aux_alpha=aux_alpha,
-                 tie=(1, E // 2 + 1))
+                 tie=(1, E // 2 + 1), bias_logits=bias_logits)
     return dict(name=name, cfg=cfg, route=route, B=B, T=T, seed=seed)
 
 
@@ -548,6 +558,12 @@ CASES = [
          top_k=1, norm_topk=0, tie_embeddings=1, **SMALL),
     case("softmax_mult_seq", 2, 8, bias_mult=1, bias_std=0.3, aux_kind=2, aux_alpha=0.125,
          seed=700, n_layers=2, n_dense=0, n_shared=1, gate="softmax", route_scale=1.5, **SMALL),
+    # Han & Zhong's 1B setup in miniature (1b-hz): parallel residual, softmax
+    # gate with normalised top-k, the bias on the router logits; a dense first layer.
+    case("parallel_logits", 2, 8, bias_std=0.3, seed=900, bias_logits=1, gate="softmax",
+         parallel_residual=1, **SMALL),
+    case("parallel_sigmoid_seq", 2, 8, bias_std=0.1, aux_kind=2, aux_alpha=0.125, seed=1000, n_layers=2,
+         n_dense=0, parallel_residual=1, **SMALL),
 ]
 
 # seed 805: seeds 800..804 leave some step's position without a clear-cut token.
@@ -631,6 +647,8 @@ def generate_case(c, outdir):
         w.add("gates.%d" % l, "f64", i["gates"])
         w.add("sel_nobias.%d" % l, "i32", i["sel_nobias"])
         w.add("affinity.%d" % l, "f64", i["s"])
+        if route.get("bias_logits"):  # what the bias is added to, when not the affinities
+            w.add("route_score.%d" % l, "f64", i["u"])
     path = os.path.join(outdir, "ref_%s.bin" % c["name"])
     size = w.write(path)
     print("%-20s seed %d  loss %.6f aux %.6f  margin %.1e (with the bias %.1e)  bias changes %d/%d "
@@ -750,6 +768,7 @@ def main():
                     "test fixtures ref_<case>.bin (format: docs/fixtures.md) and self-checks them.")
     ap.add_argument("--out", default="tests/fixtures", help="output folder (default: tests/fixtures)")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
+    ap.add_argument("--only", nargs="+", metavar="CASE", help="write only these cases (names as --list shows)")
     args = ap.parse_args()
     if args.list:
         for c in CASES:
@@ -759,9 +778,15 @@ def main():
     torch.set_num_threads(1)            # one thread: reductions in a fixed order, reproducible bytes
     torch.use_deterministic_algorithms(True)
     os.makedirs(args.out, exist_ok=True)
+    known = [c["name"] for c in CASES] + ["train"]
+    for name in args.only or []:
+        if name not in known:
+            ap.error("--only: unknown case '%s' (one of %s)" % (name, ", ".join(known)))
     for c in CASES:
-        generate_case(c, args.out)
-    generate_train(TRAIN, args.out)
+        if not args.only or c["name"] in args.only:
+            generate_case(c, args.out)
+    if not args.only or "train" in args.only:
+        generate_train(TRAIN, args.out)
     print("all self-checks passed")
 
 
