@@ -244,6 +244,29 @@ static double fixture_elem(const FixtureEntry *e, int64_t i) {
     return 0.0;
 }
 
+const FixtureEntry *fixture_need(const Fixture *f, const char *name) {
+    const FixtureEntry *e = fixture_get(f, name);
+    if (!e) {
+        fprintf(stderr, "%s: missing entry %s\n", f->path, name);
+        exit(1);
+    }
+    return e;
+}
+
+RouteOptions fixture_route_options(const Fixture *f) {
+    RouteOptions ro = { 0, AUX_NONE, 0.0f, 0 };
+    ro.bias_mult = (int)fixture_scalar(fixture_need(f, "route.bias_mult"));
+    ro.aux_kind = (int)fixture_scalar(fixture_need(f, "route.aux_kind"));
+    ro.aux_alpha = (float)fixture_scalar(fixture_need(f, "route.aux_alpha"));
+    const FixtureEntry *bl = fixture_get(f, "route.bias_logits");
+    ro.bias_logits = bl ? (int)fixture_scalar(bl) : 0;
+    return ro;
+}
+
+void fixture_route_base_name(const RouteOptions *ro, int l, char *name, size_t len) {
+    snprintf(name, len, ro->bias_logits ? "route_score.%d" : "affinity.%d", l);
+}
+
 double fixture_scalar(const FixtureEntry *e) {
     if (e->numel != 1) {
         fprintf(stderr, "fixture_scalar: entry '%s' has %lld elements, not 1\n", e->name,

@@ -9,6 +9,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "../model/route.h"
+
 typedef enum { FIX_F32 = 0, FIX_F64 = 1, FIX_I32 = 2, FIX_U8 = 3 } FixtureDtype;
 
 typedef struct {
@@ -32,6 +34,14 @@ typedef struct {
 Fixture *fixture_load(const char *path, char *err, size_t errlen);
 // The entry with this name, or NULL.
 const FixtureEntry *fixture_get(const Fixture *f, const char *name);
+// The entry with this name; exits with a message naming the file when it is missing.
+const FixtureEntry *fixture_need(const Fixture *f, const char *name);
+// The routing options a model fixture was made with (its route.* entries;
+// route.bias_logits, absent in the older files, means 0).
+RouteOptions fixture_route_options(const Fixture *f);
+// The name of the entry holding what MoE layer l's bias is added to:
+// "affinity.<l>", or "route_score.<l>" with the bias on the logits.
+void fixture_route_base_name(const RouteOptions *ro, int l, char *name, size_t len);
 // The one element of an entry with numel == 1, as a double (aborts with a
 // message for any other entry: a programming error in the caller).
 double fixture_scalar(const FixtureEntry *e);

@@ -119,18 +119,9 @@ static void to_host(void *dst, const void *src, size_t bytes) {
 // ----------------------------------------------------------------------------
 // 1, 2. Fixtures
 
-static const FixtureEntry *need(const Fixture *f, const char *name) {
-    const FixtureEntry *e = fixture_get(f, name);
-    if (!e) {
-        fprintf(stderr, "%s: missing entry %s\n", f->path, name);
-        exit(1);
-    }
-    return e;
-}
-
 // A backend holding the fixture's model: config, route options, parameters, bias.
 static void fixture_backend(Backend *be, const Fixture *f, int B, int T, MoeConfig *c, ParamLayout *lay) {
-    char err[512], *text = strdup((const char *)need(f, "config")->data);
+    char err[512], *text = strdup((const char *)fixture_need(f, "config")->data);
     config_preset(c, "tiny");
     for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
         char *eq = strchr(line, '=');
@@ -146,12 +137,7 @@ static void fixture_backend(Backend *be, const Fixture *f, int B, int T, MoeConf
         fprintf(stderr, "%s: %s\n", f->path, err);
         exit(1);
     }
-    RouteOptions ro = { 0, AUX_NONE, 0.0f, 0 };
-    ro.bias_mult = (int)fixture_scalar(need(f, "route.bias_mult"));
-    ro.aux_kind = (int)fixture_scalar(need(f, "route.aux_kind"));
-    ro.aux_alpha = (float)fixture_scalar(need(f, "route.aux_alpha"));
-    const FixtureEntry *bl = fixture_get(f, "route.bias_logits"); // absent in the older fixtures: 0
-    ro.bias_logits = bl ? (int)fixture_scalar(bl) : 0;
+    RouteOptions ro = fixture_route_options(f);
     gpu_backend_init(be);
     layout_build(lay, c);
     if (be->create(be, c, &ro, B, T) != 0) {
@@ -161,7 +147,7 @@ static void fixture_backend(Backend *be, const Fixture *f, int B, int T, MoeConf
     float *p = (float *)xmalloc(sizeof(float) * lay->total);
     for (int i = 0; i < lay->n; i++) {
         const ParamTensor *t = &lay->t[i];
-        const FixtureEntry *e = need(f, t->name);
+        const FixtureEntry *e = fixture_need(f, t->name);
         if ((int64_t)e->numel != t->numel) {
             fprintf(stderr, "%s: %s has %lld elements, the layout %lld\n", f->path, t->name, (long long)e->numel,
                     (long long)t->numel);
@@ -173,7 +159,7 @@ static void fixture_backend(Backend *be, const Fixture *f, int B, int T, MoeConf
     free(p);
     size_t nb = (size_t)config_n_moe(c) * c->n_routed;
     float *bias = (float *)xmalloc(sizeof(float) * (nb + 1));
-    if (nb) fixture_to_float(need(f, "bias"), bias);
+    if (nb) fixture_to_float(fixture_need(f, "bias"), bias);
     be->set_bias(be, bias);
     free(bias);
 }
@@ -185,22 +171,19 @@ static void check_case(const char *path) {
         fprintf(stderr, "%s\n", err);
         exit(1);
     }
-    const FixtureEntry *tok = need(f, "tokens");
+    const FixtureEntry *tok = fixture_need(f, "tokens");
     int B = (int)tok->dims[0], T = (int)tok->dims[1], N = B * T;
     Backend be;
     MoeConfig c;
     ParamLayout lay;
     fixture_backend(&be, f, B, T, &c, &lay);
     int nmoe = config_n_moe(&c), E = c.n_routed, K = c.top_k, V = c.vocab_size;
-    RouteOptions ro = { 0, AUX_NONE, 0.0f, 0 };
-    ro.bias_mult = (int)fixture_scalar(need(f, "route.bias_mult"));
-    const FixtureEntry *bl = fixture_get(f, "route.bias_logits"); // absent in the older fixtures: 0
-    ro.bias_logits = bl ? (int)fixture_scalar(bl) : 0;
+    RouteOptions ro = fixture_route_options(f);
     printf("%s (B=%d T=%d, %s, norm_topk %d, E=%d K=%d S=%d, dense %d, bias_mult %d, aux %d)\n", path, B, T,
            c.gate == GATE_SIGMOID ? "sigmoid" : "softmax", c.norm_topk, E, K, c.n_shared, c.n_dense, ro.bias_mult,
-           (int)fixture_scalar(need(f, "route.aux_kind")));
+           (int)fixture_scalar(fixture_need(f, "route.aux_kind")));
 
-    const int *tk = (const int *)tok->data, *tg = (const int *)need(f, "targets")->data;
+    const int *tk = (const int *)tok->data, *tg = (const int *)fixture_need(f, "targets")->data;
     int64_t *counts = (int64_t *)xmalloc(sizeof(int64_t) * ((size_t)nmoe * E + 1));
     double loss, aux;
     gpu_micro_batch_stats(&be, tk, tg, B, T, 0, 0.0f, counts, &loss, &aux);
@@ -210,8 +193,8 @@ static void check_case(const char *path) {
     // their designed exact tie stays exact in any precision, so a difference
     // is a bug, and everything downstream compares the same function.
     float *bias = (float *)xmalloc(sizeof(float) * ((size_t)nmoe * E + 1));
-    if (nmoe) fixture_to_float(need(f, "bias"), bias);
-    const int32_t *tie = (const int32_t *)need(f, "route.tie")->data;
+    if (nmoe) fixture_to_float(fixture_need(f, "bias"), bias);
+    const int32_t *tie = (const int32_t *)fixture_need(f, "route.tie")->data;
     int *sel = (int *)xmalloc(sizeof(int) * N * K);
     float *gates = (float *)xmalloc(sizeof(float) * N * K);
     double *aff = (double *)xmalloc(sizeof(double) * N * E), *base = (double *)xmalloc(sizeof(double) * N * E);
@@ -222,15 +205,14 @@ static void check_case(const char *path) {
         char name[64];
         gpu_debug_get_routing(&be, k, sel, gates);
         snprintf(name, sizeof name, "sel.%d", l);
-        const int *rsel = (const int *)need(f, name)->data;
+        const int *rsel = (const int *)fixture_need(f, name)->data;
         snprintf(name, sizeof name, "affinity.%d", l);
-        fixture_to_double(need(f, name), aff);
+        fixture_to_double(fixture_need(f, name), aff);
         snprintf(name, sizeof name, "gates.%d", l);
-        fixture_to_double(need(f, name), rgates);
-        // What the bias is added to: the affinities, or with the bias on the
-        // logits the router logits (stored for those fixtures only).
-        snprintf(name, sizeof name, ro.bias_logits ? "route_score.%d" : "affinity.%d", l);
-        fixture_to_double(need(f, name), base);
+        fixture_to_double(fixture_need(f, name), rgates);
+        // What the bias is added to: the affinities, or the router logits.
+        fixture_route_base_name(&ro, l, name, sizeof name);
+        fixture_to_double(fixture_need(f, name), base);
         const float *bk = bias + (size_t)k * E;
         int differ = 0, tie_set = 0;
         double gerr = 0, gmax = 0, serr = 0;
@@ -285,9 +267,9 @@ static void check_case(const char *path) {
     double *ref = (double *)xmalloc(sizeof(double) * ((size_t)N * V > (size_t)lay.total ? (size_t)N * V
                                                                                        : (size_t)lay.total));
     gpu_debug_get_logits(&be, logits);
-    fixture_to_double(need(f, "logits"), ref);
+    fixture_to_double(fixture_need(f, "logits"), ref);
     report("logits", rel_err_f(logits, ref, (int64_t)N * V), TOL_FWD, 0);
-    double rl = fixture_scalar(need(f, "loss")), ra = fixture_scalar(need(f, "aux_loss"));
+    double rl = fixture_scalar(fixture_need(f, "loss")), ra = fixture_scalar(fixture_need(f, "aux_loss"));
     report("loss", fabs(loss - rl) / fabs(rl), TOL_LOSS, 0);
     report("aux_loss", ra != 0 ? fabs(aux - ra) / fabs(ra) : fabs(aux), TOL_AUX, 0);
 
@@ -302,7 +284,7 @@ static void check_case(const char *path) {
         const ParamTensor *t = &lay.t[i];
         char name[96];
         snprintf(name, sizeof name, "grad.%s", t->name);
-        fixture_to_double(need(f, name), ref);
+        fixture_to_double(fixture_need(f, name), ref);
         int router = strstr(t->name, ".router") != NULL;
         report(name, rel_err_f(grads + t->offset, ref, t->numel), router ? TOL_GRAD_ROUTER : TOL_GRAD, 0);
     }
@@ -319,7 +301,7 @@ static void check_training(const char *path) {
         fprintf(stderr, "%s\n", err);
         exit(1);
     }
-    const FixtureEntry *toks = need(f, "train.tokens");
+    const FixtureEntry *toks = fixture_need(f, "train.tokens");
     int S = (int)toks->dims[0], B = (int)toks->dims[1], T = (int)toks->dims[2], N = B * T;
     Backend be;
     MoeConfig c;
@@ -329,29 +311,29 @@ static void check_training(const char *path) {
     size_t nb = (size_t)nmoe * E;
     AdamWConfig opt;
     adamw_config_default(&opt);
-    opt.beta1 = fixture_scalar(need(f, "train.beta1"));
-    opt.beta2 = fixture_scalar(need(f, "train.beta2"));
-    opt.eps = fixture_scalar(need(f, "train.eps"));
-    opt.weight_decay = fixture_scalar(need(f, "train.weight_decay"));
-    double lr = fixture_scalar(need(f, "train.lr")), clip = fixture_scalar(need(f, "train.clip"));
+    opt.beta1 = fixture_scalar(fixture_need(f, "train.beta1"));
+    opt.beta2 = fixture_scalar(fixture_need(f, "train.beta2"));
+    opt.eps = fixture_scalar(fixture_need(f, "train.eps"));
+    opt.weight_decay = fixture_scalar(fixture_need(f, "train.weight_decay"));
+    double lr = fixture_scalar(fixture_need(f, "train.lr")), clip = fixture_scalar(fixture_need(f, "train.clip"));
     BalanceConfig bc;
     balance_config_default(&bc);
     char gam[64];
-    snprintf(gam, sizeof gam, "%.17g", fixture_scalar(need(f, "train.gamma")));
+    snprintf(gam, sizeof gam, "%.17g", fixture_scalar(fixture_need(f, "train.gamma")));
     balance_set_option(&bc, "gamma", gam, err, sizeof err);
     float *bias = (float *)xmalloc(sizeof(float) * (nb + 1));
-    fixture_to_float(need(f, "bias"), bias);
+    fixture_to_float(fixture_need(f, "bias"), bias);
     double *losses = (double *)xmalloc(sizeof(double) * S), *norms = (double *)xmalloc(sizeof(double) * S);
-    fixture_to_double(need(f, "train.losses"), losses);
-    fixture_to_double(need(f, "train.grad_norms"), norms);
-    const int32_t *ref_counts = (const int32_t *)need(f, "train.counts")->data;
+    fixture_to_double(fixture_need(f, "train.losses"), losses);
+    fixture_to_double(fixture_need(f, "train.grad_norms"), norms);
+    const int32_t *ref_counts = (const int32_t *)fixture_need(f, "train.counts")->data;
     int64_t *counts = (int64_t *)xmalloc(sizeof(int64_t) * (nb + 1));
     double loss_err = 0, norm_err = 0;
     int counts_differ = 0, sums_ok = 1;
     printf("%s (%d steps, B=%d T=%d, lr %g, clip %g, gamma %s)\n", path, S, B, T, lr, clip, gam);
     for (int s = 0; s < S; s++) {
         const int *tk = (const int *)toks->data + (size_t)s * N;
-        const int *tg = (const int *)need(f, "train.targets")->data + (size_t)s * N;
+        const int *tg = (const int *)fixture_need(f, "train.targets")->data + (size_t)s * N;
         double loss, aux;
         be.zero_grad(&be);
         gpu_micro_batch_stats(&be, tk, tg, B, T, 1, 1.0f, counts, &loss, &aux);
@@ -386,8 +368,8 @@ static void check_training(const char *path) {
         const ParamTensor *t = &lay.t[i];
         char name[96];
         snprintf(name, sizeof name, "train.final.%s", t->name);
-        fixture_to_double(need(f, name), ref);
-        fixture_to_float(need(f, t->name), p0 + t->offset);
+        fixture_to_double(fixture_need(f, name), ref);
+        fixture_to_float(fixture_need(f, t->name), p0 + t->offset);
         for (int64_t j = 0; j < t->numel; j++) {
             double dlt = p[t->offset + j] - ref[j];
             pe = fmax(pe, fabs(dlt));
@@ -399,7 +381,7 @@ static void check_training(const char *path) {
 #ifndef ENABLE_FP32
     report("final params (RMS err / RMS change)", sqrt(se / fmax(sd, 1e-300)), TOL_TRAIN_RMS, 0);
 #endif
-    fixture_to_double(need(f, "train.final_bias"), ref);
+    fixture_to_double(fixture_need(f, "train.final_bias"), ref);
     double bmax = 0;
     for (size_t i = 0; i < nb; i++) bmax = fmax(bmax, fabs(bias[i] - ref[i]));
     report("final bias (max abs)", bmax, TOL_BIAS, 0);
@@ -433,7 +415,7 @@ typedef struct {
 static void check_aux(const char *name, int aux_kind, int B, int T, int E, int K, const float *d_s, const double *d_z,
                       const int *d_sel, const float *s, const double *z, const int *sel) {
     int N = B * T, groups = route_aux_groups(aux_kind, B), len = N / groups;
-    RouteParams rp = { E, K, GATE_SIGMOID, 1, 1.0f, 0, aux_kind, 0.01f };
+    RouteParams rp = { E, K, GATE_SIGMOID, 1, 1.0f, 0, aux_kind, 0.01f, 0 };
     double *d_aux = (double *)device_zeros(sizeof(double));
     int *d_f = (int *)device_zeros(sizeof(int) * groups * E);
     double *d_scr = (double *)device_zeros(sizeof(double) * moe_aux_scratch_doubles(B, T, E));

@@ -38,15 +38,6 @@ static void report(const char *what, double err, double tol) {
     failures += !ok;
 }
 
-static const FixtureEntry *need(const Fixture *f, const char *name) {
-    const FixtureEntry *e = fixture_get(f, name);
-    if (!e) {
-        fprintf(stderr, "%s: missing entry %s\n", f->path, name);
-        exit(1);
-    }
-    return e;
-}
-
 // max |a - ref| / max |ref| over n values.
 static double rel_err(const real *a, const double *ref, int64_t n) {
     double emax = 0, rmax = 0;
@@ -60,7 +51,7 @@ static double rel_err(const real *a, const double *ref, int64_t n) {
 // Builds the model of a fixture: config, route options, parameters, bias.
 static void load_model(Model *m, const Fixture *f, int B, int T) {
     MoeConfig c;
-    char err[512], *text = strdup((const char *)need(f, "config")->data);
+    char err[512], *text = strdup((const char *)fixture_need(f, "config")->data);
     config_preset(&c, "tiny");
     for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
         char *eq = strchr(line, '=');
@@ -76,15 +67,11 @@ static void load_model(Model *m, const Fixture *f, int B, int T) {
         exit(1);
     }
     model_create(m, &c, B, T);
-    m->route.bias_mult = (int)fixture_scalar(need(f, "route.bias_mult"));
-    m->route.aux_kind = (int)fixture_scalar(need(f, "route.aux_kind"));
-    m->route.aux_alpha = (float)fixture_scalar(need(f, "route.aux_alpha"));
-    const FixtureEntry *bl = fixture_get(f, "route.bias_logits"); // absent in the older fixtures: 0
-    m->route.bias_logits = bl ? (int)fixture_scalar(bl) : 0;
+    m->route = fixture_route_options(f);
     float *p = malloc(sizeof(float) * m->lay.total);
     for (int i = 0; i < m->lay.n; i++) {
         const ParamTensor *t = &m->lay.t[i];
-        const FixtureEntry *e = need(f, t->name);
+        const FixtureEntry *e = fixture_need(f, t->name);
         if ((int64_t)e->numel != t->numel) {
             fprintf(stderr, "%s: %s has %llu elements, the layout %lld\n", f->path, t->name,
                     (unsigned long long)e->numel, (long long)t->numel);
@@ -94,7 +81,7 @@ static void load_model(Model *m, const Fixture *f, int B, int T) {
     }
     model_set_params(m, p);
     free(p);
-    fixture_to_float(need(f, "bias"), m->bias);
+    fixture_to_float(fixture_need(f, "bias"), m->bias);
 }
 
 static void check_case(const char *path) {
@@ -104,7 +91,7 @@ static void check_case(const char *path) {
         fprintf(stderr, "%s\n", err);
         exit(1);
     }
-    const FixtureEntry *tok = need(f, "tokens");
+    const FixtureEntry *tok = fixture_need(f, "tokens");
     int B = (int)tok->dims[0], T = (int)tok->dims[1], N = B * T;
     Model m;
     load_model(&m, f, B, T);
@@ -114,29 +101,29 @@ static void check_case(const char *path) {
            c->n_dense, m.route.bias_mult, m.route.aux_kind);
     int *tk = malloc(sizeof(int) * N), *tg = malloc(sizeof(int) * N);
     memcpy(tk, tok->data, sizeof(int) * N);
-    memcpy(tg, need(f, "targets")->data, sizeof(int) * N);
+    memcpy(tg, fixture_need(f, "targets")->data, sizeof(int) * N);
     model_forward(&m, tk, NULL, B, T); // logits before they become probabilities
     double *ref = malloc(sizeof(double) * (size_t)N * c->vocab_size + sizeof(double) * m.lay.total);
-    fixture_to_double(need(f, "logits"), ref);
+    fixture_to_double(fixture_need(f, "logits"), ref);
     report("logits", rel_err(m.logits, ref, (int64_t)N * c->vocab_size), TOL_FWD);
     model_forward(&m, tk, tg, B, T);
-    double rl = fixture_scalar(need(f, "loss")), ra = fixture_scalar(need(f, "aux_loss"));
+    double rl = fixture_scalar(fixture_need(f, "loss")), ra = fixture_scalar(fixture_need(f, "aux_loss"));
     report("loss", fabs(m.loss - rl) / fabs(rl), TOL_LOSS);
     report("aux_loss", ra != 0 ? fabs(m.aux_loss - ra) / fabs(ra) : fabs(m.aux_loss), TOL_LOSS * 10);
     // The fixture's designed exact tie (docs/fixtures.md): the tokens whose
     // selection or order only the tie rule (lower index first) decides.
-    const int32_t *tie = (const int32_t *)need(f, "route.tie")->data;
+    const int32_t *tie = (const int32_t *)fixture_need(f, "route.tie")->data;
     double *aff = malloc(sizeof(double) * N * c->n_routed);
     for (int l = c->n_dense; l < c->n_layers; l++) {
         char name[64];
         const MoeActs *a = &m.layer[l].moe;
         snprintf(name, sizeof name, "sel.%d", l);
-        int same = memcmp(a->sel, need(f, name)->data, sizeof(int) * N * c->top_k) == 0;
+        int same = memcmp(a->sel, fixture_need(f, name)->data, sizeof(int) * N * c->top_k) == 0;
         snprintf(name, sizeof name, "sel_nobias.%d", l);
-        int moved = memcmp(a->sel, need(f, name)->data, sizeof(int) * N * c->top_k) != 0;
+        int moved = memcmp(a->sel, fixture_need(f, name)->data, sizeof(int) * N * c->top_k) != 0;
         // What the bias is added to: the affinities, or the router logits.
-        snprintf(name, sizeof name, m.route.bias_logits ? "route_score.%d" : "affinity.%d", l);
-        fixture_to_double(need(f, name), aff);
+        fixture_route_base_name(&m.route, l, name, sizeof name);
+        fixture_to_double(fixture_need(f, name), aff);
         int tie_set = 0, tie_order = 0;
         for (int t = 0; t < N; t++) {
             int kind;
@@ -150,7 +137,7 @@ static void check_case(const char *path) {
                tie[0], tie[1], tie_set, tie_order);
         failures += !same;
         snprintf(name, sizeof name, "gates.%d", l);
-        fixture_to_double(need(f, name), ref);
+        fixture_to_double(fixture_need(f, name), ref);
         snprintf(name, sizeof name, "layer %d gates", l);
         report(name, rel_err(a->gates, ref, (int64_t)N * c->top_k), TOL_FWD);
     }
@@ -161,7 +148,7 @@ static void check_case(const char *path) {
         const ParamTensor *t = &m.lay.t[i];
         char name[96];
         snprintf(name, sizeof name, "grad.%s", t->name);
-        fixture_to_double(need(f, name), ref);
+        fixture_to_double(fixture_need(f, name), ref);
         report(name + 5, rel_err(m.grads + t->offset, ref, t->numel), TOL_GRAD);
     }
     free(ref);
@@ -181,7 +168,7 @@ static void check_training(const char *path) {
         fprintf(stderr, "%s\n", err);
         exit(1);
     }
-    const FixtureEntry *toks = need(f, "train.tokens");
+    const FixtureEntry *toks = fixture_need(f, "train.tokens");
     int S = (int)toks->dims[0], B = (int)toks->dims[1], T = (int)toks->dims[2], N = B * T;
     Model m;
     load_model(&m, f, B, T);
@@ -189,30 +176,30 @@ static void check_training(const char *path) {
     int nmoe = config_n_moe(c), E = c->n_routed;
     AdamWConfig opt;
     adamw_config_default(&opt);
-    opt.beta1 = fixture_scalar(need(f, "train.beta1"));
-    opt.beta2 = fixture_scalar(need(f, "train.beta2"));
-    opt.eps = fixture_scalar(need(f, "train.eps"));
-    opt.weight_decay = fixture_scalar(need(f, "train.weight_decay"));
-    double lr = fixture_scalar(need(f, "train.lr")), clip = fixture_scalar(need(f, "train.clip"));
+    opt.beta1 = fixture_scalar(fixture_need(f, "train.beta1"));
+    opt.beta2 = fixture_scalar(fixture_need(f, "train.beta2"));
+    opt.eps = fixture_scalar(fixture_need(f, "train.eps"));
+    opt.weight_decay = fixture_scalar(fixture_need(f, "train.weight_decay"));
+    double lr = fixture_scalar(fixture_need(f, "train.lr")), clip = fixture_scalar(fixture_need(f, "train.clip"));
     BalanceConfig bc;
     balance_config_default(&bc); // alf, sign rule, constant schedule
     char gam[64];
-    snprintf(gam, sizeof gam, "%.17g", fixture_scalar(need(f, "train.gamma")));
+    snprintf(gam, sizeof gam, "%.17g", fixture_scalar(fixture_need(f, "train.gamma")));
     balance_set_option(&bc, "gamma", gam, err, sizeof err);
     DecayRanges dr;
     decay_ranges_from_layout(&dr, &m.lay);
     int64_t n = m.lay.total;
     float *mom = calloc(n, sizeof(float)), *vel = calloc(n, sizeof(float));
     double *losses = malloc(sizeof(double) * S), *norms = malloc(sizeof(double) * S);
-    fixture_to_double(need(f, "train.losses"), losses);
-    fixture_to_double(need(f, "train.grad_norms"), norms);
-    const int32_t *ref_counts = (const int32_t *)need(f, "train.counts")->data;
+    fixture_to_double(fixture_need(f, "train.losses"), losses);
+    fixture_to_double(fixture_need(f, "train.grad_norms"), norms);
+    const int32_t *ref_counts = (const int32_t *)fixture_need(f, "train.counts")->data;
     double loss_err = 0, norm_err = 0;
     int counts_same = 1;
     printf("%s (%d steps, B=%d T=%d, lr %g, clip %g, gamma %s)\n", path, S, B, T, lr, clip, gam);
     for (int s = 0; s < S; s++) {
         const int *tk = (const int *)toks->data + (size_t)s * N;
-        const int *tg = (const int *)need(f, "train.targets")->data + (size_t)s * N;
+        const int *tg = (const int *)fixture_need(f, "train.targets")->data + (size_t)s * N;
         model_forward(&m, tk, tg, B, T);
         model_zero_grad(&m);
         model_backward(&m, 1);
@@ -233,11 +220,11 @@ static void check_training(const char *path) {
         const ParamTensor *t = &m.lay.t[i];
         char name[96];
         snprintf(name, sizeof name, "train.final.%s", t->name);
-        fixture_to_double(need(f, name), ref);
+        fixture_to_double(fixture_need(f, name), ref);
         for (int64_t j = 0; j < t->numel; j++) pe = fmax(pe, fabs(m.params[t->offset + j] - ref[j]));
     }
     report("final parameters (max abs)", pe, TOL_TRAIN);
-    fixture_to_double(need(f, "train.final_bias"), ref);
+    fixture_to_double(fixture_need(f, "train.final_bias"), ref);
     double be = 0;
     for (int i = 0; i < nmoe * E; i++) be = fmax(be, fabs(m.bias[i] - ref[i]));
     report("final bias (max abs)", be, 1e-6);
