@@ -84,7 +84,7 @@ extern "C" {
 #include "kernels/gradnorm.cuh"     // defines: gradnorm_sumsq
 #include "kernels/grouped_gemm.cuh" // defines: GroupedGemm, grouped_matmul_* (cuBLAS), grouped_dev_* (device offsets)
 #include "kernels/matmul.cuh"       // defines: Matmul (cuBLASLt plans), matmul_forward / _backward_*
-#include "kernels/permute.cuh"      // defines: moe_permute, moe_gather, moe_combine_*, moe_scatter
+#include "kernels/permute.cuh"      // defines: moe_permute (with the gather), moe_combine_*, moe_scatter
 #include "kernels/profiler.cuh"     // defines: GpuProfiler (--profile: per-phase CUDA events)
 #include "kernels/rmsnorm.cuh"      // defines: rmsnorm_forward, rmsnorm_backward
 #include "kernels/routing.cuh"      // defines: moe_route, moe_aux_forward, moe_route_backward
@@ -963,14 +963,17 @@ static void gpu_moe_forward(GpuModel *gm, int l, int moe_idx, int B, int T, floa
     moe_route(la->s, la->zsum, la->sel, la->gates, la->counts, gm->bias + (size_t)moe_idx * E, N, &rp, &dual, st);
     // The primal-dual parts join the step's statistics (stats_accumulate).
     PHASE(PH_PERMUTE);
-    moe_permute(la->offsets, la->row_of, la->slot_of, gm->perm_scratch, la->sel, la->counts, NK, E, st);
+    // The permutation gathers the rows in expert order as it places them: into
+    // the send buffer under expert parallelism, else the experts' input.
+    moe_permute(la->offsets, la->row_of, la->slot_of, gm->perm_scratch, la->sel, la->counts, NK, E,
+                gm->exchange ? gm->xs : la->xe, la->h2, K, d, st);
     const GpuComm *rk = &gm->ranks;
     const EpShard *ep = &gm->shard;
     size_t rb = sizeof(floatX) * d; // bytes per row
     if (gm->exchange) {
-        // This rank's rows in expert order (the rows of EP rank p's experts are
-        // contiguous), and every expert's count to the rank that holds it.
-        moe_gather(gm->xs, la->h2, la->slot_of, NK, K, d, st);
+        // gm->xs holds this rank's rows in expert order (the rows of EP rank p's
+        // experts are contiguous); every expert's count goes to the rank that
+        // holds it.
         rk->alltoall_i32(rk->ctx, la->counts, la->recv_cnt, ep->n_local, st);
         CUDA_CHECK(cudaMemcpyAsync(la->h_recv_cnt, la->recv_cnt, sizeof(int) * E, cudaMemcpyDeviceToHost, st));
     }
@@ -1014,8 +1017,7 @@ static void gpu_moe_forward(GpuModel *gm, int l, int moe_idx, int B, int T, floa
         rk->alltoallv(rk->ctx, gm->xs, la->send_rows, gm->xr, la->recv_rows, rb, st);
         moe_rows_gather(la->xe, gm->xr, la->exp_src, R, rb, st);
     } else {
-        la->R = NK;
-        moe_gather(la->xe, la->h2, la->slot_of, NK, K, d, st);
+        la->R = NK; // la->xe was filled by moe_permute
     }
 
     // This rank's routed experts; their outputs back to received order and to

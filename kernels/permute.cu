@@ -61,9 +61,19 @@ static __global__ void permute_scan_kernel(int *offsets, int *chunk_base, int *c
 // (3) grid = chunks, block = PERMUTE_CHUNK. Block 0 also writes offsets[E]:
 // NK when every expert got from the chunks the rows its count promised, -1
 // otherwise (the counts disagree with sel: a bug upstream).
+//
+// The block then gathers the rows it placed: xe[row] = h[slot / K]
+// for its PERMUTE_CHUNK slots. Fusing the gather here saves a launch and a
+// pass over slot_of, and the block already holds its slots' rows (in shared
+// memory). Each of the chunk's rows is copied by consecutive threads, one
+// group of VEC_X columns each (kernels/vec.cuh), so reads of h and writes of
+// xe are row-contiguous.
+template <bool ALIGNED>
 static __global__ void permute_place_kernel(int *row_of, int *slot_of, int *offsets, const int *chunk_base,
-                                            const int *colsum, const int *counts, const int *sel, int NK, int E) {
+                                            const int *colsum, const int *counts, const int *sel, int NK, int E,
+                                            floatX *xe, const floatX *h, int K, int d) {
     __shared__ int s_sel[PERMUTE_CHUNK];
+    __shared__ int s_row[PERMUTE_CHUNK];
     if (blockIdx.x == 0) {
         int bad = 0;
         for (int x = threadIdx.x; x < E; x += blockDim.x) bad += colsum[x] != counts[x];
@@ -72,56 +82,47 @@ static __global__ void permute_place_kernel(int *row_of, int *slot_of, int *offs
         __syncthreads(); // every thread has the total before s_sel is reused
         if (threadIdx.x == 0) offsets[E] = n_bad ? -1 : NK;
     }
-    int64_t i = (int64_t)blockIdx.x * PERMUTE_CHUNK + threadIdx.x;
+    int64_t i0 = (int64_t)blockIdx.x * PERMUTE_CHUNK, i = i0 + threadIdx.x;
     int e = i < NK ? sel[i] : -1;
     s_sel[threadIdx.x] = e;
     __syncthreads();
-    if (i >= NK) return;
-    int rank = 0;
-    for (int j = 0; j < (int)threadIdx.x; j++) rank += s_sel[j] == e;
-    int row = chunk_base[(int64_t)blockIdx.x * E + e] + rank;
-    row_of[i] = row;
-    slot_of[row] = (int)i;
+    if (i < NK) {
+        int rank = 0;
+        for (int j = 0; j < (int)threadIdx.x; j++) rank += s_sel[j] == e;
+        int row = chunk_base[(int64_t)blockIdx.x * E + e] + rank;
+        row_of[i] = row;
+        slot_of[row] = (int)i;
+        s_row[threadIdx.x] = row;
+    }
+    __syncthreads(); // s_row complete
+    int n = (int)min((int64_t)PERMUTE_CHUNK, (int64_t)NK - i0); // slots of this chunk
+    int groups = (d + VEC_X - 1) / VEC_X;
+    for (int idx = threadIdx.x; idx < n * groups; idx += blockDim.x) {
+        int j = idx / groups, c = (idx % groups) * VEC_X;
+        vec_copy<ALIGNED, VEC_X>(xe + (int64_t)s_row[j] * d + c, h + ((i0 + j) / K) * d + c, d - c);
+    }
 }
 
 void moe_permute(int *offsets, int *row_of, int *slot_of, int *scratch, const int *sel, const int *counts, int NK,
-                 int E, cudaStream_t stream) {
+                 int E, floatX *xe, const floatX *h, int K, int d, cudaStream_t stream) {
     int nchunks = (int)cdiv_u(NK, PERMUTE_CHUNK);
     int *chunk_base = scratch, *colsum = scratch + (size_t)nchunks * E; // (nchunks, E), (E)
     permute_hist_kernel<<<nchunks, PERMUTE_CHUNK, sizeof(int) * E, stream>>>(chunk_base, sel, NK, E);
     KERNEL_CHECK();
     permute_scan_kernel<<<E, PERMUTE_SCAN_THREADS, 0, stream>>>(offsets, chunk_base, colsum, counts, E, nchunks);
     KERNEL_CHECK();
-    permute_place_kernel<<<nchunks, PERMUTE_CHUNK, 0, stream>>>(row_of, slot_of, offsets, chunk_base, colsum, counts,
-                                                                sel, NK, E);
+    if (vec_path(d % VEC_X == 0, xe, h))
+        permute_place_kernel<true><<<nchunks, PERMUTE_CHUNK, 0, stream>>>(row_of, slot_of, offsets, chunk_base,
+                                                                          colsum, counts, sel, NK, E, xe, h, K, d);
+    else
+        permute_place_kernel<false><<<nchunks, PERMUTE_CHUNK, 0, stream>>>(row_of, slot_of, offsets, chunk_base,
+                                                                           colsum, counts, sel, NK, E, xe, h, K, d);
     KERNEL_CHECK();
 }
 
 // The row kernels below give each thread a group of VEC_X consecutive
 // columns of one row (kernels/vec.cuh): 16-byte accesses when d is a whole
 // number of groups and the arrays are aligned.
-
-// One thread per (row, group).
-template <bool ALIGNED>
-static __global__ void moe_gather_kernel(floatX *xe, const floatX *h, const int *slot_of, int NK, int K, int d) {
-    int groups = (d + VEC_X - 1) / VEC_X;
-    int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (int64_t)NK * groups) return;
-    int64_t r = idx / groups;
-    int c = (int)(idx % groups) * VEC_X;
-    vec_copy<ALIGNED, VEC_X>(xe + r * d + c, h + (int64_t)(slot_of[r] / K) * d + c, d - c);
-}
-
-void moe_gather(floatX *xe, const floatX *h, const int *slot_of, int NK, int K, int d, cudaStream_t stream) {
-    if (NK == 0) return;
-    const int threads = 256;
-    unsigned int blocks = cdiv_u((int64_t)NK * cdiv_u(d, VEC_X), threads);
-    if (vec_path(d % VEC_X == 0, xe, h))
-        moe_gather_kernel<true><<<blocks, threads, 0, stream>>>(xe, h, slot_of, NK, K, d);
-    else
-        moe_gather_kernel<false><<<blocks, threads, 0, stream>>>(xe, h, slot_of, NK, K, d);
-    KERNEL_CHECK();
-}
 
 // One thread per (token, group): the K gated rows added in slot order.
 template <bool ALIGNED>

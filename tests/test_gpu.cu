@@ -655,7 +655,11 @@ static void test_permute_case(const char *name, int N, int E, int K, int kind, u
     int *d_off = (int *)device_zeros(sizeof(int) * (E + 1)), *d_row = (int *)device_zeros(sizeof(int) * NK);
     int *d_slot = (int *)device_zeros(sizeof(int) * NK);
     int *d_scr = (int *)device_zeros(sizeof(int) * moe_permute_scratch_ints(NK, E));
-    moe_permute(d_off, d_row, d_slot, d_scr, d_sel, d_counts, NK, E, 0);
+    floatX *h = (floatX *)xmalloc(sizeof(floatX) * N * d);
+    for (int i = 0; i < N * d; i++) h[i] = to_x((float)rng_normal(&rng));
+    floatX *d_h = (floatX *)to_device(h, sizeof(floatX) * N * d);
+    floatX *d_xe = (floatX *)device_zeros(sizeof(floatX) * NK * d);
+    moe_permute(d_off, d_row, d_slot, d_scr, d_sel, d_counts, NK, E, d_xe, d_h, K, d, 0);
     int *off = (int *)xmalloc(sizeof(int) * (E + 1)), *row = (int *)xmalloc(sizeof(int) * NK);
     int *slot = (int *)xmalloc(sizeof(int) * NK);
     to_host(off, d_off, sizeof(int) * (E + 1));
@@ -668,23 +672,22 @@ static void test_permute_case(const char *name, int N, int E, int K, int kind, u
     report_bool("row_of (stable by token)", memcmp(row, c_row, sizeof(int) * NK) == 0, "");
     report_bool("slot_of", memcmp(slot, c_slot, sizeof(int) * NK) == 0, "");
 
-    // Gather, combine, scatter on random data, against the same loops on the CPU.
-    floatX *h = (floatX *)xmalloc(sizeof(floatX) * N * d), *eout = (floatX *)xmalloc(sizeof(floatX) * NK * d);
+    // The gather (by the permutation), combine, scatter on random data, against
+    // the same loops on the CPU.
+    floatX *eout = (floatX *)xmalloc(sizeof(floatX) * NK * d);
     float *gates = (float *)xmalloc(sizeof(float) * NK), *out0 = (float *)xmalloc(sizeof(float) * N * d);
     float *dout = (float *)xmalloc(sizeof(float) * N * d);
     for (int i = 0; i < N * d; i++) {
-        h[i] = to_x((float)rng_normal(&rng));
         out0[i] = (float)rng_normal(&rng);
         dout[i] = (float)rng_normal(&rng);
     }
     for (int i = 0; i < NK * d; i++) eout[i] = to_x((float)rng_normal(&rng));
     for (int i = 0; i < NK; i++) gates[i] = (float)rng_uniform(&rng);
-    floatX *d_h = (floatX *)to_device(h, sizeof(floatX) * N * d), *d_eout = (floatX *)to_device(eout, sizeof(floatX) * NK * d);
+    floatX *d_eout = (floatX *)to_device(eout, sizeof(floatX) * NK * d);
     float *d_gates = (float *)to_device(gates, sizeof(float) * NK), *d_out = (float *)to_device(out0, sizeof(float) * N * d);
     float *d_dout = (float *)to_device(dout, sizeof(float) * N * d);
-    floatX *d_xe = (floatX *)device_zeros(sizeof(floatX) * NK * d), *d_deout = (floatX *)device_zeros(sizeof(floatX) * NK * d);
+    floatX *d_deout = (floatX *)device_zeros(sizeof(floatX) * NK * d);
     float *d_dgates = (float *)device_zeros(sizeof(float) * NK), *d_dh = (float *)device_zeros(sizeof(float) * N * d);
-    moe_gather(d_xe, d_h, d_slot, NK, K, d, 0);
     moe_combine_forward(d_out, d_eout, d_gates, d_row, N, K, d, 0);
     moe_combine_backward(d_deout, d_dgates, d_dout, d_eout, d_gates, d_row, N, K, d, 0);
     moe_scatter(d_dh, d_eout, d_row, N, K, d, 0); // eout stands in for dxe: any (NK, d) rows do

@@ -313,10 +313,8 @@ static void test_permute_rows(int N, int K, int d, uint64_t seed) {
     for (int i = 0; i < NK; i++) gates[i] = (float)rng_uniform(&rng);
 
     // The oracles, in double.
-    std::vector<double> xe_ref((size_t)NK * d), out_ref = to_d(out0), dh_ref((size_t)N * d, 0.0);
+    std::vector<double> out_ref = to_d(out0), dh_ref((size_t)N * d, 0.0);
     std::vector<double> deout_ref((size_t)NK * d), dg_ref((size_t)NK, 0.0);
-    for (int r = 0; r < NK; r++)
-        for (int c = 0; c < d; c++) xe_ref[(size_t)r * d + c] = host_to_d(h[(size_t)(slot_of[r] / K) * d + c]);
     for (int t = 0; t < N; t++)
         for (int j = 0; j < K; j++) {
             size_t slot = (size_t)t * K + j, r = row_of[slot];
@@ -331,12 +329,30 @@ static void test_permute_rows(int N, int K, int d, uint64_t seed) {
     int whole = d % VEC_X == 0;
     int64_t Nd = (int64_t)N * d, NKd = (int64_t)NK * d;
 
+    // The gather is done by moe_permute as it places the slots, so it runs on
+    // a routing: random experts for the slots, their counts, and the stable
+    // counting sort (model/moe.c's order) for the oracle's rows.
+    const int E = 7;
+    std::vector<int> sel((size_t)NK), counts(E, 0), first(E + 1, 0), sorted_slot((size_t)NK);
+    for (int i = 0; i < NK; i++) {
+        sel[i] = (int)(rng_u64(&rng) % (uint64_t)(E - 1)); // expert E - 1 keeps no row
+        counts[sel[i]]++;
+    }
+    for (int e = 0; e < E; e++) first[e + 1] = first[e] + counts[e];
+    for (int i = 0; i < NK; i++) sorted_slot[first[sel[i]]++] = i;
+    std::vector<double> xe_ref((size_t)NK * d);
+    for (int r = 0; r < NK; r++)
+        for (int c = 0; c < d; c++) xe_ref[(size_t)r * d + c] = host_to_d(h[(size_t)(sorted_slot[r] / K) * d + c]);
     static const char *const gather_names[] = { "xe unaligned", "h unaligned" };
     FOR_SHIFTS(2, s) {
-        printf("moe_gather: N=%d K=%d d=%d, %s\n", N, K, d, shift_name(gather_names, s));
+        printf("moe_permute's gather: N=%d K=%d d=%d E=%d, %s\n", N, K, d, E, shift_name(gather_names, s));
         std::vector<double> r = both_paths(whole && s < 0, [&](std::vector<double> &out) {
             floatX *xe = dev_array<floatX>(NULL, NKd, SHIFT(0, s));
-            moe_gather(xe, dev_array(h.data(), Nd, SHIFT(1, s)), dev_array(slot_of.data(), NK, 0), NK, K, d, 0);
+            int *offsets = dev_array<int>(NULL, E + 1, 0), *rows = dev_array<int>(NULL, NK, 0);
+            int *slots = dev_array<int>(NULL, NK, 0);
+            int *scratch = dev_array<int>(NULL, (int64_t)moe_permute_scratch_ints(NK, E), 0);
+            moe_permute(offsets, rows, slots, scratch, dev_array(sel.data(), NK, 0), dev_array(counts.data(), E, 0),
+                        NK, E, xe, dev_array(h.data(), Nd, SHIFT(1, s)), K, d, 0);
             append(out, xe, NKd);
             dev_free_all();
         });
@@ -547,6 +563,7 @@ int main(void) {
     test_classifier(2, 32064, 10);
     test_permute_rows(37, 3, 72, 11);
     test_permute_rows(20, 2, 13, 12);
+    test_permute_rows(300, 2, 24, 13); // 600 slots: three chunks of the permutation
     test_convert(1003, 13);
     test_convert(1024, 14);
     test_adamw(1003, 0, 1, 1.0f, 15);
