@@ -1376,11 +1376,14 @@ static void gpu_route_dual(Backend *be, DualAccum *dual) {
 
 // On traced steps the routing kernels also write the scores the bias is
 // added to (the logits are gone after the routing, the affinities after the
-// next forward); the buffer is made on the first traced step.
+// next forward); the buffer is made on the first traced step (and counted
+// by --print-memory when the run traces).
 static void gpu_keep_scores(Backend *be, int keep) {
     GpuModel *gm = gpu_model(be);
-    if (keep && !gm->kept && gm->n_moe > 0)
-        gm->kept = DEV(float, (size_t)gm->n_moe * gm->maxB * gm->maxT * gm->cfg.n_routed);
+    if (keep && !gm->kept && gm->n_moe > 0) {
+        gm->category = MEM_ACTIVATIONS;
+        gm->kept = DEV(float, (size_t)gm->n_moe * gm->maxB * gm->maxT * gm->cfg.n_routed); // (n_moe, N, E)
+    }
     gm->keep_scores = keep;
 }
 
@@ -1501,6 +1504,7 @@ static int gpu_plan_memory(Backend *be, const MoeConfig *c, const RouteOptions *
         gpu_alloc_activations(gm);
         gpu_alloc_scratch(gm);
         gpu_upload_constants(gm);
+        if (be->opts && be->opts->trace_router[0]) gpu_keep_scores(&dry, 1); // the traced scores' buffer
         memcpy(plan->bytes, gm->bytes, sizeof plan->bytes);
     }
     gpu_destroy(&dry);

@@ -988,9 +988,10 @@ static void test_memory_plan(void) {
     printf("memory plan (--print-memory) vs the allocations of create:\n");
     // E, K, shared experts, d_expert, --grouped-gemm cublas (the cuBLAS path's
     // staging instead of the device kernels: asked for, or d_expert 12, which
-    // the device kernels do not take)
-    const int cases[][5] = { { 8, 2, 2, 16, 0 }, { 16, 1, 0, 16, 0 }, { 8, 4, 1, 16, 0 }, { 8, 2, 1, 12, 0 },
-                             { 8, 2, 1, 16, 1 } };
+    // the device kernels do not take), --trace-router (the traced scores'
+    // buffer, made on the first traced step)
+    const int cases[][6] = { { 8, 2, 2, 16, 0, 0 }, { 16, 1, 0, 16, 0, 0 }, { 8, 4, 1, 16, 0, 0 },
+                             { 8, 2, 1, 12, 0, 0 }, { 8, 2, 1, 16, 1, 0 }, { 8, 2, 1, 16, 0, 1 } };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         MoeConfig c = gpu_test_config(cases[i][0], cases[i][1], GATE_SIGMOID, cases[i][2]);
         c.d_expert = cases[i][3];
@@ -1000,17 +1001,20 @@ static void test_memory_plan(void) {
         TrainOptions o;
         options_default(&o);
         if (cases[i][4]) snprintf(o.grouped_gemm, sizeof o.grouped_gemm, "cublas");
+        if (cases[i][5]) snprintf(o.trace_router, sizeof o.trace_router, "trace.bin"); // only its being set counts
         be.opts = &o;
         MemoryPlan plan;
         int B = 3, T = c.seq_len;
         int planned = be.plan_memory(&be, &c, &ro, B, T, 1, &plan) == 0;
         size_t actual[MEM_COUNT] = { 0 };
         int created = be.create(&be, &c, &ro, B, T) == 0;
+        if (created && cases[i][5]) be.keep_scores(&be, 1); // what the first traced step does
         if (created) gpu_debug_memory(&be, actual);
         char detail[256];
         int same = planned && created && memcmp(plan.bytes, actual, sizeof actual) == 0;
-        snprintf(detail, sizeof detail, "(E=%d K=%d S=%d de=%d %.32s: planned %zu bytes, allocated %zu)", cases[i][0],
-                 cases[i][1], cases[i][2], cases[i][3], o.grouped_gemm, memplan_total(&plan),
+        snprintf(detail, sizeof detail, "(E=%d K=%d S=%d de=%d %.32s%s: planned %zu bytes, allocated %zu)",
+                 cases[i][0], cases[i][1], cases[i][2], cases[i][3], o.grouped_gemm, cases[i][5] ? ", traced" : "",
+                 memplan_total(&plan),
                  actual[0] + actual[1] + actual[2] + actual[3] + actual[4]);
         report_bool("plan == allocation, every category", same, detail);
         if (created) be.destroy(&be);

@@ -10,7 +10,7 @@
 typedef enum {
     MEM_MASTER,      // fp32 master weights, gradients, AdamW moments, balancing biases
     MEM_WEIGHTS_X,   // the activation-precision copy of the weights for the matmuls (bf16 build)
-    MEM_ACTIVATIONS, // activations kept from the forward for the backward, and the inputs
+    MEM_ACTIVATIONS, // activations kept from the forward for the backward, the inputs, the traced router scores
     MEM_SCRATCH,     // buffers the layers share (the backward's gradients, exchange rows, reductions)
     MEM_WORKSPACE,   // library workspaces the trainer allocates (cuBLASLt, grouped-GEMM pointer arrays)
     MEM_COUNT
