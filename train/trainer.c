@@ -1056,6 +1056,16 @@ static void trainer_init_run(Run *r, const TrainOptions *o, Backend *be) {
     r->balance = o->balance;
 }
 
+// --threads: the OpenMP threads of the CPU backend and the host-side loops
+// (0: OpenMP's default, OMP_NUM_THREADS or one per core).
+static void trainer_set_threads(const TrainOptions *o) {
+#ifdef _OPENMP
+    if (o->threads > 0) omp_set_num_threads(o->threads);
+#else
+    (void)o;
+#endif
+}
+
 int trainer_run(const TrainOptions *o, Backend *be) {
     char err[1024];
     const Comm *comm = be->comm;
@@ -1063,9 +1073,7 @@ int trainer_run(const TrainOptions *o, Backend *be) {
         if (comm->rank == 0) fprintf(stderr, "error: %s\n", err);
         return 1;
     }
-#ifdef _OPENMP
-    if (o->threads > 0) omp_set_num_threads(o->threads);
-#endif
+    trainer_set_threads(o);
     Run run, *r = &run;
     trainer_init_run(r, o, be);
     r->cfg = o->model;
@@ -1112,6 +1120,7 @@ static int trainer_saved_balance(const CkptState *st, const BalanceConfig *base,
 
 int trainer_sample_from_checkpoint(const TrainOptions *o, Backend *be, const char *ckpt_path) {
     char err[2048];
+    trainer_set_threads(o);
     Run run, *r = &run;
     trainer_init_run(r, o, be);
     CkptState st;
@@ -1212,7 +1221,7 @@ static int trainer_dispatch(int argc, char **argv, const char *prog, Backend *be
         // PROG sample CKPT [options]: generate from a checkpoint.
         if (argc < 3 || argv[2][0] == '-') {
             fprintf(stderr, "usage: %s sample CHECKPOINT [--tokenizer FILE] [--prompt TEXT] [--sample-tokens N] "
-                    "[--temperature T] [--sample-top-k K] [--seed S]\n", prog);
+                    "[--temperature T] [--sample-top-k K] [--seed S] [--threads N]\n", prog);
             return 1;
         }
         o.sample_tokens = 256;
