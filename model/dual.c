@@ -44,26 +44,16 @@ int dual_accum_add(DualAccum *dst, const DualAccum *src) {
     return 0;
 }
 
-// Inserts (v, e) into the K-list val/idx of *n entries sorted by decreasing v,
-// after every entry with an equal v (lower indices come first, as route_topk).
-static inline void dual_insert(float *val, int *idx, int *n, int K, float v, int e) {
-    if (*n == K && !(v > val[K - 1])) return;
-    int j = *n < K ? (*n)++ : K - 1;
-    while (j > 0 && val[j - 1] < v) {
-        val[j] = val[j - 1];
-        idx[j] = idx[j - 1];
-        j--;
-    }
-    val[j] = v;
-    idx[j] = e;
-}
-
 // route_topk's selection, faster for E <= 64 and K <= 8 (the replay routes
 // millions of tokens): the scores are padded to 64 and cut into 8 strided groups
 // (lane j holds experts j, j + 8, ...); the K-th largest group maximum bounds the
 // K-th largest score from below (K groups reach it), so only the experts at or
-// above it (a few more than K) are inserted, in index order. Same result as
-// route_topk for finite scores; a row with a NaN goes to route_topk itself.
+// above it (a few more than K) are candidates. Each candidate's place in the
+// order of route_topk (score descending, then index ascending) is the number
+// of candidates before it, counted without a branch on the data (sorting the
+// few candidates by insertion spent its time on mispredicted branches). Same
+// result as route_topk for finite scores; a row with a NaN goes to route_topk
+// itself.
 static void dual_topk_row(const float *v, double *score, int E, int K, int *sel) {
     if (E <= 64 && K <= 8) {
         float vp[64], gm[8];
@@ -74,25 +64,29 @@ static void dual_topk_row(const float *v, double *score, int E, int K, int *sel)
             for (int j = 0; j < 8; j++) gm[j] = vp[j];
             for (int i = 1; i < 8; i++)
                 for (int j = 0; j < 8; j++) gm[j] = vp[8 * i + j] > gm[j] ? vp[8 * i + j] : gm[j];
-            for (int a = 1; a < 8; a++) { // the group maxima, decreasing
-                float x = gm[a];
-                int b = a;
-                for (; b > 0 && gm[b - 1] < x; b--) gm[b] = gm[b - 1];
-                gm[b] = x;
+            float bound = -INFINITY; // the K-th largest group maximum
+            for (int a = 0; a < 8; a++) {
+                int before = 0;
+                for (int b = 0; b < 8; b++) before += (gm[b] > gm[a]) | ((gm[b] == gm[a]) & (b < a));
+                bound = before == K - 1 ? gm[a] : bound;
             }
-            float bound = gm[K - 1];
             uint64_t mask = 0; // the experts at or above the bound
             for (int i = 0; i < 8; i++) {
                 unsigned m8 = 0;
                 for (int j = 0; j < 8; j++) m8 |= (unsigned)(vp[8 * i + j] >= bound) << j;
                 mask |= (uint64_t)m8 << (8 * i);
             }
-            float val[8];
-            int n = 0;
-            while (mask) {
+            float cv[64]; // the candidates' scores, in index order
+            int ci[64], c = 0;
+            for (; mask; mask &= mask - 1) {
                 int e = __builtin_ctzll(mask);
-                mask &= mask - 1;
-                dual_insert(val, sel, &n, K, vp[e], e);
+                cv[c] = vp[e];
+                ci[c++] = e;
+            }
+            for (int i = 0; i < c; i++) {
+                int before = 0;
+                for (int j = 0; j < c; j++) before += (cv[j] > cv[i]) | ((cv[j] == cv[i]) & (j < i));
+                if (before < K) sel[before] = ci[i];
             }
             return;
         }
