@@ -1,8 +1,9 @@
 # The frame every shell test (tests/test_*.sh) shares. Sourced, not run:
 #
 #   . "$(dirname "$0")/lib.sh"
-#   test_begin NAME [--tmp]   work from the repository root; no failures yet;
-#                             with --tmp, TMP is a fresh directory removed at exit
+#   test_begin NAME [--tmp]   unset variables are errors (set -u); work from the
+#                             repository root; no failures yet; with --tmp, TMP
+#                             is a fresh directory removed at exit
 #   ok WHAT                   prints "ok   NAME: WHAT"
 #   bad WHAT                  prints "FAIL NAME: WHAT" and counts a failure
 #   test_shards DIR [TRAIN VAL [SEED]]
@@ -17,6 +18,7 @@
 # and ends with test_end, so that it exits 1 like any other failure.
 
 test_begin() { # NAME [--tmp]
+    set -u
     TEST_NAME=$1
     cd "$(dirname "$0")/.." || exit 1
     fails=0

@@ -4,7 +4,6 @@
 # and checks, without installing anything (--dry-run), that exactly the
 # Debian packages or the virtual environment that provide them are asked for,
 # and that --no-install refuses with the list.
-set -u
 . "$(dirname "$0")/lib.sh"
 test_begin test_deps
 

@@ -17,7 +17,6 @@
 #  - a checkpoint written under EP=2 resumes under EP=4 (the file holds the
 #    whole model) and continues like an uninterrupted EP=4 run (the same
 #    tolerances; measured: parameters 3.0e-7).
-set -u
 # MOE_BIN_DIR holds the programs, MOE_BUILD the test tools (make test-asan: the sanitizer build).
 BIN=${MOE_BIN_DIR:-.}/train_moe
 CKPT=${MOE_BIN_DIR:-.}/moe_ckpt

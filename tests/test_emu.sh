@@ -42,7 +42,6 @@
 # step), so MaxVio, the biases, the samples and the checkpoint are compared
 # with the CPU trainer in FP32 only (test_gpu compares the routing exactly, on
 # fixtures drawn for it).
-set -u
 . "$(dirname "$0")/lib.sh"
 test_begin test_emu --tmp
 RACE=0

@@ -15,7 +15,6 @@
 # and the peak table's lookup of device names (bench/gpu_peaks.h).
 #
 #   tests/test_gpu_check.sh PYTHON      (a Python with PyTorch: the Makefile's $(PY_VENV)/bin/python)
-set -u
 . "$(dirname "$0")/lib.sh"
 test_begin test_gpu_check --tmp
 PY=${1:?usage: tests/test_gpu_check.sh PYTHON}

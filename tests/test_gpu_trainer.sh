@@ -9,7 +9,6 @@
 #
 #   tests/test_gpu_trainer.sh [TRAINER]      (default ./train_moecu, a path from the repository
 #                                             root; after make $BUILD/gen_shards moe_ckpt)
-set -u
 . "$(dirname "$0")/lib.sh"
 test_begin test_gpu_trainer --tmp
 TRAINER=${1:-./train_moecu}

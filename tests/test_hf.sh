@@ -17,7 +17,6 @@
 #  5. refusals and corrupt inputs: messages naming the field or file, exit 1,
 #     nothing written.
 #   bash tests/test_hf.sh PY_VENV
-set -u
 . "$(dirname "$0")/lib.sh"
 test_begin test_hf --tmp
 # One thread everywhere: the batches are small, and on a busy machine two

@@ -16,7 +16,6 @@
 #     and changed options at resume.
 # MOE_BIN_DIR (default .) holds the programs, MOE_BUILD (default build) the
 # test tools: `make test-asan` runs this on the sanitizer build.
-set -u
 . "$(dirname "$0")/lib.sh"
 test_begin test_inputs
 BIN_DIR=${MOE_BIN_DIR:-.}

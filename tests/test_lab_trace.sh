@@ -24,7 +24,6 @@
 #     the trace's first step replayed as it is.
 #
 #   tests/test_lab_trace.sh [EMU_TRAIN_MOECU]     (default build/emu/FP32/train_moecu)
-set -u
 . "$(dirname "$0")/lib.sh"
 test_begin test_lab_trace --tmp
 GPU=${1:-build/emu/FP32/train_moecu}

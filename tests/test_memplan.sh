@@ -6,7 +6,6 @@
 # trainer refuses it, naming the GPU trainer. (That the plan equals
 # the real allocations byte for byte is tests/test_gpu.cu's.)
 #   tests/test_memplan.sh TRAIN_MOECU
-set -u
 . "$(dirname "$0")/lib.sh"
 test_begin test_memplan
 GPU=${1:?usage: tests/test_memplan.sh TRAIN_MOECU}

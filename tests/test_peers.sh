@@ -18,7 +18,6 @@
 #    naming the file.
 #
 #   tests/test_peers.sh PYTHON      (a Python with PyTorch: the Makefile's $(PY_VENV)/bin/python)
-set -u
 . "$(dirname "$0")/lib.sh"
 test_begin test_peers --tmp
 PY=${1:?usage: tests/test_peers.sh PYTHON}

@@ -6,7 +6,6 @@
 # layout of docs/data.md) and every document is decoded with `moe_tok decode`;
 # the expected documents and the train/val split are recomputed in Python from
 # the rules in docs/prepare.md. Needs python3; takes a few seconds.
-set -u
 . "$(dirname "$0")/lib.sh"
 test_begin test_prepare --tmp
 # MOE_BIN_DIR: where the programs are (make test-asan: the sanitizer build).

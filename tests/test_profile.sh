@@ -5,7 +5,6 @@
 # token x tokens per step, every phase with model FLOPs got time, and the
 # table and the JSON record are written.
 #   tests/test_profile.sh build/emu/FP32/train_moecu
-set -u
 . "$(dirname "$0")/lib.sh"
 test_begin test_profile --tmp
 GPU=${1:?usage: tests/test_profile.sh TRAIN_MOECU}

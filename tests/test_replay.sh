@@ -11,7 +11,6 @@
 #  4. a corrupt and a truncated trace are refused naming the file; --save-trace
 #     refuses an existing file and leaves it as it was;
 #  5. replay_plots.py writes valid PNGs (when numpy and matplotlib exist).
-set -u
 . "$(dirname "$0")/lib.sh"
 test_begin test_replay --tmp
 MOE_REPLAY=${MOE_BIN_DIR:-.}/moe_replay # MOE_BIN_DIR: the sanitizer build (make test-asan)

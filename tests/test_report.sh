@@ -12,7 +12,6 @@
 #  4. a file that is not a trainer log fails, naming the file and the line;
 #  5. without matplotlib, --no-plots still writes summary.md and plotting fails
 #     with a message saying what is missing.
-set -u
 . "$(dirname "$0")/lib.sh"
 test_begin test_report --tmp
 

@@ -10,7 +10,6 @@
 #  6. bad options and impossible configs are rejected with a message;
 #  7. gradient accumulation: 2 and 4 micro-batches make the step of one
 #     micro-batch holding the same sequences.
-set -u
 . "$(dirname "$0")/lib.sh"
 test_begin test_trainer --tmp
 # MOE_BIN_DIR holds the programs, MOE_BUILD the test tools (make test-asan: the sanitizer build).
