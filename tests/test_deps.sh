@@ -4,11 +4,8 @@
 # and checks, without installing anything (--dry-run), that exactly the
 # Debian packages or the virtual environment that provide them are asked for,
 # and that --no-install refuses with the list.
-set -u
-cd "$(dirname "$0")/.."
-fails=0
-ok() { echo "ok   test_deps: $*"; }
-bad() { echo "FAIL test_deps: $*"; fails=$((fails + 1)); }
+. "$(dirname "$0")/lib.sh"
+test_begin test_deps
 
 # case NAME PRETEND GROUPS EXPECTED_REGEX
 case_install() {
@@ -44,4 +41,4 @@ out=$(DEPS_NO_INSTALL=1 DEPS_PRETEND_MISSING=gcc bash scripts/deps.sh build 2>&1
 out=$(bash scripts/deps.sh nosuchgroup 2>&1); rc=$?
 [ $rc = 2 ] && grep -q "nosuchgroup" <<< "$out" && ok "unknown group rejected (exit 2)" || { bad "unknown group: rc $rc"; echo "$out"; }
 
-[ $fails = 0 ] && echo "test_deps.sh: all passed" || { echo "test_deps.sh: $fails failure(s)"; exit 1; }
+test_end

@@ -17,23 +17,18 @@
 #  - a checkpoint written under EP=2 resumes under EP=4 (the file holds the
 #    whole model) and continues like an uninterrupted EP=4 run (the same
 #    tolerances; measured: parameters 3.0e-7).
-set -u
 # MOE_BIN_DIR holds the programs, MOE_BUILD the test tools (make test-asan: the sanitizer build).
 BIN=${MOE_BIN_DIR:-.}/train_moe
 CKPT=${MOE_BIN_DIR:-.}/moe_ckpt
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
+test_begin test_dist --tmp
 if ! command -v mpirun > /dev/null || ! $BIN --help > /dev/null 2>&1; then
-    echo "FAIL: mpirun or train_moe missing (install openmpi-bin libopenmpi-dev, then make)"; exit 1
+    bad "mpirun or train_moe missing (install openmpi-bin libopenmpi-dev, then make)"; test_end
 fi
 # CI runs as root; Open MPI refuses that unless told.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-fails=0
-ok() { echo "ok   $*"; }
-bad() { echo "FAIL $*"; fails=$((fails + 1)); }
 
-${MOE_BUILD:-build}/gen_shards "$TMP" 64 100000 10000 3 || exit 1
+test_shards "$TMP" 100000 10000 3
 COMMON=(--config tiny --train-data "$TMP/train_*.bin" --val-data "$TMP/val_*.bin" --lr 1e-2 --warmup-steps 2
         --steps 10 --threads 1 --print-every 100 --init-std 0.1 --eval-batches 2 --ckpt-every 5 --keep-last 0)
 B=8
@@ -81,5 +76,4 @@ fi
 if mpirun -np 2 $BIN "${COMMON[@]}" -b 4 --ep 3 > "$TMP/bad.out" 2>&1; then bad "--ep 3 on 2 ranks accepted"
 else ok "--ep 3 on 2 ranks rejected: $(grep -m1 error "$TMP/bad.out")"; fi
 
-echo "test_dist: $([ $fails = 0 ] && echo PASS || echo "FAIL ($fails)")"
-[ $fails = 0 ]
+test_end

@@ -42,16 +42,11 @@
 # step), so MaxVio, the biases, the samples and the checkpoint are compared
 # with the CPU trainer in FP32 only (test_gpu compares the routing exactly, on
 # fixtures drawn for it).
-set -u
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
+test_begin test_emu --tmp
 RACE=0
 if [ "${1:-}" = --race ]; then RACE=1; shift; fi
 B=${1:-$([ $RACE = 1 ] && echo build/emu-race || echo build/emu/FP32)}
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-fails=0
-ok() { echo "ok   $*"; }
-bad() { echo "FAIL $*"; fails=$((fails + 1)); }
 
 # 1 and 2: the test programs print their own checks. The fused attention's
 # T = 2048 case and the grouped GEMMs' 1b shapes run in the BF16 build (the
@@ -72,15 +67,10 @@ done
 
 # 3. The same run on both trainers.
 BF16=0; [ "$(basename "$B")" = BF16 ] && BF16=1
-./build/gen_shards "$TMP" 64 20000 4000 1 > /dev/null || { echo "FAIL gen_shards"; exit 1; }
+test_shards "$TMP"
 RUN=(--config tiny --train-data "$TMP/train_*.bin" --val-data "$TMP/val_*.bin" -b 4 --steps 10 --warmup-steps 2
      --lr 1e-2 --gamma 1e-2 --eval-every 5 --eval-batches 2 --print-every 5 --sample-tokens 12 --ckpt-every 10
      --keep-last 0 --threads 1)
-summary() { # prints the outcome and ends the script
-    if [ "$fails" -eq 0 ]; then echo "test_emu.sh: all passed"; exit 0; fi
-    echo "test_emu.sh: $fails failure(s)"
-    exit 1
-}
 if [ $RACE = 1 ]; then
     # Every kernel of a training step, evaluation and sampling, and the EP
     # exchange's copy kernels.
@@ -97,7 +87,7 @@ if [ $RACE = 1 ]; then
     else
         bad "train_moecu (race build, CUDA graphs):"; grep -A3 'emulator:' "$TMP/race_graph.out" || tail -5 "$TMP/race_graph.out"
     fi
-    summary
+    test_end
 fi
 "$B/train_moecu" "${RUN[@]}" --ckpt-dir "$TMP/gpu" --log "$TMP/gpu.jsonl" > "$TMP/gpu.out" 2>&1 \
     || { bad "train_moecu (emulated) failed:"; cat "$TMP/gpu.out"; }
@@ -269,7 +259,7 @@ done
 #    fused attention and the vectorised kernels came in: 1e-3 in each of
 #    the four layouts), so the biases are held to 3e-3 of the single
 #    process's there, and to bit identity across the ranks of a run.
-mkdir -p "$TMP/mr" && ./build/gen_shards "$TMP/mr" 64 100000 10000 3 > /dev/null || { echo "FAIL gen_shards"; exit 1; }
+test_shards "$TMP/mr" 100000 10000 3
 MR=(--config tiny --train-data "$TMP/mr/train_*.bin" --val-data "$TMP/mr/val_*.bin" --lr 1e-2 --warmup-steps 2
     --steps 10 --threads 1 --print-every 100 --init-std 0.1 --eval-batches 2 --ckpt-every 5 --keep-last 0)
 MB=8
@@ -375,4 +365,4 @@ if [ -n "$(same_run $P/p44.out)" ] && [ "$(same_run $P/p44.out)" = "$(same_run $
     ok "profile: the 4 x 4 runs with and without graphs print the same losses and final biases"
 else bad "profile: the 4 x 4 runs with and without graphs differ:"; diff <(same_run $P/p44.out) <(same_run $P/p44n.out); fi
 
-summary
+test_end

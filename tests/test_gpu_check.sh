@@ -15,14 +15,9 @@
 # and the peak table's lookup of device names (bench/gpu_peaks.h).
 #
 #   tests/test_gpu_check.sh PYTHON      (a Python with PyTorch: the Makefile's $(PY_VENV)/bin/python)
-set -u
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
+test_begin test_gpu_check --tmp
 PY=${1:?usage: tests/test_gpu_check.sh PYTHON}
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-fails=0
-ok() { echo "ok   gpu_check: $*"; }
-bad() { echo "FAIL gpu_check: $*"; fails=$((fails + 1)); }
 
 # One line per stage of a report.json: name, status, time, note, figures (k=v;...), failure lines (joined).
 stages() {
@@ -49,7 +44,7 @@ expect() { # stages-file stage status [note-regex]
 
 # The peak table (bench/gpu_peaks.h): names as CUDA reports them; whole words
 # only, the specific variant first; an unknown GPU gets no figure.
-make -s --no-print-directory build/gpu_peak || exit 1
+make -s --no-print-directory build/gpu_peak || { bad "make build/gpu_peak failed"; test_end; }
 peaks=""
 for n in "NVIDIA H100 80GB HBM3=989.40" "NVIDIA H100 PCIe=756.50" "NVIDIA H200=989.40" "NVIDIA H200 NVL=835.50" \
          "NVIDIA A100-SXM4-80GB=312.00" "NVIDIA A10=125.00" "NVIDIA L40S=362.05" "NVIDIA L4=121.00" \
@@ -157,4 +152,4 @@ rc=$?
 [ $rc = 2 ] && grep -q 'already holds a GPU check report' "$TMP/E.out" && cmp -s "$TMP/B.json" "$TMP/B/report.json" &&
     ok "an OUTDIR with a report is refused (exit 2) and left as it was" || { bad "existing OUTDIR: exit $rc:"; cat "$TMP/E.out"; }
 
-if [ $fails = 0 ]; then echo "test_gpu_check.sh: all passed"; else echo "test_gpu_check.sh: $fails failure(s)"; exit 1; fi
+test_end

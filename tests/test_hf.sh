@@ -17,31 +17,25 @@
 #  5. refusals and corrupt inputs: messages naming the field or file, exit 1,
 #     nothing written.
 #   bash tests/test_hf.sh PY_VENV
-set -u
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
+test_begin test_hf --tmp
 # One thread everywhere: the batches are small, and on a busy machine two
 # OpenMP threads waiting for each other cost several times the work.
 export OMP_NUM_THREADS=1
 VENV=${1:?usage: tests/test_hf.sh PY_VENV}
 PY="$VENV/bin/python"
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-fails=0
-ok() { echo "ok   $*"; }
-bad() { echo "FAIL $*"; fails=$((fails + 1)); }
 run() { "$@" > "$TMP/cmd.out" 2>&1 || { bad "$* failed:"; cat "$TMP/cmd.out"; }; }
 
 # A missing package fails the test: it never skips.
 if ! "$PY" -c 'import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in
         ("torch", "transformers", "safetensors", "numpy")))' 2> "$TMP/py.err"; then
     bad "$PY lacks torch, transformers, safetensors or numpy $(tail -1 "$TMP/py.err"); run scripts/deps.sh venv"
-    exit 1
+    test_end
 fi
 
 # ---------------------------------------------------------------- models
 TRAIN=(./train_moe --print-every 1000 --warmup-steps 2 --lr 1e-2)
-mkdir -p "$TMP/d64"
-./build/gen_shards "$TMP/d64" 64 100000 10000 1 || { bad "gen_shards"; exit 1; }
+test_shards "$TMP/d64" 100000 10000
 # gamma 0.05: within 30 steps the biases grow large enough to change selections.
 tiny() { run "${TRAIN[@]}" --config tiny "${@:2}" --train-data "$TMP/d64/train_*.bin" -b 8 --steps 30 \
              --gamma 0.05 --ckpt-dir "$TMP/$1"; }
@@ -57,7 +51,7 @@ run "${TRAIN[@]}" --config small --train-data "$TMP/dsmall/train_*.bin" -b 2 --s
     --gamma 0.02 --lr 3e-3 --ckpt-dir "$TMP/small"
 CK_TINY=$TMP/tiny/ckpt_00000030.bin CK_SOFT=$TMP/tsoft/ckpt_00000030.bin CK_RAW=$TMP/traw/ckpt_00000030.bin
 CK_SMALL=$TMP/small/ckpt_00000003.bin
-for f in "$CK_TINY" "$CK_SOFT" "$CK_RAW" "$CK_SMALL"; do [ -f "$f" ] || { bad "no checkpoint $f"; exit 1; }; done
+for f in "$CK_TINY" "$CK_SOFT" "$CK_RAW" "$CK_SMALL"; do [ -f "$f" ] || { bad "no checkpoint $f"; test_end; }; done
 
 # ---------------------------------------------------------------- export
 export_ok() { # DIR CKPT ARGS...: export, expecting success
@@ -235,5 +229,4 @@ rm "$TMP/b2/$(ls "$TMP/b2" | grep -m1 'model-00002')"
 expect_fail "import refuses a missing shard" "model-00002-of" ./moe_ckpt import "$TMP/b2" "$TMP/b.bin"
 [ -e "$TMP/b.bin" ] && bad "a refused import wrote $TMP/b.bin"
 
-echo "test_hf: $([ $fails = 0 ] && echo PASS || echo "FAIL ($fails)")"
-[ $fails = 0 ]
+test_end

@@ -16,20 +16,18 @@
 #     and changed options at resume.
 # MOE_BIN_DIR (default .) holds the programs, MOE_BUILD (default build) the
 # test tools: `make test-asan` runs this on the sanitizer build.
-set -u
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
+test_begin test_inputs
 BIN_DIR=${MOE_BIN_DIR:-.}
 TOOLS=${MOE_BUILD:-build}
 BIN=$BIN_DIR/train_moe
 CKPT=$BIN_DIR/moe_ckpt
 EDIT=$TOOLS/ckpt_edit
+# Its own clean-up rather than test_begin --tmp: it also stops the trainers that 6 starts in the background.
 TMP=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2> /dev/null; done; rm -rf "$TMP"; }
 trap cleanup EXIT
-fails=0
-ok() { echo "ok   $*"; }
-bad() { echo "FAIL $*"; fails=$((fails + 1)); }
 
 # Runs a command that must be refused: a non-zero exit that is not a crash
 # (a signal gives >= 128, a hang is killed by timeout: 124), and stderr
@@ -44,11 +42,11 @@ refused() {
     else ok "$what refused: $(grep -m1 -F -- "$want" "$TMP/err" | cut -c1-170)"; fi
 }
 
-$TOOLS/gen_shards "$TMP" 64 200000 20000 1 > /dev/null || { echo "FAIL gen_shards"; exit 1; }
+test_shards "$TMP" 200000 20000
 COMMON=(--config tiny --train-data "$TMP/train_*.bin" -b 4 --threads 2 --print-every 1000 --warmup-steps 2)
 # A 10-step checkpoint of a 20-step run: the base of every edit below.
 $BIN "${COMMON[@]}" --steps 20 --run-steps 10 --ckpt-dir "$TMP/base" > "$TMP/base.out" 2>&1 \
-    || { echo "FAIL base run"; cat "$TMP/base.out"; exit 1; }
+    || { bad "base run failed:"; cat "$TMP/base.out"; test_end; }
 BASE=$TMP/base/ckpt_00000010.bin
 
 # ---------------------------------------------------------------- 1. checkpoint content
@@ -233,5 +231,4 @@ else
     bad "changed options at resume not listed: $(grep -m2 -e note -e error "$TMP/chg.out")"
 fi
 
-echo "test_inputs: $([ $fails = 0 ] && echo PASS || echo "FAIL ($fails)")"
-[ $fails = 0 ]
+test_end

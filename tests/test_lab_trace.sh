@@ -24,18 +24,13 @@
 #     the trace's first step replayed as it is.
 #
 #   tests/test_lab_trace.sh [EMU_TRAIN_MOECU]     (default build/emu/FP32/train_moecu)
-set -u
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
+test_begin test_lab_trace --tmp
 GPU=${1:-build/emu/FP32/train_moecu}
 # CI runs as root; Open MPI refuses that unless told.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-fails=0
-ok() { echo "ok   $*"; }
-bad() { echo "FAIL $*"; fails=$((fails + 1)); }
 
-./build/gen_shards "$TMP" 64 200000 20000 1 > /dev/null || { echo "FAIL gen_shards"; exit 1; }
+test_shards "$TMP" 200000 20000
 # tiny: 2 MoE layers of 8 experts, top-2; micro-batches of 4 x 16 tokens.
 COMMON=(--config tiny --train-data "$TMP/train_*.bin" -b 4 --lr 1e-2 --warmup-steps 2 --threads 1
         --print-every 1000 --log-loads-every 0)
@@ -173,6 +168,4 @@ EOF
 then ok "--repeat 1 on a trace: 6 steps, each the trace's first step (MaxVio, D, primal, ||c - C||_1 equal)"
 else bad "--repeat 1 on a trace does not repeat its first step"; fi
 
-if [ "$fails" -eq 0 ]; then echo "test_lab_trace.sh: all passed"; exit 0; fi
-echo "test_lab_trace.sh: $fails failure(s)"
-exit 1
+test_end

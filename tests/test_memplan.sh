@@ -6,12 +6,9 @@
 # trainer refuses it, naming the GPU trainer. (That the plan equals
 # the real allocations byte for byte is tests/test_gpu.cu's.)
 #   tests/test_memplan.sh TRAIN_MOECU
-set -u
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
+test_begin test_memplan
 GPU=${1:?usage: tests/test_memplan.sh TRAIN_MOECU}
-fails=0
-ok() { echo "ok   test_memplan: $*"; }
-bad() { echo "FAIL test_memplan: $*"; fails=$((fails + 1)); }
 total() { "$GPU" "$@" --print-memory | sed -n 's/^  total  *\([0-9.]*\) GiB$/\1/p'; }
 
 out=$("$GPU" --config 1b -b 4 --print-memory 2>&1) || bad "--print-memory failed: $out"
@@ -48,4 +45,4 @@ if out=$(./train_moe --config tiny --print-memory 2>&1); then bad "train_moe --p
 elif grep -q "train_moecu" <<< "$out"; then ok "train_moe --print-memory refused: $(grep -m1 error <<< "$out" | cut -c1-110)"
 else bad "train_moe --print-memory: message does not name train_moecu: $out"; fi
 
-[ $fails = 0 ] && echo "test_memplan.sh: all passed" || { echo "test_memplan.sh: $fails failure(s)"; exit 1; }
+test_end

@@ -18,28 +18,23 @@
 #    naming the file.
 #
 #   tests/test_peers.sh PYTHON      (a Python with PyTorch: the Makefile's $(PY_VENV)/bin/python)
-set -u
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
+test_begin test_peers --tmp
 PY=${1:?usage: tests/test_peers.sh PYTHON}
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-fails=0
-ok() { echo "ok   peers: $*"; }
-bad() { echo "FAIL peers: $*"; fails=$((fails + 1)); }
 
 B=8 T=16
-./build/gen_shards "$TMP" 64 $((B * T + 1)) $((T + 1)) 1 > /dev/null || { echo "FAIL gen_shards"; exit 1; }
+test_shards "$TMP" $((B * T + 1)) $((T + 1))
 ./train_moe --config tiny --print-config > "$TMP/tiny.config"
 OPTS=(-b $B --steps 4 --warmup-steps 2 --lr 1e-2 --lr-min 1e-3 --train-data "$TMP/train_*.bin")
 ./train_moe --config tiny "${OPTS[@]}" --threads 1 --ckpt-dir "$TMP/ck" --ckpt-every 1 --keep-last 0 \
-    --log "$TMP/cpu.jsonl" --log-loads-every 1 > "$TMP/cpu.out" 2>&1 || { echo "FAIL train_moe:"; cat "$TMP/cpu.out"; exit 1; }
+    --log "$TMP/cpu.jsonl" --log-loads-every 1 > "$TMP/cpu.out" 2>&1 || { bad "train_moe failed:"; cat "$TMP/cpu.out"; test_end; }
 # Han & Zhong's pieces (the 1b-hz preset's): softmax gate, parallel residual,
 # the bias on the router logits; the peer in eager mode.
 HZ=(--gate softmax --norm-topk 1 --parallel-residual 1)
 ./train_moe --config tiny "${HZ[@]}" --print-config > "$TMP/hz.config"
 ./train_moe --config tiny "${HZ[@]}" --bias-on logits "${OPTS[@]}" --threads 1 --ckpt-dir "$TMP/ck_hz" --ckpt-every 1 \
     --keep-last 0 --log "$TMP/cpu_hz.jsonl" --log-loads-every 1 > "$TMP/cpu_hz.out" 2>&1 ||
-    { echo "FAIL train_moe (1b-hz pieces):"; cat "$TMP/cpu_hz.out"; exit 1; }
+    { bad "train_moe (1b-hz pieces) failed:"; cat "$TMP/cpu_hz.out"; test_end; }
 
 for run in eager compiled eager_hz; do
     mode=${run%_hz}
@@ -87,4 +82,4 @@ rc=$?
 [ $rc != 0 ] && grep -q "ckpt_00000001.bin holds another model" "$TMP/other.out" && ok "another model's checkpoint refused: $(tail -1 "$TMP/other.out")" ||
     { bad "checkpoint of another model: exit $rc:"; tail -3 "$TMP/other.out"; }
 
-if [ $fails = 0 ]; then echo "test_peers.sh: all passed"; else echo "test_peers.sh: $fails failure(s)"; exit 1; fi
+test_end

@@ -6,22 +6,17 @@
 # layout of docs/data.md) and every document is decoded with `moe_tok decode`;
 # the expected documents and the train/val split are recomputed in Python from
 # the rules in docs/prepare.md. Needs python3; takes a few seconds.
-set -u
-cd "$(dirname "$0")/.." || exit 1
+. "$(dirname "$0")/lib.sh"
+test_begin test_prepare --tmp
 # MOE_BIN_DIR: where the programs are (make test-asan: the sanitizer build).
 export MOE_BIN_DIR=${MOE_BIN_DIR:-.}
 PREP=$MOE_BIN_DIR/moe_prepare
 TOKBIN=$MOE_BIN_DIR/moe_tok
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-fails=0
-ok() { echo "ok   $*"; }
-bad() { echo "FAIL $*"; fails=$((fails + 1)); }
 
 for b in "$PREP" "$TOKBIN"; do
-    [ -x "$b" ] || { echo "FAIL $b is not built (run make)"; exit 1; }
+    [ -x "$b" ] || { bad "$b is not built (run make)"; test_end; }
 done
-command -v python3 > /dev/null || { echo "FAIL python3 is needed for the independent shard reader"; exit 1; }
+command -v python3 > /dev/null || { bad "python3 is needed for the independent shard reader"; test_end; }
 
 # ---------------------------------------------------------------- the checker
 cat > "$TMP/check.py" << 'EOF'
@@ -235,12 +230,12 @@ if __name__ == "__main__":
         main()
 EOF
 
-python3 "$TMP/check.py" gen "$TMP" || { echo "FAIL could not write the test corpus"; exit 1; }
+python3 "$TMP/check.py" gen "$TMP" || { bad "could not write the test corpus"; test_end; }
 cat "$TMP/a.txt" "$TMP/b.txt" > "$TMP/all.txt"
 if $TOKBIN train --input "$TMP/all.txt" --vocab-size 300 --output "$TMP/t.tok" --quiet > "$TMP/tok.out" 2>&1; then
     ok "moe_tok train: vocab 300 tokenizer on $(wc -c < "$TMP/all.txt") bytes"
 else
-    bad "moe_tok train failed:"; cat "$TMP/tok.out"; exit 1
+    bad "moe_tok train failed:"; cat "$TMP/tok.out"; test_end
 fi
 TOK="$TMP/t.tok"
 
@@ -347,8 +342,4 @@ else
 fi
 $PREP --help | grep -q "usage: moe_prepare" && ok "--help" || bad "--help"
 
-if [ $fails -ne 0 ]; then
-    echo "test_prepare: $fails FAILED"
-    exit 1
-fi
-echo "test_prepare: all passed"
+test_end

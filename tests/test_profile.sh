@@ -5,16 +5,11 @@
 # token x tokens per step, every phase with model FLOPs got time, and the
 # table and the JSON record are written.
 #   tests/test_profile.sh build/emu/FP32/train_moecu
-set -u
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
+test_begin test_profile --tmp
 GPU=${1:?usage: tests/test_profile.sh TRAIN_MOECU}
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-fails=0
-ok() { echo "ok   test_profile: $*"; }
-bad() { echo "FAIL test_profile: $*"; fails=$((fails + 1)); }
 
-./build/gen_shards "$TMP" 64 20000 4000 1 > /dev/null || { echo "FAIL gen_shards"; exit 1; }
+test_shards "$TMP"
 ARGS=(--config tiny --train-data "$TMP/train_*.bin" -b 4 --steps 6 --warmup-steps 1)
 # The FLOPs per token the model reports (model/config.c), independent of the profile's per-phase split.
 fpt=$(./train_moe --config tiny --print-config | sed -n 's/^training FLOPs per token (T=[0-9]*): //p')
@@ -56,4 +51,4 @@ check_run cpu ./train_moe
 if ./train_moe "${ARGS[@]}" --steps 3 --profile 3 > "$TMP/short.out" 2>&1; then bad "--profile 3 with --steps 3 accepted"
 else ok "--profile needs --steps >= N + 2: $(grep -m1 error "$TMP/short.out" | cut -c1-120)"; fi
 
-[ $fails = 0 ] && echo "test_profile.sh: all passed" || { echo "test_profile.sh: $fails failure(s)"; exit 1; }
+test_end

@@ -11,15 +11,10 @@
 #  4. a corrupt and a truncated trace are refused naming the file; --save-trace
 #     refuses an existing file and leaves it as it was;
 #  5. replay_plots.py writes valid PNGs (when numpy and matplotlib exist).
-set -u
-cd "$(dirname "$0")/.."
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-fails=0
-ok() { echo "ok   $*"; }
-bad() { echo "FAIL $*"; fails=$((fails + 1)); }
+. "$(dirname "$0")/lib.sh"
+test_begin test_replay --tmp
 MOE_REPLAY=${MOE_BIN_DIR:-.}/moe_replay # MOE_BIN_DIR: the sanitizer build (make test-asan)
-[ -x "$MOE_REPLAY" ] || { echo "FAIL: build first (make moe_replay)"; exit 1; }
+[ -x "$MOE_REPLAY" ] || { bad "build first (make moe_replay)"; test_end; }
 R=("$MOE_REPLAY" --threads 2)
 
 # 1. Refusals.
@@ -113,5 +108,4 @@ else
     bad "no /usr/bin/python3 with numpy and matplotlib for the plots (apt-get install python3-numpy python3-matplotlib)"
 fi
 
-[ "$fails" = 0 ] && echo "test_replay.sh: all passed" || echo "test_replay.sh: $fails failure(s)"
-[ "$fails" = 0 ]
+test_end

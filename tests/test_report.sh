@@ -12,13 +12,8 @@
 #  4. a file that is not a trainer log fails, naming the file and the line;
 #  5. without matplotlib, --no-plots still writes summary.md and plotting fails
 #     with a message saying what is missing.
-set -u
-cd "$(dirname "$0")/.."
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-fails=0
-ok() { echo "ok   $*"; }
-bad() { echo "FAIL $*"; fails=$((fails + 1)); }
+. "$(dirname "$0")/lib.sh"
+test_begin test_report --tmp
 
 # A Python 3 with numpy and matplotlib: $PYTHON, python3 on PATH, or Debian's
 # (a python3 earlier on PATH, e.g. from pyenv, may lack Debian's packages).
@@ -27,14 +22,14 @@ for p in ${PYTHON:-} python3 /usr/bin/python3; do
     if "$p" -c 'import numpy, matplotlib' 2> /dev/null; then PY=$p; break; fi
 done
 if [ -z "$PY" ]; then
-    echo "FAIL test_report.sh: no python3 with numpy and matplotlib (apt-get install python3-matplotlib python3-numpy)"
-    exit 1
+    bad "no python3 with numpy and matplotlib (apt-get install python3-matplotlib python3-numpy)"
+    test_end
 fi
 REPORT=(scripts/report.py)
 
-BIN=${MOE_BIN_DIR:-.}/train_moe GEN=${MOE_BUILD:-build}/gen_shards
-[ -x "$BIN" ] && [ -x "$GEN" ] || { echo "FAIL: build first (make train_moe build/gen_shards)"; exit 1; }
-"$GEN" "$TMP" 64 200000 20000 1 > /dev/null || { echo "FAIL gen_shards"; exit 1; }
+BIN=${MOE_BIN_DIR:-.}/train_moe
+[ -x "$BIN" ] || { bad "build first (make train_moe)"; test_end; }
+test_shards "$TMP" 200000 20000
 COMMON=(--config tiny --train-data "$TMP/train_*.bin" -b 8 --lr 3e-3 --warmup-steps 5 --threads 2
         --print-every 1000)
 VAL=(--val-data "$TMP/val_*.bin")
@@ -180,5 +175,4 @@ else
     bad "no clear error without matplotlib: $(cat "$TMP/err.txt")"
 fi
 
-if [ $fails -gt 0 ]; then echo "$fails report test(s) failed"; exit 1; fi
-echo "all report tests passed"
+test_end

@@ -10,18 +10,13 @@
 #  6. bad options and impossible configs are rejected with a message;
 #  7. gradient accumulation: 2 and 4 micro-batches make the step of one
 #     micro-batch holding the same sequences.
-set -u
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
+test_begin test_trainer --tmp
 # MOE_BIN_DIR holds the programs, MOE_BUILD the test tools (make test-asan: the sanitizer build).
 BIN=${MOE_BIN_DIR:-.}/train_moe
 CKPT=${MOE_BIN_DIR:-.}/moe_ckpt
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-fails=0
-ok() { echo "ok   $*"; }
-bad() { echo "FAIL $*"; fails=$((fails + 1)); }
 
-${MOE_BUILD:-build}/gen_shards "$TMP" 64 200000 20000 1 || { echo "FAIL gen_shards"; exit 1; }
+test_shards "$TMP" 200000 20000
 COMMON=(--config tiny --train-data "$TMP/train_*.bin" --val-data "$TMP/val_*.bin" -b 8 --lr 1e-2
         --warmup-steps 5 --lr-min 1e-3 --threads 2 --print-every 1000)
 
@@ -185,5 +180,4 @@ for m in 2 4; do
         "$TMP/acc1/ckpt_00000003.bin" "$TMP/acc$m/ckpt_00000003.bin" 3 0 0 0 0
 done
 
-echo "test_trainer: $([ $fails = 0 ] && echo PASS || echo "FAIL ($fails)")"
-[ $fails = 0 ]
+test_end
