@@ -288,7 +288,7 @@ static void *gpu_malloc(GpuModel *gm, size_t bytes) {
                 so_far / 1073741824.0, cudaGetErrorString(err));
         exit(1);
     }
-    CUDA_CHECK(cudaMemset(p, 0, bytes));
+    CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, gm->stream));
     if (gm->n_dev == gm->cap_dev) {
         gm->cap_dev = gm->cap_dev ? 2 * gm->cap_dev : 64;
         gm->dev_ptrs = (void **)xrealloc(gm->dev_ptrs, sizeof(void *) * gm->cap_dev);
@@ -509,8 +509,11 @@ static int gpu_open_device(GpuModel *gm) {
         printf("%snote: kernels built for sm_%d run on this sm_%d GPU through PTX compilation at start-up; "
                "make train_moecu GPU_ARCH=sm_%d builds native code\n", who, MOE_GPU_ARCH, cc, cc);
 #endif
-    // A blocking stream: the legacy default stream (cudaMemset in gpu_malloc) orders with it.
-    CUDA_CHECK(cudaStreamCreate(&gm->stream));
+    // A non-blocking stream, and every copy and memset of the model on it: the
+    // legacy default stream of another thread (ranks run as threads in the
+    // tests, a host program may embed the trainer) then neither orders with
+    // this stream nor, while this stream captures a graph, joins the capture.
+    CUDA_CHECK(cudaStreamCreateWithFlags(&gm->stream, cudaStreamNonBlocking));
     CUBLAS_CHECK(cublasCreate(&gm->cublas));
     CUBLAS_CHECK(cublasSetStream(gm->cublas, gm->stream));
     // Plain fp32 accumulation, never TF32 (CUBLAS_COMPUTE_32F with the default math mode).
@@ -759,7 +762,8 @@ int gpu_backend_create(Backend *be, const MoeConfig *c, const RouteOptions *ro, 
         printf("CUDA graphs: on (a training micro-batch captured once per shape, then replayed)\n");
     else if (gm->ranks.rank == 0)
         printf("CUDA graphs: off (%s)\n", gm->graphs_off);
-    CUDA_CHECK(cudaDeviceSynchronize());
+    // The model's stream, not the device: another thread's stream may be capturing.
+    CUDA_CHECK(cudaStreamSynchronize(gm->stream));
     return 0;
 }
 
@@ -1303,7 +1307,10 @@ static cudaGraphExec_t gpu_graph(GpuModel *gm, int B, int T, float grad_scale, d
         CUDA_CHECK(cudaGraphExecDestroy(g->exec));
     }
     cudaGraph_t graph;
-    CUDA_CHECK(cudaStreamBeginCapture(gm->stream, cudaStreamCaptureModeGlobal));
+    // ThreadLocal: this thread's allocations and host waits are refused during
+    // the capture (none belongs there), other threads' are not (ranks as threads
+    // allocate while this one captures; Global mode would fail both).
+    CUDA_CHECK(cudaStreamBeginCapture(gm->stream, cudaStreamCaptureModeThreadLocal));
     gpu_micro_batch_work(gm, B, T, 1, 1, grad_scale, loss_div);
     CUDA_CHECK(cudaStreamEndCapture(gm->stream, &graph));
     CUDA_CHECK(cudaGraphInstantiate(&g->exec, graph, 0));

@@ -12,7 +12,10 @@
 //     backend through NCCL, with and without the EP exchange forced, and
 //     through the virtual transport below: losses, counts, gradient norms,
 //     gradients, parameters, AdamW moments and biases bitwise equal to the
-//     backend without any communicator;
+//     backend without any communicator; and the same 3 steps, their
+//     micro-batch captured into a graph, while another thread allocates,
+//     frees and uses the legacy default stream without pause (what ranks as
+//     threads do): the other thread's calls succeed, the results are the same;
 //  3. several virtual ranks: W backends in W threads on the one GPU, their
 //     collectives simulated (tests-only GpuComm: barriers + device copies,
 //     sums in rank order), data parallel and expert parallel (W, ep) =
@@ -35,6 +38,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <atomic>
 #include <thread>
 #include <vector>
 
@@ -593,6 +597,31 @@ static RunOut run_problem(const Problem &pb, int W, int ep, int Bl, int mode, in
 // ----------------------------------------------------------------------------
 // 2. One rank through NCCL (and the virtual transport): bitwise
 
+// Another thread's device work, without pause until `stop`: what a rank
+// running as a thread does next to one that captures its micro-batch.
+typedef struct {
+    std::atomic<int> stop{0};
+    long rounds = 0, failed = 0;
+    char first[200] = "";
+} BusyThread;
+
+static void busy_main(BusyThread *b) {
+    std::vector<unsigned char> host(4096, 7);
+    while (!b->stop.load()) {
+        void *d = NULL, *h = NULL;
+        const char *call = "cudaMalloc";
+        cudaError_t e = cudaMalloc(&d, 1 << 16);
+        if (e == cudaSuccess && (call = "cudaMemset (legacy stream)", e = cudaMemset(d, 0, 1 << 16)) == cudaSuccess)
+            (void)(call = "cudaMemcpy (legacy stream)", e = cudaMemcpy(d, host.data(), host.size(), cudaMemcpyHostToDevice));
+        if (d && e == cudaSuccess) (void)(call = "cudaFree", e = cudaFree(d));
+        if (e == cudaSuccess && (call = "cudaMallocHost", e = cudaMallocHost(&h, 4096)) == cudaSuccess)
+            (void)(call = "cudaFreeHost", e = cudaFreeHost(h));
+        if (e != cudaSuccess && b->failed++ == 0)
+            snprintf(b->first, sizeof b->first, "first refusal: %s: %s", call, cudaGetErrorName(e));
+        b->rounds++;
+    }
+}
+
 static void test_one_rank(const Comm *comm) {
     char err[1024];
     printf("NCCL with one rank: host collectives through the staging buffer\n");
@@ -631,6 +660,22 @@ static void test_one_rank(const Comm *comm) {
                     detail);
         report_bool("get_params(set_params(p)) == p, AdamW state too", o.roundtrip_ok, "");
     }
+    // The capture's mode and the model's stream let another thread work meanwhile.
+    BusyThread busy;
+    std::thread bt(busy_main, &busy);
+    RunOut o = run_problem(pb, 1, 1, 2, MODE_ALONE, 0, NULL);
+    busy.stop = 1;
+    bt.join();
+    printf("backend, 3 training steps (captured into a graph) while another thread allocates and uses the legacy "
+           "stream\n");
+    char detail[300];
+    snprintf(detail, sizeof detail, "(%ld rounds of cudaMalloc, cudaMemset, cudaMemcpy, cudaFree, cudaMallocHost, "
+             "cudaFreeHost; %ld refused) %s", busy.rounds, busy.failed, busy.first);
+    report_bool("the other thread's calls all succeed", busy.failed == 0 && busy.rounds > 0, detail);
+    int same = memcmp(o.loss.data(), ref.loss.data(), sizeof(double) * pb.S) == 0 &&
+               memcmp(o.params.data(), ref.params.data(), sizeof(float) * n) == 0 &&
+               memcmp(o.bias.data(), ref.bias.data(), sizeof(float) * nb) == 0;
+    report_bool("losses, parameters and biases bitwise equal to the run alone", same, "");
 }
 
 // ----------------------------------------------------------------------------
