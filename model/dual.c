@@ -44,16 +44,23 @@ int dual_accum_add(DualAccum *dst, const DualAccum *src) {
     return 0;
 }
 
+// The place of v[i] in route_topk's order (score descending, then index
+// ascending): how many of v[0..n) come before it, counted without a branch on
+// the data (sorting a few values by insertion spends its time on mispredicted
+// branches).
+static inline int dual_place(const float *v, int n, int i) {
+    int before = 0;
+    for (int j = 0; j < n; j++) before += (v[j] > v[i]) | ((v[j] == v[i]) & (j < i));
+    return before;
+}
+
 // route_topk's selection, faster for E <= 64 and K <= 8 (the replay routes
 // millions of tokens): the scores are padded to 64 and cut into 8 strided groups
 // (lane j holds experts j, j + 8, ...); the K-th largest group maximum bounds the
 // K-th largest score from below (K groups reach it), so only the experts at or
-// above it (a few more than K) are candidates. Each candidate's place in the
-// order of route_topk (score descending, then index ascending) is the number
-// of candidates before it, counted without a branch on the data (sorting the
-// few candidates by insertion spent its time on mispredicted branches). Same
-// result as route_topk for finite scores; a row with a NaN goes to route_topk
-// itself.
+// above it (a few more than K) are candidates, each put at its place among
+// them (dual_place). Same result as route_topk for finite scores; a row with a
+// NaN goes to route_topk itself.
 static void dual_topk_row(const float *v, double *score, int E, int K, int *sel) {
     if (E <= 64 && K <= 8) {
         float vp[64], gm[8];
@@ -65,11 +72,7 @@ static void dual_topk_row(const float *v, double *score, int E, int K, int *sel)
             for (int i = 1; i < 8; i++)
                 for (int j = 0; j < 8; j++) gm[j] = vp[8 * i + j] > gm[j] ? vp[8 * i + j] : gm[j];
             float bound = -INFINITY; // the K-th largest group maximum
-            for (int a = 0; a < 8; a++) {
-                int before = 0;
-                for (int b = 0; b < 8; b++) before += (gm[b] > gm[a]) | ((gm[b] == gm[a]) & (b < a));
-                bound = before == K - 1 ? gm[a] : bound;
-            }
+            for (int a = 0; a < 8; a++) bound = dual_place(gm, 8, a) == K - 1 ? gm[a] : bound;
             uint64_t mask = 0; // the experts at or above the bound
             for (int i = 0; i < 8; i++) {
                 unsigned m8 = 0;
@@ -84,9 +87,8 @@ static void dual_topk_row(const float *v, double *score, int E, int K, int *sel)
                 ci[c++] = e;
             }
             for (int i = 0; i < c; i++) {
-                int before = 0;
-                for (int j = 0; j < c; j++) before += (cv[j] > cv[i]) | ((cv[j] == cv[i]) & (j < i));
-                if (before < K) sel[before] = ci[i];
+                int place = dual_place(cv, c, i);
+                if (place < K) sel[place] = ci[i];
             }
             return;
         }
