@@ -611,11 +611,26 @@ static void busy_main(BusyThread *b) {
         void *d = NULL, *h = NULL;
         const char *call = "cudaMalloc";
         cudaError_t e = cudaMalloc(&d, 1 << 16);
-        if (e == cudaSuccess && (call = "cudaMemset (legacy stream)", e = cudaMemset(d, 0, 1 << 16)) == cudaSuccess)
-            (void)(call = "cudaMemcpy (legacy stream)", e = cudaMemcpy(d, host.data(), host.size(), cudaMemcpyHostToDevice));
-        if (d && e == cudaSuccess) (void)(call = "cudaFree", e = cudaFree(d));
-        if (e == cudaSuccess && (call = "cudaMallocHost", e = cudaMallocHost(&h, 4096)) == cudaSuccess)
-            (void)(call = "cudaFreeHost", e = cudaFreeHost(h));
+        if (e == cudaSuccess) {
+            call = "cudaMemset (legacy stream)";
+            e = cudaMemset(d, 0, 1 << 16);
+        }
+        if (e == cudaSuccess) {
+            call = "cudaMemcpy (legacy stream)";
+            e = cudaMemcpy(d, host.data(), host.size(), cudaMemcpyHostToDevice);
+        }
+        if (e == cudaSuccess) {
+            call = "cudaFree";
+            e = cudaFree(d);
+        }
+        if (e == cudaSuccess) {
+            call = "cudaMallocHost";
+            e = cudaMallocHost(&h, 4096);
+        }
+        if (e == cudaSuccess) {
+            call = "cudaFreeHost";
+            e = cudaFreeHost(h);
+        }
         if (e != cudaSuccess && b->failed++ == 0)
             snprintf(b->first, sizeof b->first, "first refusal: %s: %s", call, cudaGetErrorName(e));
         b->rounds++;
