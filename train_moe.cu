@@ -226,6 +226,8 @@ typedef struct {
     const char *graphs_off;    // why not, when not
     GpuGraph graph[GPU_GRAPHS];
     int n_graphs, next_graph;  // entries in use; the one replaced when a new shape comes and all are in use
+    void (*capture_hook)(void *); // tests: called inside each capture (gpu_debug_capture_hook)
+    void *capture_ctx;
     float *rope_cos, *rope_sin; // (maxT, hd/2)
     // scratch shared by the layers
     float *att_D;              // (B, H, T) rowsum(dout * out) of the attention backward
@@ -1312,6 +1314,7 @@ static cudaGraphExec_t gpu_graph(GpuModel *gm, int B, int T, float grad_scale, d
     // allocate while this one captures; Global mode would fail both).
     CUDA_CHECK(cudaStreamBeginCapture(gm->stream, cudaStreamCaptureModeThreadLocal));
     gpu_micro_batch_work(gm, B, T, 1, 1, grad_scale, loss_div);
+    if (gm->capture_hook) gm->capture_hook(gm->capture_ctx);
     CUDA_CHECK(cudaStreamEndCapture(gm->stream, &graph));
     CUDA_CHECK(cudaGraphInstantiate(&g->exec, graph, 0));
     CUDA_CHECK(cudaGraphDestroy(graph));
@@ -1568,6 +1571,11 @@ void gpu_debug_get_grads(Backend *be, float *grads) {
         gpu_copy(gm, grads + gpu_whole_offset(gm, i), gm->grads + t->offset, sizeof(float) * t->numel,
                  cudaMemcpyDeviceToHost);
     }
+}
+
+void gpu_debug_capture_hook(Backend *be, void (*hook)(void *), void *ctx) {
+    gpu_model(be)->capture_hook = hook;
+    gpu_model(be)->capture_ctx = ctx;
 }
 
 void gpu_debug_memory(Backend *be, size_t *bytes) { memcpy(bytes, gpu_model(be)->bytes, sizeof gpu_model(be)->bytes); }

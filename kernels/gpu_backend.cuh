@@ -38,6 +38,10 @@ static inline void gpu_micro_batch_stats(Backend *be, const int *tokens, const i
     be->step_stats(be, counts, loss, aux);
 }
 
+// hook(ctx) is called inside every capture of a training micro-batch, after
+// its work is recorded and before the capture ends (NULL: none): a test runs
+// another thread's device work there.
+void gpu_debug_capture_hook(Backend *be, void (*hook)(void *), void *ctx);
 // The device bytes allocated per category (train/memplan.h) by create.
 void gpu_debug_memory(Backend *be, size_t *bytes);
 
